@@ -1,0 +1,3 @@
+from guest_agent.cli import main
+
+main()
