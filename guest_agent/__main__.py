@@ -1,3 +1,3 @@
-from guest_agent.cli import main
+from guest_agent.cli import run
 
-main()
+run()

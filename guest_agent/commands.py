@@ -1,0 +1,201 @@
+"""The commands other than mount-all: reset-overlay, status and discover."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from guest_agent import reset as overlay_reset
+from guest_agent.execute import Executor, Failure
+from guest_agent.mountinfo import MountTable
+from guest_agent.paths import PathError, host_path, resolve_in_root
+from guest_agent.plan import is_within, plan
+from guest_agent.report import Reporter
+from guest_agent.spec import Config, OverlaySpec, Problem, ShareSpec, VolumeSpec
+
+RESET = "reset-overlay"
+
+
+def _host(root: str, where: str) -> str | None:
+    try:
+        return host_path(root, resolve_in_root(root, where))
+    except PathError:
+        return None
+
+
+def reset_command(root: str, config: Config, reporter: Reporter) -> None:
+    """Schedule the reset when the overlay is in use; otherwise wipe the upper layer now."""
+    overlay = config.overlay
+    if overlay is None:
+        reporter.problem(
+            Problem(RESET, "no store overlay is configured", "set microvm.store-overlay=LOWER:RW")
+        )
+        return
+    store = _host(root, overlay.where)
+    table = MountTable.read()
+    current = table.at(store) if store else None
+    if current is not None and current.fstype == "overlay":
+        rw = _host(root, overlay.rw)
+        if rw is None:
+            reporter.problem(Problem(RESET, f"{overlay.rw} does not exist"))
+            return
+        try:
+            overlay_reset.schedule(rw)
+        except OSError as e:
+            reporter.problem(
+                Problem(RESET, f"cannot record the request in {overlay.rw}: {e.strerror}")
+            )
+            return
+        reporter.info(
+            f"{overlay.where} is in use: wiping it live is unsafe; the reset is scheduled "
+            "and the next mount-all (next boot) applies it"
+        )
+        return
+    # Not mounted: mount what RW lives on (if needed), wipe, and leave mounts as found.
+    steps, problems = plan(config)
+    for problem in problems:
+        reporter.problem(problem)
+    needed = [
+        s for s in steps if not isinstance(s.spec, OverlaySpec) and is_within(overlay.rw, s.where)
+    ]
+    executor = Executor(root, reporter)
+    try:
+        for step in needed:
+            executor.run_step(step)
+        if reporter.failed:
+            reporter.problem(
+                Problem(RESET, "nothing was wiped: the RW volume could not be mounted")
+            )
+            return
+        rw = _host(root, overlay.rw)
+        if rw is None:
+            reporter.info(f"{overlay.rw} does not exist: nothing to wipe")
+            return
+        try:
+            moved = overlay_reset.move_aside(rw)
+            overlay_reset.empty_trash(rw)
+        except OSError as e:
+            reporter.problem(Problem(RESET, f"wiping {overlay.rw} failed: {e.strerror}"))
+            return
+        reporter.info(
+            f"wiped the {overlay.where} upper layer in {overlay.rw} ({moved} dir(s) deleted)"
+        )
+    finally:
+        executor.undo()
+        executor.close()
+
+
+def mount_status(root: str, config: Config) -> list[dict[str, Any]]:
+    """One row per configured mount: does the kernel show it as planned?"""
+    steps, _ = plan(config)
+    table = MountTable.read()
+    probe = Executor(root, Reporter(kmsg=None), dry_run=True)
+    rows = []
+    for step in steps:
+        spec = step.spec
+        row: dict[str, Any] = {
+            "where": spec.where,
+            "spec": spec.source,
+            "required": not spec.options.nofail,
+            "fstype": None,
+            "source": None,
+        }
+        host = _host(root, spec.where)
+        current = table.at(host) if host else None
+        if current is None:
+            row.update(state="not-mounted", detail="nothing mounted there")
+        else:
+            row.update(fstype=current.fstype, source=current.source)
+            ok = _matches(spec, current, probe)
+            row.update(
+                state="mounted" if ok else "different",
+                detail=f"{current.fstype} {current.source}"
+                + ("" if ok else " (not what is configured)"),
+            )
+        if isinstance(spec, OverlaySpec):
+            rw = _host(root, spec.rw)
+            row["reset_pending"] = bool(rw and overlay_reset.request_pending(rw))
+            if row["reset_pending"]:
+                row["detail"] += "; reset pending for the next boot"
+        rows.append(row)
+    return rows
+
+
+def _matches(spec: Any, current: Any, probe: Executor) -> bool:
+    if isinstance(spec, ShareSpec):
+        return bool(current.fstype in ("9p", "virtiofs") and current.source == spec.tag)
+    if isinstance(spec, OverlaySpec):
+        return bool(current.fstype == "overlay")
+    assert isinstance(spec, VolumeSpec)
+    if spec.by[0] == "pseudo":
+        return bool(current.fstype == spec.fstype)
+    try:
+        device = probe._find_disk(spec)
+    except Failure:
+        return False
+    if device is None:
+        return False
+    import os
+
+    rdev = os.stat(device).st_rdev
+    return bool(current.devnum == (os.major(rdev), os.minor(rdev)) or current.source == device)
+
+
+def discover_all(
+    *, all_disks: bool = False, sysfs: str = "/sys"
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every virtio share and disk (loading the virtio drivers first, as mount-all does)."""
+    from guest_agent.kmod import ModuleLoader
+    from guest_agent.probe import probe_device
+    from guest_agent.sysfs import scan_block_devices, scan_shares, virtiofs_tags_readable
+
+    notes = list(ModuleLoader(sysfs=sysfs).coldplug_virtio())
+    items: list[dict[str, Any]] = []
+    shares = scan_shares(sysfs)
+    for share in shares:
+        items.append(
+            {"kind": "share", "tag": share.tag, "proto": share.proto, "device": share.device}
+        )
+    if any(s.tag is None for s in shares) and not virtiofs_tags_readable(sysfs):
+        notes.append(
+            "this kernel (before 6.9) does not show virtiofs tags to userspace; "
+            "mount-all tries a tag that no 9p device carries as virtiofs"
+        )
+    for dev in scan_block_devices(sysfs):
+        if not (dev.virtio or all_disks):
+            continue
+        try:
+            sig = probe_device(dev.devnode) if dev.size_bytes else None
+        except OSError as e:
+            sig = None
+            notes.append(f"{dev.devnode}: cannot read: {e.strerror}")
+        items.append(
+            {
+                "kind": "disk",
+                "tag": None,
+                "proto": None,
+                "name": dev.name,
+                "dev": dev.devnode,
+                "serial": dev.serial,
+                "label": sig.label if sig else None,
+                "uuid": sig.uuid if sig else None,
+                "fstype": sig.fstype if sig else None,
+                "size": dev.size_bytes,
+                "read_only": dev.read_only,
+                "partition": dev.partition,
+            }
+        )
+    return items, notes
+
+
+def render(items: list[dict[str, Any]]) -> str:
+    lines = []
+    for item in items:
+        if item["kind"] == "share":
+            tag = item["tag"] if item["tag"] is not None else "(tag not readable)"
+            lines.append(f"share  {item['proto']:<9} {tag:<24} {item['device']}")
+        else:
+            lines.append(
+                f"disk   {item['dev']:<12} serial={item['serial'] or '-'} label={item['label'] or '-'}"
+                f" uuid={item['uuid'] or '-'} fstype={item['fstype'] or '-'} size={item['size']}"
+            )
+    return "\n".join(lines) if lines else "no virtio shares or disks found"

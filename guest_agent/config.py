@@ -1,0 +1,266 @@
+"""Where specs come from: the kernel command line and the build-time JSON file.
+
+Both are parsed into the same values (see `spec`), then merged keyed by mount
+point: a command-line entry replaces the file's entry for the same WHERE.
+Nothing here raises for bad input; problems are returned beside the specs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from guest_agent.spec import (
+    Config,
+    MountSpec,
+    OverlaySpec,
+    Problem,
+    parse_overlay,
+    parse_share,
+    parse_volume,
+)
+
+DEFAULT_CONFIG = "/etc/guest-agent/mounts.json"
+DEFAULT_CMDLINE = "/proc/cmdline"
+
+SHARE_KEY = "microvm.share"
+VOLUME_KEY = "microvm.volume"
+OVERLAY_KEY = "microvm.store-overlay"
+RESET_KEY = "microvm.reset-overlay"
+
+_TRUE = ("", "1", "yes", "true", "on")
+_FALSE = ("0", "no", "false", "off")
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """Specs in the order given, the reset flag, and every problem found on the way."""
+
+    specs: tuple[MountSpec, ...] = ()
+    reset_overlay: bool = False
+    problems: tuple[Problem, ...] = ()
+    notes: tuple[str, ...] = field(default=())
+
+
+def split_cmdline(text: str) -> Iterator[str]:
+    """Split like the kernel does: whitespace separates, double quotes group and are dropped.
+
+    Parameters after a lone `--` belong to init, not to the kernel, and are ignored.
+    """
+    word: list[str] = []
+    in_word = quoted = False
+    for char in text:
+        if char == '"':
+            quoted = not quoted
+            in_word = True
+        elif char.isspace() and not quoted:
+            if in_word:
+                token = "".join(word)
+                if token == "--":
+                    return
+                yield token
+            word, in_word = [], False
+        else:
+            word.append(char)
+            in_word = True
+    if in_word and "".join(word) != "--":
+        yield "".join(word)
+
+
+def parse_cmdline(text: str) -> Parsed:
+    specs: list[MountSpec] = []
+    problems: list[Problem] = []
+    reset = False
+    for token in split_cmdline(text):
+        key, sep, value = token.partition("=")
+        if key == RESET_KEY:
+            if value.lower() in _TRUE:
+                reset = True
+            elif value.lower() in _FALSE:
+                reset = False
+            else:
+                problems.append(Problem(token, "expected a bare flag (or =1 / =0)"))
+            continue
+        parser = {SHARE_KEY: parse_share, VOLUME_KEY: parse_volume, OVERLAY_KEY: parse_overlay}.get(
+            key
+        )
+        if parser is None:
+            continue
+        result = parser(value, token) if sep else Problem(token, "expects a value after '='")
+        (problems if isinstance(result, Problem) else specs).append(result)  # type: ignore[arg-type]
+    return Parsed(tuple(specs), reset, tuple(problems))
+
+
+# --- JSON ------------------------------------------------------------------
+
+# Accepted spellings of each top-level key (NixOS modules write camelCase).
+_KEYS = {
+    "shares": ("shares", "share"),
+    "volumes": ("volumes", "volume"),
+    "storeOverlay": ("storeOverlay", "store_overlay", "store-overlay"),
+    "resetOverlay": ("resetOverlay", "reset_overlay", "reset-overlay"),
+}
+_ALIASES = {alias: key for key, aliases in _KEYS.items() for alias in aliases}
+
+
+def parse_config_json(text: str, origin: str) -> Parsed:
+    """Parse the JSON config (schema in docs/configuration.md)."""
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        return Parsed(problems=(Problem(origin, f"not valid JSON: {e}"),))
+    if not isinstance(data, dict):
+        return Parsed(problems=(Problem(origin, "expected a JSON object at the top level"),))
+    specs: list[MountSpec] = []
+    problems: list[Problem] = []
+    reset = False
+    for raw_key, value in data.items():
+        key = _ALIASES.get(raw_key)
+        where = f"{origin}: {raw_key}"
+        if key is None:
+            if not raw_key.startswith("_") and raw_key not in ("$schema", "version", "comment"):
+                problems.append(Problem(where, "unknown key", f"known keys: {', '.join(_KEYS)}"))
+        elif key == "resetOverlay":
+            if isinstance(value, bool):
+                reset = value
+            else:
+                problems.append(Problem(where, "expected true or false"))
+        elif key == "storeOverlay":
+            if value is not None:
+                _collect(_overlay_entry(value, where), specs, problems)
+        else:
+            if not isinstance(value, list):
+                problems.append(Problem(where, "expected a list"))
+                continue
+            entry = _share_entry if key == "shares" else _volume_entry
+            for index, item in enumerate(value):
+                _collect(entry(item, f"{where}[{index}]"), specs, problems)
+    return Parsed(tuple(specs), reset, tuple(problems))
+
+
+def _collect(result: MountSpec | Problem, specs: list[MountSpec], problems: list[Problem]) -> None:
+    if isinstance(result, Problem):
+        problems.append(result)
+    else:
+        specs.append(result)
+
+
+def _fields_of(
+    item: Any, origin: str, names: dict[str, tuple[str, ...]]
+) -> dict[str, str] | Problem:
+    """Pick string fields from a JSON object; each field may have several spellings."""
+    if not isinstance(item, dict):
+        return Problem(origin, "expected an object or a string in the command-line grammar")
+    known = {alias: name for name, aliases in names.items() for alias in aliases}
+    picked: dict[str, str] = {}
+    for raw, value in item.items():
+        name = known.get(raw)
+        if name is None:
+            return Problem(origin, f"unknown field {raw!r}", f"known: {', '.join(names)}")
+        if name == "options":
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                value = ",".join(value)
+        elif name == "readOnly":
+            if not isinstance(value, bool):
+                return Problem(origin, "readOnly: expected true or false")
+            value = "ro" if value else "rw"
+        if not isinstance(value, str):
+            return Problem(origin, f"{raw}: expected a string")
+        if ":" in value and name not in ("options",):
+            return Problem(origin, f"{raw}: {value!r} must not contain ':'")
+        picked[name] = value
+    return picked
+
+
+def _options(fields: dict[str, str]) -> str:
+    return ",".join(o for o in (fields.get("readOnly", ""), fields.get("options", "")) if o)
+
+
+_SHARE_FIELDS = {
+    "tag": ("tag",),
+    "where": ("where", "mountPoint", "mount_point"),
+    "proto": ("proto", "protocol"),
+    "options": ("options",),
+    "readOnly": ("readOnly", "read_only", "ro"),
+}
+_VOLUME_FIELDS = {
+    "what": ("what", "device"),
+    "label": ("label",),
+    "uuid": ("uuid",),
+    "serial": ("serial",),
+    "where": ("where", "mountPoint", "mount_point"),
+    "fstype": ("fstype", "fsType", "fs_type"),
+    "options": ("options",),
+    "readOnly": ("readOnly", "read_only", "ro"),
+}
+_OVERLAY_FIELDS = {
+    "lower": ("lower", "lowerdir", "roStore"),
+    "rw": ("rw", "writable", "writableStoreOverlay"),
+    "options": ("options",),
+}
+
+
+def _share_entry(item: Any, origin: str) -> MountSpec | Problem:
+    if isinstance(item, str):
+        return parse_share(item, f"{origin} {item!r}")
+    fields = _fields_of(item, origin, _SHARE_FIELDS)
+    if isinstance(fields, Problem):
+        return fields
+    text = ":".join(
+        (fields.get("tag", ""), fields.get("where", ""), fields.get("proto", ""), _options(fields))
+    )
+    return parse_share(text, f"{origin} (tag {fields.get('tag', '?')})")
+
+
+def _volume_entry(item: Any, origin: str) -> MountSpec | Problem:
+    if isinstance(item, str):
+        return parse_volume(item, f"{origin} {item!r}")
+    fields = _fields_of(item, origin, _VOLUME_FIELDS)
+    if isinstance(fields, Problem):
+        return fields
+    ways = [k for k in ("what", "label", "uuid", "serial") if k in fields]
+    if len(ways) != 1:
+        return Problem(origin, "give exactly one of what, label, uuid, serial")
+    what = fields[ways[0]] if ways[0] == "what" else f"{ways[0].upper()}={fields[ways[0]]}"
+    text = ":".join((what, fields.get("where", ""), fields.get("fstype", ""), _options(fields)))
+    return parse_volume(text, f"{origin} ({what})")
+
+
+def _overlay_entry(item: Any, origin: str) -> MountSpec | Problem:
+    if isinstance(item, str):
+        return parse_overlay(item, f"{origin} {item!r}")
+    fields = _fields_of(item, origin, _OVERLAY_FIELDS)
+    if isinstance(fields, Problem):
+        return fields
+    text = ":".join((fields.get("lower", ""), fields.get("rw", ""), fields.get("options", "")))
+    return parse_overlay(text, origin)
+
+
+# --- merging ---------------------------------------------------------------
+
+
+def merge(layers: Iterable[Parsed]) -> tuple[Config, tuple[Problem, ...], tuple[str, ...]]:
+    """Merge layers in order of precedence (lowest first), keyed by mount point.
+
+    A later spec for the same WHERE replaces an earlier one and takes its place
+    in the order; the replacement is noted so that nothing is silently dropped.
+    """
+    by_where: dict[str, MountSpec] = {}
+    problems: list[Problem] = []
+    notes: list[str] = []
+    reset = False
+    for layer in layers:
+        problems.extend(layer.problems)
+        reset = reset or layer.reset_overlay
+        for spec in layer.specs:
+            old = by_where.pop(spec.where, None)
+            if old is not None:
+                notes.append(f"{spec.source} replaces {old.source} (same mount point {spec.where})")
+            by_where[spec.where] = spec
+    return Config(tuple(by_where.values()), reset), tuple(problems), tuple(notes)
+
+
+def overlay_of(specs: Iterable[MountSpec]) -> OverlaySpec | None:
+    return next((s for s in specs if isinstance(s, OverlaySpec)), None)

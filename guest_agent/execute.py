@@ -1,0 +1,625 @@
+"""Execution: the only layer that touches the kernel (modules, devices, mounts).
+
+Steps run in plan order. A step that fails raises `Failure` internally; it is
+turned into a `Problem` for that spec and the other steps go on (a step whose
+parent is not mounted is skipped, never mounted onto the wrong filesystem).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from guest_agent import reset as overlay_reset
+from guest_agent.mountinfo import Mount, MountTable
+from guest_agent.paths import PathError, host_path, resolve_in_root
+from guest_agent.plan import Step, upper_on_9p
+from guest_agent.spec import (
+    Options,
+    OverlaySpec,
+    Problem,
+    Proto,
+    ShareSpec,
+    VolumeSpec,
+)
+from guest_agent.syscalls import MountError, MountRequest, mount, umount
+
+if TYPE_CHECKING:
+    from guest_agent.kmod import ModuleLoader
+    from guest_agent.probe import Signature
+    from guest_agent.report import Reporter
+    from guest_agent.sysfs import BlockDevice
+    from guest_agent.uevent import UeventMonitor
+
+# 9p: the virtio transport carries at most PAGE_SIZE * (VIRTQUEUE_NUM - 3) = 512000 bytes a
+# message on 4 KiB pages; a larger msize is clamped by the kernel (see docs/defaults.md).
+NINEP_MSIZE = "512000"
+READ_ONLY_FILESYSTEMS = frozenset({"erofs", "squashfs", "iso9660"})
+OVERLAY_SAFE_DEFAULTS = ("index", "metacopy", "redirect_dir", "xino")
+SHARE_FSTYPES = ("9p", "virtiofs")
+
+
+class Failure(Exception):
+    def __init__(self, reason: str, hint: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.hint = hint
+
+
+@dataclass
+class Result:
+    where: str
+    spec: str
+    status: str  # mounted | already-mounted | would-mount | failed | skipped
+    fstype: str | None = None
+    source: str | None = None
+    options: tuple[str, ...] = ()
+    message: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "where": self.where,
+            "spec": self.spec,
+            "status": self.status,
+            "fstype": self.fstype,
+            "source": self.source,
+            "options": list(self.options),
+            "message": self.message,
+        }
+
+
+# --- pure option builders ------------------------------------------------------
+
+
+def share_options(proto: str, options: Options, read_only: bool) -> tuple[str, ...]:
+    """Kernel options for a share: the agent's defaults, then the user's (which win)."""
+    chosen: list[str] = []
+    if proto == Proto.NINEP:
+        # An immutable store can be cached aggressively; a read-write share must stay
+        # coherent with the host: mmap caches only what is mmap'ed.
+        defaults = {
+            "trans": "virtio",
+            "version": "9p2000.L",
+            "msize": NINEP_MSIZE,
+            "cache": "loose" if read_only else "mmap",
+        }
+        chosen += [f"{k}={v}" for k, v in defaults.items() if not options.has(k)]
+    if read_only and options.read_only is None:
+        chosen.append("ro")
+    return (*chosen, *options.kernel)
+
+
+def volume_options(fstype: str, options: Options, store_lower: bool) -> tuple[str, ...]:
+    implied_ro = fstype in READ_ONLY_FILESYSTEMS or store_lower
+    if implied_ro and options.read_only is None:
+        return ("ro", *options.kernel)
+    return options.kernel
+
+
+def _escape_layer(path: str) -> str:
+    # overlayfs splits lowerdir on ':' and the option string on ','; escape both.
+    return path.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
+
+
+def overlay_options(
+    lower: str, upper: str, work: str, options: Options, userxattr: bool
+) -> tuple[str, ...]:
+    chosen = [
+        f"lowerdir={_escape_layer(lower)}",
+        f"upperdir={_escape_layer(upper)}",
+        f"workdir={_escape_layer(work)}",
+    ]
+    if userxattr and not options.has("userxattr"):
+        chosen.append("userxattr")
+    use_xattr = userxattr or options.has("userxattr")
+    for feature in OVERLAY_SAFE_DEFAULTS:
+        if options.has(feature):
+            continue
+        if use_xattr and feature in ("redirect_dir", "metacopy"):
+            continue  # userxattr turns these off itself, and refuses them given explicitly
+        chosen.append(f"{feature}=off")
+    return (*chosen, *options.kernel)
+
+
+# --- the executor ----------------------------------------------------------------
+
+
+@dataclass
+class Executor:
+    root: str  # real host path of the target root
+    reporter: Reporter
+    sysfs: str = "/sys"
+    dry_run: bool = False
+    reset_requested: bool = False
+    mountinfo: str = "/proc/self/mountinfo"
+    start: float = field(default_factory=time.monotonic)
+    results: list[Result] = field(default_factory=list)
+    mounted: set[str] = field(default_factory=set)  # WHEREs mounted, now or before
+    mounted_here: list[str] = field(default_factory=list)  # host paths this run mounted
+    _modules: ModuleLoader | None = None
+    _monitor: UeventMonitor | None = None
+    _coldplugged: bool = False
+
+    # -- driving ------------------------------------------------------------------
+
+    def run(self, steps: list[Step]) -> list[Result]:
+        for step in steps:
+            self.run_step(step)
+        return self.results
+
+    def run_step(self, step: Step) -> None:
+        spec = step.spec
+        nofail = spec.options.nofail
+        missing = [d for d in step.after if d not in self.mounted]
+        if missing:
+            reason = f"not mounted: it needs {missing[0]} mounted first, which is not"
+            self.results.append(Result(spec.where, spec.source, "skipped", message=reason))
+            self.reporter.problem(Problem(spec.source, reason, fatal=not nofail))
+            return
+        try:
+            if isinstance(spec, ShareSpec):
+                result = self._share(spec, step.store_lower)
+            elif isinstance(spec, VolumeSpec):
+                result = self._volume(spec, step.store_lower)
+            else:
+                result = self._overlay(spec)
+        except (Failure, PathError) as e:
+            hint = e.hint if isinstance(e, Failure) else None
+            if nofail:
+                hint = hint or None
+            reason = e.reason if isinstance(e, Failure) else str(e)
+            self.results.append(Result(spec.where, spec.source, "failed", message=reason))
+            self.reporter.problem(Problem(spec.source, reason, hint, fatal=not nofail))
+            return
+        self.results.append(result)
+        if result.status in ("mounted", "already-mounted", "would-mount"):
+            self.mounted.add(spec.where)
+
+    def close(self) -> None:
+        if self._monitor is not None:
+            self._monitor.close()
+            self._monitor = None
+
+    # -- shared helpers -------------------------------------------------------------
+
+    def table(self) -> MountTable:
+        return MountTable.read(self.mountinfo)
+
+    def target(self, where: str, *, create: bool = True) -> str:
+        """Resolve WHERE inside the root (making missing dirs); return the host path."""
+        if self.dry_run:
+            create = False
+        try:
+            resolved = resolve_in_root(self.root, where, create=create)
+        except PathError:
+            if self.dry_run:
+                return host_path(self.root, where)
+            raise
+        if resolved == "/":
+            raise Failure(f"{where} resolves to the root itself")
+        return host_path(self.root, resolved)
+
+    def modules(self) -> ModuleLoader:
+        if self._modules is None:
+            from guest_agent.kmod import ModuleLoader
+
+            self._modules = ModuleLoader(sysfs=self.sysfs)
+        return self._modules
+
+    def need_filesystem(self, fstype: str) -> None:
+        error = self.modules().ensure_filesystem(fstype)
+        if error:
+            raise Failure(f"the kernel does not support {fstype}: {error}")
+
+    def coldplug(self) -> None:
+        """Once: watch uevents (before looking, so none is missed), then load virtio drivers."""
+        if self._coldplugged:
+            return
+        self._coldplugged = True
+        from guest_agent.uevent import UeventMonitor
+
+        self._monitor = UeventMonitor().open()
+        for error in self.modules().coldplug_virtio():
+            self.reporter.info(f"warning: {error}")
+
+    def wait_event(self, deadline: float) -> bool:
+        """Wait for the next uevent until DEADLINE; load drivers for added devices.
+
+        False once the deadline has passed.
+        """
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or self._monitor is None:
+            return False
+        event = self._monitor.wait(remaining)
+        if event is not None and event.action == "add" and "MODALIAS" in event.env:
+            self.modules().load(event.env["MODALIAS"])
+        return time.monotonic() < deadline
+
+    def deadline(self, options: Options) -> float:
+        return self.start + options.device_timeout
+
+    def do_mount(self, request: MountRequest) -> None:
+        mount(request)
+        self.mounted_here.append(request.target)
+
+    def existing(self, host: str) -> Mount | None:
+        return self.table().at(host)
+
+    # -- shares -----------------------------------------------------------------------
+
+    def _share(self, spec: ShareSpec, store_lower: bool) -> Result:
+        host = self.target(spec.where)
+        read_only = spec.options.read_only
+        read_only = store_lower if read_only is None else read_only
+        table = self.table()
+        current = table.at(host)
+        if current is not None:
+            if current.fstype in SHARE_FSTYPES and current.source == spec.tag:
+                if spec.proto in (Proto.AUTO, current.fstype):
+                    return self._already(spec.where, spec.source, current)
+            raise _occupied(spec.where, current)
+        in_use = table.tag_in_use(spec.tag, ("9p",))
+        if in_use is not None and spec.proto != Proto.VIRTIOFS:
+            raise Failure(
+                f"9p tag {spec.tag!r} is already mounted at {in_use.mount_point}: a 9p channel mounts once",
+                "bind-mount that directory instead",
+            )
+        if self.dry_run:
+            proto = str(spec.proto)
+            return Result(
+                spec.where,
+                spec.source,
+                "would-mount",
+                proto,
+                spec.tag,
+                share_options(proto, spec.options, read_only),
+            )
+        self.coldplug()
+        deadline = self.deadline(spec.options)
+        while True:
+            found, blind = self._locate_share(spec)
+            if found is not None:
+                self.need_filesystem(found)
+                options = share_options(found, spec.options, read_only)
+                try:
+                    self.do_mount(MountRequest(found, spec.tag, host, options))
+                except MountError as e:
+                    # A virtiofs tag this kernel cannot list is only known to be missing
+                    # when the mount says so (EINVAL): keep waiting for it then.
+                    if not (blind and e.errno in (errno.EINVAL, errno.ENOENT)):
+                        raise _refused(found, e) from None
+                else:
+                    return self._mounted(spec, found, spec.tag, host, options)
+            if not self.wait_event(deadline):
+                raise self._share_timeout(spec)
+
+    def _locate_share(self, spec: ShareSpec) -> tuple[str | None, bool]:
+        """Which transport carries SPEC's tag: (proto or None, whether it is a blind try)."""
+        from guest_agent.sysfs import scan_shares, virtiofs_tags_readable
+
+        shares = scan_shares(self.sysfs)
+        for proto in (Proto.NINEP, Proto.VIRTIOFS):
+            if spec.proto in (Proto.AUTO, proto) and any(
+                s.proto == proto and s.tag == spec.tag for s in shares
+            ):
+                return str(proto), False
+        if spec.proto in (Proto.AUTO, Proto.VIRTIOFS) and not virtiofs_tags_readable(self.sysfs):
+            if any(s.proto == "virtiofs" and s.tag is None for s in shares):
+                return "virtiofs", True
+        return None, False
+
+    def _share_timeout(self, spec: ShareSpec) -> Failure:
+        from guest_agent.sysfs import scan_shares
+
+        seen = [
+            f"{s.proto} {s.tag!r}" if s.tag else f"{s.proto} (tag not readable on this kernel)"
+            for s in scan_shares(self.sysfs)
+        ]
+        kind = "virtio share" if spec.proto == Proto.AUTO else f"{spec.proto} share"
+        waited = spec.options.device_timeout
+        return Failure(
+            f"no {kind} tagged {spec.tag!r} appeared within {waited:g} s"
+            f" (seen: {', '.join(seen) or 'none'})",
+            "check the tag given to the hypervisor, raise x-device-timeout=, or add nofail",
+        )
+
+    # -- volumes ----------------------------------------------------------------------
+
+    def _volume(self, spec: VolumeSpec, store_lower: bool) -> Result:
+        host = self.target(spec.where)
+        kind, _ = spec.by
+        if kind == "pseudo":
+            current = self.existing(host)
+            if current is not None:
+                if current.fstype == spec.fstype:
+                    return self._already(spec.where, spec.source, current)
+                raise _occupied(spec.where, current)
+            options = volume_options(spec.fstype, spec.options, store_lower)
+            if self.dry_run:
+                return Result(
+                    spec.where, spec.source, "would-mount", spec.fstype, spec.what, options
+                )
+            self.need_filesystem(spec.fstype)
+            return self._mount_checked(spec, spec.fstype, spec.what, host, options)
+        if self.dry_run:
+            return Result(
+                spec.where,
+                spec.source,
+                "would-mount",
+                spec.fstype,
+                spec.what,
+                volume_options(spec.fstype, spec.options, store_lower),
+            )
+        self.coldplug()
+        device = self._wait_for_disk(spec)
+        current = self.existing(host)
+        if current is not None:
+            if current.devnum == _devnum(device) or current.source == device:
+                return self._already(spec.where, spec.source, current)
+            raise _occupied(spec.where, current)
+        fstype = self._volume_fstype(spec, device)
+        self.need_filesystem(fstype)
+        options = volume_options(fstype, spec.options, store_lower)
+        return self._mount_checked(spec, fstype, device, host, options)
+
+    def _mount_checked(
+        self, spec: VolumeSpec, fstype: str, source: str, host: str, options: tuple[str, ...]
+    ) -> Result:
+        try:
+            self.do_mount(MountRequest(fstype, source, host, options))
+        except MountError as e:
+            failure = _refused(fstype, e)
+            if e.errno == errno.EACCES or (e.errno == errno.EROFS and "ro" not in options):
+                failure.hint = (
+                    "the device is read-only: add ro to the options to mount it read-only"
+                )
+            raise failure from None
+        return self._mounted(spec, fstype, source, host, options)
+
+    def _volume_fstype(self, spec: VolumeSpec, device: str) -> str:
+        from guest_agent.probe import is_blank, probe_device
+
+        signature = _probe(device)
+        if spec.options.makefs and signature is None:
+            if not is_blank(device):
+                raise Failure(
+                    f"{device} carries no filesystem signature but is not blank; "
+                    "x-makefs formats only a disk that is all zeros where signatures live",
+                    "an interrupted format or foreign data? inspect it; wipe it yourself to let x-makefs format it",
+                )
+            self._makefs(spec, device)
+            signature = probe_device(device)
+        if signature is None:
+            raise Failure(
+                f"{device} carries no filesystem signature",
+                "add x-makefs (with FSTYPE) to format a blank disk",
+            )
+        if signature.usage != "filesystem":
+            raise Failure(f"{device} holds {signature.fstype}, not a filesystem to mount")
+        if spec.fstype != "auto" and not _same_fstype(spec.fstype, signature.fstype):
+            raise Failure(
+                f"{device} holds {signature.fstype}, not {spec.fstype}",
+                "x-makefs never formats a disk that already holds a filesystem"
+                if spec.options.makefs
+                else None,
+            )
+        return spec.fstype if spec.fstype != "auto" else signature.fstype
+
+    def _makefs(self, spec: VolumeSpec, device: str) -> None:
+        import shutil
+        import subprocess
+
+        tool = shutil.which(f"mkfs.{spec.fstype}")
+        if tool is None and spec.fstype in ("ext2", "ext3", "ext4"):
+            tool = shutil.which("mke2fs")
+        if tool is None:
+            raise Failure(f"x-makefs: no mkfs.{spec.fstype} found in PATH")
+        args = (
+            [tool, "-q", device]
+            if "mke2fs" not in tool
+            else [tool, "-q", "-t", spec.fstype, device]
+        )
+        if spec.fstype in ("xfs", "btrfs", "vfat"):
+            args = [tool, device]
+        done = subprocess.run(
+            args, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            said = (done.stderr or done.stdout).strip().splitlines()
+            raise Failure(
+                f"x-makefs: {os.path.basename(tool)} failed: {said[-1] if said else done.returncode}"
+            )
+        self.reporter.info(f"formatted {device} ({spec.what}) as {spec.fstype}")
+
+    def _wait_for_disk(self, spec: VolumeSpec) -> str:
+        deadline = self.deadline(spec.options)
+        while True:
+            device = self._find_disk(spec)
+            if device is not None:
+                return device
+            if not self.wait_event(deadline):
+                raise self._disk_timeout(spec)
+
+    def _find_disk(self, spec: VolumeSpec) -> str | None:
+        from guest_agent.sysfs import scan_block_devices
+
+        kind, value = spec.by
+        if kind == "path":
+            return value if os.path.exists(value) else None
+        matches: list[BlockDevice] = []
+        for dev in scan_block_devices(self.sysfs):
+            if kind == "serial":
+                if dev.serial == value and not dev.partition:
+                    matches.append(dev)
+                continue
+            if dev.size_bytes == 0:
+                continue
+            signature = _probe(dev.devnode)
+            if signature is None:
+                continue
+            found = signature.label if kind == "label" else signature.uuid
+            if found is not None and (
+                found == value if kind == "label" else found.lower() == value.lower()
+            ):
+                matches.append(dev)
+        if len(matches) > 1:
+            names = ", ".join(d.devnode for d in matches)
+            raise Failure(f"{spec.what} matches several disks ({names}); refusing to guess")
+        if not matches or not os.path.exists(matches[0].devnode):
+            return None
+        return matches[0].devnode
+
+    def _disk_timeout(self, spec: VolumeSpec) -> Failure:
+        from guest_agent.sysfs import scan_block_devices
+
+        seen = []
+        for dev in scan_block_devices(self.sysfs):
+            if not dev.virtio:
+                continue
+            sig = _probe(dev.devnode) if dev.size_bytes else None
+            parts = [dev.name]
+            if dev.serial:
+                parts.append(f"serial {dev.serial}")
+            if sig is not None:
+                parts.append(sig.fstype + (f" label {sig.label}" if sig.label else ""))
+            seen.append(" ".join(parts))
+        return Failure(
+            f"no disk {spec.what} appeared within {spec.options.device_timeout:g} s"
+            f" (virtio disks seen: {', '.join(seen) or 'none'})",
+            "check the disk given to the hypervisor, raise x-device-timeout=, or add nofail",
+        )
+
+    # -- the store overlay ---------------------------------------------------------
+
+    def _overlay(self, spec: OverlaySpec) -> Result:
+        host = self.target(spec.where)
+        lower = self.target(spec.lower, create=False)
+        rw = self.target(spec.rw)
+        current = self.existing(host)
+        if current is not None:
+            if current.fstype == "overlay":
+                if self.reset_requested or (not self.dry_run and overlay_reset.request_pending(rw)):
+                    self.reporter.info(
+                        f"{spec.where} is already mounted: the requested reset applies at the next boot"
+                    )
+                return self._already(spec.where, spec.source, current)
+            raise _occupied(spec.where, current)
+        holder = self.table().containing(rw)
+        userxattr = False
+        if holder is not None:
+            if holder.fstype == "9p":
+                problem = upper_on_9p(spec, f"{holder.source} at {holder.mount_point}")
+                raise Failure(problem.reason, problem.hint)
+            userxattr = holder.fstype == "virtiofs" or holder.fstype.startswith("fuse")
+        upper, work = os.path.join(rw, "store"), os.path.join(rw, "work")
+        options = overlay_options(lower, upper, work, spec.options, userxattr)
+        if self.dry_run:
+            return Result(spec.where, spec.source, "would-mount", "overlay", "overlay", options)
+        if self.reset_requested or overlay_reset.request_pending(rw):
+            self._reset(rw, spec)
+        for path in (upper, work):
+            try:
+                os.makedirs(path, mode=0o755, exist_ok=True)
+            except OSError as e:
+                raise Failure(
+                    f"cannot create {path.removeprefix(self.root.rstrip('/'))}: {e.strerror}"
+                ) from None
+        self.need_filesystem("overlay")
+        try:
+            self.do_mount(MountRequest("overlay", "overlay", host, options))
+        except MountError as e:
+            raise _refused("overlay", e) from None
+        if overlay_reset.trash_pending(rw):
+            overlay_reset.empty_trash_in_background(rw)
+        self.reporter.info(
+            f"mounted overlay at {spec.where} (lower {spec.lower}, upper {spec.upper}"
+            + (", userxattr" if "userxattr" in options else "")
+            + ")"
+        )
+        return Result(spec.where, spec.source, "mounted", "overlay", "overlay", options)
+
+    def _reset(self, rw: str, spec: OverlaySpec) -> None:
+        try:
+            moved = overlay_reset.move_aside(rw)
+        except OSError as e:
+            raise Failure(
+                f"reset of the upper layer failed: {e.strerror}; nothing was mounted"
+            ) from None
+        self.reporter.info(
+            f"reset the {spec.where} upper layer: moved {moved} dir(s) of {spec.rw} aside, "
+            "deleting them in the background"
+        )
+
+    # -- results --------------------------------------------------------------------
+
+    def _already(self, where: str, source: str, current: Mount) -> Result:
+        self.reporter.info(f"{where}: already mounted ({current.fstype} {current.source})")
+        return Result(
+            where, source, "already-mounted", current.fstype, current.source, current.super_options
+        )
+
+    def _mounted(
+        self,
+        spec: ShareSpec | VolumeSpec,
+        fstype: str,
+        source: str,
+        host: str,
+        options: tuple[str, ...],
+    ) -> Result:
+        shown = (
+            ", ".join(o for o in options if o.split("=")[0] in ("msize", "cache", "ro", "rw"))
+            or "defaults"
+        )
+        label = (
+            source
+            if isinstance(spec, ShareSpec) or source == spec.what
+            else f"{source} ({spec.what})"
+        )
+        self.reporter.info(f"mounted {fstype} {label} at {spec.where} ({shown})")
+        return Result(spec.where, spec.source, "mounted", fstype, source, options)
+
+    def undo(self) -> None:
+        """Unmount what this run mounted, newest first (used by reset-overlay)."""
+        for target in reversed(self.mounted_here):
+            try:
+                umount(target)
+            except MountError:
+                umount(target, lazy=True)
+        self.mounted_here.clear()
+
+
+def _devnum(device: str) -> tuple[int, int]:
+    try:
+        rdev = os.stat(device).st_rdev
+    except OSError:
+        return (-1, -1)
+    return os.major(rdev), os.minor(rdev)
+
+
+def _probe(device: str) -> Signature | None:
+    from guest_agent.probe import probe_device
+
+    try:
+        return probe_device(device)
+    except OSError:
+        return None
+
+
+def _same_fstype(wanted: str, found: str) -> bool:
+    ext = ("ext2", "ext3", "ext4")
+    return wanted == found or (wanted in ext and found in ext)
+
+
+def _occupied(where: str, current: Mount) -> Failure:
+    return Failure(
+        f"{where} already has {current.fstype} from {current.source} mounted on it; not mounting over it",
+        "unmount it first, or choose another mount point",
+    )
+
+
+def _refused(fstype: str, error: MountError) -> Failure:
+    where = f" ({error.step})" if error.step and error.step not in ("create", "move_mount") else ""
+    return Failure(f"the kernel refused to mount {fstype}{where}: {error}")

@@ -1,0 +1,126 @@
+"""Planning: order the specs as a graph (parents before children, layers before the overlay).
+
+Pure: works on parsed specs only, so it is tested without root or devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from graphlib import TopologicalSorter
+
+from guest_agent.spec import Config, MountSpec, OverlaySpec, Problem, ShareSpec
+
+
+@dataclass(frozen=True)
+class Step:
+    spec: MountSpec
+    after: tuple[str, ...]  # WHEREs of the steps that must be mounted first
+    store_lower: bool = False  # the overlay's lower layer: immutable, mounted read-only by default
+
+    @property
+    def where(self) -> str:
+        return self.spec.where
+
+
+def is_within(path: str, ancestor: str) -> bool:
+    return path == ancestor or path.startswith(ancestor.rstrip("/") + "/")
+
+
+def _nearest_holder(path: str, wheres: Iterable[str], *, strict: bool) -> str | None:
+    """The deepest WHERE that contains PATH (strictly above it when STRICT)."""
+    best = None
+    for where in wheres:
+        if where == path and strict:
+            continue
+        if is_within(path, where) and (best is None or len(where) > len(best)):
+            best = where
+    return best
+
+
+def owner_of(path: str, specs: Iterable[MountSpec]) -> MountSpec | None:
+    """The spec whose mount will hold PATH (the deepest WHERE containing it)."""
+    by_where = {s.where: s for s in specs if not isinstance(s, OverlaySpec)}
+    where = _nearest_holder(path, by_where, strict=False)
+    return by_where[where] if where else None
+
+
+def plan(config: Config) -> tuple[list[Step], list[Problem]]:
+    """Order CONFIG's mounts; return the steps and the problems found while planning."""
+    wheres = [s.where for s in config.mounts]
+    overlay = config.overlay
+    problems: list[Problem] = []
+    deps: dict[str, set[str]] = {}
+    for spec in config.mounts:
+        after = set()
+        parent = _nearest_holder(spec.where, wheres, strict=True)
+        if parent:
+            after.add(parent)
+        if isinstance(spec, OverlaySpec):
+            for path in (spec.lower, spec.rw):
+                holder = _nearest_holder(path, wheres, strict=False)
+                if holder:
+                    after.add(holder)
+        deps[spec.where] = after
+
+    if overlay is not None:
+        problems.extend(check_overlay_layers(overlay, config.mounts))
+    problems.extend(_duplicate_tags(config.mounts))
+    # A refused spec is left out; the steps that need it are skipped when executed.
+    refused = {p.spec for p in problems}
+
+    sorter = TopologicalSorter(deps)
+    order: list[str] = []
+    sorter.prepare()
+    while sorter.is_active():
+        ready = sorted(sorter.get_ready(), key=lambda w: (w.count("/"), w))
+        order.extend(ready)
+        sorter.done(*ready)
+    by_where = {s.where: s for s in config.mounts}
+    lower_where = owner_of(overlay.lower, config.mounts) if overlay else None
+    steps = [
+        Step(
+            by_where[w],
+            tuple(sorted(deps[w])),
+            store_lower=lower_where is not None and lower_where.where == w,
+        )
+        for w in order
+        if by_where[w].source not in refused
+    ]
+    return steps, problems
+
+
+def check_overlay_layers(overlay: OverlaySpec, specs: Iterable[MountSpec]) -> list[Problem]:
+    """Refuse, before anything is mounted, an upper layer that cannot work."""
+    holder = owner_of(overlay.rw, specs)
+    if isinstance(holder, ShareSpec) and holder.proto == "9p":
+        return [upper_on_9p(overlay, holder.source)]
+    return []
+
+
+def upper_on_9p(overlay: OverlaySpec, what: str) -> Problem:
+    return Problem(
+        overlay.source,
+        f"the upper layer {overlay.rw} is on 9p ({what}): overlayfs cannot keep whiteouts on 9p, "
+        "so every delete or rename of a store path would fail later",
+        "put RW on a block volume (microvm.volume=) or a virtiofs share",
+    )
+
+
+def _duplicate_tags(specs: Iterable[MountSpec]) -> list[Problem]:
+    seen: dict[str, ShareSpec] = {}
+    problems = []
+    for spec in specs:
+        if not isinstance(spec, ShareSpec):
+            continue
+        first = seen.setdefault(spec.tag, spec)
+        if first is not spec and "9p" in (spec.proto, first.proto):
+            problems.append(
+                Problem(
+                    spec.source,
+                    f"tag {spec.tag!r} is already mounted at {first.where} by {first.source}: "
+                    "a 9p channel mounts once",
+                    "bind-mount a subdirectory instead, or export a second tag",
+                )
+            )
+    return problems

@@ -1,0 +1,299 @@
+"""Parsed mount specs: immutable values, pure and total parsers.
+
+Every parser returns either a spec or a `Problem`; nothing here touches the
+system. The grammar follows systemd's `systemd.mount-extra=`: a value is split
+on its first colons only, so the last field (OPTIONS) may itself hold colons.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+DEFAULT_DEVICE_TIMEOUT = 10.0
+STORE_MOUNT_POINT = "/nix/store"
+MAX_VIRTIOFS_TAG = 36
+
+
+class Proto(StrEnum):
+    NINEP = "9p"
+    VIRTIOFS = "virtiofs"
+    AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A user-facing error about one spec: rendered as `SPEC: REASON (hint: HINT)`."""
+
+    spec: str
+    reason: str
+    hint: str | None = None
+    fatal: bool = True  # False for failures of `nofail` specs: reported as warnings
+
+    def __str__(self) -> str:
+        text = f"{self.spec}: {self.reason}"
+        return f"{text} (hint: {self.hint})" if self.hint else text
+
+
+@dataclass(frozen=True)
+class Options:
+    """fstab-style options, split into the agent's own and the kernel's."""
+
+    kernel: tuple[str, ...] = ()  # handed to the kernel, in the order given
+    nofail: bool = False
+    makefs: bool = False
+    device_timeout: float = DEFAULT_DEVICE_TIMEOUT
+
+    def has(self, name: str) -> bool:
+        """True when a kernel option NAME or NAME=... was given."""
+        return any(opt == name or opt.startswith(name + "=") for opt in self.kernel)
+
+    def value(self, name: str) -> str | None:
+        for opt in reversed(self.kernel):
+            if opt.startswith(name + "="):
+                return opt.partition("=")[2]
+        return None
+
+    @property
+    def read_only(self) -> bool | None:
+        """True for `ro`, False for `rw`, None when neither was given (last one wins)."""
+        for opt in reversed(self.kernel):
+            if opt in ("ro", "rw"):
+                return opt == "ro"
+        return None
+
+
+@dataclass(frozen=True)
+class ShareSpec:
+    source: str  # the spec as the user wrote it, for messages
+    tag: str
+    where: str
+    proto: Proto = Proto.AUTO
+    options: Options = field(default_factory=Options)
+
+
+@dataclass(frozen=True)
+class VolumeSpec:
+    source: str
+    what: str  # LABEL=…, UUID=…, SERIAL=…, /dev/… or a pseudo source for tmpfs and friends
+    where: str
+    fstype: str = "auto"
+    options: Options = field(default_factory=Options)
+
+    @property
+    def by(self) -> tuple[str, str]:
+        """How the device is found: ("label"|"uuid"|"serial"|"path"|"pseudo", value)."""
+        key, sep, value = self.what.partition("=")
+        if sep and key in ("LABEL", "UUID", "SERIAL"):
+            return key.lower(), value
+        if self.what.startswith("/dev/"):
+            for prefix, kind in DISK_LINKS.items():
+                if self.what.startswith(prefix) and len(self.what) > len(prefix):
+                    name = self.what[len(prefix) :]
+                    return kind, name.removeprefix("virtio-") if kind == "serial" else name
+            return "path", self.what
+        return "pseudo", self.what
+
+
+# udev's symlinks, understood without udev: an initrd has none of them.
+DISK_LINKS = {
+    "/dev/disk/by-label/": "label",
+    "/dev/disk/by-uuid/": "uuid",
+    "/dev/disk/by-id/virtio-": "serial",
+}
+
+# Filesystems that take no device: their WHAT is free text (`tmpfs:/run/x:tmpfs`).
+PSEUDO_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
+
+
+@dataclass(frozen=True)
+class OverlaySpec:
+    source: str
+    lower: str
+    rw: str
+    options: Options = field(default_factory=Options)
+    where: str = STORE_MOUNT_POINT
+
+    @property
+    def upper(self) -> str:
+        return join(self.rw, "store")
+
+    @property
+    def work(self) -> str:
+        return join(self.rw, "work")
+
+
+MountSpec = ShareSpec | VolumeSpec | OverlaySpec
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything to mount, keyed by mount point (later entries replaced earlier ones)."""
+
+    mounts: tuple[MountSpec, ...] = ()
+    reset_overlay: bool = False
+
+    @property
+    def overlay(self) -> OverlaySpec | None:
+        return next((m for m in self.mounts if isinstance(m, OverlaySpec)), None)
+
+
+# --- paths -----------------------------------------------------------------
+
+
+def join(base: str, name: str) -> str:
+    return base.rstrip("/") + "/" + name
+
+
+class Invalid(ValueError):
+    """Raised inside this module only; the public parsers turn it into a `Problem`."""
+
+
+def parse_abs_path(value: str, what: str) -> str:
+    """Normalise an absolute in-root path (`//a/./b/` -> `/a/b`); raise Invalid otherwise."""
+    if not value:
+        raise Invalid(f"{what} is empty")
+    if "\0" in value:
+        raise Invalid(f"{what} contains a NUL byte")
+    if not value.startswith("/"):
+        raise Invalid(f"{what} {value!r} is not an absolute path")
+    parts = [p for p in value.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise Invalid(f"{what} {value!r} contains a '..' component")
+    return "/" + "/".join(parts)
+
+
+# --- options ---------------------------------------------------------------
+
+_TIMEOUT_KEYS = ("x-device-timeout", "x-systemd.device-timeout")
+# Options that mean something only to fstab tooling: never handed to the kernel.
+_USERSPACE_ONLY = frozenset(
+    {"defaults", "auto", "noauto", "nofail", "x-makefs", "_netdev", "user", "nouser"}
+)
+
+
+def parse_options(text: str) -> Options:
+    kernel: list[str] = []
+    nofail = makefs = False
+    timeout = DEFAULT_DEVICE_TIMEOUT
+    for opt in (o.strip() for o in text.split(",")):
+        if not opt:
+            continue
+        key, _, value = opt.partition("=")
+        if key in _TIMEOUT_KEYS:
+            parsed = _parse_seconds(value)
+            if parsed is None:
+                raise Invalid(f"{key}={value}: expected a number of seconds")
+            timeout = parsed
+        elif opt == "nofail":
+            nofail = True
+        elif opt == "x-makefs":
+            makefs = True
+        elif opt in _USERSPACE_ONLY or opt.startswith("x-"):
+            continue  # systemd convention: x-* options are for userspace tools only
+        else:
+            kernel.append(opt)
+    return Options(tuple(kernel), nofail=nofail, makefs=makefs, device_timeout=timeout)
+
+
+def _parse_seconds(value: str) -> float | None:
+    value = value.strip().removesuffix("s")
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if 0 <= seconds < 86400 else None
+
+
+# --- specs -----------------------------------------------------------------
+
+SHARE_GRAMMAR = "TAG:WHERE[:PROTO[:OPTIONS]]"
+VOLUME_GRAMMAR = "WHAT:WHERE[:FSTYPE[:OPTIONS]]"
+OVERLAY_GRAMMAR = "LOWER:RW[:OPTIONS]"
+
+
+def _fields(value: str, count: int, source: str, grammar: str) -> list[str]:
+    fields = value.split(":", count - 1)
+    if len(fields) < 2 or not fields[0] or not fields[1]:
+        raise Invalid(f"expected {grammar}")
+    return fields + [""] * (count - len(fields))
+
+
+def _where(text: str) -> str:
+    where = parse_abs_path(text, "WHERE")
+    if where == "/":
+        raise Invalid("WHERE must not be the root itself")
+    return where
+
+
+def parse_share(value: str, source: str) -> ShareSpec | Problem:
+    """`TAG:WHERE[:PROTO[:OPTIONS]]`."""
+    try:
+        tag, where, proto_text, options = _fields(value, 4, source, SHARE_GRAMMAR)
+        try:
+            proto = Proto(proto_text or "auto")
+        except ValueError:
+            return Problem(source, f"unknown protocol {proto_text!r}", "use 9p, virtiofs or auto")
+        if "\0" in tag or any(c.isspace() for c in tag):
+            raise Invalid(f"tag {tag!r} contains whitespace or NUL")
+        if proto is Proto.VIRTIOFS and len(tag.encode()) > MAX_VIRTIOFS_TAG:
+            raise Invalid(f"virtiofs tags are at most {MAX_VIRTIOFS_TAG} bytes")
+        return ShareSpec(source, tag, _where(where), proto, parse_options(options))
+    except Invalid as e:
+        return Problem(source, str(e))
+
+
+def parse_volume(value: str, source: str) -> VolumeSpec | Problem:
+    """`WHAT:WHERE[:FSTYPE[:OPTIONS]]`."""
+    try:
+        what, where, fstype, options_text = _fields(value, 4, source, VOLUME_GRAMMAR)
+        fstype = fstype or "auto"
+        if not fstype.replace("_", "").replace(".", "").isalnum():
+            raise Invalid(f"invalid filesystem type {fstype!r}")
+        key, sep, ident = what.partition("=")
+        if sep and key in ("LABEL", "UUID", "SERIAL"):
+            if not ident:
+                raise Invalid(f"{key}= needs a value")
+        elif what.startswith("/dev/"):
+            if parse_abs_path(what, "WHAT") != what:
+                raise Invalid(f"device path {what!r} is not a plain /dev path")
+        elif fstype not in PSEUDO_FILESYSTEMS:
+            return Problem(
+                source,
+                f"cannot tell which device {what!r} is",
+                "use LABEL=, UUID=, SERIAL= or a /dev/ path",
+            )
+        spec = VolumeSpec(source, what, _where(where), fstype, parse_options(options_text))
+    except Invalid as e:
+        return Problem(source, str(e))
+    if spec.options.makefs and fstype == "auto":
+        return Problem(
+            source, "x-makefs needs an explicit FSTYPE", "e.g. SERIAL=data:/data:ext4:x-makefs"
+        )
+    if spec.options.makefs and spec.by[0] in ("label", "uuid"):
+        return Problem(
+            source,
+            "x-makefs cannot find a blank disk by LABEL= or UUID= (a blank disk has neither)",
+            "name the disk by SERIAL= or a /dev/ path",
+        )
+    return spec
+
+
+def parse_overlay(value: str, source: str) -> OverlaySpec | Problem:
+    """`LOWER:RW[:OPTIONS]`: overlayfs at /nix/store, upper RW/store, work RW/work."""
+    try:
+        lower_text, rw_text, options_text = _fields(value, 3, source, OVERLAY_GRAMMAR)
+        lower = parse_abs_path(lower_text, "LOWER")
+        rw = parse_abs_path(rw_text, "RW")
+        for name, path in (("LOWER", lower), ("RW", rw)):
+            if path in ("/", STORE_MOUNT_POINT) or path.startswith(STORE_MOUNT_POINT + "/"):
+                raise Invalid(f"{name} {path} must be outside {STORE_MOUNT_POINT}")
+        if lower == rw or lower.startswith(rw + "/") or rw.startswith(lower + "/"):
+            raise Invalid("LOWER and RW must not contain one another")
+        options = parse_options(options_text)
+        for forbidden in ("lowerdir", "upperdir", "workdir"):
+            if options.has(forbidden):
+                raise Invalid(f"{forbidden}= is set by the agent from LOWER and RW")
+    except Invalid as e:
+        return Problem(source, str(e))
+    return OverlaySpec(source, lower, rw, options)

@@ -1,0 +1,208 @@
+"""Thin ctypes wrappers over the kernel's mount syscalls; errors raise MountError.
+
+The new mount API (fsopen/fsconfig/fsmount/move_mount, Linux >= 5.2) is used
+first because the kernel then tells *why* it refused (read from the fs context
+fd), not just an errno. Kernels without it fall back to mount(2).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from dataclasses import dataclass
+
+# Identical on x86_64, aarch64, riscv64 and every other architecture using the unified table.
+_SYS_MOVE_MOUNT = 429
+_SYS_FSOPEN = 430
+_SYS_FSCONFIG = 431
+_SYS_FSMOUNT = 432
+
+_FSOPEN_CLOEXEC = 0x1
+_FSCONFIG_SET_FLAG = 0
+_FSCONFIG_SET_STRING = 1
+_FSCONFIG_CMD_CREATE = 6
+_FSMOUNT_CLOEXEC = 0x1
+_MOVE_MOUNT_F_EMPTY_PATH = 0x4
+_AT_FDCWD = -100
+
+# Per-mount attributes (fsmount) and their mount(2) flag equivalents.
+MOUNT_ATTRS = {
+    "ro": (0x1, 0x1),  # MOUNT_ATTR_RDONLY, MS_RDONLY
+    "nosuid": (0x2, 0x2),
+    "nodev": (0x4, 0x4),
+    "noexec": (0x8, 0x8),
+    "noatime": (0x10, 0x400),
+    "strictatime": (0x20, 0x1000000),
+    "nodiratime": (0x80, 0x800),
+    "relatime": (0x0, 0x200000),
+}
+# Options that cancel the ones above.
+CANCELS = {
+    "rw": "ro",
+    "suid": "nosuid",
+    "dev": "nodev",
+    "exec": "noexec",
+    "atime": "noatime",
+    "diratime": "nodiratime",
+}
+# Superblock flags the VFS parses itself (given to fsconfig as flags).
+SB_FLAGS = {"sync": 0x10, "dirsync": 0x80, "lazytime": 0x2000000, "mand": 0x40, "silent": 0x8000}
+_MS_RDONLY = 0x1
+_MNT_DETACH = 0x2
+
+
+class MountError(Exception):
+    def __init__(self, err: int, step: str, kernel_says: str = "") -> None:
+        self.errno = err
+        self.step = step
+        self.kernel_says = kernel_says
+        reason = os.strerror(err)
+        super().__init__(f"{reason}: {kernel_says}" if kernel_says else reason)
+
+
+@dataclass(frozen=True)
+class MountRequest:
+    fstype: str
+    source: str
+    target: str  # host path, already resolved and checked
+    options: tuple[str, ...] = ()  # kernel options as given (flags are picked out here)
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def _lib() -> ctypes.CDLL:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.syscall.restype = ctypes.c_long
+    return _libc
+
+
+def _call(*args: int | bytes | None) -> int:
+    # Pass integers as C longs: syscall(2) reads its variadic arguments as longs.
+    c_args = [ctypes.c_long(a) if isinstance(a, int) else a for a in args]
+    result = int(_lib().syscall(*c_args))
+    if result < 0:
+        raise OSError(ctypes.get_errno(), "")
+    return result
+
+
+def split_options(options: tuple[str, ...]) -> tuple[int, int, list[str], list[str]]:
+    """Split options into (mount attrs, mount(2) flags, superblock flags, filesystem data)."""
+    wanted: dict[str, bool] = {}
+    sb_flags: list[str] = []
+    data: list[str] = []
+    for opt in options:
+        if opt in MOUNT_ATTRS:
+            wanted[opt] = True
+        elif opt in CANCELS:
+            wanted[CANCELS[opt]] = False
+        elif opt in SB_FLAGS:
+            sb_flags.append(opt)
+        elif opt in ("async", "nolazytime", "nomand", "loud"):
+            continue
+        else:
+            data.append(opt)
+    attrs = flags = 0
+    for name, on in wanted.items():
+        if on:
+            attrs |= MOUNT_ATTRS[name][0]
+            flags |= MOUNT_ATTRS[name][1]
+    if wanted.get("ro"):
+        sb_flags.insert(0, "ro")
+    return attrs, flags, sb_flags, data
+
+
+def _drain_messages(fd: int) -> str:
+    """Read what the kernel logged on the fs context ("e overlayfs: ..." lines)."""
+    lines = []
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        text = chunk.decode(errors="replace").strip()
+        lines.append(text[2:] if text[:2] in ("e ", "w ", "i ") else text)
+    return "; ".join(lines)
+
+
+def mount(request: MountRequest) -> None:
+    try:
+        _mount_new_api(request)
+    except _NoNewApi:
+        _mount_legacy(request)
+
+
+class _NoNewApi(Exception):
+    pass
+
+
+def _mount_new_api(req: MountRequest) -> None:
+    attrs, _, sb_flags, data = split_options(req.options)
+    try:
+        fs_fd = _call(_SYS_FSOPEN, req.fstype.encode(), _FSOPEN_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ENOSYS:
+            raise _NoNewApi from None
+        raise MountError(e.errno or 0, "fsopen") from None
+    try:
+        step = "source"
+        try:
+            _call(_SYS_FSCONFIG, fs_fd, _FSCONFIG_SET_STRING, b"source", req.source.encode(), 0)
+            for flag in sb_flags:
+                step = flag
+                _call(_SYS_FSCONFIG, fs_fd, _FSCONFIG_SET_FLAG, flag.encode(), None, 0)
+            for opt in data:
+                step = opt
+                key, sep, value = opt.partition("=")
+                if sep:
+                    _call(
+                        _SYS_FSCONFIG, fs_fd, _FSCONFIG_SET_STRING, key.encode(), value.encode(), 0
+                    )
+                else:
+                    _call(_SYS_FSCONFIG, fs_fd, _FSCONFIG_SET_FLAG, key.encode(), None, 0)
+            step = "create"
+            _call(_SYS_FSCONFIG, fs_fd, _FSCONFIG_CMD_CREATE, None, None, 0)
+        except OSError as e:
+            said = _drain_messages(fs_fd)
+            where = "" if step == "create" else f"option {step!r}"
+            raise MountError(e.errno or 0, where, said) from None
+        try:
+            mnt_fd = _call(_SYS_FSMOUNT, fs_fd, _FSMOUNT_CLOEXEC, attrs)
+        except OSError as e:
+            raise MountError(e.errno or 0, "fsmount", _drain_messages(fs_fd)) from None
+    finally:
+        os.close(fs_fd)
+    try:
+        _call(
+            _SYS_MOVE_MOUNT, mnt_fd, b"", _AT_FDCWD, req.target.encode(), _MOVE_MOUNT_F_EMPTY_PATH
+        )
+    except OSError as e:
+        raise MountError(e.errno or 0, "move_mount") from None
+    finally:
+        os.close(mnt_fd)
+
+
+def _mount_legacy(req: MountRequest) -> None:
+    _, flags, sb_flags, data = split_options(req.options)
+    for flag in sb_flags:
+        flags |= _MS_RDONLY if flag == "ro" else SB_FLAGS[flag]
+    libc = _lib()
+    result = libc.mount(
+        req.source.encode(),
+        req.target.encode(),
+        req.fstype.encode(),
+        flags,
+        ",".join(data).encode(),
+    )
+    if result != 0:
+        raise MountError(ctypes.get_errno(), "mount")
+
+
+def umount(target: str, *, lazy: bool = False) -> None:
+    if _lib().umount2(target.encode(), _MNT_DETACH if lazy else 0) != 0:
+        raise MountError(ctypes.get_errno(), "umount")
