@@ -1,0 +1,482 @@
+"""A tiny modprobe: kernel module loading and virtio coldplug without udev or kmod.
+
+Reads the text indexes depmod writes (modules.dep, modules.alias,
+modules.builtin, plus the kernel's modules.builtin.modinfo), once and lazily,
+and loads with finit_module(2)/init_module(2) through ctypes. Never spawns a
+process. Public methods return None on success and an error string otherwise.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Protocol
+
+MODULE_INIT_COMPRESSED_FILE = 4  # finit_module flag: the kernel decompresses (5.17+)
+
+# (init_module, finit_module) syscall numbers.
+_SYSCALLS = {
+    "x86_64": (175, 313),
+    "aarch64": (105, 273),
+    "arm64": (105, 273),
+    "riscv64": (105, 273),  # asm-generic numbering
+}
+
+VIRTIO_PCI_VENDOR = 0x1AF4
+_MODULE_SUFFIXES = (".ko.xz", ".ko.gz", ".ko.zst", ".ko")
+_GLOB_CHARS = frozenset("*?[")
+
+
+# --- pure parsing -------------------------------------------------------------
+
+
+def normalize(name: str) -> str:
+    """Module names treat '-' and '_' alike; the kernel uses '_'."""
+    return name.replace("-", "_")
+
+
+def normalize_alias(alias: str) -> str:
+    """'-' → '_' outside [...] brackets, as libkmod does for aliases."""
+    out: list[str] = []
+    depth = 0
+    for c in alias:
+        if c == "[":
+            depth += 1
+        elif c == "]" and depth:
+            depth -= 1
+        out.append("_" if c == "-" and not depth else c)
+    return "".join(out)
+
+
+def module_name(path: str) -> str:
+    """'kernel/fs/9p/9p.ko.xz' → '9p'."""
+    base = os.path.basename(path)
+    for suffix in _MODULE_SUFFIXES:
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    return normalize(base)
+
+
+@dataclass(frozen=True)
+class DepEntry:
+    path: str  # as written in modules.dep, relative to the modules directory
+    deps: tuple[str, ...]  # paths, in modules.dep order (the deepest dependency last)
+
+
+def parse_modules_dep(text: str) -> dict[str, DepEntry]:
+    """modules.dep ("path: dep dep ...") → module name → DepEntry."""
+    out: dict[str, DepEntry] = {}
+    for line in text.splitlines():
+        path, sep, rest = line.partition(":")
+        path = path.strip()
+        if not sep or not path or path.startswith("#"):
+            continue
+        out.setdefault(module_name(path), DepEntry(path, tuple(rest.split())))
+    return out
+
+
+@dataclass(frozen=True)
+class AliasTable:
+    exact: dict[str, tuple[str, ...]]  # normalised alias → module names
+    patterns: tuple[tuple[str, str, str], ...]  # (literal prefix, pattern, module)
+
+    def lookup(self, alias: str) -> list[str]:
+        """Modules whose alias pattern matches (fnmatch, as modprobe), in file order."""
+        key = normalize_alias(alias)
+        found = list(self.exact.get(key, ()))
+        for prefix, pattern, module in self.patterns:
+            if key.startswith(prefix) and fnmatchcase(key, pattern) and module not in found:
+                found.append(module)
+        return found
+
+
+def _literal_prefix(pattern: str) -> str:
+    for i, c in enumerate(pattern):
+        if c in _GLOB_CHARS or c == "\\":
+            return pattern[:i]
+    return pattern
+
+
+def parse_modules_alias(text: str) -> AliasTable:
+    """modules.alias ("alias PATTERN MODULE") → AliasTable."""
+    exact: dict[str, list[str]] = {}
+    patterns: list[tuple[str, str, str]] = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) != 3 or fields[0] != "alias":
+            continue
+        pattern, module = normalize_alias(fields[1]), normalize(fields[2])
+        if _GLOB_CHARS.isdisjoint(pattern):
+            mods = exact.setdefault(pattern, [])
+            if module not in mods:
+                mods.append(module)
+        else:
+            patterns.append((_literal_prefix(pattern), pattern, module))
+    return AliasTable({k: tuple(v) for k, v in exact.items()}, tuple(patterns))
+
+
+def parse_modules_builtin(text: str) -> frozenset[str]:
+    """modules.builtin (one path per line) → module names."""
+    return frozenset(module_name(line.strip()) for line in text.splitlines() if line.strip())
+
+
+def parse_builtin_modinfo(data: bytes) -> dict[str, list[str]]:
+    """modules.builtin.modinfo ("mod.alias=VALUE\\0...") → alias → built-in modules."""
+    out: dict[str, list[str]] = {}
+    for item in data.split(b"\0"):
+        key, eq, value = item.decode("utf-8", "replace").partition("=")
+        mod, dot, field = key.partition(".")
+        if eq and dot and field == "alias" and value:
+            out.setdefault(normalize_alias(value), []).append(normalize(mod))
+    return out
+
+
+def parse_proc_modules(text: str) -> frozenset[str]:
+    """/proc/modules → loaded module names (first column)."""
+    return frozenset(normalize(line.split()[0]) for line in text.splitlines() if line.split())
+
+
+def parse_proc_filesystems(text: str) -> frozenset[str]:
+    """/proc/filesystems ("nodev\\tsysfs", "\\text4") → filesystem types."""
+    return frozenset(line.split()[-1] for line in text.splitlines() if line.split())
+
+
+# --- system calls (injectable) -----------------------------------------------
+
+
+class ModuleSyscalls(Protocol):
+    """The two kernel entry points; each returns 0 or a positive errno."""
+
+    def finit_module(self, fd: int, flags: int) -> int: ...
+
+    def init_module(self, image: bytes) -> int: ...
+
+
+class LinuxSyscalls:
+    """finit_module/init_module through ctypes' libc.syscall (ctypes loaded lazily)."""
+
+    def __init__(self, machine: str | None = None) -> None:
+        self.machine = machine or os.uname().machine
+        self._libc: Callable[..., int] | None = None
+
+    def _call(self, which: int, *args: object) -> int:
+        import ctypes
+
+        numbers = _SYSCALLS.get(self.machine)
+        if numbers is None:
+            return errno.ENOSYS
+        if self._libc is None:
+            self._libc = ctypes.CDLL(None, use_errno=True).syscall
+        ctypes.set_errno(0)
+        rc = self._libc(ctypes.c_long(numbers[which]), *args)
+        return 0 if rc == 0 else (ctypes.get_errno() or errno.EIO)
+
+    def finit_module(self, fd: int, flags: int) -> int:
+        import ctypes
+
+        return self._call(1, ctypes.c_int(fd), ctypes.c_char_p(b""), ctypes.c_int(flags))
+
+    def init_module(self, image: bytes) -> int:
+        import ctypes
+
+        buf = ctypes.create_string_buffer(image, len(image))
+        return self._call(0, buf, ctypes.c_ulong(len(image)), ctypes.c_char_p(b""))
+
+
+def _errtext(err: int) -> str:
+    return f"{errno.errorcode.get(err, str(err))}: {os.strerror(err)}"
+
+
+# --- the loader -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Index:
+    deps: dict[str, DepEntry]
+    aliases: AliasTable
+    builtin: frozenset[str]
+    builtin_aliases: dict[str, list[str]]
+
+
+def _default_modules_dir() -> str:
+    release = os.uname().release
+    for base in ("/lib/modules", "/usr/lib/modules"):
+        if os.path.isdir(os.path.join(base, release)):
+            return os.path.join(base, release)
+    return os.path.join("/lib/modules", release)
+
+
+class ModuleLoader:
+    """modprobe for the guest agent: resolve aliases, load dependencies, coldplug virtio."""
+
+    def __init__(
+        self,
+        modules_dir: str | None = None,
+        sysfs: str = "/sys",
+        proc: str = "/proc",
+        syscalls: ModuleSyscalls | None = None,
+    ) -> None:
+        self.modules_dir = modules_dir or _default_modules_dir()
+        self.sysfs = sysfs
+        self.proc = proc
+        self.syscalls: ModuleSyscalls = syscalls or LinuxSyscalls()
+        self._index: _Index | None = None
+        self._loaded: set[str] = set()  # loaded by us (sysfs may lag, or be fake)
+        self._failed: dict[str, str] = {}  # module → error, so one failure is reported once
+
+    # -- index ----------------------------------------------------------------
+
+    def _read(self, name: str) -> str:
+        try:
+            with open(
+                os.path.join(self.modules_dir, name), encoding="utf-8", errors="replace"
+            ) as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    @property
+    def has_modules(self) -> bool:
+        return os.path.isdir(self.modules_dir)
+
+    def index(self) -> _Index:
+        if self._index is None:
+            try:
+                with open(os.path.join(self.modules_dir, "modules.builtin.modinfo"), "rb") as f:
+                    modinfo = f.read()
+            except OSError:
+                modinfo = b""
+            self._index = _Index(
+                parse_modules_dep(self._read("modules.dep")),
+                parse_modules_alias(self._read("modules.alias")),
+                parse_modules_builtin(self._read("modules.builtin")),
+                parse_builtin_modinfo(modinfo),
+            )
+        return self._index
+
+    # -- state ----------------------------------------------------------------
+
+    def is_available(self, name: str) -> bool:
+        """Built in, or loaded (by us, /sys/module/NAME, or /proc/modules)."""
+        mod = normalize(name)
+        if mod in self._loaded or os.path.isdir(os.path.join(self.sysfs, "module", mod)):
+            return True
+        if self.has_modules and mod in self.index().builtin:
+            return True
+        try:
+            with open(os.path.join(self.proc, "modules")) as f:
+                return mod in parse_proc_modules(f.read())
+        except OSError:
+            return False
+
+    def filesystems(self) -> frozenset[str]:
+        try:
+            with open(os.path.join(self.proc, "filesystems")) as f:
+                return parse_proc_filesystems(f.read())
+        except OSError:
+            return frozenset()
+
+    # -- loading --------------------------------------------------------------
+
+    def resolve(self, name_or_alias: str) -> list[str] | str:
+        """Module names for a name or alias, or an error message."""
+        mod = normalize(name_or_alias)
+        if mod in self._loaded or self.is_available(mod):
+            return [mod]
+        if not self.has_modules:
+            return (
+                f"cannot load module {name_or_alias}: no modules directory {self.modules_dir}"
+                " (kernel without loadable modules, or they are not installed in this image)"
+            )
+        idx = self.index()
+        if mod in idx.deps:
+            return [mod]
+        key = normalize_alias(name_or_alias)
+        mods = idx.aliases.lookup(name_or_alias) or idx.builtin_aliases.get(key, [])
+        if not mods:
+            return (
+                f"module {name_or_alias} not found: neither a module in {self.modules_dir}/"
+                "modules.dep nor an alias in modules.alias"
+            )
+        return mods
+
+    def load(self, name_or_alias: str) -> str | None:
+        """Load a module (or every module an alias matches) with its dependencies."""
+        mods = self.resolve(name_or_alias)
+        if isinstance(mods, str):
+            return mods
+        errors = [f"cannot load module {m}: {e}" for m in mods if (e := self._load_module(m))]
+        return "; ".join(errors) if errors else None
+
+    def _load_module(self, mod: str, chain: tuple[str, ...] = ()) -> str | None:
+        """Load `mod` after its dependencies; None or the reason it failed."""
+        if mod in self._loaded or self.is_available(mod):
+            return None
+        if mod in self._failed:
+            return self._failed[mod]
+        entry = self.index().deps.get(mod)
+        if entry is None:
+            return f"not in {self.modules_dir}/modules.dep"
+        if mod in chain:
+            return f"dependency cycle in modules.dep ({' → '.join((*chain, mod))})"
+        # modules.dep lists the full closure, deepest last: load from the end.
+        for dep in reversed(entry.deps):
+            dep_mod = module_name(dep)
+            if dep_mod in self._loaded or self.is_available(dep_mod):
+                continue
+            if dep_mod in self.index().deps:
+                err = self._load_module(dep_mod, (*chain, mod))
+            else:  # not indexed under its own name: load the file as listed
+                err = self._insert(dep_mod, dep)
+            if err:
+                return f"dependency {dep_mod}: {err}"
+        err = self._insert(mod, entry.path)
+        if err:
+            self._failed[mod] = err
+        return err
+
+    def _insert(self, mod: str, relpath: str) -> str | None:
+        path = os.path.join(self.modules_dir, relpath)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            return f"{path}: {_errtext(e.errno or errno.EIO)}"
+        try:
+            if path.endswith((".ko.xz", ".ko.gz")):
+                image = _decompress(fd, path)
+                if isinstance(image, str):
+                    return image
+                err = self.syscalls.init_module(image)
+            elif path.endswith(".ko.zst"):
+                err = self.syscalls.finit_module(fd, MODULE_INIT_COMPRESSED_FILE)
+                if err in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOEXEC):
+                    zimage = _zstd_decompress(fd)
+                    if zimage is None:
+                        return (
+                            f"{path}: kernel cannot decompress zstd modules ({_errtext(err)}) "
+                            "and this Python has no zstd (needs 3.14)"
+                        )
+                    err = self.syscalls.init_module(zimage)
+            else:
+                err = self.syscalls.finit_module(fd, 0)
+        finally:
+            os.close(fd)
+        if err in (0, errno.EEXIST):
+            self._loaded.add(mod)
+            return None
+        hint = " (see dmesg)" if err in (errno.ENOEXEC, errno.EINVAL, errno.ENOKEY) else ""
+        return f"kernel refused {path}: {_errtext(err)}{hint}"
+
+    def ensure_filesystem(self, fstype: str) -> str | None:
+        """Make `fstype` appear in /proc/filesystems, loading its module if needed."""
+        if fstype in self.filesystems():
+            return None
+        if not self.has_modules:
+            return (
+                f"filesystem type {fstype} not supported by the kernel (not in /proc/filesystems)"
+                f" and no modules directory {self.modules_dir} to load it from"
+            )
+        candidates = [f"fs-{fstype}", fstype]
+        if fstype in ("ext2", "ext3"):
+            candidates.append("ext4")  # ext4 registers ext2/ext3 with CONFIG_EXT4_USE_FOR_EXT2
+        errors: list[str] = []
+        for cand in candidates:
+            err = self.load(cand)
+            if fstype in self.filesystems():
+                return None
+            if err and err not in errors:
+                errors.append(err)
+        detail = "; ".join(errors) if errors else "its module loaded but did not register it"
+        return f"filesystem type {fstype} not supported by the kernel: {detail}"
+
+    # -- coldplug -------------------------------------------------------------
+
+    def _driverless(self, bus_dir: str, accept: Callable[[str, str], bool]) -> list[str]:
+        """Modaliases of devices under bus_dir that have one and no bound driver."""
+        out: list[str] = []
+        try:
+            names = sorted(os.listdir(bus_dir))
+        except OSError:
+            return out
+        for name in names:
+            dev = os.path.join(bus_dir, name)
+            if os.path.lexists(os.path.join(dev, "driver")):
+                continue
+            try:
+                with open(os.path.join(dev, "modalias")) as f:
+                    modalias = f.read().strip()
+            except OSError:
+                continue
+            if modalias and accept(dev, modalias) and modalias not in out:
+                out.append(modalias)
+        return out
+
+    def _load_modaliases(self, modaliases: Iterable[str]) -> list[str]:
+        errors: list[str] = []
+        for modalias in modaliases:
+            err = self.load(modalias)
+            if err and err not in errors:
+                errors.append(err)
+        return errors
+
+    def coldplug_virtio(self) -> list[str]:
+        """Load drivers for driverless virtio devices (PCI, then mmio, then the virtio bus)."""
+        bus = os.path.join(self.sysfs, "bus")
+        errors = self._load_modaliases(
+            self._driverless(os.path.join(bus, "pci/devices"), _is_virtio_pci)
+            + self._driverless(os.path.join(bus, "platform/devices"), _is_virtio_mmio)
+        )
+        # virtio_pci / virtio_mmio probing created the virtio bus devices: rescan.
+        errors += self._load_modaliases(
+            self._driverless(os.path.join(bus, "virtio/devices"), lambda _d, m: True)
+        )
+        return errors
+
+
+def _is_virtio_pci(_dev: str, modalias: str) -> bool:
+    return modalias.upper().startswith(f"PCI:V0000{VIRTIO_PCI_VENDOR:04X}")
+
+
+def _is_virtio_mmio(dev: str, modalias: str) -> bool:
+    # virtio_mmio.device= on the cmdline, device tree "virtio,mmio", ACPI LNRO0005.
+    return (
+        modalias == "platform:virtio-mmio"
+        or "virtio,mmio" in modalias
+        or modalias.startswith("acpi:LNRO0005:")
+        or os.path.basename(dev).startswith("virtio-mmio")
+    )
+
+
+def _decompress(fd: int, path: str) -> bytes | str:
+    try:
+        data = _read_fd(fd)
+        if path.endswith(".xz"):
+            import lzma
+
+            return lzma.decompress(data)
+        import gzip
+
+        return gzip.decompress(data)
+    except Exception as e:  # corrupt archive: lzma.LZMAError, OSError, EOFError, ...
+        return f"{path}: cannot decompress: {e}"
+
+
+def _zstd_decompress(fd: int) -> bytes | None:
+    try:
+        from compression import zstd  # type: ignore[import-not-found]  # Python >= 3.14
+    except ImportError:
+        return None
+    data: bytes = zstd.decompress(_read_fd(fd))
+    return data
+
+
+def _read_fd(fd: int) -> bytes:
+    os.lseek(fd, 0, os.SEEK_SET)
+    chunks: list[bytes] = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
