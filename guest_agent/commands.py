@@ -61,7 +61,9 @@ def reset_command(root: str, config: Config, reporter: Reporter) -> None:
     try:
         for step in needed:
             executor.run_step(step)
-        if reporter.failed:
+        # Judge by what got mounted, not by reporter.failed: a malformed unrelated spec must
+        # not block the wipe, and a failed nofail RW volume must not let it wipe the bare dir.
+        if any(s.where not in executor.mounted for s in needed):
             reporter.problem(
                 Problem(RESET, "nothing was wiped: the RW volume could not be mounted")
             )

@@ -109,7 +109,7 @@ def parse_config_json(text: str, origin: str) -> Parsed:
     """Parse the JSON config (schema in docs/configuration.md)."""
     try:
         data = json.loads(text)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # deep nesting exhausts the decoder's stack
         return Parsed(problems=(Problem(origin, f"not valid JSON: {e}"),))
     if not isinstance(data, dict):
         return Parsed(problems=(Problem(origin, "expected a JSON object at the top level"),))

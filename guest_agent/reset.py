@@ -118,6 +118,9 @@ def empty_trash_in_background(rw: str) -> int | None:
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
+        # Inherited descriptors (the agent's run lock above all, /dev/kmsg, the uevent
+        # socket) would otherwise stay open, and the lock held, until the deletion ends.
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
         empty_trash(".")
     finally:
         os._exit(0)

@@ -288,6 +288,9 @@ def parse_overlay(value: str, source: str) -> OverlaySpec | Problem:
         for name, path in (("LOWER", lower), ("RW", rw)):
             if path in ("/", STORE_MOUNT_POINT) or path.startswith(STORE_MOUNT_POINT + "/"):
                 raise Invalid(f"{name} {path} must be outside {STORE_MOUNT_POINT}")
+            if STORE_MOUNT_POINT.startswith(path + "/"):
+                # RW=/nix would make the upper layer RW/store the overlay's own mount point.
+                raise Invalid(f"{name} {path} must not contain {STORE_MOUNT_POINT}")
         if lower == rw or lower.startswith(rw + "/") or rw.startswith(lower + "/"):
             raise Invalid("LOWER and RW must not contain one another")
         options = parse_options(options_text)

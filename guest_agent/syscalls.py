@@ -46,6 +46,7 @@ CANCELS = {
     "atime": "noatime",
     "diratime": "nodiratime",
 }
+_ATIME_MODES = ("noatime", "strictatime", "relatime")
 # Superblock flags the VFS parses itself (given to fsconfig as flags).
 SB_FLAGS = {"sync": 0x10, "dirsync": 0x80, "lazytime": 0x2000000, "mand": 0x40, "silent": 0x8000}
 _MS_RDONLY = 0x1
@@ -95,7 +96,12 @@ def split_options(options: tuple[str, ...]) -> tuple[int, int, list[str], list[s
     sb_flags: list[str] = []
     data: list[str] = []
     for opt in options:
-        if opt in MOUNT_ATTRS:
+        if opt in _ATIME_MODES:
+            # One access-time mode at most (fsmount refuses two with EINVAL): the last wins.
+            for mode in _ATIME_MODES:
+                wanted.pop(mode, None)
+            wanted[opt] = True
+        elif opt in MOUNT_ATTRS:
             wanted[opt] = True
         elif opt in CANCELS:
             wanted[CANCELS[opt]] = False
