@@ -1,0 +1,114 @@
+"""Fixtures of the real-VM tests (see testbed.py).
+
+* ``testbed``: the cache made by ``tools/setup-testbed``; a missing test bed
+  is an error (never a skip), with the set-up hint.
+* ``kernel``: parametrized over the kernels, "6.1" (Debian 12) and "6.12"
+  (Debian 13).
+* ``initramfs``: the base initramfs for ``kernel``, built once per kernel and
+  input hash (the project's wheel included), reused across sessions.
+* ``make_vm``: a factory of :class:`testbed.VM` objects for ``kernel``.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import testbed as tb
+
+
+@pytest.fixture(scope="session")
+def testbed() -> tb.Testbed:
+    bed = tb.Testbed.from_env()
+    missing = bed.missing()
+    if missing:
+        pytest.fail(
+            f"VM test bed not ready in {bed.cache} (missing: {', '.join(missing)}).\n"
+            f"Hint: {tb.SETUP_HINT}",
+            pytrace=False,
+        )
+    return bed
+
+
+@pytest.fixture(scope="session")
+def wheels(testbed: tb.Testbed, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """The project's wheel and its dependencies' wheels."""
+    return tb.build_wheels(tmp_path_factory.mktemp("wheels"))
+
+
+@pytest.fixture(scope="session")
+def initramfs_for(
+    testbed: tb.Testbed, wheels: list[Path], tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[str], Path]:
+    """kernel -> base initramfs path (built at most once per session)."""
+    built: dict[str, Path] = {}
+    out_dir = None
+    if os.environ.get("GA_TESTBED_INITRAMFS_TMP"):
+        out_dir = tmp_path_factory.mktemp("initramfs")
+
+    def get(kernel: str) -> Path:
+        if kernel not in built:
+            built[kernel] = tb.base_initramfs(testbed, kernel, wheels, out_dir)
+        return built[kernel]
+
+    return get
+
+
+@pytest.fixture(params=tb.KERNELS, ids=[f"linux-{k}" for k in tb.KERNELS])
+def kernel(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def initramfs(initramfs_for: Callable[[str], Path], kernel: str) -> Path:
+    return initramfs_for(kernel)
+
+
+@pytest.fixture
+def make_vm(
+    testbed: tb.Testbed,
+    kernel: str,
+    initramfs: Path,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> Iterator[Callable[..., tb.VM]]:
+    """make_vm(**VM fields) -> VM for this test's kernel, working in tmp_path."""
+    count = 0
+
+    def make(**kw: Any) -> tb.VM:
+        nonlocal count
+        count += 1
+        kw.setdefault("label", request.node.name)
+        return tb.VM(
+            testbed=testbed,
+            kernel=kernel,
+            initramfs=initramfs,
+            workdir=tmp_path / f"vm{count}",
+            **kw,
+        )
+
+    yield make
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not tb.BOOT_LOG:
+        return
+    tr = terminalreporter
+    tr.section("VM boots")
+    for k in tb.KERNELS:
+        times = [d for _, kern, d in tb.BOOT_LOG if kern == k]
+        if times:
+            tr.write_line(
+                f"linux {k}: {len(times)} boots, mean {statistics.mean(times):.1f}s, "
+                f"min {min(times):.1f}s, max {max(times):.1f}s"
+            )
+    total = sum(d for *_, d in tb.BOOT_LOG)
+    tr.write_line(f"total time in VMs: {total:.0f}s")

@@ -1,0 +1,616 @@
+"""Real-VM test bed: boot Linux guests under qemu (TCG) with virtio devices.
+
+A :class:`VM` boots a kernel from the test bed cache (made by
+``tools/setup-testbed``) with a base initramfs (made by
+``initrd-hooks/build-initramfs``) plus a small per-boot cpio archive holding
+the test script as ``/test/run``. The guest's ``/init`` runs that script with
+its output on the second serial port (the *results channel*), then powers
+off. The kernel console (first serial port) goes to a separate log.
+
+Devices are attached the way microvm.nix's qemu runner does:
+
+* 9p: ``-fsdev local,...,security_model=none`` + ``virtio-9p-pci``;
+* virtio-fs: one virtiofsd per share + ``vhost-user-fs-pci`` on a shared
+  ``memory-backend-memfd``;
+* volumes: ``-drive ...,if=none`` + ``virtio-blk-pci,serial=...``.
+
+Example::
+
+    vm = VM(testbed, "6.1", initramfs, workdir,
+            shares=[Share("data", host_dir)], disks=[Disk(img, serial="store")])
+    r = vm.boot("mount -t 9p -o trans=virtio data /mnt && cat /mnt/hello")
+    assert r.exit_code == 0, r
+
+Disk images and share directories are the caller's and stay between boots:
+calling :meth:`VM.boot` again is a reboot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BUILDER = REPO_ROOT / "initrd-hooks" / "build-initramfs"
+DEFAULT_CACHE = Path("/var/cache/guest-agent-testbed")
+KERNELS = ("6.1", "6.12")
+QEMU = "qemu-system-x86_64"
+EXIT_MARKER = re.compile(r"^@@testbed-exit=(\d+)@@$", re.M)
+SETUP_HINT = "run `sudo tools/setup-testbed` (as root, on Debian 12) to set up the VM test bed"
+
+#: Every boot made in this process: (label, kernel, seconds). The pytest
+#: plugin in conftest.py prints a summary.
+BOOT_LOG: list[tuple[str, str, float]] = []
+
+
+class TestbedError(RuntimeError):
+    """The test bed is not set up (or is broken)."""
+
+
+# --------------------------------------------------------------------------
+# The cache made by tools/setup-testbed
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Testbed:
+    cache: Path
+
+    @classmethod
+    def from_env(cls) -> Testbed:
+        return cls(Path(os.environ.get("GA_TESTBED_CACHE", DEFAULT_CACHE)))
+
+    def kernel_dir(self, kernel: str) -> Path:
+        return self.cache / "kernels" / kernel
+
+    def vmlinuz(self, kernel: str) -> Path:
+        return self.kernel_dir(kernel) / "vmlinuz"
+
+    def release(self, kernel: str) -> str:
+        return (self.kernel_dir(kernel) / "release").read_text().strip()
+
+    @property
+    def virtiofsd(self) -> Path:
+        return self.cache / "bin" / "virtiofsd"
+
+    @property
+    def mkfs_erofs(self) -> Path:
+        return self.cache / "bin" / "mkfs.erofs"
+
+    def missing(self) -> list[str]:
+        """What is not there; empty when the test bed is ready."""
+        out = []
+        for k in KERNELS:
+            for p in (
+                self.vmlinuz(k),
+                self.kernel_dir(k) / "release",
+                self.kernel_dir(k) / "modules" / "kernel",
+            ):
+                if not p.exists():
+                    out.append(str(p))
+        for p in (
+            self.virtiofsd,
+            self.mkfs_erofs,
+            Path("/usr/bin/python3.11"),
+            Path("/bin/busybox"),
+            Path("/sbin/mke2fs"),
+        ):
+            if not p.exists():
+                out.append(str(p))
+        for tool in (QEMU, "mksquashfs", "depmod"):
+            if shutil.which(tool) is None:
+                out.append(tool)
+        return out
+
+    def check(self) -> None:
+        missing = self.missing()
+        if missing:
+            raise TestbedError(
+                f"VM test bed not ready in {self.cache} (missing: {', '.join(missing)}); "
+                + SETUP_HINT
+            )
+
+
+# --------------------------------------------------------------------------
+# Base initramfs (cached by a hash of its inputs)
+# --------------------------------------------------------------------------
+
+
+def build_wheels(dest: Path, project: Path = REPO_ROOT) -> list[Path]:
+    """Wheels of the project and of its dependencies (from PyPI or pip's cache)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--wheel-dir",
+            str(dest),
+            str(project),
+        ],
+        check=True,
+    )
+    wheels = sorted(dest.glob("*.whl"))
+    if not any(w.name.startswith("guest_agent-") for w in wheels):
+        raise TestbedError(f"pip built no guest_agent wheel in {dest}")
+    return wheels
+
+
+def _wheel_digest(wheel: Path) -> str:
+    """Digest of a wheel's content (not of its zip timestamps)."""
+    h = hashlib.sha256(wheel.name.encode())
+    with zipfile.ZipFile(wheel) as zf:
+        for info in sorted(zf.infolist(), key=lambda i: i.filename):
+            h.update(info.filename.encode() + b"\0")
+            h.update(hashlib.sha256(zf.read(info)).digest())
+    return h.hexdigest()
+
+
+def _file_stamp(path: Path) -> str:
+    st = path.stat()
+    return f"{path}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def base_initramfs(
+    testbed: Testbed, kernel: str, wheels: Sequence[Path], out_dir: Path | None = None
+) -> Path:
+    """Build (or reuse) the base initramfs for kernel with these wheels."""
+    h = hashlib.sha256()
+    h.update(BUILDER.read_bytes())
+    h.update(testbed.release(kernel).encode())
+    for tool in (Path("/usr/bin/python3.11"), Path("/bin/busybox"), Path("/sbin/mke2fs")):
+        h.update(_file_stamp(tool).encode())
+    for w in sorted(wheels):
+        h.update(_wheel_digest(w).encode())
+    key = h.hexdigest()[:16]
+    if out_dir is None:
+        out_dir = testbed.cache / "initramfs"
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            if not os.access(out_dir, os.W_OK):
+                raise PermissionError(out_dir)
+        except OSError:
+            out_dir = Path(tempfile.gettempdir()) / "guest-agent-testbed-initramfs"
+            out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"base-{kernel}-{key}.cpio"
+    if out.exists():
+        return out
+    cmd = [
+        sys.executable,
+        str(BUILDER),
+        "--cache",
+        str(testbed.cache),
+        "--kernel",
+        kernel,
+        "-o",
+        str(out),
+    ]
+    for w in wheels:
+        cmd += ["--wheel", str(w)]
+    subprocess.run(cmd, check=True)
+    # Keep only the newest few images of this kernel.
+    old = sorted(out_dir.glob(f"base-{kernel}-*.cpio"), key=lambda p: p.stat().st_mtime)
+    for stale in old[:-3]:
+        stale.unlink(missing_ok=True)
+    return out
+
+
+# --------------------------------------------------------------------------
+# Per-boot cpio archive
+# --------------------------------------------------------------------------
+
+
+def _newc_entry(name: str, mode: int, data: bytes = b"", ino: int = 0) -> bytes:
+    bname = name.encode()
+    fields = (ino, mode, 0, 0, 1, int(time.time()), len(data), 0, 0, 0, 0, len(bname) + 1, 0)
+    hdr = b"070701" + b"".join(b"%08X" % f for f in fields) + bname + b"\0"
+    hdr += b"\0" * (-len(hdr) % 4)
+    return hdr + data + b"\0" * (-len(data) % 4)
+
+
+def overlay_cpio(files: Mapping[str, str | bytes], executable: Iterable[str] = ()) -> bytes:
+    """A newc archive with these files (guest path -> content), parents included."""
+    execs = {p.lstrip("/") for p in executable}
+    dirs: set[str] = set()
+    for p in files:
+        parts = p.lstrip("/").split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            dirs.add("/".join(parts[:i]))
+    out = bytearray()
+    ino = 900000
+    for d in sorted(dirs):
+        out += _newc_entry(d, stat.S_IFDIR | 0o755, ino=ino)
+        ino += 1
+    for p, content in sorted(files.items()):
+        rel = p.lstrip("/")
+        data = content.encode() if isinstance(content, str) else content
+        mode = 0o755 if rel in execs else 0o644
+        out += _newc_entry(rel, stat.S_IFREG | mode, data, ino=ino)
+        ino += 1
+    out += _newc_entry("TRAILER!!!", 0)
+    return bytes(out)
+
+
+# --------------------------------------------------------------------------
+# Devices and results
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Share:
+    """A host directory exported to the guest under a tag."""
+
+    tag: str
+    host_dir: Path
+    proto: Literal["9p", "virtiofs"] = "9p"
+    readonly: bool = False
+    #: virtiofsd --cache mode (virtiofs only)
+    cache: str = "auto"
+    #: extra virtiofsd arguments (virtiofs only); xattrs are on by default
+    #: because an overlay upper on virtio-fs needs them.
+    virtiofsd_args: tuple[str, ...] = ("--xattr",)
+
+
+@dataclass(frozen=True)
+class Disk:
+    """A raw disk image attached as virtio-blk."""
+
+    image: Path
+    serial: str | None = None
+    readonly: bool = False
+
+
+@dataclass
+class BootResult:
+    results: str
+    """The results channel (the test script's stdout+stderr), exit marker removed."""
+    console: str
+    """The kernel console (ttyS0)."""
+    qemu_log: str
+    """qemu's and virtiofsd's own stderr."""
+    exit_code: int | None
+    """The test script's exit status; None if it did not finish."""
+    timed_out: bool
+    killed_at_marker: bool
+    qemu_returncode: int | None
+    duration: float
+    workdir: Path
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out
+
+    def __str__(self) -> str:
+        tail = "\n".join(self.console.splitlines()[-40:])
+        return (
+            f"BootResult(exit_code={self.exit_code}, timed_out={self.timed_out}, "
+            f"killed_at_marker={self.killed_at_marker}, qemu_rc={self.qemu_returncode}, "
+            f"{self.duration:.1f}s, workdir={self.workdir})\n"
+            f"--- results ---\n{self.results}\n--- console (tail) ---\n{tail}\n"
+            f"--- qemu ---\n{self.qemu_log}"
+        )
+
+
+def _kill(proc: subprocess.Popen[bytes], grace: float = 2.0) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# --------------------------------------------------------------------------
+# The VM
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class VM:
+    """A guest configuration; each :meth:`boot` is one power-on to power-off."""
+
+    testbed: Testbed
+    kernel: str
+    initramfs: Path
+    workdir: Path
+    cmdline: str = ""
+    shares: list[Share] = field(default_factory=list)
+    disks: list[Disk] = field(default_factory=list)
+    script: str = ""
+    timeout: float = 90.0
+    memory_mb: int = 512
+    machine: str = "q35"
+    cpus: int = 1
+    label: str = "vm"
+    boots: int = 0
+
+    def kernel_cmdline(self, extra: str = "") -> str:
+        base = "console=ttyS0 panic=-1 oops=panic"
+        return " ".join(s for s in (base, self.cmdline, extra) if s)
+
+    def qemu_command(
+        self,
+        initrd: Path,
+        sockets: Sequence[Path],
+        console: Path,
+        results: Path,
+        extra_cmdline: str = "",
+    ) -> list[str]:
+        mem = f"{self.memory_mb}M"
+        cmd = [
+            QEMU,
+            "-accel",
+            "tcg",
+            "-machine",
+            f"{self.machine},memory-backend=mem",
+            "-m",
+            mem,
+            "-smp",
+            str(self.cpus),
+            "-object",
+            f"memory-backend-memfd,id=mem,size={mem},share=on",
+            "-nodefaults",
+            "-no-user-config",
+            "-no-reboot",
+            "-display",
+            "none",
+            "-kernel",
+            str(self.testbed.vmlinuz(self.kernel)),
+            "-initrd",
+            str(initrd),
+            "-append",
+            self.kernel_cmdline(extra_cmdline),
+            "-chardev",
+            f"file,id=console,path={console}",
+            "-serial",
+            "chardev:console",
+            "-chardev",
+            f"file,id=results,path={results}",
+            "-serial",
+            "chardev:results",
+        ]
+        vfs = iter(sockets)
+        for i, share in enumerate(self.shares):
+            if share.proto == "9p":
+                fsdev = f"local,id=fs{i},path={share.host_dir},security_model=none"
+                if share.readonly:
+                    fsdev += ",readonly=on"
+                cmd += [
+                    "-fsdev",
+                    fsdev,
+                    "-device",
+                    f"virtio-9p-pci,fsdev=fs{i},mount_tag={share.tag}",
+                ]
+            elif share.proto == "virtiofs":
+                cmd += [
+                    "-chardev",
+                    f"socket,id=vfs{i},path={next(vfs)}",
+                    "-device",
+                    f"vhost-user-fs-pci,chardev=vfs{i},tag={share.tag}",
+                ]
+            else:
+                raise ValueError(f"unknown share protocol {share.proto!r}")
+        for i, disk in enumerate(self.disks):
+            drive = f"file={disk.image},format=raw,if=none,id=d{i}"
+            if disk.readonly:
+                drive += ",readonly=on"
+            dev = f"virtio-blk-pci,drive=d{i}"
+            if disk.serial is not None:
+                dev += f",serial={disk.serial}"
+            cmd += ["-drive", drive, "-device", dev]
+        return cmd
+
+    def _start_virtiofsd(
+        self, rundir: Path, log: Path
+    ) -> tuple[list[Path], list[subprocess.Popen[bytes]]]:
+        sockets: list[Path] = []
+        procs: list[subprocess.Popen[bytes]] = []
+        for i, share in enumerate(self.shares):
+            if share.proto != "virtiofs":
+                continue
+            sock = rundir / f"vfs{i}.sock"
+            cmd = [
+                str(self.testbed.virtiofsd),
+                f"--socket-path={sock}",
+                f"--shared-dir={share.host_dir}",
+                "--sandbox=none",
+                f"--cache={share.cache}",
+                *share.virtiofsd_args,
+            ]
+            if share.readonly:
+                cmd.append("--readonly")
+            with log.open("ab") as lf:
+                procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=lf, stderr=lf))
+            sockets.append(sock)
+        deadline = time.monotonic() + 10
+        for sock, proc in zip(sockets, procs, strict=True):
+            while not sock.exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    for p in procs:
+                        _kill(p)
+                    raise TestbedError(f"virtiofsd did not start:\n{log.read_text()}")
+                time.sleep(0.01)
+        return sockets, procs
+
+    def boot(
+        self,
+        script: str | None = None,
+        *,
+        kill_at: str | None = None,
+        timeout: float | None = None,
+        extra_cmdline: str = "",
+        files: Mapping[str, str | bytes] | None = None,
+    ) -> BootResult:
+        """Boot once, run script (default: self.script) as /test/run, return what came out.
+
+        kill_at: kill qemu (a power cut: SIGKILL, no sync) as soon as a results
+        line contains this text. files: extra guest files (path -> content) for
+        this boot. Disk images and share directories are left as the guest left
+        them, so booting again is a reboot.
+        """
+        self.testbed.check()
+        self.boots += 1
+        run = self.workdir / f"boot{self.boots}"
+        run.mkdir(parents=True, exist_ok=True)
+        console, results, qlog = run / "console.log", run / "results.log", run / "qemu.log"
+        text = script if script is not None else self.script
+        if not text.startswith("#!"):
+            text = "#!/bin/sh\n" + text
+        overlay = overlay_cpio({"test/run": text, **(files or {})}, executable=["test/run"])
+        initrd = run / "initrd.cpio"
+        with initrd.open("wb") as out, self.initramfs.open("rb") as base:
+            shutil.copyfileobj(base, out, 1 << 20)
+            out.write(b"\0" * (-out.tell() % 4))
+            out.write(overlay)
+        timeout = self.timeout if timeout is None else timeout
+
+        start = time.monotonic()
+        sockets, helpers = self._start_virtiofsd(run, qlog)
+        timed_out = killed = False
+        try:
+            cmd = self.qemu_command(initrd, sockets, console, results, extra_cmdline)
+            (run / "qemu.cmd").write_text(" ".join(cmd) + "\n")
+            with qlog.open("ab") as lf:
+                qemu = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=lf, stderr=lf)
+            try:
+                deadline = start + timeout
+                while qemu.poll() is None:
+                    if kill_at is not None and results.exists() and kill_at in _read(results):
+                        qemu.kill()
+                        killed = True
+                        break
+                    if time.monotonic() > deadline:
+                        qemu.kill()
+                        timed_out = True
+                        break
+                    time.sleep(0.02)
+                qemu.wait()
+            finally:
+                _kill(qemu)
+        finally:
+            for h in helpers:
+                _kill(h)
+        duration = time.monotonic() - start
+        initrd.unlink(missing_ok=True)
+        BOOT_LOG.append((self.label, self.kernel, duration))
+
+        out = _read(results) if results.exists() else ""
+        m = EXIT_MARKER.search(out)
+        exit_code = int(m.group(1)) if m else None
+        out = EXIT_MARKER.sub("", out).rstrip("\n")
+        if out:
+            out += "\n"
+        return BootResult(
+            results=out,
+            console=_read(console) if console.exists() else "",
+            qemu_log=_read(qlog) if qlog.exists() else "",
+            exit_code=exit_code,
+            timed_out=timed_out,
+            killed_at_marker=killed,
+            qemu_returncode=qemu.returncode,
+            duration=duration,
+            workdir=run,
+        )
+
+
+def _read(path: Path) -> str:
+    return path.read_bytes().decode(errors="replace").replace("\r\n", "\n")
+
+
+# --------------------------------------------------------------------------
+# Disk images
+# --------------------------------------------------------------------------
+
+
+def blank_image(path: Path, size: int | str = "64M") -> Path:
+    """A sparse raw image full of zeros (no file system)."""
+    path.unlink(missing_ok=True)
+    subprocess.run(["truncate", "-s", str(size), str(path)], check=True)
+    return path
+
+
+def ext4_image(
+    path: Path,
+    size: int | str = "64M",
+    *,
+    label: str | None = None,
+    uuid: str | None = None,
+    populate: Path | None = None,
+    extra_args: Sequence[str] = (),
+) -> Path:
+    """An ext4 image, optionally labelled and pre-populated from a directory."""
+    blank_image(path, size)
+    cmd = ["mkfs.ext4", "-q", "-F"]
+    if label is not None:
+        cmd += ["-L", label]
+    if uuid is not None:
+        cmd += ["-U", uuid]
+    if populate is not None:
+        cmd += ["-d", str(populate)]
+    cmd += [*extra_args, str(path)]
+    subprocess.run(cmd, check=True, env={**os.environ, "PATH": "/usr/sbin:/sbin:/usr/bin:/bin"})
+    return path
+
+
+def erofs_image(
+    path: Path,
+    source: Path,
+    *,
+    label: str | None = "nix-store",
+    testbed: Testbed | None = None,
+    extra_args: Sequence[str] = (),
+) -> Path:
+    """An erofs image of a directory (Debian 13's mkfs.erofs, which can label)."""
+    tb = testbed or Testbed.from_env()
+    path.unlink(missing_ok=True)
+    cmd = [str(tb.mkfs_erofs)]
+    if label is not None:
+        cmd += ["-L", label]
+    cmd += [*extra_args, str(path), str(source)]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return path
+
+
+def squashfs_image(path: Path, source: Path, *, extra_args: Sequence[str] = ()) -> Path:
+    """A squashfs image of a directory (files owned by root)."""
+    path.unlink(missing_ok=True)
+    subprocess.run(
+        [
+            "mksquashfs",
+            str(source),
+            str(path),
+            "-noappend",
+            "-quiet",
+            "-all-root",
+            "-no-progress",
+            *extra_args,
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return path
+
+
+def blkid(path: Path, tag: str) -> str:
+    """A blkid tag (LABEL, UUID, TYPE) of an image on the host."""
+    return subprocess.run(
+        ["blkid", "-o", "value", "-s", tag, str(path)], capture_output=True, text=True, check=False
+    ).stdout.strip()
