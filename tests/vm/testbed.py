@@ -79,6 +79,11 @@ class Testbed:
     def vmlinuz(self, kernel: str) -> Path:
         return self.kernel_dir(kernel) / "vmlinuz"
 
+    def boot_image(self, kernel: str) -> Path:
+        """The uncompressed vmlinux (PVH entry, ~2 s faster under TCG) or vmlinuz."""
+        vmlinux = self.kernel_dir(kernel) / "vmlinux"
+        return vmlinux if vmlinux.exists() else self.vmlinuz(kernel)
+
     def release(self, kernel: str) -> str:
         return (self.kernel_dir(kernel) / "release").read_text().strip()
 
@@ -339,6 +344,9 @@ class VM:
     memory_mb: int = 512
     machine: str = "q35"
     cpus: int = 1
+    #: qemu64 plus RDRAND: the guest kernel seeds its RNG at once instead of
+    #: blocking the first getrandom() (Python's start) for about a second.
+    cpu: str = "qemu64,+rdrand"
     label: str = "vm"
     boots: int = 0
 
@@ -355,38 +363,15 @@ class VM:
         extra_cmdline: str = "",
     ) -> list[str]:
         mem = f"{self.memory_mb}M"
-        cmd = [
-            QEMU,
-            "-accel",
-            "tcg",
-            "-machine",
-            f"{self.machine},memory-backend=mem",
-            "-m",
-            mem,
-            "-smp",
-            str(self.cpus),
-            "-object",
-            f"memory-backend-memfd,id=mem,size={mem},share=on",
-            "-nodefaults",
-            "-no-user-config",
-            "-no-reboot",
-            "-display",
-            "none",
-            "-kernel",
-            str(self.testbed.vmlinuz(self.kernel)),
-            "-initrd",
-            str(initrd),
-            "-append",
-            self.kernel_cmdline(extra_cmdline),
-            "-chardev",
-            f"file,id=console,path={console}",
-            "-serial",
-            "chardev:console",
-            "-chardev",
-            f"file,id=results,path={results}",
-            "-serial",
-            "chardev:results",
-        ]
+        cmd = [QEMU, "-accel", "tcg", "-nodefaults", "-no-user-config", "-no-reboot"]
+        cmd += ["-display", "none"]
+        cmd += ["-machine", f"{self.machine},memory-backend=mem", "-cpu", self.cpu]
+        cmd += ["-m", mem, "-smp", str(self.cpus)]
+        cmd += ["-object", f"memory-backend-memfd,id=mem,size={mem},share=on"]
+        cmd += ["-kernel", str(self.testbed.boot_image(self.kernel)), "-initrd", str(initrd)]
+        cmd += ["-append", self.kernel_cmdline(extra_cmdline)]
+        cmd += ["-chardev", f"file,id=console,path={console}", "-serial", "chardev:console"]
+        cmd += ["-chardev", f"file,id=results,path={results}", "-serial", "chardev:results"]
         vfs = iter(sockets)
         for i, share in enumerate(self.shares):
             if share.proto == "9p":
