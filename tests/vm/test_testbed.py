@@ -154,3 +154,41 @@ def test_reboot_keeps_disk_content(make_vm: MakeVM, tmp_path: Path) -> None:
     second = vm.boot(script.replace("$1", "2"))
     assert second.exit_code == 0, second
     assert second.results.splitlines() == ["boot-1"], second
+
+
+def test_image_helpers(make_vm: MakeVM, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "file").write_text("content\n")
+    uuid = "0b4f1c1e-7d7a-4c1e-9a3b-2f6e5d4c3b2a"
+    ext4 = tb.ext4_image(tmp_path / "ext4.img", "16M", label="vol", uuid=uuid, populate=src)
+    erofs = tb.erofs_image(tmp_path / "store.erofs", src, label="nix-store")
+    squash = tb.squashfs_image(tmp_path / "store.squashfs", src)
+    blank = tb.blank_image(tmp_path / "blank.img", "32M")
+    assert (tb.blkid(ext4, "LABEL"), tb.blkid(ext4, "UUID")) == ("vol", uuid)
+    assert (tb.blkid(erofs, "TYPE"), tb.blkid(erofs, "LABEL")) == ("erofs", "nix-store")
+    assert tb.blkid(squash, "TYPE") == "squashfs"
+    assert tb.blkid(blank, "TYPE") == ""
+    vm = make_vm(
+        disks=[
+            tb.Disk(ext4, "ext4"),
+            tb.Disk(erofs, "erofs", readonly=True),
+            tb.Disk(squash, "squash", readonly=True),
+            tb.Disk(blank, "blank"),
+        ]
+    )
+    r = vm.boot(
+        "set -e\n"
+        "modprobe virtio_pci; modprobe virtio_blk\n"
+        "for fs in ext4 erofs squashfs; do modprobe $fs; done\n"
+        "mkdir -p /m/a /m/b /m/c /m/d\n"
+        "mount -t ext4 /dev/vda /m/a; mount -t erofs -o ro /dev/vdb /m/b\n"
+        "mount -t squashfs -o ro /dev/vdc /m/c\n"
+        "cat /m/a/sub/file /m/b/sub/file /m/c/sub/file\n"
+        "mkfs.ext4 -q -L made-in-guest /dev/vdd\n"
+        "mount -t ext4 /dev/vdd /m/d && echo made > /m/d/f && umount /m/d\n"
+        "umount /m/a /m/b /m/c\n"
+    )
+    assert r.exit_code == 0, r
+    assert r.results.splitlines() == ["content"] * 3, r
+    assert tb.blkid(blank, "LABEL") == "made-in-guest"

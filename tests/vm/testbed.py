@@ -347,6 +347,8 @@ class VM:
     #: qemu64 plus RDRAND: the guest kernel seeds its RNG at once instead of
     #: blocking the first getrandom() (Python's start) for about a second.
     cpu: str = "qemu64,+rdrand"
+    #: extra qemu arguments, e.g. ["-device", "virtio-rng-pci"]
+    qemu_args: list[str] = field(default_factory=list)
     label: str = "vm"
     boots: int = 0
 
@@ -401,7 +403,7 @@ class VM:
             if disk.serial is not None:
                 dev += f",serial={disk.serial}"
             cmd += ["-drive", drive, "-device", dev]
-        return cmd
+        return cmd + self.qemu_args
 
     def _start_virtiofsd(
         self, rundir: Path, log: Path
