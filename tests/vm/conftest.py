@@ -7,6 +7,10 @@
 * ``initramfs``: the base initramfs for ``kernel``, built once per kernel and
   input hash (the project's wheel included), reused across sessions.
 * ``make_vm``: a factory of :class:`testbed.VM` objects for ``kernel``.
+
+Base images are kept in ``$GA_TESTBED_CACHE/initramfs`` (three per kernel at
+most); with ``GA_TESTBED_INITRAMFS_TMP=1`` they are built in pytest's tmp
+directory instead. A summary of boot times closes the test run.
 """
 
 from __future__ import annotations
