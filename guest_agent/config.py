@@ -15,7 +15,6 @@ from typing import Any
 from guest_agent.spec import (
     Config,
     MountSpec,
-    OverlaySpec,
     Problem,
     parse_overlay,
     parse_share,
@@ -39,40 +38,54 @@ class Parsed:
     """Specs in the order given, the reset flag, and every problem found on the way."""
 
     specs: tuple[MountSpec, ...] = ()
-    reset_overlay: bool = False
+    reset_overlay: bool | None = None  # None: not said here (a later layer may still say it)
     problems: tuple[Problem, ...] = ()
     notes: tuple[str, ...] = field(default=())
 
 
 def split_cmdline(text: str) -> Iterator[str]:
-    """Split like the kernel does: whitespace separates, double quotes group and are dropped.
+    """Split like the kernel's next_arg(): whitespace separates, double quotes group.
 
-    Parameters after a lone `--` belong to init, not to the kernel, and are ignored.
+    As in the kernel, a quote opening the parameter or its value is dropped with
+    the quote that ends it; other quotes stay. Parameters after a lone `--`
+    belong to init, not to the kernel, and are ignored.
     """
-    word: list[str] = []
-    in_word = quoted = False
-    for char in text:
-        if char == '"':
-            quoted = not quoted
-            in_word = True
-        elif char.isspace() and not quoted:
-            if in_word:
-                token = "".join(word)
-                if token == "--":
-                    return
-                yield token
-            word, in_word = [], False
-        else:
-            word.append(char)
-            in_word = True
-    if in_word and "".join(word) != "--":
-        yield "".join(word)
+    i, n = 0, len(text)
+    while i < n:
+        while i < n and text[i].isspace():
+            i += 1
+        if i >= n:
+            return
+        start, in_quote = i, False
+        while i < n and (in_quote or not text[i].isspace()):
+            if text[i] == '"':
+                in_quote = not in_quote
+            i += 1
+        token = text[start:i]
+        if token == "--":
+            return
+        yield _unquote(token)
+
+
+def _unquote(token: str) -> str:
+    quoted = token.startswith('"')
+    if quoted:
+        token = token[1:]
+    key, sep, value = token.partition("=")
+    if sep and value.startswith('"'):
+        value = value[1:]
+        if value.endswith('"'):
+            value = value[:-1]
+        return f"{key}={value}"
+    if quoted and token.endswith('"'):
+        token = token[:-1]
+    return token
 
 
 def parse_cmdline(text: str) -> Parsed:
     specs: list[MountSpec] = []
     problems: list[Problem] = []
-    reset = False
+    reset: bool | None = None
     for token in split_cmdline(text):
         key, sep, value = token.partition("=")
         if key == RESET_KEY:
@@ -115,7 +128,7 @@ def parse_config_json(text: str, origin: str) -> Parsed:
         return Parsed(problems=(Problem(origin, "expected a JSON object at the top level"),))
     specs: list[MountSpec] = []
     problems: list[Problem] = []
-    reset = False
+    reset: bool | None = None
     for raw_key, value in data.items():
         key = _ALIASES.get(raw_key)
         where = f"{origin}: {raw_key}"
@@ -253,14 +266,11 @@ def merge(layers: Iterable[Parsed]) -> tuple[Config, tuple[Problem, ...], tuple[
     reset = False
     for layer in layers:
         problems.extend(layer.problems)
-        reset = reset or layer.reset_overlay
+        if layer.reset_overlay is not None:  # a later layer overrides (=0 cancels the file's true)
+            reset = layer.reset_overlay
         for spec in layer.specs:
             old = by_where.pop(spec.where, None)
             if old is not None:
                 notes.append(f"{spec.source} replaces {old.source} (same mount point {spec.where})")
             by_where[spec.where] = spec
     return Config(tuple(by_where.values()), reset), tuple(problems), tuple(notes)
-
-
-def overlay_of(specs: Iterable[MountSpec]) -> OverlaySpec | None:
-    return next((s for s in specs if isinstance(s, OverlaySpec)), None)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from guest_agent import reset as overlay_reset
@@ -25,7 +25,7 @@ from guest_agent.spec import (
     ShareSpec,
     VolumeSpec,
 )
-from guest_agent.syscalls import MountError, MountRequest, mount, umount
+from guest_agent.syscalls import MountError, MountRequest, mount, open_in_root, umount
 
 if TYPE_CHECKING:
     from guest_agent.kmod import ModuleLoader
@@ -242,7 +242,18 @@ class Executor:
         return self.start + options.device_timeout
 
     def do_mount(self, request: MountRequest) -> None:
-        mount(request)
+        """Mount onto an fd the kernel resolved inside the root, so no symlink swapped in
+        since our own resolution can send the mount outside it."""
+        in_root = request.target.removeprefix(self.root.rstrip("/")) or "/"
+        try:
+            fd = open_in_root(self.root, in_root)
+        except OSError as e:
+            raise Failure(f"cannot open the mount point {in_root}: {e.strerror}") from None
+        try:
+            mount(replace(request, target_fd=fd))
+        finally:
+            if fd is not None:
+                os.close(fd)
         self.mounted_here.append(request.target)
 
     def existing(self, host: str) -> Mount | None:
@@ -501,20 +512,27 @@ class Executor:
         current = self.existing(host)
         if current is not None:
             if current.fstype == "overlay":
-                if self.reset_requested or (not self.dry_run and overlay_reset.request_pending(rw)):
+                # A cmdline flag was applied by this boot's first run; a scheduled request
+                # (reset-overlay while mounted) waits for the next boot.
+                if not self.dry_run and overlay_reset.request_pending(rw):
                     self.reporter.info(
-                        f"{spec.where} is already mounted: the requested reset applies at the next boot"
+                        f"{spec.where} is already mounted: the scheduled reset applies at the next boot"
                     )
                 return self._already(spec.where, spec.source, current)
             raise _occupied(spec.where, current)
-        holder = self.table().containing(rw)
+        upper, work = os.path.join(rw, "store"), os.path.join(rw, "work")
+        table = self.table()
         userxattr = False
-        if holder is not None:
+        for path in (rw, upper):  # something could be mounted on RW/store itself
+            if path is upper and not os.path.isdir(upper):
+                continue
+            holder = table.containing(os.path.realpath(path))
+            if holder is None:
+                continue
             if holder.fstype == "9p":
                 problem = upper_on_9p(spec, f"{holder.source} at {holder.mount_point}")
                 raise Failure(problem.reason, problem.hint)
-            userxattr = holder.fstype == "virtiofs" or holder.fstype.startswith("fuse")
-        upper, work = os.path.join(rw, "store"), os.path.join(rw, "work")
+            userxattr = userxattr or holder.fstype == "virtiofs" or holder.fstype.startswith("fuse")
         options = overlay_options(lower, upper, work, spec.options, userxattr)
         if self.dry_run:
             return Result(spec.where, spec.source, "would-mount", "overlay", "overlay", options)

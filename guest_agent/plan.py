@@ -77,12 +77,14 @@ def plan(config: Config) -> tuple[list[Step], list[Problem]]:
         order.extend(ready)
         sorter.done(*ready)
     by_where = {s.where: s for s in config.mounts}
-    lower_where = owner_of(overlay.lower, config.mounts) if overlay else None
+    # Only a mount that *is* the lower layer is treated as the immutable store (read-only,
+    # cached); a share that merely contains it keeps its own defaults.
+    lower_where = overlay.lower if overlay else None
     steps = [
         Step(
             by_where[w],
             tuple(sorted(deps[w])),
-            store_lower=lower_where is not None and lower_where.where == w,
+            store_lower=lower_where == w,
         )
         for w in order
         if by_where[w].source not in refused

@@ -7,6 +7,7 @@ on its first colons only, so the last field (OPTIONS) may itself hold colons.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -207,6 +208,7 @@ def _parse_seconds(value: str) -> float | None:
 
 # --- specs -----------------------------------------------------------------
 
+_FSTYPE = re.compile(r"[A-Za-z0-9_.]{1,32}")
 SHARE_GRAMMAR = "TAG:WHERE[:PROTO[:OPTIONS]]"
 VOLUME_GRAMMAR = "WHAT:WHERE[:FSTYPE[:OPTIONS]]"
 OVERLAY_GRAMMAR = "LOWER:RW[:OPTIONS]"
@@ -248,7 +250,7 @@ def parse_volume(value: str, source: str) -> VolumeSpec | Problem:
     try:
         what, where, fstype, options_text = _fields(value, 4, source, VOLUME_GRAMMAR)
         fstype = fstype or "auto"
-        if not fstype.replace("_", "").replace(".", "").isalnum():
+        if not _FSTYPE.fullmatch(fstype):
             raise Invalid(f"invalid filesystem type {fstype!r}")
         key, sep, ident = what.partition("=")
         if sep and key in ("LABEL", "UUID", "SERIAL"):

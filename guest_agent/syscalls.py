@@ -24,7 +24,11 @@ _FSCONFIG_SET_STRING = 1
 _FSCONFIG_CMD_CREATE = 6
 _FSMOUNT_CLOEXEC = 0x1
 _MOVE_MOUNT_F_EMPTY_PATH = 0x4
+_MOVE_MOUNT_T_EMPTY_PATH = 0x40
 _AT_FDCWD = -100
+_SYS_OPENAT2 = 437
+_RESOLVE_NO_MAGICLINKS = 0x02
+_RESOLVE_IN_ROOT = 0x10
 
 # Per-mount attributes (fsmount) and their mount(2) flag equivalents.
 MOUNT_ATTRS = {
@@ -48,7 +52,11 @@ CANCELS = {
 }
 _ATIME_MODES = ("noatime", "strictatime", "relatime")
 # Superblock flags the VFS parses itself (given to fsconfig as flags).
-SB_FLAGS = {"sync": 0x10, "dirsync": 0x80, "lazytime": 0x2000000, "mand": 0x40, "silent": 0x8000}
+SB_FLAGS = {"sync": 0x10, "dirsync": 0x80, "lazytime": 0x2000000, "mand": 0x40}
+# Accepted by mount(8) but meaning nothing to the kernel here (or the default already).
+NO_OPS = frozenset(
+    {"async", "nolazytime", "nomand", "loud", "silent", "norelatime", "nostrictatime"}
+)
 _MS_RDONLY = 0x1
 _MNT_DETACH = 0x2
 
@@ -68,6 +76,7 @@ class MountRequest:
     source: str
     target: str  # host path, already resolved and checked
     options: tuple[str, ...] = ()  # kernel options as given (flags are picked out here)
+    target_fd: int | None = None  # an O_PATH fd of the target: mount onto it, not onto a path
 
 
 _libc: ctypes.CDLL | None = None
@@ -107,7 +116,7 @@ def split_options(options: tuple[str, ...]) -> tuple[int, int, list[str], list[s
             wanted[CANCELS[opt]] = False
         elif opt in SB_FLAGS:
             sb_flags.append(opt)
-        elif opt in ("async", "nolazytime", "nomand", "loud"):
+        elif opt in NO_OPS:
             continue
         else:
             data.append(opt)
@@ -183,10 +192,16 @@ def _mount_new_api(req: MountRequest) -> None:
             raise MountError(e.errno or 0, "fsmount", _drain_messages(fs_fd)) from None
     finally:
         os.close(fs_fd)
-    try:
-        _call(
-            _SYS_MOVE_MOUNT, mnt_fd, b"", _AT_FDCWD, req.target.encode(), _MOVE_MOUNT_F_EMPTY_PATH
+    if req.target_fd is not None:
+        to_fd, to_path, flags = (
+            req.target_fd,
+            b"",
+            _MOVE_MOUNT_F_EMPTY_PATH | _MOVE_MOUNT_T_EMPTY_PATH,
         )
+    else:
+        to_fd, to_path, flags = _AT_FDCWD, req.target.encode(), _MOVE_MOUNT_F_EMPTY_PATH
+    try:
+        _call(_SYS_MOVE_MOUNT, mnt_fd, b"", to_fd, to_path, flags)
     except OSError as e:
         raise MountError(e.errno or 0, "move_mount") from None
     finally:
@@ -207,6 +222,34 @@ def _mount_legacy(req: MountRequest) -> None:
     )
     if result != 0:
         raise MountError(ctypes.get_errno(), "mount")
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def open_in_root(root: str, path: str) -> int | None:
+    """An O_PATH fd of the directory PATH, resolved by the kernel as if ROOT were `/`.
+
+    openat2(RESOLVE_IN_ROOT) (Linux >= 5.6) makes the lookup and the mount one
+    atomic choice: a symlink swapped in after our own resolution still cannot
+    lead outside ROOT. None when the kernel lacks openat2. Raises OSError.
+    """
+    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        how = _OpenHow(
+            os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, 0, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS
+        )
+        try:
+            return _call(
+                _SYS_OPENAT2, root_fd, path.encode(), ctypes.addressof(how), ctypes.sizeof(how)
+            )
+        except OSError as e:
+            if e.errno == errno.ENOSYS:
+                return None
+            raise OSError(e.errno, os.strerror(e.errno or 0), path) from None
+    finally:
+        os.close(root_fd)
 
 
 def umount(target: str, *, lazy: bool = False) -> None:

@@ -10,7 +10,6 @@ import pytest
 from guest_agent.config import (
     Parsed,
     merge,
-    overlay_of,
     parse_cmdline,
     parse_config_json,
     split_cmdline,
@@ -50,7 +49,7 @@ def test_cmdline_takes_every_key_in_order_and_ignores_others() -> None:
         "root=/dev/vda\n"
     )
     assert parsed.problems == ()
-    assert parsed.reset_overlay is False
+    assert parsed.reset_overlay is None  # not said
     assert [type(s).__name__ for s in parsed.specs] == [
         "ShareSpec",
         "VolumeSpec",
@@ -111,11 +110,11 @@ def test_cmdline_after_double_dash_is_for_init() -> None:
         ("microvm.reset-overlay=0", False),
         ("microvm.reset-overlay microvm.reset-overlay=off", False),
         ("microvm.reset-overlay=0 microvm.reset-overlay", True),
-        ("microvm.reset-overlayx", False),
-        ("", False),
+        ("microvm.reset-overlayx", None),  # not the key: nothing said
+        ("", None),
     ],
 )
-def test_cmdline_reset_flag(text: str, reset: bool) -> None:
+def test_cmdline_reset_flag(text: str, reset: bool | None) -> None:
     parsed = parse_cmdline(text)
     assert parsed.problems == ()
     assert parsed.reset_overlay is reset
@@ -123,7 +122,7 @@ def test_cmdline_reset_flag(text: str, reset: bool) -> None:
 
 def test_cmdline_reset_flag_bad_value() -> None:
     parsed = parse_cmdline("microvm.reset-overlay=maybe")
-    assert parsed.reset_overlay is False
+    assert parsed.reset_overlay is None
     assert parsed.problems == (
         Problem("microvm.reset-overlay=maybe", "expected a bare flag (or =1 / =0)"),
     )
@@ -173,7 +172,7 @@ def test_json_documented_example() -> None:
         ("SERIAL=scratch", "/scratch", "ext4"),
     ]
     assert volumes[1].options.makefs
-    overlay = overlay_of(parsed.specs)
+    overlay = next(s for s in parsed.specs if isinstance(s, OverlaySpec))
     assert overlay is not None
     assert (overlay.lower, overlay.rw) == ("/nix/.ro-store", "/nix/.rw-store")
 
@@ -378,3 +377,21 @@ def test_merge_one_overlay_wins() -> None:
 def test_merge_nothing() -> None:
     config, problems, notes = merge([])
     assert (config.mounts, config.reset_overlay, problems, notes) == ((), False, (), ())
+
+
+@pytest.mark.parametrize(
+    ("file_reset", "cmdline", "expected"),
+    [
+        (True, "", True),
+        (True, "microvm.reset-overlay=0", False),  # the command line overrides the file
+        (False, "microvm.reset-overlay", True),
+        (None, "", False),
+    ],
+)
+def test_reset_flag_later_layer_overrides(
+    file_reset: bool | None, cmdline: str, expected: bool
+) -> None:
+    body = {} if file_reset is None else {"resetOverlay": file_reset}
+    config, problems, _ = merge([parse_config_json(json.dumps(body), "f"), parse_cmdline(cmdline)])
+    assert problems == ()
+    assert config.reset_overlay is expected
