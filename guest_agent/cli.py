@@ -20,6 +20,7 @@ from guest_agent.config import DEFAULT_CMDLINE, DEFAULT_CONFIG
 
 F = TypeVar("F", bound=Callable[..., Any])
 LOCK_PATHS = ("/run/guest-agent.lock", "/tmp/guest-agent.lock")
+LOCK_TIMEOUT = 120
 
 
 @dataclass(frozen=True)
@@ -92,16 +93,39 @@ def _read(path: str) -> str | None:
         return None
 
 
-def _lock() -> int | None:
-    """Serialise runs (two at once must not mount twice): an exclusive flock, held until exit."""
+class _LockTimeout(Exception):
+    pass
+
+
+def _lock(timeout: int = LOCK_TIMEOUT) -> int | None:
+    """Serialise runs (two at once must not mount twice): an exclusive flock, held until exit.
+
+    A run that waits longer than TIMEOUT seconds for another one gives up with a
+    usage-level error instead of hanging the boot.
+    """
     import fcntl
+    import signal
 
     for path in LOCK_PATHS:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError:
             continue
-        fcntl.flock(fd, fcntl.LOCK_EX)
+
+        def expired(_signum: int, _frame: object) -> None:
+            raise _LockTimeout
+
+        previous = signal.signal(signal.SIGALRM, expired)
+        signal.alarm(timeout)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except _LockTimeout:
+            os.close(fd)
+            click.echo(f"error: another guest-agent run has held {path} for {timeout} s", err=True)
+            sys.exit(1)
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
         return fd
     return None
 

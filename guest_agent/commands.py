@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from guest_agent import reset as overlay_reset
@@ -136,9 +137,10 @@ def _matches(spec: Any, current: Any, probe: Executor) -> bool:
         return False
     if device is None:
         return False
-    import os
-
-    rdev = os.stat(device).st_rdev
+    try:
+        rdev = os.stat(device).st_rdev
+    except OSError:
+        return False
     return bool(current.devnum == (os.major(rdev), os.minor(rdev)) or current.source == device)
 
 

@@ -200,6 +200,34 @@ class _Index:
     aliases: AliasTable
     builtin: frozenset[str]
     builtin_aliases: dict[str, list[str]]
+    softdeps: dict[str, tuple[list[str], list[str]]]
+
+
+def parse_modules_softdep(text: str) -> dict[str, tuple[list[str], list[str]]]:
+    """`softdep MOD pre: A B post: C` lines (written by depmod) → {mod: ([pre], [post])}.
+
+    Soft dependencies are modules the kernel asks for at run time (libcrc32c
+    needs a crc32c implementation): without a modprobe helper nobody loads them.
+    """
+    softdeps: dict[str, tuple[list[str], list[str]]] = {}
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) < 3 or words[0] != "softdep":
+            continue
+        pre: list[str] = []
+        post: list[str] = []
+        target = pre
+        for word in words[2:]:
+            if word == "pre:":
+                target = pre
+            elif word == "post:":
+                target = post
+            else:
+                target.append(word)
+        entry = softdeps.setdefault(normalize(words[1]), ([], []))
+        entry[0].extend(pre)
+        entry[1].extend(post)
+    return softdeps
 
 
 def _default_modules_dir() -> str:
@@ -227,6 +255,7 @@ class ModuleLoader:
         self._index: _Index | None = None
         self._loaded: set[str] = set()  # loaded by us (sysfs may lag, or be fake)
         self._failed: dict[str, str] = {}  # module → error, so one failure is reported once
+        self._soft_pending: set[str] = set()  # guards soft dependency cycles
 
     # -- index ----------------------------------------------------------------
 
@@ -255,6 +284,7 @@ class ModuleLoader:
                 parse_modules_alias(self._read("modules.alias")),
                 parse_modules_builtin(self._read("modules.builtin")),
                 parse_builtin_modinfo(modinfo),
+                parse_modules_softdep(self._read("modules.softdep")),
             )
         return self._index
 
@@ -323,6 +353,12 @@ class ModuleLoader:
             return f"not in {self.modules_dir}/modules.dep"
         if mod in chain:
             return f"dependency cycle in modules.dep ({' → '.join((*chain, mod))})"
+        pre, post = self.index().softdeps.get(mod, ([], []))
+        if mod in self._soft_pending:
+            pre, post = [], []
+        self._soft_pending.add(mod)
+        for soft in pre:  # best effort, as modprobe: a missing soft dependency is no error
+            self.load(soft)
         # modules.dep lists the full closure, deepest last: load from the end.
         for dep in reversed(entry.deps):
             dep_mod = module_name(dep)
@@ -337,7 +373,10 @@ class ModuleLoader:
         err = self._insert(mod, entry.path)
         if err:
             self._failed[mod] = err
-        return err
+            return err
+        for soft in post:
+            self.load(soft)
+        return None
 
     def _insert(self, mod: str, relpath: str) -> str | None:
         path = os.path.join(self.modules_dir, relpath)

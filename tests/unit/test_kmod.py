@@ -482,3 +482,24 @@ def test_real_syscalls_reject_bogus_input() -> None:
     assert sc.finit_module(-1, 0) in (errno.EBADF, errno.ENOSYS, errno.EPERM)
     assert sc.init_module(b"not an ELF image") != 0
     assert LinuxSyscalls("pdp11").finit_module(0, 0) == errno.ENOSYS
+
+
+def test_softdeps_loaded_around_the_module(tree: Any, rec: Recorder) -> None:
+    # libcrc32c-style: pre: soft dependencies before (via alias), post: after; cycles stop.
+    tree.create_file(
+        f"{MODDIR}/modules.softdep",
+        contents="# comment\nsoftdep 9pnet pre: virtio-net-alias netfs post: unsorted_c\n"
+        "softdep unsorted_c pre: 9pnet\n",
+    )
+    loader = ModuleLoader(MODDIR, syscalls=rec)
+    assert loader.load("9pnet") is None
+    assert rec.loaded.index("ELF netfs") < rec.loaded.index("ELF 9pnet")
+    assert rec.loaded.index("ELF 9pnet") < rec.loaded.index("ELF unsorted_c")
+
+
+def test_parse_modules_softdep() -> None:
+    from guest_agent.kmod import parse_modules_softdep
+
+    assert parse_modules_softdep(
+        "softdep libcrc32c pre: crc32c\nsoftdep a-b post: c pre: d e\nbogus line\n"
+    ) == {"libcrc32c": (["crc32c"], []), "a_b": (["d", "e"], ["c"])}

@@ -1,0 +1,216 @@
+"""The agent as a whole in a booted guest: order, idempotence, hostile input, coldplug, config."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import testbed as tb
+from agent import run_agent
+
+pytestmark = pytest.mark.vm
+
+MakeVM = Callable[..., tb.VM]
+
+
+def _share(tmp_path: Path, tag: str, proto: str = "9p", **files: str) -> tb.Share:
+    path = tmp_path / tag
+    path.mkdir()
+    for name, text in files.items():
+        (path / name).write_text(text)
+    return tb.Share(tag, path, proto)  # type: ignore[arg-type]
+
+
+def test_nested_mount_points_given_in_reverse_order(make_vm: MakeVM, tmp_path: Path) -> None:
+    vm = make_vm(
+        shares=[_share(tmp_path, "inner", f="in\n"), _share(tmp_path, "outer", "virtiofs", f="out\n")],
+        cmdline="microvm.share=inner:/srv/outer/inner:9p microvm.share=outer:/srv/outer",
+    )
+    run = run_agent(vm, after="cat /srv/outer/f /srv/outer/inner/f")
+    assert run.rc == 0, run
+    assert run.out.split() == ["out", "in"], run
+    # Parent first: the inner mount sits on the outer one (its parent mount in mountinfo).
+    lines = [x for x in run.boot.results.split("@@mountinfo@@")[1].splitlines() if "/srv/outer" in x]
+    outer = next(x.split() for x in lines if x.split()[4] == "/srv/outer")
+    inner = next(x.split() for x in lines if x.split()[4] == "/srv/outer/inner")
+    assert inner[1] == outer[0], lines
+
+
+def test_second_run_changes_nothing(make_vm: MakeVM, tmp_path: Path) -> None:
+    rw = tb.ext4_image(tmp_path / "rw.img", label="rw-store")
+    vm = make_vm(
+        shares=[_share(tmp_path, "ro-store", x="1\n"), _share(tmp_path, "data", "virtiofs")],
+        disks=[tb.Disk(rw, serial="rw")],
+        cmdline="microvm.share=ro-store:/nix/.ro-store microvm.share=data:/data "
+        "microvm.volume=LABEL=rw-store:/nix/.rw-store "
+        "microvm.store-overlay=/nix/.ro-store:/nix/.rw-store",
+    )
+    run = run_agent(
+        vm,
+        after="cat /proc/self/mountinfo > /tmp/m1; guest-agent mount-all 2>/tmp/e2; echo rc2=$?;"
+        " cat /proc/self/mountinfo > /tmp/m2; cmp /tmp/m1 /tmp/m2 && echo same; cat /tmp/e2",
+    )
+    assert run.rc == 0, run
+    assert "rc2=0" in run.out and "same" in run.out, run
+    assert run.out.count("already mounted") == 4, run.out
+
+
+def test_two_runs_at_once_never_mount_twice(make_vm: MakeVM, tmp_path: Path) -> None:
+    rw = tb.ext4_image(tmp_path / "rw.img", label="rw")
+    vm = make_vm(
+        shares=[_share(tmp_path, "s9", x="1\n"), _share(tmp_path, "sfs", "virtiofs")],
+        disks=[tb.Disk(rw)],
+        cmdline="microvm.share=s9:/a microvm.share=sfs:/b microvm.volume=LABEL=rw:/c",
+    )
+    run = run_agent(
+        vm,
+        args="mount-all & guest-agent mount-all; wait",
+    )
+    mounts = run.boot.results.split("@@mountinfo@@")[1].split("@@out@@")[0].splitlines()
+    for point in ("/a", "/b", "/c"):
+        assert sum(1 for x in mounts if x.split()[4] == point) == 1, mounts
+
+
+def test_malformed_and_hostile_specs_never_mount_outside_the_root(
+    make_vm: MakeVM, tmp_path: Path
+) -> None:
+    hostile = tmp_path / "hostile"
+    hostile.mkdir()
+    os.symlink("/", hostile / "to-root")
+    os.symlink("../../../../..", hostile / "up")
+    os.symlink("/etc", hostile / "etc")
+    vm = make_vm(
+        shares=[tb.Share("hostile", hostile, "9p"), _share(tmp_path, "good", f="ok\n")],
+        cmdline=(
+            "microvm.share=onlytag microvm.share=x:/../../etc microvm.share=y:relative "
+            "microvm.volume=nonsense:/v microvm.share=z:/a:carrier-pigeon "
+            "microvm.store-overlay=/nix/.ro-store "
+            "microvm.share=hostile:/mnt/h microvm.share=good:/mnt/good "
+            "microvm.volume=tmpfs:/mnt/h/to-root/pwned1:tmpfs "
+            "microvm.volume=tmpfs:/mnt/h/up/pwned2:tmpfs "
+            "microvm.volume=tmpfs:/mnt/h/etc/pwned3:tmpfs"
+        ),
+    )
+    run = run_agent(
+        vm,
+        "mount-all --root /sysroot",
+        before="mkdir -p /sysroot && mount -t tmpfs sysroot /sysroot",
+        after="cat /sysroot/mnt/good/f",
+    )
+    assert run.rc == 1, run
+    assert "Traceback" not in run.boot.results
+    errors = [x for x in run.stderr.splitlines() if x.startswith("error: ")]
+    for spec in (
+        "microvm.share=onlytag: expected TAG:WHERE[:PROTO[:OPTIONS]]",
+        "microvm.share=x:/../../etc: ",
+        "microvm.share=y:relative: ",
+        "microvm.volume=nonsense:/v: ",
+        "microvm.share=z:/a:carrier-pigeon: ",
+        "microvm.store-overlay=/nix/.ro-store: ",
+    ):
+        assert sum(1 for e in errors if e.startswith(f"error: {spec}")) == 1, (spec, errors)
+    assert len(errors) == 6, errors
+    new = run.new_mounts()
+    assert new, run
+    for point in new:
+        assert point == "/sysroot" or point.startswith("/sysroot/"), point
+    # Symlinks in the share were followed as if /sysroot were the root.
+    for n, where in ((1, "/sysroot/pwned1"), (2, "/sysroot/pwned2"), (3, "/sysroot/etc/pwned3")):
+        assert new[where].fstype == "tmpfs", (n, sorted(new))
+    assert run.out.strip() == "ok"
+    assert not (hostile / "pwned1").exists()
+
+
+def test_coldplug_loads_the_drivers_itself(make_vm: MakeVM, tmp_path: Path) -> None:
+    rw = tb.ext4_image(tmp_path / "rw.img", label="rw")
+    vm = make_vm(
+        shares=[_share(tmp_path, "s9", x="1\n"), _share(tmp_path, "sfs", "virtiofs")],
+        disks=[tb.Disk(rw)],
+        cmdline="microvm.share=s9:/a microvm.share=sfs:/b microvm.volume=LABEL=rw:/c",
+    )
+    run = run_agent(
+        vm,
+        # No helper for the kernel's own module requests either: only the agent loads modules.
+        before="echo /bin/false > /proc/sys/kernel/modprobe; "
+        "cut -d' ' -f1 /proc/modules | sort | tr '\\n' ' ' > /tmp/mods-before",
+        after="cat /tmp/mods-before; echo; cut -d' ' -f1 /proc/modules | sort | tr '\\n' ' '",
+    )
+    assert run.rc == 0, run
+    before, after = (set(x.split()) for x in run.out.splitlines()[:2])
+    assert before == set(), before  # nothing loaded before the agent, and no udev
+    # The drivers of the devices present, and the filesystems used (where not built in).
+    builtin = _builtin(vm)
+    for module in ("virtio_pci", "9pnet_virtio", "9p", "virtio_blk", "ext4", "virtiofs"):
+        assert (module in after) != (module in builtin), (module, after)
+    assert {"/a", "/b", "/c"} <= set(run.mounts)
+
+
+def _builtin(vm: tb.VM) -> set[str]:
+    path = vm.testbed.kernel_dir(vm.kernel) / "modules" / "modules.builtin"
+    return {Path(line).name.removesuffix(".ko").replace("-", "_") for line in path.read_text().split()}
+
+
+def test_json_config_with_cmdline_override(make_vm: MakeVM, tmp_path: Path) -> None:
+    rw = tb.ext4_image(tmp_path / "rw.img", label="rw-store")
+    config = {
+        "shares": [
+            {"tag": "ro-store", "mountPoint": "/nix/.ro-store", "proto": "9p"},
+            {"tag": "from-file", "mountPoint": "/srv/data"},
+        ],
+        "volumes": [{"label": "rw-store", "mountPoint": "/nix/.rw-store", "fsType": "ext4"}],
+        "storeOverlay": {"lower": "/nix/.ro-store", "rw": "/nix/.rw-store"},
+    }
+    vm = make_vm(
+        shares=[
+            _share(tmp_path, "ro-store", pkg="p\n"),
+            _share(tmp_path, "from-cmdline", "virtiofs", who="cmdline\n"),
+        ],
+        disks=[tb.Disk(rw)],
+        cmdline="microvm.share=from-cmdline:/srv/data",
+    )
+    run = run_agent(
+        vm,
+        files={"etc/guest-agent/mounts.json": json.dumps(config)},
+        after="cat /srv/data/who; ls /nix/store; guest-agent status --json 2>/dev/null",
+    )
+    assert run.rc == 0, run
+    assert run.mounts["/srv/data"].source == "from-cmdline"
+    assert "replaces" in run.stderr
+    assert run.mounts["/nix/store"].fstype == "overlay"
+    lines = run.out.split("\n", 2)
+    assert lines[0] == "cmdline" and lines[1].split() == ["pkg"], run.out
+    status = json.loads(lines[2])
+    assert {row["where"]: row["state"] for row in status} == {
+        "/nix/.ro-store": "mounted",
+        "/nix/.rw-store": "mounted",
+        "/srv/data": "mounted",
+        "/nix/store": "mounted",
+    }
+
+
+def test_progress_reaches_the_kernel_log(make_vm: MakeVM, tmp_path: Path) -> None:
+    vm = make_vm(shares=[_share(tmp_path, "logged", f="x\n")], cmdline="microvm.share=logged:/l")
+    run = run_agent(vm, after="dmesg | grep 'guest-agent:'")
+    assert run.rc == 0, run
+    assert "guest-agent: mounted 9p logged at /l (msize=512000, cache=mmap)" in run.out, run.out
+
+
+def test_status_reports_what_is_not_mounted(make_vm: MakeVM, tmp_path: Path) -> None:
+    vm = make_vm(shares=[_share(tmp_path, "here", f="x\n")], cmdline="microvm.share=here:/here")
+    run = run_agent(vm, "status --json")
+    assert run.rc == 1, run
+    rows = json.loads(run.stdout)
+    assert rows == [
+        {
+            "where": "/here",
+            "spec": "microvm.share=here:/here",
+            "required": True,
+            "fstype": None,
+            "source": None,
+            "state": "not-mounted",
+            "detail": "nothing mounted there",
+        }
+    ], rows
