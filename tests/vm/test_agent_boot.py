@@ -65,13 +65,16 @@ def test_two_runs_at_once_never_mount_twice(make_vm: MakeVM, tmp_path: Path) -> 
         disks=[tb.Disk(rw)],
         cmdline="microvm.share=s9:/a microvm.share=sfs:/b microvm.volume=LABEL=rw:/c",
     )
-    run = run_agent(
-        vm,
-        args="mount-all & guest-agent mount-all; wait",
+    boot = vm.boot(
+        "guest-agent mount-all 2>/tmp/one & guest-agent mount-all 2>/tmp/two; rc2=$?; wait $!; rc1=$?\n"
+        "echo rc=$rc1,$rc2; cat /tmp/one /tmp/two; cat /proc/self/mountinfo\n"
     )
-    mounts = run.boot.results.split("@@mountinfo@@")[1].split("@@out@@")[0].splitlines()
+    assert "rc=0,0" in boot.results, boot
+    mounts = [x.split() for x in boot.results.splitlines() if " - " in x]
     for point in ("/a", "/b", "/c"):
-        assert sum(1 for x in mounts if x.split()[4] == point) == 1, mounts
+        assert sum(1 for x in mounts if x[4] == point) == 1, boot.results
+    # One run mounted each, the other found it mounted.
+    assert boot.results.count("already mounted") == 3, boot.results
 
 
 def test_malformed_and_hostile_specs_never_mount_outside_the_root(
@@ -136,10 +139,12 @@ def test_coldplug_loads_the_drivers_itself(make_vm: MakeVM, tmp_path: Path) -> N
         # No helper for the kernel's own module requests either: only the agent loads modules.
         before="echo /bin/false > /proc/sys/kernel/modprobe; "
         "cut -d' ' -f1 /proc/modules | sort | tr '\\n' ' ' > /tmp/mods-before",
-        after="cat /tmp/mods-before; echo; cut -d' ' -f1 /proc/modules | sort | tr '\\n' ' '",
+        after="echo \"before: $(cat /tmp/mods-before)\"; "
+        "echo \"after: $(cut -d' ' -f1 /proc/modules | sort | tr '\\n' ' ')\"",
     )
     assert run.rc == 0, run
-    before, after = (set(x.split()) for x in run.out.splitlines()[:2])
+    lines = dict(x.split(":", 1) for x in run.out.splitlines())
+    before, after = set(lines["before"].split()), set(lines["after"].split())
     assert before == set(), before  # nothing loaded before the agent, and no udev
     # The drivers of the devices present, and the filesystems used (where not built in).
     builtin = _builtin(vm)
