@@ -587,10 +587,9 @@ class Executor:
         host: str,
         options: tuple[str, ...],
     ) -> Result:
-        shown = (
-            ", ".join(o for o in options if o.split("=")[0] in ("msize", "cache", "ro", "rw"))
-            or "defaults"
-        )
+        shown = ", ".join(o for o in options if o.split("=")[0] in ("msize", "cache", "ro", "rw"))
+        if "ro" not in options and "rw" not in options:
+            shown = f"{shown}, rw" if shown else "rw"
         label = (
             source
             if isinstance(spec, ShareSpec) or source == spec.what

@@ -57,7 +57,7 @@ def test_tmpfs_volume(host: HostEnv) -> None:
     host.set_cmdline("microvm.volume=tmpfs:/x:tmpfs:size=8m")
     run = host.mount_all()
     assert run.returncode == 0, run.stderr
-    assert run.lines == ["mounted tmpfs tmpfs at /x (defaults)"]
+    assert run.lines == ["mounted tmpfs tmpfs at /x (rw)"]
     mount = host.one_at("/x")
     assert (mount.fstype, mount.source) == ("tmpfs", "tmpfs")
     assert "size=8192k" in mount.super_options
@@ -436,7 +436,7 @@ def test_malformed_specs_others_still_mount(host: HostEnv) -> None:
         "error: microvm.share=onlytag: expected TAG:WHERE[:PROTO[:OPTIONS]]",
         "error: microvm.volume=bogus:/y:ext4: cannot tell which device 'bogus' is "
         "(hint: use LABEL=, UUID=, SERIAL= or a /dev/ path)",
-        "mounted tmpfs tmpfs at /x (defaults)",
+        "mounted tmpfs tmpfs at /x (rw)",
     ]
     assert len(host.at("/x")) == 1
 

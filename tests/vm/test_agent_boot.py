@@ -200,7 +200,7 @@ def test_progress_reaches_the_kernel_log(make_vm: MakeVM, tmp_path: Path) -> Non
     vm = make_vm(shares=[_share(tmp_path, "logged", f="x\n")], cmdline="microvm.share=logged:/l")
     run = run_agent(vm, after="dmesg | grep 'guest-agent:'")
     assert run.rc == 0, run
-    assert "guest-agent: mounted 9p logged at /l (msize=512000, cache=mmap)" in run.out, run.out
+    assert "guest-agent: mounted 9p logged at /l (msize=512000, cache=mmap, rw)" in run.out, run.out
 
 
 def test_status_reports_what_is_not_mounted(make_vm: MakeVM, tmp_path: Path) -> None:
