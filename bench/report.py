@@ -1,0 +1,245 @@
+"""Render the raw results (bench/results.json) as docs/benchmarks.md."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from common import median
+
+
+def _ms(x: float | None) -> str:
+    return "–" if x is None or x != x else f"{x * 1000:.0f} ms"
+
+
+def _s(x: float | None) -> str:
+    return "–" if x is None or x != x else (f"{x:.2f} s" if x >= 1 else f"{x * 1000:.0f} ms")
+
+
+def _range(v: list[float]) -> str:
+    return "–" if not v else f"{_s(min(v))} – {_s(max(v))}"
+
+
+def _ok(cond: bool | None) -> str:
+    return "–" if cond is None else ("**met**" if cond else "**missed**")
+
+
+def render(r: dict[str, Any]) -> str:
+    out: list[str] = []
+    w = out.append
+    kernels = r.get("kernels", {})
+    w("# Benchmarks\n")
+    w(
+        "Produced by `python3 bench/run.py` (this file is its output; raw numbers in "
+        "`bench/results.json`). Every ratio compares two things measured in the same "
+        "run — the same guest boot for the VM benchmarks — alternating between them, "
+        "because the machines these run on are shared and noisy. Medians of the "
+        "repetitions; absolute times beside each ratio.\n"
+    )
+    h = r.get("host", {})
+    reps = r.get("repetitions", {})
+    w(
+        f"Run of {r.get('started', '?')}{' (`--quick`)' if r.get('quick') else ''}, agent at commit "
+        f"`{h.get('commit', '?')}`: host with "
+        f"{h.get('cpus', '?')} CPUs shared with other jobs (load {h.get('load', '?')} at the start), "
+        f"{h.get('qemu', 'qemu')}, TCG (no KVM), guests with 1 vCPU and 512 MiB; guest kernels "
+        + ", ".join(f"{k} (`{v.get('release', '?')}`)" for k, v in kernels.items())
+        + f". Repetitions: start-up {reps.get('startup')}, boot path {reps.get('boot')} rounds, "
+        f"reset {reps.get('reset')} per size, throughput {reps.get('throughput')} per variant.\n"
+    )
+    w(
+        "**Timing in the guest.** busybox `date` has no `%N`, so each timed command runs "
+        "between two `adjtimex` calls (busybox; it prints the wall clock to the µs). The "
+        "interval includes one fork+exec of `adjtimex` (the *null* interval, reported per "
+        "boot; a few ms under TCG) on both sides of every ratio.\n"
+    )
+    w("## Summary\n")
+    w("| # | benchmark | kernel | result | target | |")
+    w("|---|---|---|---|---|---|")
+    st = r.get("startup")
+    for k, kr in kernels.items():
+        b = kr.get("boot")
+        if b:
+            w(
+                f"| 1 | boot path, agent / shell | {k} | **{b['ratio_median']:.1f}×** "
+                f"({_s(b['agent_median'])} vs {_s(b['shell_median'])}) | ≤ 2× | {_ok(b['ratio_median'] <= 2)} |"
+            )
+    if st:
+        w(
+            f"| 2 | start-up above a bare interpreter (host) | – | **{_ms(st['above_bare'])}** "
+            f"({_ms(st['agent_median'])} vs {_ms(st['bare_median'])}) | < 40 ms | {_ok(st['above_bare'] < 0.040)} |"
+        )
+    for k, kr in kernels.items():
+        rs = kr.get("reset")
+        if rs:
+            sizes = rs["sizes"]
+            a = [median(rs["rows"][str(n)]["agent"]) for n in sizes]
+            rm = [median(rs["rows"][str(n)]["rm"]) for n in sizes]
+            flat = a[-1] <= max(1.25 * a[0], a[0] + 0.15)
+            w(
+                f"| 3 | reset at boot, {sizes[0]} → {sizes[-1]:,} files | {k} | agent "
+                f"{_s(a[0])} → {_s(a[-1])}; `rm -rf` {_s(rm[0])} → {_s(rm[-1])} | flat vs growing | {_ok(flat and rm[-1] > 2 * a[-1])} |"
+            )
+    for k, kr in kernels.items():
+        tp = kr.get("throughput")
+        if tp:
+            for share, target in (("ro-store", 2.0), ("rw", 1.0)):
+                s = tp["summary"].get(share)
+                if not s:
+                    continue
+                cond = min(s["big_speedup"], s["small_speedup"]) >= target * (0.95 if target == 1 else 1)
+                w(
+                    f"| 4 | {share} share, agent vs microvm.nix | {k} | 64 MiB read **{s['big_speedup']:.1f}×**, "
+                    f"1 000 files **{s['small_speedup']:.1f}×** | {'≥ 2×' if target == 2 else 'never slower'} | {_ok(cond)} |"
+                )
+    w("")
+    for k, kr in kernels.items():
+        if kr.get("boot"):
+            _boot(w, k, kr["boot"])
+    if st:
+        _startup(w, st)
+    for k, kr in kernels.items():
+        if kr.get("reset"):
+            _reset(w, k, kr["reset"])
+    for k, kr in kernels.items():
+        if kr.get("throughput"):
+            _throughput(w, k, kr["throughput"])
+    return "\n".join(out) + "\n"
+
+
+def _boot(w: Any, k: str, b: dict[str, Any]) -> None:
+    w(f"## 1. Boot path on {k}\n")
+    w(
+        "One guest boot: 8 shares (5 virtio-9p, 3 virtio-fs), the `ro-store` 9p share, an ext4 "
+        "store volume found by `LABEL=` and the `/nix/store` overlay. The agent reads them from "
+        "the kernel command line (`guest-agent mount-all`, as at boot); the busybox script below "
+        "does the same 11 mounts with `mount`, with the options the agent uses (from its "
+        "`--dry-run`). The first run of the boot (the agent, cold) loads every module both sides "
+        "need; one untimed shell run follows; then each round times both, alternating which goes "
+        "first, unmounting everything in reverse order and `sync`ing between runs. "
+        f"Both sides left identical mount tables (`/proc/self/mountinfo`, compared): "
+        f"**{'yes' if b['same_mounts'] else 'NO'}**.\n"
+    )
+    w("| | median | range | runs |")
+    w("|---|---|---|---|")
+    w(f"| `guest-agent mount-all` | {_s(b['agent_median'])} | {_range(b['agent'])} | {len(b['agent'])} |")
+    w(f"| busybox script | {_s(b['shell_median'])} | {_range(b['shell'])} | {len(b['shell'])} |")
+    w(f"| **ratio agent / shell** (per round) | **{b['ratio_median']:.1f}×** | "
+      f"{min(b['ratios']):.1f}× – {max(b['ratios']):.1f}× | {len(b['ratios'])} |")
+    w(f"| agent, cold (first run: loads the modules) | {_s(median(b['cold_agent']))} | | 1 |")
+    w(f"| null interval | {_ms(b['null'])} | | 5 |")
+    w("")
+    if b.get("py_bare"):
+        w("Where the agent's time goes, in the same guest (diagnostics, not part of the ratio):\n")
+        w("| command | median |")
+        w("|---|---|")
+        w(f"| `python3 -c pass` | {_s(median(b['py_bare']))} |")
+        w(f"| `python3 -c 'import <every agent module mount-all uses>'` | {_s(median(b['py_imports']))} |")
+        if b.get("agent_help"):
+            w(f"| `guest-agent --help` | {_s(median(b['agent_help']))} |")
+        w(f"| `guest-agent mount-all` (warm) | {_s(b['agent_median'])} |")
+        w("")
+        rows = []
+        for line in b.get("guest_importtime", "").splitlines():
+            parts = line.split("|")
+            if len(parts) == 3 and parts[0].split(":")[-1].strip().isdigit():
+                rows.append((int(parts[0].split(":")[-1]), int(parts[1]), parts[2].rstrip()))
+        if rows:
+            w("Heaviest imports of `guest-agent mount-all` in the guest (`python3 -X importtime`, one run, ms):\n")
+            w("| module | self | cumulative |")
+            w("|---|---|---|")
+            for self_us, cum_us, name in sorted(rows, key=lambda x: -x[1])[:20]:
+                w(f"| `{name.strip()}` (depth {(len(name) - len(name.lstrip())) // 2}) | {self_us / 1000:.0f} | {cum_us / 1000:.0f} |")
+            w("")
+        if b.get("guest_profile"):
+            w("<details><summary>cProfile of one warm <code>mount-all</code> in the guest</summary>\n")
+            w("```")
+            w(b["guest_profile"].strip())
+            w("```\n</details>\n")
+    w("<details><summary>The busybox script</summary>\n")
+    w("```sh")
+    w(b["shell_script"].rstrip())
+    w("```\n</details>\n")
+
+
+def _startup(w: Any, st: dict[str, Any]) -> None:
+    w("## 2. Start-up cost (host)\n")
+    w(
+        f"`{st['python']} -m guest_agent mount-all --dry-run --cmdline FILE --config EMPTY` "
+        "(FILE: the boot-path command line; EMPTY: a file holding `{}` — `--config /dev/null` is "
+        "refused, an empty file is not valid JSON) against `python3 -c pass`, alternating, "
+        f"{st['reps']} runs each, wall time from fork to exit; the same with `-X importtime` "
+        "for the import breakdown. PYTHONPATH = the repository and click, so the interpreter "
+        "is Debian's, as in the guest.\n"
+    )
+    w("| | median | range |")
+    w("|---|---|---|")
+    w(f"| `python3 -c pass` | {_ms(st['bare_median'])} | {_range(st['bare'])} |")
+    w(f"| agent `mount-all --dry-run` | {_ms(st['agent_median'])} | {_range(st['agent'])} |")
+    w(f"| **above bare** (difference of medians) | **{_ms(st['above_bare'])}** | |")
+    w(f"| above bare (median of paired differences) | {_ms(st['above_bare_pairs'])} | |")
+    w(f"| of which imports (sum of self times of the {st['modules_added']} modules a bare interpreter does not import) | {st['added_import_ms']:.0f} ms | |")
+    w("")
+    w("Heaviest imports (median over the runs; modules a bare interpreter does not import):\n")
+    w("| module | cumulative ms | self ms |")
+    w("|---|---|---|")
+    for name, m in st["heaviest_cum"][:20]:
+        w(f"| `{name}` (depth {m['depth']}) | {m['cum_ms']:.1f} | {m['self_ms']:.1f} |")
+    w("")
+
+
+def _reset(w: Any, k: str, rs: dict[str, Any]) -> None:
+    w(f"## 3. Reset cost against the size of the upper layer, on {k}\n")
+    w(
+        "For each size, a fresh ext4 volume made on the host with `mkfs.ext4 -d` holds the upper "
+        "layer `store/` with N empty files (directories of 1 000, like store paths; empty files "
+        "are the cheapest case for `rm -rf`), an empty `work/` and a second copy of the same tree, "
+        "`copy/`. In one guest boot, for each volume (sizes interleaved): the agent's "
+        "`mount-all` with `microvm.reset-overlay` (ro-store 9p share + the volume by `SERIAL=` + "
+        "the overlay) is timed; then the time until its background deletion of the moved-aside "
+        "tree has finished (polled every 0.1 s; off the boot's critical path); then, once that is "
+        "done, `rm -rf copy/` — what a shell fragment does before mounting.\n"
+    )
+    w("| files | agent `mount-all` + reset (boot-critical) | agent background deletion | `rm -rf` of the same tree | rm / agent |")
+    w("|---|---|---|---|---|")
+    for n in rs["sizes"]:
+        row = rs["rows"][str(n)]
+        a, t, rm = median(row["agent"]), median(row["trash"]), median(row["rm"])
+        w(f"| {n:,} | {_s(a)} ({_range(row['agent'])}) | {_s(t)} | {_s(rm)} ({_range(row['rm'])}) | {rm / a:.1f}× |")
+    w(f"\nRepetitions per size: {rs['reps']}; null interval {_ms(rs['null'])}.\n")
+
+
+def _throughput(w: Any, k: str, tp: dict[str, Any]) -> None:
+    w(f"## 4. Share throughput on {k}\n")
+    w(
+        "One guest boot, two 9p shares exporting the same content: `ro-store` (exported read-only) "
+        "and a read-write share `data`. Each holds a 64 MiB file and a directory of 1 000 files of "
+        "4 KiB. Each variant is mounted with busybox `mount`, measured, unmounted; variants are "
+        "rotated within each repetition. The agent's options are what it uses itself (its "
+        "mount was made first in the same boot and its `/proc/self/mountinfo` compared). "
+        "*first*: after `echo 3 > /proc/sys/vm/drop_caches`; *again*: the same read right after "
+        "(with `cache=loose` the pages stay, so *again* is a page-cache hit; with no cache or "
+        "`cache=mmap`, `read()` goes to the host each time). Small files: `cat` of all 1 000 then "
+        "`ls -l` of their directory.\n"
+    )
+    if tp.get("agent_mountinfo"):
+        w("The agent's own mounts in that guest:\n")
+        w("```")
+        w(tp["agent_mountinfo"].strip())
+        w("```\n")
+    w("| share | variant | options | 64 MiB first | MiB/s | 64 MiB again | 1 000 files + `ls -l` first | again |")
+    w("|---|---|---|---|---|---|---|---|")
+    for v in tp["variants"]:
+        b1 = median(v["big1"])
+        w(
+            f"| {v['share']} | {v['name']} | `{v['options']}` | {_s(b1)} | {64 / b1:.0f} | "
+            f"{_s(median(v['big2']))} | {_s(median(v['small1']))} | {_s(median(v['small2']))} |"
+        )
+    w("")
+    for share, s in tp["summary"].items():
+        w(
+            f"- **{share}**: agent vs microvm.nix: 64 MiB first read {s['big_speedup']:.2f}× "
+            f"({_s(s['big_nix'])} → {_s(s['big_agent'])}), again {s['big2_speedup']:.2f}×; "
+            f"1 000 files {s['small_speedup']:.2f}× ({_s(s['small_nix'])} → {_s(s['small_agent'])}), "
+            f"again {s['small2_speedup']:.2f}×."
+        )
+    w(f"\nRepetitions: {tp['reps']} per variant; null interval {_ms(tp['null'])}.\n")
