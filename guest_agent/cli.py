@@ -144,7 +144,15 @@ def main() -> None:
 
 
 def run() -> None:
-    main(prog_name="guest-agent")
+    """Console entry point. The last line of defence of "never a traceback": an unforeseen
+    error still gives one line and exit 1 (GUEST_AGENT_DEBUG=1 shows the traceback)."""
+    try:
+        main(prog_name="guest-agent")
+    except Exception as e:
+        if os.environ.get("GUEST_AGENT_DEBUG"):
+            raise
+        click.echo(f"error: guest-agent failed unexpectedly: {type(e).__name__}: {e}", err=True)
+        sys.exit(1)
 
 
 @main.command("mount-all")

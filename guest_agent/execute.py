@@ -166,11 +166,14 @@ class Executor:
                 result = self._volume(spec, step.store_lower)
             else:
                 result = self._overlay(spec)
-        except (Failure, PathError) as e:
+        except (Failure, PathError, OSError) as e:
             hint = e.hint if isinstance(e, Failure) else None
-            if nofail:
-                hint = hint or None
-            reason = e.reason if isinstance(e, Failure) else str(e)
+            if isinstance(e, Failure):
+                reason = e.reason
+            elif isinstance(e, OSError):  # an I/O error we did not foresee: still one line
+                reason = f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+            else:
+                reason = str(e)
             self.results.append(Result(spec.where, spec.source, "failed", message=reason))
             self.reporter.problem(Problem(spec.source, reason, hint, fatal=not nofail))
             return
