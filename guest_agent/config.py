@@ -119,7 +119,9 @@ _ALIASES = {alias: key for key, aliases in _KEYS.items() for alias in aliases}
 
 
 def parse_config_json(text: str, origin: str) -> Parsed:
-    """Parse the JSON config (schema in docs/configuration.md)."""
+    """Parse the JSON config (schema in docs/configuration.md). An empty file declares nothing."""
+    if not text.strip():
+        return Parsed()
     try:
         data = json.loads(text)
     except (ValueError, RecursionError) as e:  # deep nesting exhausts the decoder's stack

@@ -236,7 +236,6 @@ def test_json_overlay_object_with_options() -> None:
 @pytest.mark.parametrize(
     ("text", "reason"),
     [
-        ("", "not valid JSON: Expecting value: line 1 column 1 (char 0)"),
         (
             "{",
             "not valid JSON: Expecting property name enclosed in double quotes: "
@@ -395,3 +394,9 @@ def test_reset_flag_later_layer_overrides(
     config, problems, _ = merge([parse_config_json(json.dumps(body), "f"), parse_cmdline(cmdline)])
     assert problems == ()
     assert config.reset_overlay is expected
+
+
+@pytest.mark.parametrize("text", ["", "\n", "  \n\t"])
+def test_empty_config_file_declares_nothing(text: str) -> None:
+    # `--config /dev/null` (or an empty generated file) means: no file entries.
+    assert parse_config_json(text, "/dev/null") == Parsed()
