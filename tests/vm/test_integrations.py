@@ -1,0 +1,331 @@
+"""Boot integrations, proven by booting real Debian 12 guests.
+
+Each guest image (tools/build-guest-images, see images.py) is a Debian 12
+system whose initrd was generated inside it by initramfs-tools or dracut with
+guest-agent's hook/module installed the way docs/ tells users to. The guest
+boots under qemu with ``root=/dev/vda``, the store shared over 9p
+(``ro-store``), a labelled ext4 store volume and an extra virtio-fs share
+(declared in the image's /etc/guest-agent/mounts.json); its real init
+(sysvinit, or systemd) runs the test's script at the end of the boot, which
+reports what the booted system sees.
+
+Boots take ~20 s each under TCG; the images are cached
+(``$GA_TESTBED_CACHE/images``) and rebuilt when the hooks or the agent change.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import images
+import pytest
+import testbed as tb
+
+pytestmark = pytest.mark.vm
+
+REPO = tb.REPO_ROOT
+HOOKS = REPO / "initrd-hooks"
+STORE_CMDLINE = (
+    "microvm.share=ro-store:/nix/.ro-store "
+    "microvm.volume=LABEL=nix-store:/nix/.rw-store:ext4 "
+    "microvm.store-overlay=/nix/.ro-store:/nix/.rw-store"
+)
+#: A required share that never appears (9p: no auto-detection wait), with a
+#: short wait.
+MISSING_SHARE = "microvm.share=nosuch:/srv/missing:9p:x-device-timeout=2"
+#: What the real init is, per flavor (readlink /proc/1/exe).
+INIT_EXE = {"initramfs-tools": "/usr/sbin/init", "dracut": "/usr/lib/systemd/systemd"}
+#: Where the console shows the switch from the initrd to the real init.
+SWITCH_MARK = {"initramfs-tools": "INIT: version", "dracut": "initrd-switch-root.service"}
+
+#: Runs in the booted guest (python3 is in the image): prints one JSON line of
+#: facts about the running system, after the actions asked for in argv.
+FACTS_PY = r"""
+import json, os, subprocess, sys
+
+args = sys.argv[1:]
+facts = {"actions": []}
+for arg in args:
+    if arg.startswith("write="):
+        name = arg.split("=", 1)[1]
+        with open("/nix/store/" + name, "w") as f:
+            f.write(name + "\n")
+        facts["actions"].append("wrote " + name)
+    elif arg == "request-reset":
+        cmd = (["systemctl", "start", "guest-agent-reset-overlay.service"]
+               if os.path.exists("/run/systemd/system") else ["guest-agent", "reset-overlay"])
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        facts["reset_request"] = {"rc": r.returncode, "out": r.stdout + r.stderr}
+    elif arg == "status-unit":
+        r = subprocess.run(["systemctl", "start", "guest-agent-status.service"],
+                           capture_output=True, text=True)
+        s = subprocess.run(["systemctl", "is-active", "guest-agent-status.service"],
+                           capture_output=True, text=True)
+        facts["status_unit"] = {"rc": r.returncode, "active": s.stdout.strip(),
+                                "err": r.stderr}
+
+mounts = {}
+with open("/proc/self/mountinfo") as f:
+    for line in f:
+        pre, _, post = line.rstrip("\n").partition(" - ")
+        p = pre.split()
+        fstype, source, sopts = (post.split() + ["", ""])[:3]
+        mounts[p[4].replace("\\040", " ")] = {
+            "fstype": fstype, "source": source, "options": p[5], "super": sopts}
+facts["mounts"] = mounts
+facts["init_exe"] = os.readlink("/proc/1/exe")
+facts["store"] = sorted(os.listdir("/nix/store")) if os.path.isdir("/nix/store") else None
+upper = "/nix/.rw-store/store"
+facts["upper"] = sorted(os.listdir(upper)) if os.path.isdir(upper) else None
+def read(p):
+    try:
+        with open(p) as f:
+            return f.read()
+    except OSError as e:
+        return "error: " + e.strerror
+facts["lower_file"] = read("/nix/store/abc-hello/hi")
+facts["extra_file"] = read("/srv/extra/from-host")
+for name in ("persist-1", "persist-2", "persist-3"):
+    facts[name] = read("/nix/store/" + name)
+r = subprocess.run(["guest-agent", "status", "--json"], capture_output=True, text=True)
+facts["status"] = {"rc": r.returncode, "out": r.stdout, "err": r.stderr}
+print("@@facts " + json.dumps(facts))
+"""
+
+
+def facts_of(r: tb.BootResult) -> dict[str, Any]:
+    assert r.exit_code == 0, r
+    for line in r.results.splitlines():
+        if line.startswith("@@facts "):
+            return dict(json.loads(line[len("@@facts ") :]))
+    raise AssertionError(f"no facts in the results:\n{r}")
+
+
+def script(*actions: str) -> str:
+    return "python3 - " + " ".join(actions) + " <<'PY'\n" + FACTS_PY + "PY\n"
+
+
+# --------------------------------------------------------------------------
+# Fixtures
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def guest_images(testbed: tb.Testbed, wheels: list[Path]) -> dict[str, images.GuestImage]:
+    """Both guest images, built once (and cached across sessions)."""
+    missing = [t for t in ("debootstrap", "nix-instantiate") if shutil.which(t) is None]
+    if missing:
+        pytest.fail(f"missing {', '.join(missing)}; {images.SETUP_HINT}", pytrace=False)
+    wheel = next(w for w in wheels if w.name.startswith("guest_agent-"))
+    return images.build_images(wheel=wheel)
+
+
+@pytest.fixture(params=images.FLAVORS)
+def flavor(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def guest(
+    testbed: tb.Testbed,
+    guest_images: dict[str, images.GuestImage],
+    flavor: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> Callable[..., images.ImageVM]:
+    """guest(cmdline=...) -> an ImageVM of this flavor with the store devices."""
+
+    def make(cmdline: str = STORE_CMDLINE) -> images.ImageVM:
+        store = tmp_path / "store"
+        (store / "abc-hello").mkdir(parents=True, exist_ok=True)
+        (store / "abc-hello" / "hi").write_text("hello from the lower store\n")
+        extra = tmp_path / "extra"
+        extra.mkdir(exist_ok=True)
+        (extra / "from-host").write_text("virtiofs share\n")
+        volume = tmp_path / "nix-store.img"
+        if not volume.exists():
+            tb.ext4_image(volume, "64M", label="nix-store")
+        return images.ImageVM.for_image(
+            testbed,
+            guest_images[flavor],
+            tmp_path / "vm",
+            shares=[
+                tb.Share("ro-store", store, readonly=True),
+                tb.Share("extra", extra, proto="virtiofs"),
+            ],
+            disks=[tb.Disk(volume, serial="store")],
+            cmdline=cmdline,
+            label=f"{flavor}:{request.node.originalname}",
+        )
+
+    return make
+
+
+def agent_ran_in_initrd(r: tb.BootResult, flavor: str) -> None:
+    """The agent's overlay line is on the console before the real init starts."""
+    console = r.console
+    switch = console.find(SWITCH_MARK[flavor])
+    mounted = console.find("mounted overlay at /nix/store")
+    assert mounted >= 0, f"the agent did not mount the overlay:\n{r}"
+    assert 0 <= mounted < switch, f"the overlay was not mounted in the initrd:\n{r}"
+
+
+def assert_all_mounted(facts: dict[str, Any], flavor: str) -> None:
+    m = facts["mounts"]
+    assert facts["init_exe"] == INIT_EXE[flavor], facts["init_exe"]
+    assert m["/"]["fstype"] == "ext4" and m["/"]["source"] == "/dev/vda", m["/"]
+    ro = m["/nix/.ro-store"]
+    assert ro["fstype"] == "9p" and ro["source"] == "ro-store", ro
+    assert ro["options"].split(",")[0] == "ro", ro
+    rw = m["/nix/.rw-store"]
+    assert rw["fstype"] == "ext4" and rw["source"] == "/dev/vdb", rw
+    assert m["/srv/extra"]["fstype"] == "virtiofs", m["/srv/extra"]
+    assert m["/srv/extra"]["source"] == "extra", m["/srv/extra"]
+    ov = m["/nix/store"]
+    assert ov["fstype"] == "overlay", ov
+    assert "upperdir=" in ov["super"] and ov["super"].count("/nix/.rw-store/store") == 1, ov
+    assert "lowerdir=" in ov["super"] and "/nix/.ro-store" in ov["super"], ov
+    assert facts["lower_file"] == "hello from the lower store\n"
+    assert facts["extra_file"] == "virtiofs share\n"
+    status = json.loads(facts["status"]["out"])
+    assert facts["status"]["rc"] == 0, facts["status"]
+    assert {row["where"]: row["state"] for row in status} == {
+        "/nix/.ro-store": "mounted",
+        "/nix/.rw-store": "mounted",
+        "/srv/extra": "mounted",
+        "/nix/store": "mounted",
+    }, status
+
+
+# --------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------
+
+
+def test_boot_mounts_persist_and_reset(guest: Callable[..., images.ImageVM], flavor: str) -> None:
+    """Boot to the real init with everything mounted under /; a file written to
+    /nix/store survives a reboot; a reset requested on the running system and
+    microvm.reset-overlay on the command line each empty the upper layer."""
+    vm = guest()
+
+    # 1: everything mounted by the initrd, under the real root.
+    r = vm.run(script("write=persist-1"))
+    facts = facts_of(r)
+    assert_all_mounted(facts, flavor)
+    agent_ran_in_initrd(r, flavor)
+    assert facts["upper"] == ["persist-1"], facts["upper"]
+    assert facts["store"] == ["abc-hello", "persist-1"], facts["store"]
+
+    # 2: a reboot keeps the upper layer; ask for a reset (applies next boot).
+    actions = ["write=persist-2", "request-reset"]
+    if flavor == "dracut":
+        actions.append("status-unit")
+    facts = facts_of(vm.run(script(*actions)))
+    assert_all_mounted(facts, flavor)
+    assert facts["persist-1"] == "persist-1\n"
+    assert facts["upper"] == ["persist-1", "persist-2"], facts["upper"]
+    assert facts["reset_request"]["rc"] == 0, facts["reset_request"]
+    if flavor == "dracut":
+        assert facts["status_unit"]["active"] == "active", facts["status_unit"]
+
+    # 3: the requested reset happened in the initrd, once.
+    facts = facts_of(vm.run(script("write=persist-3")))
+    assert_all_mounted(facts, flavor)
+    assert facts["persist-1"].startswith("error:"), facts["persist-1"]
+    assert facts["upper"] == ["persist-3"], facts["upper"]
+    assert facts["lower_file"] == "hello from the lower store\n"
+
+    # 4: microvm.reset-overlay on the command line empties the upper layer.
+    r = vm.run(script(), extra_cmdline="microvm.reset-overlay")
+    facts = facts_of(r)
+    assert_all_mounted(facts, flavor)
+    assert facts["upper"] == [], facts["upper"]
+    assert facts["store"] == ["abc-hello"], facts["store"]
+
+
+def test_required_mount_failure_is_visible_and_boot_goes_on(
+    guest: Callable[..., images.ImageVM], flavor: str
+) -> None:
+    """Default policy (continue): a required share that never appears is
+    reported on the console, the other mounts are made, the boot reaches the
+    real init and the health check says what is missing."""
+    vm = guest(cmdline=f"{STORE_CMDLINE} {MISSING_SHARE}")
+    r = vm.run(script())
+    facts = facts_of(r)
+    assert facts["init_exe"] == INIT_EXE[flavor]
+    assert facts["mounts"]["/nix/store"]["fstype"] == "overlay"
+    assert "/srv/missing" not in facts["mounts"]
+    assert "microvm.share=nosuch" in r.console, r
+    assert "a required mount failed" in r.console and "continuing the boot" in r.console, r
+    # guest-agent status on the running system: unhealthy, names the share.
+    assert facts["status"]["rc"] == 1, facts["status"]
+    rows = {row["where"]: row for row in json.loads(facts["status"]["out"])}
+    assert rows["/srv/missing"]["state"] != "mounted", rows
+
+
+def test_onfail_shell_stops_the_boot_without_hanging(
+    guest: Callable[..., images.ImageVM], flavor: str
+) -> None:
+    """onfail=shell: the initrd's emergency path (initramfs-tools' panic, dracut's
+    emergency.target); with panic=-1 / rd.shell=0 rd.emergency=reboot on the
+    command line it reboots instead of waiting at a shell."""
+    vm = guest(cmdline=f"{STORE_CMDLINE} {MISSING_SHARE}")
+    param = (
+        "guest_agent.onfail=shell" if flavor == "initramfs-tools" else "rd.guest_agent.onfail=shell"
+    )
+    r = vm.run(script(), extra_cmdline=param, timeout=90)
+    assert not r.timed_out, r
+    assert r.exit_code is None, f"the real init ran:\n{r}"
+    assert "microvm.share=nosuch" in r.console, r
+    assert "onfail=shell" in r.console, r
+    assert SWITCH_MARK[flavor] not in r.console, r
+    if flavor == "initramfs-tools":
+        assert "Rebooting automatically due to panic= boot argument" in r.console, r
+    else:
+        assert "emergency" in r.console.lower(), r
+
+
+def test_off_switch_skips_the_agent(guest: Callable[..., images.ImageVM], flavor: str) -> None:
+    """guest-agent=0 (initramfs-tools) / rd.guest-agent=0 (dracut): nothing is
+    mounted by the agent, and the boot goes on."""
+    vm = guest()
+    off = "guest-agent=0" if flavor == "initramfs-tools" else "rd.guest-agent=0"
+    r = vm.run(script(), extra_cmdline=off)
+    facts = facts_of(r)
+    assert facts["init_exe"] == INIT_EXE[flavor]
+    for where in ("/nix/.ro-store", "/nix/.rw-store", "/srv/extra", "/nix/store"):
+        assert where not in facts["mounts"], facts["mounts"]
+    assert "guest-agent: mounted" not in r.console, r
+    assert "mounted overlay" not in r.console, r
+
+
+# --------------------------------------------------------------------------
+# Static checks of the integration files (no boot)
+# --------------------------------------------------------------------------
+
+
+def test_initramfs_tools_hook_embeds_the_dracut_file_lister() -> None:
+    """The initramfs-tools hook carries a copy of dracut/list-files.py (a hook
+    is a single file); the two must not drift apart."""
+    hook = (HOOKS / "initramfs-tools" / "hooks" / "guest-agent").read_text()
+    lister = (HOOKS / "dracut" / "list-files.py").read_text()
+    start = hook.index("<<'PY'\n") + len("<<'PY'\n")
+    end = hook.index("\nPY\n", start) + 1
+    assert hook[start:end] == lister
+
+
+def test_shell_scripts_parse() -> None:
+    for path, shell in (
+        (HOOKS / "initramfs-tools" / "hooks" / "guest-agent", "sh"),
+        (HOOKS / "initramfs-tools" / "scripts" / "init-bottom" / "guest-agent", "sh"),
+        (HOOKS / "initramfs-tools" / "conf.d" / "guest-agent", "sh"),
+        (HOOKS / "dracut" / "guest-agent-initrd.sh", "sh"),
+        (HOOKS / "dracut" / "module-setup.sh", "bash"),
+    ):
+        r = subprocess.run([shell, "-n", str(path)], capture_output=True, text=True)
+        assert r.returncode == 0, f"{path}: {r.stderr}"
