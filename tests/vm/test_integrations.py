@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -329,3 +330,90 @@ def test_shell_scripts_parse() -> None:
     ):
         r = subprocess.run([shell, "-n", str(path)], capture_output=True, text=True)
         assert r.returncode == 0, f"{path}: {r.stderr}"
+
+
+# --------------------------------------------------------------------------
+# NixOS module (nix-instantiate from Debian's nix-bin; no nixpkgs needed)
+# --------------------------------------------------------------------------
+
+NIXOS = HOOKS / "nixos"
+
+
+def nix(*args: str) -> subprocess.CompletedProcess[str]:
+    if shutil.which("nix-instantiate") is None:
+        pytest.fail(f"nix-instantiate is missing; {images.SETUP_HINT}", pytrace=False)
+    return subprocess.run(["nix-instantiate", *args], capture_output=True, text=True, check=False)
+
+
+@pytest.mark.parametrize("name", ["module.nix", "config.nix", "package.nix"])
+def test_nixos_files_parse(name: str) -> None:
+    r = nix("--parse", str(NIXOS / name))
+    assert r.returncode == 0, r.stderr
+
+
+def test_nixos_module_config_is_what_the_agent_reads(tmp_path: Path) -> None:
+    """The JSON the module writes into the initrd (config.nix, evaluated with
+    the module's option shapes) is a valid agent config with the mounts of a
+    microvm.nix guest, in dependency order."""
+    expr = f"""import {NIXOS / "config.nix"} {{
+      shares = [ {{ tag = "ro-store"; mountPoint = "/nix/.ro-store"; proto = "9p";
+                   readOnly = true; options = [ ]; }}
+                 {{ tag = "home"; mountPoint = "/home"; proto = "virtiofs";
+                   readOnly = false; options = [ "noatime" ]; }} ];
+      volumes = [ {{ label = "nix-store"; uuid = null; serial = null; device = null;
+                    mountPoint = "/nix/.rw-store"; fsType = "ext4"; readOnly = false;
+                    autoFormat = false; options = [ ]; }}
+                  {{ label = null; uuid = null; serial = "scratch"; device = null;
+                    mountPoint = "/scratch"; fsType = "ext4"; readOnly = false;
+                    autoFormat = true; options = [ ]; }} ];
+      writableStoreOverlay = "/nix/.rw-store";
+      resetPolicy = "every-boot";
+    }}"""
+    r = nix("--eval", "--strict", "--json", "-E", expr)
+    assert r.returncode == 0, r.stderr
+    config = json.loads(r.stdout)
+    assert config["resetOverlay"] is True
+    assert config["storeOverlay"] == {"lower": "/nix/.ro-store", "rw": "/nix/.rw-store"}
+    assert config["volumes"][1]["options"] == ["x-makefs"]
+    path = tmp_path / "mounts.json"
+    path.write_text(r.stdout)
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text("console=ttyS0\n")
+    root = tmp_path / "root"
+    root.mkdir()
+    plan = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "guest_agent",
+            "mount-all",
+            "--dry-run",
+            "--json",
+            "--config",
+            str(path),
+            "--cmdline",
+            str(cmdline),
+            "--root",
+            str(root),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=REPO,
+    )
+    assert plan.returncode == 0, plan.stderr
+    mounts = [m["where"] for m in json.loads(plan.stdout)["mounts"]]
+    assert sorted(mounts) == ["/home", "/nix/.ro-store", "/nix/.rw-store", "/nix/store", "/scratch"]
+    assert mounts.index("/nix/store") > max(
+        mounts.index("/nix/.ro-store"), mounts.index("/nix/.rw-store")
+    )
+
+
+def test_nixos_config_refuses_a_volume_without_a_name() -> None:
+    expr = f"""import {NIXOS / "config.nix"} {{
+      volumes = [ {{ label = null; uuid = null; serial = null; device = null;
+                    mountPoint = "/data"; }} ];
+    }}"""
+    r = nix("--eval", "--strict", "--json", "-E", expr)
+    assert r.returncode != 0
+    assert "needs a label, uuid, serial or device" in r.stderr

@@ -1,0 +1,435 @@
+# NixOS module for guest-agent: mounts a microVM guest's virtio shares, volumes
+# and the /nix/store overlay in stage 1, after the root is mounted and before
+# the switch to it. Works with the scripted stage 1 (postMountCommands) and
+# with the systemd initrd (boot.initrd.systemd.enable: a service ordered after
+# sysroot.mount and before initrd-fs.target).
+#
+#   imports = [ ./guest-agent/initrd-hooks/nixos/module.nix ];
+#   boot.initrd.guest-agent = {
+#     enable = true;
+#     fromMicrovm = true;   # take shares, volumes, writableStoreOverlay from microvm.*
+#   };
+#
+# See docs/nixos.md for a complete microvm.nix guest.
+{
+  config,
+  lib,
+  pkgs,
+  options,
+  utils,
+  ...
+}:
+let
+  cfg = config.boot.initrd.guest-agent;
+  inherit (lib)
+    mkEnableOption
+    mkIf
+    mkMerge
+    mkOption
+    types
+    ;
+
+  shareType = types.submodule {
+    options = {
+      tag = mkOption {
+        type = types.str;
+        description = "The virtio tag the hypervisor gives the share (9p mount_tag, virtiofs tag).";
+      };
+      mountPoint = mkOption {
+        type = types.str;
+        description = "Where to mount it, inside the target root.";
+      };
+      proto = mkOption {
+        type = types.enum [
+          "9p"
+          "virtiofs"
+          "auto"
+        ];
+        default = "auto";
+        description = "Transport; `auto` finds it out from the virtio devices.";
+      };
+      readOnly = mkOption {
+        type = types.bool;
+        default = false;
+        description = "Mount read-only.";
+      };
+      options = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        description = "Mount options (fstab style); `nofail`, `x-device-timeout=S` are the agent's own.";
+      };
+    };
+  };
+
+  volumeType = types.submodule {
+    options = {
+      label = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        description = "File system label of the volume (found without udev).";
+      };
+      uuid = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        description = "File system UUID of the volume.";
+      };
+      serial = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        description = "virtio-blk serial the hypervisor sets.";
+      };
+      device = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        description = "A /dev path (when there is no label, uuid or serial).";
+      };
+      mountPoint = mkOption {
+        type = types.str;
+        description = "Where to mount it, inside the target root.";
+      };
+      fsType = mkOption {
+        type = types.str;
+        default = "auto";
+        description = "Kernel file system type, or `auto` to probe it.";
+      };
+      readOnly = mkOption {
+        type = types.bool;
+        default = false;
+        description = "Mount read-only.";
+      };
+      autoFormat = mkOption {
+        type = types.bool;
+        default = false;
+        description = "Format a blank disk with fsType (x-makefs; never touches a disk with any signature).";
+      };
+      options = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        description = "Mount options (fstab style).";
+      };
+    };
+  };
+
+  hasMicrovm = options ? microvm;
+  # microvm.nix's options, translated (used with fromMicrovm = true).
+  microvmShares = map (s: {
+    inherit (s) tag mountPoint;
+    proto = s.proto or "9p";
+    readOnly = s.readOnly or (s.tag == "ro-store");
+    options = [ ];
+  }) (lib.filter (s: (s.mountPoint or null) != null) (config.microvm.shares or [ ]));
+  # microvm.nix attaches volumes as vdb, vdc, ... after the store disk (vda) or
+  # from vda when the store is shared; a label or serial is preferred.
+  letters = lib.stringToCharacters "abcdefghijklmnopqrstuvwxyz";
+  volumeOffset = if (config.microvm.storeOnDisk or false) then 1 else 0;
+  microvmVolumes = lib.imap0 (i: v: {
+    label = v.label or null;
+    uuid = null;
+    serial = v.serial or null;
+    device =
+      if (v.label or null) == null && (v.serial or null) == null then
+        "/dev/vd${builtins.elemAt letters (i + volumeOffset)}"
+      else
+        null;
+    inherit (v) mountPoint;
+    fsType = v.fsType or "auto";
+    readOnly = v.readOnly or false;
+    autoFormat = false;
+    options = [ ];
+  }) (lib.filter (v: (v.mountPoint or null) != null) (config.microvm.volumes or [ ]));
+
+  agentConfig = import ./config.nix {
+    inherit (cfg)
+      shares
+      volumes
+      writableStoreOverlay
+      storeLower
+      overlayOptions
+      resetPolicy
+      ;
+  };
+  configFile = pkgs.writeText "guest-agent-mounts.json" (builtins.toJSON agentConfig);
+
+  managedMountPoints =
+    map (s: s.mountPoint) cfg.shares
+    ++ map (v: v.mountPoint) cfg.volumes
+    ++ lib.optional (cfg.writableStoreOverlay != null) "/nix/store";
+
+  agent = "${cfg.package}/bin/guest-agent";
+  args = lib.escapeShellArgs cfg.extraArgs;
+
+  # Scripted stage 1: runs in postMountCommands, target root /mnt-root.
+  scriptedCommands = ''
+    if grep -qE '(^| )(rd\.)?guest[-_]agent=(0|no|off)( |$)' /proc/cmdline; then
+      echo "guest-agent: disabled on the kernel command line"
+    else
+      onfail=${cfg.onFailure}
+      for x in $(cat /proc/cmdline); do
+        case "$x" in guest_agent.onfail=*|rd.guest_agent.onfail=*) onfail=''${x#*=} ;; esac
+      done
+      if ! ${agent} mount-all --root "$targetRoot" --config /etc/guest-agent/mounts.json ${args}; then
+        if [ "$onfail" = shell ]; then
+          fail "guest-agent: a required mount failed (see above); guest_agent.onfail=shell"
+        else
+          echo "guest-agent: a required mount failed (see above); continuing the boot (guest_agent.onfail=continue)"
+        fi
+      fi
+    fi
+  '';
+
+  # systemd stage 1: the same, as a service (see initrd-hooks/dracut/).
+  initrdScript = pkgs.writeShellScript "guest-agent-initrd" ''
+    onfail=${cfg.onFailure}
+    for x in $(cat /proc/cmdline); do
+      case "$x" in guest_agent.onfail=*|rd.guest_agent.onfail=*) onfail=''${x#*=} ;; esac
+    done
+    mkdir -p /run/guest-agent && : > /run/guest-agent/initrd-ran
+    ${agent} mount-all --root /sysroot --config /etc/guest-agent/mounts.json ${args}
+    rc=$?
+    [ "$rc" -eq 0 ] && exit 0
+    if [ "$onfail" = shell ]; then
+      echo "guest-agent: a required mount failed (exit status $rc); starting emergency.target" > /dev/console
+      systemctl --no-block --job-mode=replace-irreversibly start emergency.target
+    else
+      echo "guest-agent: a required mount failed (exit status $rc); continuing the boot" > /dev/console
+    fi
+    exit "$rc"
+  '';
+in
+{
+  options.boot.initrd.guest-agent = {
+    enable = mkEnableOption "guest-agent, which mounts the microVM's shares, volumes and /nix/store overlay in stage 1";
+
+    package = mkOption {
+      type = types.package;
+      default = pkgs.python3Packages.callPackage ./package.nix { };
+      defaultText = lib.literalExpression "pkgs.python3Packages.callPackage ./package.nix { }";
+      description = "The guest-agent package.";
+    };
+
+    fromMicrovm = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Take shares, volumes and writableStoreOverlay from microvm.nix's
+        `microvm.shares`, `microvm.volumes` and `microvm.writableStoreOverlay`
+        (needs microvm.nix's guest module).
+      '';
+    };
+
+    takeOverMounts = mkOption {
+      type = types.bool;
+      default = cfg.fromMicrovm;
+      defaultText = lib.literalExpression "config.boot.initrd.guest-agent.fromMicrovm";
+      description = ''
+        Let the agent, not stage 1's fstab handling, mount the managed mount
+        points: sets `fileSystems.<mountPoint>.neededForBoot = false` for
+        each (microvm.nix declares them as fileSystems). Stage 2 then finds
+        them mounted. Only for mount points that have a fileSystems entry.
+      '';
+    };
+
+    shares = mkOption {
+      type = types.listOf shareType;
+      default = [ ];
+      example = lib.literalExpression ''
+        [ { tag = "ro-store"; mountPoint = "/nix/.ro-store"; proto = "virtiofs"; readOnly = true; } ]
+      '';
+      description = "virtio-9p / virtio-fs shares to mount.";
+    };
+
+    volumes = mkOption {
+      type = types.listOf volumeType;
+      default = [ ];
+      example = lib.literalExpression ''
+        [ { label = "nix-store"; mountPoint = "/nix/.rw-store"; fsType = "ext4"; } ]
+      '';
+      description = "virtio-blk volumes to mount.";
+    };
+
+    writableStoreOverlay = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/nix/.rw-store";
+      description = ''
+        Mount an overlay at /nix/store whose upper layer lives in this
+        directory (`store/` and `work/` inside it), as microvm.nix's
+        option of the same name.
+      '';
+    };
+
+    storeLower = mkOption {
+      type = types.str;
+      default = "/nix/.ro-store";
+      description = "The overlay's lower layer: the read-only store's mount point.";
+    };
+
+    overlayOptions = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      description = "Extra overlayfs options.";
+    };
+
+    resetPolicy = mkOption {
+      type = types.enum [
+        "on-request"
+        "every-boot"
+      ];
+      default = "on-request";
+      description = ''
+        When to wipe the overlay's upper layer: `on-request` (at the boot
+        after `guest-agent reset-overlay` / `systemctl start
+        guest-agent-reset-overlay`, or with `microvm.reset-overlay` on the
+        kernel command line), or at `every-boot` (Nix's database does not
+        survive a reboot unless the root is persistent).
+      '';
+    };
+
+    onFailure = mkOption {
+      type = types.enum [
+        "continue"
+        "shell"
+      ];
+      default = "continue";
+      description = ''
+        What stage 1 does when a required mount fails: `continue` (report it
+        on the console and boot on) or `shell` (stage 1's failure handling:
+        a shell, or a reboot with boot.panic_on_fail / rd.emergency).
+        The kernel command line overrides it: guest_agent.onfail=continue|shell.
+      '';
+    };
+
+    extraArgs = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      description = "Extra arguments for `guest-agent mount-all`.";
+    };
+
+    kernelModules = mkOption {
+      type = types.listOf types.str;
+      default = [
+        "virtio_pci"
+        "virtio_mmio"
+        "virtio_blk"
+        "9p"
+        "9pnet_virtio"
+        "virtiofs"
+        "overlay"
+        "ext4"
+        "erofs"
+        "squashfs"
+      ];
+      description = "Modules put into the initrd for the agent to load (it loads them itself, without udev).";
+    };
+  };
+
+  config = mkIf cfg.enable (mkMerge [
+    {
+      assertions = [
+        {
+          assertion = cfg.fromMicrovm -> hasMicrovm;
+          message = "boot.initrd.guest-agent.fromMicrovm needs microvm.nix's guest module (microvm.* options).";
+        }
+        {
+          assertion = lib.all (
+            v: lib.length (lib.filter (x: x != null) [ v.label v.uuid v.serial v.device ]) == 1
+          ) cfg.volumes;
+          message = "boot.initrd.guest-agent.volumes: give exactly one of label, uuid, serial, device.";
+        }
+      ];
+
+      boot.initrd.availableKernelModules = cfg.kernelModules;
+
+      # The running system: the same config for `guest-agent status` and
+      # `guest-agent reset-overlay`.
+      environment.etc."guest-agent/mounts.json".source = configFile;
+      environment.systemPackages = [ cfg.package ];
+
+      systemd.services.guest-agent-status = {
+        description = "guest-agent: check the microVM's shares, volumes and store overlay";
+        wantedBy = [ "multi-user.target" ];
+        after = [ "local-fs.target" ];
+        unitConfig.ConditionKernelCommandLine = [
+          "!guest-agent=0"
+          "!guest_agent=0"
+        ];
+        serviceConfig = {
+          Type = "oneshot";
+          RemainAfterExit = true;
+          ExecStart = "${agent} status";
+        };
+      };
+
+      systemd.services.guest-agent-reset-overlay = {
+        description = "guest-agent: reset the /nix/store overlay's upper layer (at the next boot)";
+        after = [ "local-fs.target" ];
+        serviceConfig = {
+          Type = "oneshot";
+          ExecStart = "${agent} reset-overlay";
+        };
+      };
+    }
+
+    (mkIf cfg.fromMicrovm {
+      boot.initrd.guest-agent = {
+        shares = lib.mkDefault microvmShares;
+        volumes = lib.mkDefault microvmVolumes;
+        writableStoreOverlay = lib.mkDefault (config.microvm.writableStoreOverlay or null);
+      };
+    })
+
+    (mkIf cfg.takeOverMounts {
+      fileSystems = lib.genAttrs managedMountPoints (_: {
+        neededForBoot = lib.mkForce false;
+      });
+    })
+
+    (mkIf (!config.boot.initrd.systemd.enable) {
+      # The agent's closure (Python, click) is copied into the initrd with it.
+      boot.initrd.extraFiles."/etc/guest-agent/mounts.json".source = configFile;
+      boot.initrd.extraFiles."/guest-agent".source = cfg.package;
+      boot.initrd.postMountCommands = lib.mkAfter scriptedCommands;
+    })
+
+    (mkIf config.boot.initrd.systemd.enable {
+      boot.initrd.systemd.storePaths = [
+        cfg.package
+        initrdScript
+      ];
+      boot.initrd.systemd.contents."/etc/guest-agent/mounts.json".source = configFile;
+      boot.initrd.systemd.services.guest-agent = {
+        description = "guest-agent: mount microVM shares, volumes and the store overlay";
+        wantedBy = [ "initrd-fs.target" ];
+        requires = [ "sysroot.mount" ];
+        after = [
+          "sysroot.mount"
+          "initrd-root-fs.target"
+        ];
+        before = [
+          "initrd-fs.target"
+          "initrd-nixos-activation.service"
+          "initrd-switch-root.target"
+        ]
+        ++ map (mp: "${utils.escapeSystemdPath ("/sysroot" + mp)}.mount") managedMountPoints;
+        conflicts = [ "shutdown.target" ];
+        unitConfig = {
+          DefaultDependencies = false;
+          ConditionPathExists = "!/run/guest-agent/initrd-ran";
+          ConditionKernelCommandLine = [
+            "!rd.guest-agent=0"
+            "!guest-agent=0"
+            "!rd.guest_agent=0"
+            "!guest_agent=0"
+          ];
+        };
+        serviceConfig = {
+          Type = "oneshot";
+          RemainAfterExit = true;
+          ExecStart = "${initrdScript}";
+          StandardOutput = "journal+console";
+          StandardError = "journal+console";
+        };
+      };
+    })
+  ]);
+}

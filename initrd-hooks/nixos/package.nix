@@ -1,0 +1,27 @@
+# guest-agent built from this repository (pure Python; click is its only
+# dependency). Used as the module's default package:
+#   pkgs.python3Packages.callPackage ./package.nix { }
+{
+  lib,
+  buildPythonApplication,
+  setuptools,
+  click,
+  src ? ../..,
+}:
+buildPythonApplication {
+  pname = "guest-agent";
+  version = "0.1.0";
+  inherit src;
+  format = "pyproject";
+  nativeBuildInputs = [ setuptools ];
+  propagatedBuildInputs = [ click ];
+  # The test suite boots VMs and needs root; the module's users run it in CI.
+  doCheck = false;
+  pythonImportsCheck = [ "guest_agent" ];
+  meta = {
+    description = "Boot-time mount agent for microVM guests";
+    license = lib.licenses.mit;
+    mainProgram = "guest-agent";
+    platforms = lib.platforms.linux;
+  };
+}
