@@ -179,6 +179,12 @@ let
 
   # systemd stage 1: the same, as a service (see initrd-hooks/dracut/).
   initrdScript = pkgs.writeShellScript "guest-agent-initrd" ''
+    PATH=${
+      lib.makeBinPath [
+        pkgs.coreutils
+        config.boot.initrd.systemd.package
+      ]
+    }:$PATH
     onfail=${cfg.onFailure}
     for x in $(cat /proc/cmdline); do
       case "$x" in guest_agent.onfail=*|rd.guest_agent.onfail=*) onfail=''${x#*=} ;; esac
