@@ -28,10 +28,12 @@ calling :meth:`VM.boot` again is a reboot.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -312,6 +314,90 @@ class BootResult:
         )
 
 
+class _Qmp:
+    """A minimal QMP client: hot-plugs virtio-blk disks into a running guest."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(str(path))
+        self.file = self.sock.makefile("rwb")
+        self._reply()  # the greeting
+        self.call("qmp_capabilities")
+
+    def _reply(self) -> dict[str, object]:
+        while True:
+            line = self.file.readline()
+            if not line:
+                raise TestbedError("QMP: qemu closed the monitor")
+            msg = json.loads(line)
+            if "event" not in msg:
+                return dict(msg)
+
+    def call(self, command: str, **arguments: object) -> object:
+        self.file.write(json.dumps({"execute": command, "arguments": arguments}).encode() + b"\n")
+        self.file.flush()
+        reply = self._reply()
+        if "error" in reply:
+            raise TestbedError(f"QMP {command} failed: {reply['error']}")
+        return reply.get("return")
+
+    def plug(self, disk: Disk, index: int) -> None:
+        self.call(
+            "blockdev-add",
+            driver="raw",
+            **{"node-name": f"hp{index}", "read-only": disk.readonly},
+            file={"driver": "file", "filename": str(disk.image)},
+        )
+        dev: dict[str, object] = {"driver": "virtio-blk-pci", "drive": f"hp{index}"}
+        dev.update(id=f"hpdev{index}", bus=f"hpport{index}")
+        if disk.serial is not None:
+            dev["serial"] = disk.serial
+        self.call("device_add", **dev)
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+class _Hotplugger:
+    """Plugs each (delay, disk) when its delay has passed since qemu started, or since a
+    results line contained `at` when that is given."""
+
+    def __init__(
+        self,
+        plan: Sequence[tuple[float, Disk]],
+        at: str | None,
+        sock: Path,
+        log: Path,
+        start: float,
+    ) -> None:
+        self.pending = sorted(enumerate(plan), key=lambda p: p[1][0])
+        self.at, self.sock, self.log, self.start = at, sock, log, start
+        self.clock = None if at else time.monotonic()
+        self.qmp: _Qmp | None = None
+
+    def poll(self, results: Path) -> None:
+        if not self.pending:
+            return
+        if self.clock is None:
+            if not (self.at and results.exists() and self.at in _read(results)):
+                return
+            self.clock = time.monotonic()
+        while self.pending and time.monotonic() >= self.clock + self.pending[0][1][0]:
+            index, (_, disk) = self.pending.pop(0)
+            self.qmp = self.qmp or _Qmp(self.sock)
+            self.qmp.plug(disk, index)
+            with self.log.open("a") as f:
+                f.write(
+                    f"testbed: hot-plugged {disk.image} at {time.monotonic() - self.start:.1f}s\n"
+                )
+
+    def close(self) -> None:
+        if self.qmp is not None:
+            self.qmp.close()
+
+
 def _kill(proc: subprocess.Popen[bytes], grace: float = 2.0) -> None:
     if proc.poll() is not None:
         return
@@ -445,13 +531,18 @@ class VM:
         timeout: float | None = None,
         extra_cmdline: str = "",
         files: Mapping[str, str | bytes] | None = None,
+        hotplug: Sequence[tuple[float, Disk]] = (),
+        hotplug_at: str | None = None,
     ) -> BootResult:
         """Boot once, run script (default: self.script) as /test/run, return what came out.
 
         kill_at: kill qemu (a power cut: SIGKILL, no sync) as soon as a results
         line contains this text. files: extra guest files (path -> content) for
         this boot. Disk images and share directories are left as the guest left
-        them, so booting again is a reboot.
+        them, so booting again is a reboot. hotplug: (delay, disk) pairs: each disk is
+        hot-plugged (QMP: blockdev-add + device_add of a virtio-blk-pci into its own
+        pcie-root-port; q35 only) delay seconds after qemu starts, or after a results
+        line contains hotplug_at when that is given.
         """
         self.testbed.check()
         self.boots += 1
@@ -474,12 +565,18 @@ class VM:
         timed_out = killed = False
         try:
             cmd = self.qemu_command(initrd, sockets, console, results, extra_cmdline)
+            if hotplug:
+                cmd += ["-qmp", f"unix:{run / 'qmp.sock'},server=on,wait=off"]
+                for i in range(len(hotplug)):
+                    cmd += ["-device", f"pcie-root-port,id=hpport{i},chassis={i + 1},bus=pcie.0"]
             (run / "qemu.cmd").write_text(" ".join(cmd) + "\n")
             with qlog.open("ab") as lf:
                 qemu = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=lf, stderr=lf)
+            plugger = _Hotplugger(hotplug, hotplug_at, run / "qmp.sock", qlog, start)
             try:
                 deadline = start + timeout
                 while qemu.poll() is None:
+                    plugger.poll(results)
                     if kill_at is not None and results.exists() and kill_at in _read(results):
                         qemu.kill()
                         killed = True
@@ -491,6 +588,7 @@ class VM:
                     time.sleep(0.02)
                 qemu.wait()
             finally:
+                plugger.close()
                 _kill(qemu)
         finally:
             for h in helpers:
