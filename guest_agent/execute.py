@@ -543,7 +543,7 @@ class Executor:
             self._reset(rw, spec)
         for path in (upper, work):
             try:
-                os.makedirs(path, mode=0o755, exist_ok=True)
+                self._make_layer_dir(path, rw, spec)
             except OSError as e:
                 raise Failure(
                     f"cannot create {path.removeprefix(self.root.rstrip('/'))}: {e.strerror}"
@@ -561,6 +561,21 @@ class Executor:
             + ")"
         )
         return Result(spec.where, spec.source, "mounted", "overlay", "overlay", options)
+
+    def _make_layer_dir(self, path: str, rw: str, spec: OverlaySpec) -> None:
+        """mkdir -p PATH; on a full RW volume, first delete the trash of a reset (the only
+        way to get the space back), synchronously since the overlay needs the dir now."""
+        try:
+            os.makedirs(path, mode=0o755, exist_ok=True)
+            return
+        except OSError as e:
+            if e.errno != errno.ENOSPC or not overlay_reset.trash_pending(rw):
+                raise
+        self.reporter.info(
+            f"{spec.rw} is full: deleting the old upper layer now, before mounting {spec.where}"
+        )
+        overlay_reset.empty_trash(rw)
+        os.makedirs(path, mode=0o755, exist_ok=True)
 
     def _reset(self, rw: str, spec: OverlaySpec) -> None:
         try:

@@ -10,6 +10,7 @@ whatever an interrupted deletion left is deleted at the next mount.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import time
@@ -48,16 +49,33 @@ def move_aside(rw: str) -> int:
 
     The request file (if any) is removed only once the move is durable, so a
     power cut in between repeats the (by then empty) reset instead of losing it.
+
+    On a full volume (no block left for a new directory) the upper dir itself is
+    renamed into place as the trash, and a work dir that cannot be moved is
+    deleted (it is overlayfs's scratch space, never the user's data).
     """
     trash = os.path.join(rw, TRASH)
-    os.makedirs(trash, mode=0o700, exist_ok=True)
     stamp = f"{time.time_ns()}"
     moved = 0
+    try:
+        os.makedirs(trash, mode=0o700, exist_ok=True)
+    except OSError as e:
+        upper = os.path.join(rw, LAYERS[0])
+        if e.errno != errno.ENOSPC or not os.path.isdir(upper) or os.path.islink(upper):
+            raise
+        os.rename(upper, trash)  # its entries are the trash's now
+        moved += 1
     for name in LAYERS:
         src = os.path.join(rw, name)
-        if os.path.lexists(src):
+        if not os.path.lexists(src):
+            continue
+        try:
             os.rename(src, os.path.join(trash, f"{stamp}-{name}"))
-            moved += 1
+        except OSError as e:
+            if e.errno != errno.ENOSPC or name != "work":
+                raise
+            shutil.rmtree(src)
+        moved += 1
     _fsync_dir(trash)
     _fsync_dir(rw)
     request = os.path.join(rw, REQUEST)
