@@ -306,9 +306,33 @@ class Executor:
                     if not (blind and e.errno in (errno.EINVAL, errno.ENOENT)):
                         raise _refused(found, e) from None
                 else:
+                    self._check_share_root(spec, found, host)
                     return self._mounted(spec, found, spec.tag, host, options)
             if not self.wait_event(deadline):
                 raise self._share_timeout(spec)
+
+    def _check_share_root(self, spec: ShareSpec, proto: str, host: str) -> None:
+        """A share whose directory the host deleted still mounts (qemu and virtiofsd hold
+        it open), but is unusable: 9p shows an empty root with no links, where nothing can
+        be created; virtiofs fails every access. Unmount it again and say so."""
+        try:
+            gone = os.stat(host).st_nlink == 0
+            reason = "its root directory has been deleted on the host (it has no links)"
+        except OSError as e:
+            gone = True
+            reason = f"its root cannot be read: {e.strerror}"
+        if not gone:
+            return
+        try:
+            umount(host)
+        except MountError:
+            umount(host, lazy=True)
+        self.mounted_here.remove(host)
+        raise Failure(
+            f"{proto} share {spec.tag!r} mounted but is unusable, so it was unmounted again: {reason}",
+            "the host side of the share is gone: check the directory the hypervisor exports "
+            "under this tag (qemu -fsdev path=, virtiofsd --shared-dir)",
+        )
 
     def _locate_share(self, spec: ShareSpec) -> tuple[str | None, bool]:
         """Which transport carries SPEC's tag: (proto or None, whether it is a blind try)."""
