@@ -414,6 +414,11 @@ class Executor:
                 failure.hint = (
                     "the device is read-only: add ro to the options to mount it read-only"
                 )
+            elif e.errno in (errno.EBADMSG, errno.EUCLEAN):  # EFSBADCRC, EFSCORRUPTED
+                failure.hint = (
+                    f"the {fstype} filesystem on {source} is damaged (dmesg says where); "
+                    f"repair it with fsck.{fstype}: it is never formatted"
+                )
             raise failure from None
         return self._mounted(spec, fstype, source, host, options)
 
@@ -523,6 +528,8 @@ class Executor:
                 parts.append(f"serial {dev.serial}")
             if sig is not None:
                 parts.append(sig.fstype + (f" label {sig.label}" if sig.label else ""))
+            elif dev.size_bytes:
+                parts.append("with no filesystem signature")
             seen.append(" ".join(parts))
         return Failure(
             f"no disk {spec.what} appeared within {spec.options.device_timeout:g} s"
