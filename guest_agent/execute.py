@@ -146,9 +146,37 @@ class Executor:
     # -- driving ------------------------------------------------------------------
 
     def run(self, steps: list[Step]) -> list[Result]:
+        """Mount what is there first, then wait for the rest (in plan order both times).
+
+        A step whose tag or disk has not appeared yet is put off, with every step
+        below it, so that one slow or missing device does not hold up the others.
+        """
+        later: list[Step] = []
+        put_off: set[str] = set()
         for step in steps:
+            if any(d in put_off for d in step.after) or not self._present(step):
+                later.append(step)
+                put_off.add(step.where)
+            else:
+                self.run_step(step)
+        for step in later:
             self.run_step(step)
         return self.results
+
+    def _present(self, step: Step) -> bool:
+        """Whether STEP's tag or disk can be used right now (no waiting)."""
+        spec = step.spec
+        if self.dry_run or isinstance(spec, OverlaySpec):
+            return True
+        if isinstance(spec, VolumeSpec) and spec.by[0] == "pseudo":
+            return True
+        self.coldplug()
+        try:
+            if isinstance(spec, ShareSpec):
+                return self._locate_share(spec)[0] is not None
+            return self._find_disk(spec) is not None
+        except Failure:
+            return True  # run it now: its own step reports the problem
 
     def run_step(self, step: Step) -> None:
         spec = step.spec
