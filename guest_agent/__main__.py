@@ -1,3 +1,3 @@
-from guest_agent.cli import run
+from guest_agent.main import run
 
 run()

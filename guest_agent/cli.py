@@ -1,34 +1,22 @@
-"""The command-line edge: load specs, run the layers, turn problems into exit codes.
+"""The click command-line interface: options, help and usage errors (exit 2).
 
-Exit status: 0 when everything required is mounted, 1 when a required mount
-failed or a spec was malformed, 2 for bad command usage (click's own).
-Heavy or kernel-facing modules are imported inside the command that needs them.
+Thin: every command calls its body in `app` and exits with its status. The
+boot path (`guest-agent mount-all` with plain options) does not even import
+this module: see `main`.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import click
 
+from guest_agent import app
 from guest_agent.config import DEFAULT_CMDLINE, DEFAULT_CONFIG
 
 F = TypeVar("F", bound=Callable[..., Any])
-LOCK_PATHS = ("/run/guest-agent.lock", "/tmp/guest-agent.lock")
-LOCK_TIMEOUT = 120
-
-
-@dataclass(frozen=True)
-class Sources:
-    root: str
-    config: str
-    config_given: bool
-    cmdline: str
 
 
 def _common(func: F) -> F:
@@ -57,86 +45,6 @@ def _common(func: F) -> F:
     return func
 
 
-def _sources(root: str, config: str | None, cmdline: str) -> Sources:
-    return Sources(os.path.realpath(root), config or DEFAULT_CONFIG, config is not None, cmdline)
-
-
-def _load(sources: Sources, reporter: Any) -> Any:
-    """Read and merge the config file and the command line; report their problems."""
-    from guest_agent.config import Parsed, merge, parse_cmdline, parse_config_json
-    from guest_agent.spec import Problem
-
-    layers: list[Parsed] = []
-    text = _read(sources.config)
-    if text is not None:
-        layers.append(parse_config_json(text, sources.config))
-    elif sources.config_given:
-        layers.append(Parsed(problems=(Problem(sources.config, "cannot read the config file"),)))
-    cmdline = _read(sources.cmdline)
-    if cmdline is None:
-        layers.append(Parsed(problems=(Problem(sources.cmdline, "cannot read the command line"),)))
-    else:
-        layers.append(parse_cmdline(cmdline))
-    config, problems, notes = merge(layers)
-    for problem in problems:
-        reporter.problem(problem)
-    for note in notes:
-        reporter.info(note)
-    return config
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-    except OSError:
-        return None
-
-
-class _LockTimeout(Exception):
-    pass
-
-
-def _lock(timeout: int = LOCK_TIMEOUT) -> int | None:
-    """Serialise runs (two at once must not mount twice): an exclusive flock, held until exit.
-
-    A run that waits longer than TIMEOUT seconds for another one gives up with a
-    usage-level error instead of hanging the boot.
-    """
-    import fcntl
-    import signal
-
-    for path in LOCK_PATHS:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError:
-            continue
-
-        def expired(_signum: int, _frame: object) -> None:
-            raise _LockTimeout
-
-        previous = signal.signal(signal.SIGALRM, expired)
-        signal.alarm(timeout)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except _LockTimeout:
-            os.close(fd)
-            click.echo(f"error: another guest-agent run has held {path} for {timeout} s", err=True)
-            sys.exit(1)
-        finally:
-            signal.alarm(0)
-            signal.signal(signal.SIGALRM, previous)
-        return fd
-    return None
-
-
-def _finish(reporter: Any, payload: Any | None, as_json: bool) -> None:
-    if as_json and payload is not None:
-        click.echo(json.dumps(payload, indent=2))
-    reporter.close()
-    sys.exit(1 if reporter.failed else 0)
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, name="guest-agent")
 @click.version_option(package_name="guest-agent", message="%(prog)s %(version)s")
 def main() -> None:
@@ -144,15 +52,9 @@ def main() -> None:
 
 
 def run() -> None:
-    """Console entry point. The last line of defence of "never a traceback": an unforeseen
-    error still gives one line and exit 1 (GUEST_AGENT_DEBUG=1 shows the traceback)."""
-    try:
-        main(prog_name="guest-agent")
-    except Exception as e:
-        if os.environ.get("GUEST_AGENT_DEBUG"):
-            raise
-        click.echo(f"error: guest-agent failed unexpectedly: {type(e).__name__}: {e}", err=True)
-        sys.exit(1)
+    from guest_agent.main import run as entry
+
+    entry()
 
 
 @main.command("mount-all")
@@ -161,57 +63,14 @@ def run() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 def mount_all(root: str, config: str | None, cmdline: str, dry_run: bool, as_json: bool) -> None:
     """Discover, plan and mount everything; build the overlay; apply a pending reset."""
-    from guest_agent.execute import Executor
-    from guest_agent.plan import plan
-    from guest_agent.report import Reporter
-
-    reporter = Reporter(kmsg=None if dry_run else "/dev/kmsg")
-    sources = _sources(root, config, cmdline)
-    spec_config = _load(sources, reporter)
-    steps, problems = plan(spec_config)
-    for problem in problems:
-        reporter.problem(problem)
-    lock = None if dry_run else _lock()
-    executor = Executor(
-        sources.root, reporter, dry_run=dry_run, reset_requested=spec_config.reset_overlay
-    )
-    try:
-        results = executor.run(steps)
-    finally:
-        executor.close()
-        if lock is not None:
-            os.close(lock)
-    if dry_run and not as_json:
-        for r in results:
-            click.echo(f"{r.status} {r.fstype} {r.source} at {r.where} ({','.join(r.options)})")
-    _finish(
-        reporter,
-        {
-            "ok": not reporter.failed,
-            "mounts": [r.as_json() for r in results],
-            "problems": [str(p) for p in reporter.problems],
-        },
-        as_json,
-    )
+    sys.exit(app.mount_all(root, config, cmdline, dry_run, as_json))
 
 
 @main.command("reset-overlay")
 @_common
 def reset_overlay(root: str, config: str | None, cmdline: str) -> None:
     """Wipe the /nix/store upper layer: now if the overlay is not mounted, else at next boot."""
-    from guest_agent.commands import reset_command
-    from guest_agent.report import Reporter
-
-    reporter = Reporter()
-    sources = _sources(root, config, cmdline)
-    spec_config = _load(sources, reporter)
-    lock = _lock()
-    try:
-        reset_command(sources.root, spec_config, reporter)
-    finally:
-        if lock is not None:
-            os.close(lock)
-    _finish(reporter, None, False)
+    sys.exit(app.reset_overlay(root, config, cmdline))
 
 
 @main.command()
@@ -219,15 +78,7 @@ def reset_overlay(root: str, config: str | None, cmdline: str) -> None:
 @click.option("--all", "all_disks", is_flag=True, help="Also list disks that are not virtio.")
 def discover(as_json: bool, all_disks: bool) -> None:
     """List virtio shares (tag, protocol) and disks (serial, label, fstype)."""
-    from guest_agent.commands import discover_all, render
-
-    items, notes = discover_all(all_disks=all_disks)
-    if as_json:
-        click.echo(json.dumps(items, indent=2))
-    else:
-        click.echo(render(items))
-    for note in notes:
-        click.echo(f"note: {note}", err=True)
+    sys.exit(app.discover(as_json, all_disks))
 
 
 @main.command()
@@ -235,18 +86,4 @@ def discover(as_json: bool, all_disks: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list on stdout.")
 def status(root: str, config: str | None, cmdline: str, as_json: bool) -> None:
     """Each configured mount and whether the kernel shows it as planned."""
-    from guest_agent.commands import mount_status
-    from guest_agent.report import Reporter
-
-    reporter = Reporter(kmsg=None)
-    sources = _sources(root, config, cmdline)
-    spec_config = _load(sources, reporter)
-    rows = mount_status(sources.root, spec_config)
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-    else:
-        for row in rows:
-            click.echo(f"{row['state']:<12} {row['where']:<24} {row['detail']}")
-    reporter.close()
-    unhealthy = any(row["state"] != "mounted" and row["required"] for row in rows)
-    sys.exit(1 if reporter.failed or unhealthy else 0)
+    sys.exit(app.status(root, config, cmdline, as_json))
