@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING, Any, NamedTuple
 
 from guest_agent.config import DEFAULT_CMDLINE, DEFAULT_CONFIG
+from guest_agent.records import NamedTuple
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
+    from typing import Any
+
     from guest_agent.report import Reporter
     from guest_agent.spec import Config
 

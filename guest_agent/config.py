@@ -7,11 +7,7 @@ Nothing here raises for bad input; problems are returned beside the specs.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
-
+from guest_agent.records import NamedTuple
 from guest_agent.spec import (
     Config,
     MountSpec,
@@ -20,6 +16,11 @@ from guest_agent.spec import (
     parse_share,
     parse_volume,
 )
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+    from typing import Any
 
 DEFAULT_CONFIG = "/etc/guest-agent/mounts.json"
 DEFAULT_CMDLINE = "/proc/cmdline"
@@ -33,14 +34,13 @@ _TRUE = ("", "1", "yes", "true", "on")
 _FALSE = ("0", "no", "false", "off")
 
 
-@dataclass(frozen=True)
-class Parsed:
+class Parsed(NamedTuple):
     """Specs in the order given, the reset flag, and every problem found on the way."""
 
     specs: tuple[MountSpec, ...] = ()
     reset_overlay: bool | None = None  # None: not said here (a later layer may still say it)
     problems: tuple[Problem, ...] = ()
-    notes: tuple[str, ...] = field(default=())
+    notes: tuple[str, ...] = ()
 
 
 def split_cmdline(text: str) -> Iterator[str]:
@@ -122,6 +122,8 @@ def parse_config_json(text: str, origin: str) -> Parsed:
     """Parse the JSON config (schema in docs/configuration.md). An empty file declares nothing."""
     if not text.strip():
         return Parsed()
+    import json  # only when there is a file: json pulls in re and its compiler
+
     try:
         data = json.loads(text)
     except (ValueError, RecursionError) as e:  # deep nesting exhausts the decoder's stack

@@ -10,13 +10,12 @@ from __future__ import annotations
 import errno
 import os
 import time
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
 
 from guest_agent import reset as overlay_reset
 from guest_agent.mountinfo import Mount, MountTable
 from guest_agent.paths import PathError, host_path, resolve_in_root
 from guest_agent.plan import Step, upper_on_9p
+from guest_agent.records import NamedTuple
 from guest_agent.spec import (
     Options,
     OverlaySpec,
@@ -27,7 +26,10 @@ from guest_agent.spec import (
 )
 from guest_agent.syscalls import MountError, MountRequest, mount, open_in_root, umount
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
+    from typing import Any
+
     from guest_agent.kmod import ModuleLoader
     from guest_agent.probe import Signature
     from guest_agent.report import Reporter
@@ -49,8 +51,7 @@ class Failure(Exception):
         self.hint = hint
 
 
-@dataclass
-class Result:
+class Result(NamedTuple):
     where: str
     spec: str
     status: str  # mounted | already-mounted | would-mount | failed | skipped
@@ -127,21 +128,30 @@ def overlay_options(
 # --- the executor ----------------------------------------------------------------
 
 
-@dataclass
 class Executor:
-    root: str  # real host path of the target root
-    reporter: Reporter
-    sysfs: str = "/sys"
-    dry_run: bool = False
-    reset_requested: bool = False
-    mountinfo: str = "/proc/self/mountinfo"
-    start: float = field(default_factory=time.monotonic)
-    results: list[Result] = field(default_factory=list)
-    mounted: set[str] = field(default_factory=set)  # WHEREs mounted, now or before
-    mounted_here: list[str] = field(default_factory=list)  # host paths this run mounted
-    _modules: ModuleLoader | None = None
-    _monitor: UeventMonitor | None = None
-    _coldplugged: bool = False
+    def __init__(
+        self,
+        root: str,  # real host path of the target root
+        reporter: Reporter,
+        *,
+        sysfs: str = "/sys",
+        dry_run: bool = False,
+        reset_requested: bool = False,
+        mountinfo: str = "/proc/self/mountinfo",
+    ) -> None:
+        self.root = root
+        self.reporter = reporter
+        self.sysfs = sysfs
+        self.dry_run = dry_run
+        self.reset_requested = reset_requested
+        self.mountinfo = mountinfo
+        self.start = time.monotonic()  # device deadlines count from here
+        self.results: list[Result] = []
+        self.mounted: set[str] = set()  # WHEREs mounted, now or before
+        self.mounted_here: list[str] = []  # host paths this run mounted
+        self._modules: ModuleLoader | None = None
+        self._monitor: UeventMonitor | None = None
+        self._coldplugged = False
 
     # -- driving ------------------------------------------------------------------
 
@@ -281,7 +291,7 @@ class Executor:
         except OSError as e:
             raise Failure(f"cannot open the mount point {in_root}: {e.strerror}") from None
         try:
-            mount(replace(request, target_fd=fd))
+            mount(request._replace(target_fd=fd))
         finally:
             if fd is not None:
                 os.close(fd)

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from fnmatch import fnmatchcase
-from typing import Protocol
+
+from guest_agent.records import NamedTuple
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+    from typing import Protocol
 
 MODULE_INIT_COMPRESSED_FILE = 4  # finit_module flag: the kernel decompresses (5.17+)
 
@@ -61,8 +64,7 @@ def module_name(path: str) -> str:
     return normalize(base)
 
 
-@dataclass(frozen=True)
-class DepEntry:
+class DepEntry(NamedTuple):
     path: str  # as written in modules.dep, relative to the modules directory
     deps: tuple[str, ...]  # paths, in modules.dep order (the deepest dependency last)
 
@@ -79,8 +81,7 @@ def parse_modules_dep(text: str) -> dict[str, DepEntry]:
     return out
 
 
-@dataclass(frozen=True)
-class AliasTable:
+class AliasTable(NamedTuple):
     exact: dict[str, tuple[str, ...]]  # normalised alias → module names
     patterns: tuple[tuple[str, str, str], ...]  # (literal prefix, pattern, module)
 
@@ -89,9 +90,62 @@ class AliasTable:
         key = normalize_alias(alias)
         found = list(self.exact.get(key, ()))
         for prefix, pattern, module in self.patterns:
-            if key.startswith(prefix) and fnmatchcase(key, pattern) and module not in found:
+            if key.startswith(prefix) and glob_match(key, pattern) and module not in found:
                 found.append(module)
         return found
+
+
+def glob_match(name: str, pattern: str) -> bool:
+    """fnmatch.fnmatchcase() for alias patterns (`*`, `?`, `[...]`, `[!...]`), without `re`.
+
+    fnmatch compiles each pattern to a regular expression; importing `re` and
+    compiling costs more on an emulated guest's boot path than this loop.
+    """
+    p = n = 0
+    star_p, star_n = -1, 0
+    while n < len(name):
+        if p < len(pattern) and pattern[p] == "*":
+            star_p, star_n = p, n
+            p += 1
+            continue
+        if p < len(pattern):
+            matched, width = _match_one(pattern, p, name[n])
+            if matched:
+                p += width
+                n += 1
+                continue
+        if star_p < 0:
+            return False
+        star_n += 1  # let the last star swallow one more character
+        p, n = star_p + 1, star_n
+    return all(c == "*" for c in pattern[p:])
+
+
+def _match_one(pattern: str, p: int, char: str) -> tuple[bool, int]:
+    """Does the pattern element at P match CHAR? Returns (matched, element width)."""
+    c = pattern[p]
+    if c == "?":
+        return True, 1
+    if c == "[":
+        end = pattern.find("]", p + 2 if pattern[p + 1 : p + 2] in ("!", "]") else p + 1)
+        if pattern[p + 1 : p + 3] == "!]":
+            end = pattern.find("]", p + 3)
+        if end < 0:  # no closing bracket: a literal '[' (as fnmatch)
+            return char == "[", 1
+        body = pattern[p + 1 : end]
+        negate = body.startswith("!")
+        if negate:
+            body = body[1:]
+        hit, i = False, 0
+        while i < len(body):
+            if i + 2 < len(body) and body[i + 1] == "-":
+                hit = hit or body[i] <= char <= body[i + 2]
+                i += 3
+            else:
+                hit = hit or body[i] == char
+                i += 1
+        return hit != negate, end - p + 1
+    return c == char, 1
 
 
 def _literal_prefix(pattern: str) -> str:
@@ -148,12 +202,14 @@ def parse_proc_filesystems(text: str) -> frozenset[str]:
 # --- system calls (injectable) -----------------------------------------------
 
 
-class ModuleSyscalls(Protocol):
-    """The two kernel entry points; each returns 0 or a positive errno."""
+if TYPE_CHECKING:
 
-    def finit_module(self, fd: int, flags: int) -> int: ...
+    class ModuleSyscalls(Protocol):
+        """The two kernel entry points; each returns 0 or a positive errno (tests inject fakes)."""
 
-    def init_module(self, image: bytes) -> int: ...
+        def finit_module(self, fd: int, flags: int) -> int: ...
+
+        def init_module(self, image: bytes) -> int: ...
 
 
 class LinuxSyscalls:
@@ -194,8 +250,7 @@ def _errtext(err: int) -> str:
 # --- the loader -----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Index:
+class _Index(NamedTuple):
     deps: dict[str, DepEntry]
     aliases: AliasTable
     builtin: frozenset[str]

@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
+from guest_agent.records import NamedTuple
 
 MOUNTINFO = "/proc/self/mountinfo"
 
-_ESCAPE = re.compile(r"\\([0-7]{3})")
-
 
 def _unescape(field: str) -> str:
-    # The kernel escapes space, tab, newline and backslash as \ooo (octal).
-    return _ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
+    """The kernel escapes space, tab, newline and backslash as \\ooo (octal)."""
+    if "\\" not in field:
+        return field
+    out, i = [], 0
+    while i < len(field):
+        code = field[i + 1 : i + 4]
+        if field[i] == "\\" and len(code) == 3 and all(c in "01234567" for c in code):
+            out.append(chr(int(code, 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
 
 
-@dataclass(frozen=True)
-class Mount:
+class Mount(NamedTuple):
     mount_id: int
     parent_id: int
     devnum: tuple[int, int]

@@ -5,15 +5,17 @@ Pure: works on parsed specs only, so it is tested without root or devices.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
 from graphlib import TopologicalSorter
 
+from guest_agent.records import NamedTuple
 from guest_agent.spec import Config, MountSpec, OverlaySpec, Problem, ShareSpec
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
-@dataclass(frozen=True)
-class Step:
+
+class Step(NamedTuple):
     spec: MountSpec
     after: tuple[str, ...]  # WHEREs of the steps that must be mounted first
     store_lower: bool = False  # the overlay's lower layer: immutable, mounted read-only by default

@@ -29,10 +29,13 @@ from __future__ import annotations
 
 import os
 import struct
-import uuid
 import zlib
-from collections.abc import Callable
-from dataclasses import dataclass
+
+from guest_agent.records import NamedTuple
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = ["PROBE_SIZE", "Signature", "is_blank", "probe_bytes", "probe_device"]
 
@@ -46,8 +49,7 @@ OTHER = "other"
 PARTITION_TABLE = "partition-table"
 
 
-@dataclass(frozen=True)
-class Signature:
+class Signature(NamedTuple):
     fstype: str  # name for mount(2) ("ext4" for ext2/3/4), or blkid's TYPE / PTTYPE
     label: str | None
     uuid: str | None  # blkid's UUID (PTUUID for partition tables)
@@ -84,11 +86,17 @@ def _label(raw: bytes) -> str | None:
     return text or None
 
 
+def _uuid_text(raw: bytes) -> str:
+    """16 bytes as 8-4-4-4-12 lowercase hex (what uuid.UUID prints, without importing uuid)."""
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
+
+
 def _uuid(raw: bytes) -> str | None:
     """16 raw bytes -> lowercase 8-4-4-4-12; None when all zero (as blkid)."""
     if len(raw) != 16 or not any(raw):
         return None
-    return str(uuid.UUID(bytes=raw))
+    return _uuid_text(raw)
 
 
 def _pow2(n: int, lo: int, hi: int) -> bool:
@@ -321,7 +329,10 @@ def _gpt(h: bytes) -> Signature | None:
             continue
         guid = hdr[56:72]
         return Signature(
-            "gpt", None, str(uuid.UUID(bytes_le=guid)) if any(guid) else None, PARTITION_TABLE
+            "gpt",
+            None,
+            _uuid_text(guid[3::-1] + guid[5:3:-1] + guid[7:5:-1] + guid[8:]) if any(guid) else None,
+            PARTITION_TABLE,
         )
     return None
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import time
 
 TRASH = ".guest-agent-trash"
@@ -74,6 +73,8 @@ def move_aside(rw: str) -> int:
         except OSError as e:
             if e.errno != errno.ENOSPC or name != "work":
                 raise
+            import shutil
+
             shutil.rmtree(src)
         moved += 1
     _fsync_dir(trash)
@@ -103,6 +104,8 @@ def empty_trash(rw: str) -> None:
     for entry in entries:
         path = os.path.join(trash, entry)
         if os.path.isdir(path) and not os.path.islink(path):
+            import shutil  # only when there is something to delete
+
             shutil.rmtree(path, ignore_errors=True)
         else:
             try:

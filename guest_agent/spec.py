@@ -7,23 +7,25 @@ on its first colons only, so the last field (OPTIONS) may itself hold colons.
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
-from enum import StrEnum
+from guest_agent.records import NamedTuple
 
 DEFAULT_DEVICE_TIMEOUT = 10.0
 STORE_MOUNT_POINT = "/nix/store"
 MAX_VIRTIOFS_TAG = 36
 
 
-class Proto(StrEnum):
+class Proto:
+    """The PROTO field's values (plain strings: no enum on the boot path)."""
+
     NINEP = "9p"
     VIRTIOFS = "virtiofs"
     AUTO = "auto"
 
 
-@dataclass(frozen=True)
-class Problem:
+_PROTOS = {p: p for p in (Proto.NINEP, Proto.VIRTIOFS, Proto.AUTO)}
+
+
+class Problem(NamedTuple):
     """A user-facing error about one spec: rendered as `SPEC: REASON (hint: HINT)`."""
 
     spec: str
@@ -36,8 +38,7 @@ class Problem:
         return f"{text} (hint: {self.hint})" if self.hint else text
 
 
-@dataclass(frozen=True)
-class Options:
+class Options(NamedTuple):
     """fstab-style options, split into the agent's own and the kernel's."""
 
     kernel: tuple[str, ...] = ()  # handed to the kernel, in the order given
@@ -64,22 +65,20 @@ class Options:
         return None
 
 
-@dataclass(frozen=True)
-class ShareSpec:
+class ShareSpec(NamedTuple):
     source: str  # the spec as the user wrote it, for messages
     tag: str
     where: str
-    proto: Proto = Proto.AUTO
-    options: Options = field(default_factory=Options)
+    proto: str = Proto.AUTO
+    options: Options = Options()
 
 
-@dataclass(frozen=True)
-class VolumeSpec:
+class VolumeSpec(NamedTuple):
     source: str
     what: str  # LABEL=…, UUID=…, SERIAL=…, /dev/… or a pseudo source for tmpfs and friends
     where: str
     fstype: str = "auto"
-    options: Options = field(default_factory=Options)
+    options: Options = Options()
 
     @property
     def by(self) -> tuple[str, str]:
@@ -107,12 +106,11 @@ DISK_LINKS = {
 PSEUDO_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
 
 
-@dataclass(frozen=True)
-class OverlaySpec:
+class OverlaySpec(NamedTuple):
     source: str
     lower: str
     rw: str
-    options: Options = field(default_factory=Options)
+    options: Options = Options()
     where: str = STORE_MOUNT_POINT
 
     @property
@@ -127,8 +125,7 @@ class OverlaySpec:
 MountSpec = ShareSpec | VolumeSpec | OverlaySpec
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(NamedTuple):
     """Everything to mount, keyed by mount point (later entries replaced earlier ones)."""
 
     mounts: tuple[MountSpec, ...] = ()
@@ -208,7 +205,7 @@ def _parse_seconds(value: str) -> float | None:
 
 # --- specs -----------------------------------------------------------------
 
-_FSTYPE = re.compile(r"[A-Za-z0-9_.]{1,32}")
+_FSTYPE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.")
 SHARE_GRAMMAR = "TAG:WHERE[:PROTO[:OPTIONS]]"
 VOLUME_GRAMMAR = "WHAT:WHERE[:FSTYPE[:OPTIONS]]"
 OVERLAY_GRAMMAR = "LOWER:RW[:OPTIONS]"
@@ -232,9 +229,8 @@ def parse_share(value: str, source: str) -> ShareSpec | Problem:
     """`TAG:WHERE[:PROTO[:OPTIONS]]`."""
     try:
         tag, where, proto_text, options = _fields(value, 4, source, SHARE_GRAMMAR)
-        try:
-            proto = Proto(proto_text or "auto")
-        except ValueError:
+        proto = _PROTOS.get(proto_text or Proto.AUTO)
+        if proto is None:
             return Problem(source, f"unknown protocol {proto_text!r}", "use 9p, virtiofs or auto")
         if "\0" in tag or any(c.isspace() for c in tag):
             raise Invalid(f"tag {tag!r} contains whitespace or NUL")
@@ -250,7 +246,7 @@ def parse_volume(value: str, source: str) -> VolumeSpec | Problem:
     try:
         what, where, fstype, options_text = _fields(value, 4, source, VOLUME_GRAMMAR)
         fstype = fstype or "auto"
-        if not _FSTYPE.fullmatch(fstype):
+        if not 0 < len(fstype) <= 32 or not _FSTYPE_CHARS.issuperset(fstype):
             raise Invalid(f"invalid filesystem type {fstype!r}")
         key, sep, ident = what.partition("=")
         if sep and key in ("LABEL", "UUID", "SERIAL"):

@@ -10,7 +10,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from dataclasses import dataclass
+
+from guest_agent.records import NamedTuple
 
 # Identical on x86_64, aarch64, riscv64 and every other architecture using the unified table.
 _SYS_MOVE_MOUNT = 429
@@ -70,8 +71,7 @@ class MountError(Exception):
         super().__init__(f"{reason}: {kernel_says}" if kernel_says else reason)
 
 
-@dataclass(frozen=True)
-class MountRequest:
+class MountRequest(NamedTuple):
     fstype: str
     source: str
     target: str  # host path, already resolved and checked

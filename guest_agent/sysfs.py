@@ -8,26 +8,23 @@ missing or unreadable attribute; the value is simply absent (None / skipped).
 from __future__ import annotations
 
 import os
-import re
-from dataclasses import dataclass
+
+from guest_agent.records import NamedTuple
 
 VIRTIO_ID_BLOCK = 2
 VIRTIO_ID_9P = 9
 VIRTIO_ID_FS = 26
 VIRTIOFS_TAG_MAX = 36  # bytes, fixed by the virtio-fs config layout
 
-_VIRTIO_COMPONENT = re.compile(r"virtio\d+")
 
 
-@dataclass(frozen=True)
-class VirtioShare:
+class VirtioShare(NamedTuple):
     proto: str  # "9p" | "virtiofs"
     tag: str | None  # None when the kernel does not expose it (virtiofs before 6.9)
     device: str  # "virtio3"
 
 
-@dataclass(frozen=True)
-class BlockDevice:
+class BlockDevice(NamedTuple):
     name: str  # "vda", "vda1", "loop0"
     devnode: str  # "/dev/vda"
     devnum: tuple[int, int]
@@ -56,10 +53,23 @@ def _clean(text: str | None) -> str | None:
     return text or None
 
 
+_DIGITS = "0123456789"
+
+
 def _natural_key(name: str) -> tuple[str, int, str]:
-    m = re.match(r"(\D*)(\d*)(.*)", name)
-    assert m is not None  # the pattern matches every string
-    return (m.group(1), int(m.group(2)) if m.group(2) else -1, m.group(3))
+    """"virtio10" sorts after "virtio3": (letters, number, rest)."""
+    i = 0
+    while i < len(name) and name[i] not in _DIGITS:
+        i += 1
+    j = i
+    while j < len(name) and name[j] in _DIGITS:
+        j += 1
+    return (name[:i], int(name[i:j]) if j > i else -1, name[j:])
+
+
+def _is_virtio_component(part: str) -> bool:
+    """A sysfs path component "virtioN" (the virtio device a block device sits on)."""
+    return part.startswith("virtio") and len(part) > 6 and all(c in _DIGITS for c in part[6:])
 
 
 def _listdir(path: str) -> list[str]:
@@ -192,7 +202,7 @@ def scan_block_devices(sysfs: str = "/sys") -> list[BlockDevice]:
                 devnode="/dev/" + (devname or name.replace("!", "/")),
                 devnum=devnum,
                 serial=serial,
-                virtio=any(_VIRTIO_COMPONENT.fullmatch(c) for c in real.split(os.sep)),
+                virtio=any(_is_virtio_component(c) for c in real.split(os.sep)),
                 partition=partition,
                 size_bytes=size,
                 read_only=_int(_read(os.path.join(node, "ro"))) == 1,

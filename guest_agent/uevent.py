@@ -7,13 +7,17 @@ opening and checking are queued in the socket, so none is lost to a race.
 
 from __future__ import annotations
 
+import _socket as socket  # the C module: `socket` would import enum, selectors... for nothing
 import errno
 import select
-import socket
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
+
+from guest_agent.records import NamedTuple
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 NETLINK_KOBJECT_UEVENT = 15
 KERNEL_GROUP = 1  # the kernel's multicast group (udevd re-broadcasts on group 2)
@@ -23,12 +27,14 @@ DEGRADED_SLEEP = 0.1
 _SO_RCVBUFFORCE = 33  # Linux; not exported by the socket module
 
 
-@dataclass(frozen=True)
-class Uevent:
+class Uevent(NamedTuple):
     action: str  # add, remove, change, bind, unbind, move, online, offline; "overflow" (see wait)
     devpath: str  # "/devices/pci0000:00/0000:00:02.0/virtio1"
     subsystem: str | None
-    env: Mapping[str, str] = field(hash=False)
+    env: Mapping[str, str]
+
+    def __hash__(self) -> int:  # env (a read-only mapping) is not hashable: leave it out
+        return hash((self.action, self.devpath, self.subsystem))
 
 
 def parse_uevent(data: bytes) -> Uevent | None:

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from guest_agent.kmod import (
     MODULE_INIT_COMPRESSED_FILE,
@@ -503,3 +505,35 @@ def test_parse_modules_softdep() -> None:
     assert parse_modules_softdep(
         "softdep libcrc32c pre: crc32c\nsoftdep a-b post: c pre: d e\nbogus line\n"
     ) == {"libcrc32c": (["crc32c"], []), "a_b": (["d", "e"], ["c"])}
+
+
+ALIAS_ALPHABET = "ab-_:*?[]!0"
+
+
+@given(
+    name=st.text(alphabet="ab-_:[]!0", max_size=8),
+    pattern=st.text(alphabet=ALIAS_ALPHABET, max_size=8),
+)
+@settings(max_examples=3000, deadline=None)
+def test_glob_match_agrees_with_fnmatch(name: str, pattern: str) -> None:
+    from fnmatch import fnmatchcase
+
+    from guest_agent.kmod import glob_match
+
+    assert glob_match(name, pattern) == fnmatchcase(name, pattern), (name, pattern)
+
+
+@pytest.mark.parametrize(
+    ("name", "pattern"),
+    [
+        ("virtio:d00000009v00001AF4", "virtio:d00000009v*"),
+        ("pci:v00001AF4d00001049sv00001AF4sd00001100bc01sc00i00", "pci:v00001AF4d*sv*sd*bc*sc*i*"),
+        ("acpi:LNRO0005:", "acpi*:LNRO0005:*"),
+        ("fs-9p", "fs-9p"),
+    ],
+)
+def test_glob_match_real_aliases(name: str, pattern: str) -> None:
+    from guest_agent.kmod import glob_match
+
+    assert glob_match(name, pattern)
+    assert not glob_match(name + "x", pattern.rstrip("*") + "y")

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from guest_agent import uevent
 from guest_agent.uevent import OVERFLOW, Uevent, UeventMonitor, parse_uevent
 
 # Captured from a 6.x guest (virtio-pci 9p device, its driver binding, a virtio-blk disk).
@@ -147,7 +148,7 @@ def test_monitor_degrades_to_polling(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*_a: Any, **_k: Any) -> socket.socket:
         raise PermissionError(errno.EPERM, "Operation not permitted")
 
-    monkeypatch.setattr(socket, "socket", refuse)
+    monkeypatch.setattr(uevent.socket, "socket", refuse)  # the C module the monitor uses
     with UeventMonitor() as mon:
         assert (
             not mon.available and mon.error is not None and "Operation not permitted" in mon.error
