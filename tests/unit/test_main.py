@@ -57,6 +57,13 @@ def test_boot_path_does_not_import_click(tmp_path: Path) -> None:
     imported = _imported(done.stderr)
     assert "guest_agent.app" in imported
     assert not {m for m in imported if m == "click" or m.startswith("click.")}
+    # Nor anything heavy that a bare interpreter does not import already (docs/design.md).
+    bare = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "pass"], capture_output=True, text=True, check=True
+    )
+    extra = imported - _imported(bare.stderr)
+    heavy = {"typing", "re", "enum", "json", "dataclasses", "inspect", "socket", "uuid", "shutil"}
+    assert not extra & heavy, sorted(extra & heavy)
 
 
 def test_usage_errors_still_come_from_click() -> None:
