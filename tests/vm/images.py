@@ -1,15 +1,15 @@
 """Debian 12 guest images with the boot integrations, and VMs that boot them.
 
 ``tools/build-guest-images`` builds (and caches) two real Debian 12 systems:
-one whose initramfs is made by initramfs-tools with guest-agent's hook
-(sysvinit as init), one made by dracut with guest-agent's module (systemd in
-the initrd and as init). :class:`ImageVM` boots one of them under the test bed
+one whose initramfs is made by initramfs-tools with guest-agent's hook, one
+made by dracut with guest-agent's module (systemd in the initrd); both boot
+systemd as their real init. :class:`ImageVM` boots one of them under the test bed
 (:class:`testbed.VM`): the image's own kernel and initrd, its root file system
 as the first virtio disk (``root=/dev/vda``, copy-on-write so that the cached
 image is never written), and the test bed's shares and volumes after it.
 
 The guest runs the test's script at the end of its boot: the image's init
-(an inittab entry, or ``ga-testbed.target`` under systemd) mounts the 9p share
+(systemd, booted to ``ga-testbed.target``) mounts the 9p share
 ``ga-test`` that holds the script, runs it with its output on the results
 channel (``/dev/ttyS1``) and powers off. So a script sees the system as its
 real init left it, after the initrd's mounts and the switch of root.
@@ -43,7 +43,7 @@ FLAVORS = ("initramfs-tools", "dracut")
 
 #: Kernel command line of every boot of a flavor.
 FLAVOR_CMDLINE = {
-    "initramfs-tools": "root=/dev/vda",
+    "initramfs-tools": "root=/dev/vda systemd.unit=ga-testbed.target",
     # rd.shell=0 rd.emergency=reboot: a failing initrd reboots (qemu exits)
     # instead of waiting at an emergency shell nobody can type into.
     "dracut": "root=/dev/vda rd.shell=0 rd.emergency=reboot systemd.unit=ga-testbed.target",
