@@ -21,6 +21,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,32 @@ from common import REPO_ROOT, Env, Timings, boot_checked, log, median, tb
 
 NINEP_SHARES = [f"s{i}" for i in range(5)]
 VIRTIOFS_SHARES = [f"s{i}" for i in range(5, 8)]
-#: Everything a mount-all of this configuration imports from the agent.
-IMPORTS = (
-    "import guest_agent.cli, guest_agent.commands, guest_agent.config, guest_agent.plan, "
-    "guest_agent.execute, guest_agent.kmod, guest_agent.uevent, guest_agent.sysfs, guest_agent.probe"
-)
+def agent_modules() -> list[str]:
+    """The agent's modules a boot-path mount-all imports (diagnostics: timed as one import).
+
+    Those a host dry run imports, plus the discovery and loading modules a real run
+    adds when they exist."""
+    cl = Path(tempfile.mkstemp(prefix="ga-bench-")[1])
+    empty = Path(tempfile.mkstemp(prefix="ga-bench-", suffix=".json")[1])
+    try:
+        cl.write_text(agent_cmdline() + "\n")
+        empty.write_text("{}\n")
+        out = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "guest_agent", "mount-all", "--dry-run",
+             "--cmdline", str(cl), "--config", str(empty)],
+            cwd=REPO_ROOT, capture_output=True, text=True, check=False,
+        )
+    finally:
+        cl.unlink()
+        empty.unlink()
+    mods = {line.split("|")[-1].strip() for line in out.stderr.splitlines() if "import time:" in line}
+    mods = {m for m in mods if m.startswith("guest_agent.") and m != "guest_agent.__main__"}
+    for extra in ("kmod", "uevent", "sysfs", "probe", "reset"):
+        if (REPO_ROOT / "guest_agent" / f"{extra}.py").exists():
+            mods.add(f"guest_agent.{extra}")
+    return sorted(mods)
+
+
 _WOULD = re.compile(r"^would-mount (\S+) (\S+) at (\S+) \((.*)\)$")
 
 
@@ -81,12 +103,22 @@ def shell_script(plan: list[tuple[str, str, str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def guest_script(plan: list[tuple[str, str, str, str]], rounds: int) -> str:
+def floor_script(plan: list[tuple[str, str, str, str]]) -> str:
+    """bench/guest_floor.py with the plan filled in (LABEL=rw-store is /dev/vda, the only disk)."""
+    resolved = [(f, "/dev/vda" if src == "LABEL=rw-store" else src, w, o) for f, src, w, o in plan]
+    text = (Path(__file__).parent / "guest_floor.py").read_text()
+    marker = "PLAN: list = []  # filled in by boot_path.py"
+    assert marker in text
+    return text.replace(marker, f"PLAN = {resolved!r}")
+
+
+def guest_script(plan: list[tuple[str, str, str, str]], rounds: int, modules: list[str]) -> str:
     points = " ".join(where for *_, where, _ in reversed(plan))
     return f"""
-IMPORTS='{IMPORTS}'
+IMPORTS='import {", ".join(modules)}'
 agent() {{ guest-agent mount-all >/tmp/agent.log 2>&1; }}
 shellmounts() {{ sh /bench/mounts.sh >/tmp/shell.log 2>&1; }}
+floormounts() {{ python3 /bench/floor.py >/tmp/floor.log 2>&1; }}
 unmount_all() {{
     for m in {points}; do umount "$m" || echo "umount $m failed"; done
     sync
@@ -99,15 +131,24 @@ unmount_all
 timeit warm-shell shellmounts || {{ cat /tmp/shell.log; exit 1; }}
 show shell
 unmount_all
-i=1
-while [ $i -le {rounds} ]; do
-    if [ $((i % 2)) -eq 1 ]; then
-        timeit agent agent || cat /tmp/agent.log; unmount_all
-        timeit shell shellmounts || cat /tmp/shell.log; unmount_all
-    else
-        timeit shell shellmounts || cat /tmp/shell.log; unmount_all
-        timeit agent agent || cat /tmp/agent.log; unmount_all
-    fi
+timeit warm-floor floormounts || {{ cat /tmp/floor.log; exit 1; }}
+show floor
+unmount_all
+i=0
+while [ $i -lt {rounds} ]; do
+    case $((i % 3)) in
+        0) order="agent shell floor" ;;
+        1) order="shell floor agent" ;;
+        2) order="floor agent shell" ;;
+    esac
+    for what in $order; do
+        case $what in
+            agent) timeit agent agent || cat /tmp/agent.log ;;
+            shell) timeit shell shellmounts || cat /tmp/shell.log ;;
+            floor) timeit floor floormounts || cat /tmp/floor.log ;;
+        esac
+        unmount_all
+    done
     i=$((i + 1))
 done
 # Diagnostics (not part of the ratio): where the agent's time goes in the guest.
@@ -116,13 +157,20 @@ for i in 1 2 3; do
     timeit py-imports python3 -c "$IMPORTS"
     timeit agent-help sh -c "guest-agent --help >/dev/null"
 done
-python3 -X importtime -m guest_agent mount-all 2>/tmp/imp >/dev/null
-echo "@@importtime@@"; grep 'import time' /tmp/imp; echo "@@end@@"
-unmount_all
-python3 -m cProfile -o /tmp/prof -m guest_agent mount-all >/dev/null 2>&1
+for i in 1 2 3; do
+    python3 -X importtime /usr/bin/guest-agent mount-all 2>/tmp/imp >/dev/null
+    echo "@@importtime$i@@"; grep 'import time' /tmp/imp; echo "@@end@@"
+    unmount_all
+done
+python3 -m cProfile -o /tmp/prof /usr/bin/guest-agent mount-all >/dev/null 2>&1
 unmount_all
 echo "@@profile@@"
-python3 -c "import pstats; pstats.Stats('/tmp/prof').sort_stats('cumulative').print_stats(35)" | sed -e 's#/usr/lib/python3[^ ]*/##'
+python3 -c "
+import pstats
+s = pstats.Stats('/tmp/prof')
+s.sort_stats('cumulative').print_stats('guest_agent', 40)
+s.sort_stats('tottime').print_stats(25)
+" | sed -e 's#/usr/lib/python3[^ ]*/##g' | grep -v '^ *$\|Ordered by\|List reduced\|function calls'
 echo "@@end@@"
 """
 
@@ -146,7 +194,52 @@ def _mounts_section(text: str, name: str) -> list[tuple[str, str, str]]:
     return sorted(rows)
 
 
-def run(env: Env, kernel: str, rounds: int) -> dict[str, Any]:
+#: What a hand-written initrd fragment loads for these mounts (and virtio_pci, see cold_script).
+COLD_MODULES = "virtio_blk 9pnet_virtio 9p virtiofs overlay ext4"
+
+
+def cold_script(script: str) -> str:
+    """The busybox script for a cold boot: modprobe first, shares retried."""
+    # Right after modprobe a share's channel may not be registered yet (the race behind
+    # microvm.nix's "tag not found"): like a careful hand-written script, retry each share's
+    # mount every 10 ms (for up to 10 s).
+    lines = []
+    for line in script.splitlines()[1:]:
+        if line.startswith(("mount -t 9p", "mount -t virtiofs")):
+            line = (
+                f"n=0; until {line} 2>/dev/null; do n=$((n + 1)); "
+                "[ $n -gt 1000 ] && { " + line + "; exit 1; }; usleep 10000; done"
+            )
+        lines.append(line)
+    return (
+        "#!/bin/sh\nset -e\n"
+        "# virtio_pci is built into Debian's 6.12, a module in 6.1\n"
+        "[ -d /sys/bus/pci/drivers/virtio-pci ] || modprobe virtio_pci\n"
+        "modprobe -a " + COLD_MODULES + "\n" + "\n".join(lines) + "\n"
+    )
+
+
+def run_cold(vm: tb.VM, script: str, boots: int) -> dict[str, list[float]]:
+    """Cold boots: the first mount run of a boot, modules not loaded yet; agent and shell
+    alternate as the one that goes first (one sample per boot). The shell loads the
+    modules itself with busybox `modprobe -a` (the agent coldplugs them) and retries
+    share mounts until their channel is there."""
+    cold = cold_script(script)
+    out: dict[str, list[float]] = {"agent": [], "shell": []}
+    for i in range(2 * boots):
+        who = "agent" if i % 2 == 0 else "shell"
+        cmd = "guest-agent mount-all >/tmp/log 2>&1" if who == "agent" else "sh /bench/cold.sh >/tmp/log 2>&1"
+        r = boot_checked(
+            vm,
+            f"timeit cold sh -c '{cmd}' || {{ cat /tmp/log; exit 1; }}\n"
+            "[ $(grep -cE ' (9p|virtiofs|ext4|overlay) ' /proc/self/mountinfo) -eq 11 ] || exit 1\n",
+            files={"bench/cold.sh": cold},
+        )
+        out[who] += Timings.parse(r.results).seconds("cold")
+    return out
+
+
+def run(env: Env, kernel: str, rounds: int, cold_boots: int = 3) -> dict[str, Any]:
     work = env.workdir / f"boot-path-{kernel}"
     work.mkdir(parents=True, exist_ok=True)
     cmdline = agent_cmdline()
@@ -163,11 +256,18 @@ def run(env: Env, kernel: str, rounds: int) -> dict[str, Any]:
     vm = env.vm(kernel, "boot-path", shares=shares, disks=[tb.Disk(rw, serial="rw")],
                 cmdline=cmdline, timeout=300 + 60 * rounds)
     log(f"boot path on {kernel}: {rounds} rounds")
-    r = boot_checked(vm, guest_script(plan, rounds), files={"bench/mounts.sh": script})
+    floor = floor_script(plan)
+    r = boot_checked(
+        vm, guest_script(plan, rounds, agent_modules()), files={"bench/mounts.sh": script, "bench/floor.py": floor}
+    )
     t = Timings.parse(r.results)
+    log(f"boot path on {kernel}: {cold_boots} cold boots each")
+    cold = run_cold(vm, script, cold_boots)
     agent_m, shell_m = _mounts_section(r.results, "agent"), _mounts_section(r.results, "shell")
-    agent, shell = t.seconds("agent"), t.seconds("shell")
+    floor_m = _mounts_section(r.results, "floor")
+    agent, shell, fl = t.seconds("agent"), t.seconds("shell"), t.seconds("floor")
     ratios = [a / s for a, s in zip(agent, shell, strict=True)]
+    floor_ratios = [f / s for f, s in zip(fl, shell, strict=True)]
     return {
         "kernel": kernel,
         "rounds": rounds,
@@ -177,7 +277,16 @@ def run(env: Env, kernel: str, rounds: int) -> dict[str, Any]:
         "ratio_median": median(ratios),
         "agent_median": median(agent),
         "shell_median": median(shell),
+        "floor": fl,
+        "floor_ratios": floor_ratios,
+        "floor_ratio_median": median(floor_ratios),
+        "floor_median": median(fl),
+        "floor_same_mounts": floor_m == shell_m,
+        "floor_script": floor,
         "cold_agent": t.seconds("cold-agent"),
+        "cold_boots": cold,
+        "cold_ratio": median(cold["agent"]) / median(cold["shell"]),
+        "cold_script": cold_script(script),
         "warm_shell": t.seconds("warm-shell"),
         "null": t.null(),
         "failures": t.failures(),
@@ -189,7 +298,8 @@ def run(env: Env, kernel: str, rounds: int) -> dict[str, Any]:
         "boot_seconds": r.duration,
         "py_bare": t.seconds("py-bare"),
         "py_imports": t.seconds("py-imports"),
+        "imported_modules": agent_modules(),
         "agent_help": t.seconds("agent-help"),
-        "guest_importtime": _section(r.results, "importtime"),
+        "guest_importtime": [_section(r.results, f"importtime{i}") for i in (1, 2, 3)],
         "guest_profile": _section(r.results, "profile"),
     }

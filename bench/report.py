@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from common import median
@@ -92,6 +93,9 @@ def render(r: dict[str, Any]) -> str:
                     f"1 000 files **{s['small_speedup']:.1f}×** | {'≥ 2×' if target == 2 else 'never slower'} | {_ok(cond)} |"
                 )
     w("")
+    analysis = Path(__file__).with_name("analysis.md")
+    if analysis.exists():
+        w(analysis.read_text().rstrip() + "\n")
     for k, kr in kernels.items():
         if kr.get("boot"):
             _boot(w, k, kr["boot"])
@@ -106,16 +110,30 @@ def render(r: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _when(w: Any, d: dict[str, Any]) -> None:
+    m = d.get("measured")
+    if m:
+        w(f"*Measured {m['at']} (agent at `{m['commit']}`), {m['seconds']} s, host load {m['load']} at the end.*\n")
+
+
 def _boot(w: Any, k: str, b: dict[str, Any]) -> None:
     w(f"## 1. Boot path on {k}\n")
+    _when(w, b)
     w(
         "One guest boot: 8 shares (5 virtio-9p, 3 virtio-fs), the `ro-store` 9p share, an ext4 "
         "store volume found by `LABEL=` and the `/nix/store` overlay. The agent reads them from "
         "the kernel command line (`guest-agent mount-all`, as at boot); the busybox script below "
         "does the same 11 mounts with `mount`, with the options the agent uses (from its "
         "`--dry-run`). The first run of the boot (the agent, cold) loads every module both sides "
-        "need; one untimed shell run follows; then each round times both, alternating which goes "
-        "first, unmounting everything in reverse order and `sync`ing between runs. "
+        "need; one untimed shell run and one untimed floor run follow; then each round times the "
+        "three, rotating which goes first, unmounting everything in reverse order and `sync`ing "
+        "between runs. The *floor* is the least a Python agent can cost: a 30-line script "
+        "(`bench/guest_floor.py`) importing only `os` and `ctypes` that calls `mount(2)` for the "
+        "same 11 mounts (LABEL resolved beforehand), with no parsing, discovery, module loading, "
+        "lock or report. *Cold boots* are separate boots of the same guest in which the agent, or "
+        "the script preceded by `modprobe -a` of the modules it needs (and retrying a share whose "
+        "channel is not registered yet), is the first thing to mount: one sample per boot, "
+        "alternating. "
         f"Both sides left identical mount tables (`/proc/self/mountinfo`, compared): "
         f"**{'yes' if b['same_mounts'] else 'NO'}**.\n"
     )
@@ -125,7 +143,16 @@ def _boot(w: Any, k: str, b: dict[str, Any]) -> None:
     w(f"| busybox script | {_s(b['shell_median'])} | {_range(b['shell'])} | {len(b['shell'])} |")
     w(f"| **ratio agent / shell** (per round) | **{b['ratio_median']:.1f}×** | "
       f"{min(b['ratios']):.1f}× – {max(b['ratios']):.1f}× | {len(b['ratios'])} |")
+    if b.get("floor"):
+        w(f"| Python floor: `os` + `ctypes` `mount(2)` of the same 11 mounts, nothing else | {_s(b['floor_median'])} | {_range(b['floor'])} | {len(b['floor'])} |")
+        w(f"| ratio floor / shell (per round) | {b['floor_ratio_median']:.1f}× | "
+          f"{min(b['floor_ratios']):.1f}× – {max(b['floor_ratios']):.1f}× | {len(b['floor_ratios'])} |")
     w(f"| agent, cold (first run: loads the modules) | {_s(median(b['cold_agent']))} | | 1 |")
+    cb = b.get("cold_boots")
+    if cb:
+        w(f"| cold boots: `guest-agent mount-all` as the first thing of a boot | {_s(median(cb['agent']))} | {_range(cb['agent'])} | {len(cb['agent'])} |")
+        w(f"| cold boots: the script, with `modprobe -a {b.get('cold_modules', 'virtio_blk 9pnet_virtio 9p virtiofs overlay ext4')}` first | {_s(median(cb['shell']))} | {_range(cb['shell'])} | {len(cb['shell'])} |")
+        w(f"| **ratio agent / shell, cold** (medians) | **{b['cold_ratio']:.1f}×** | | |")
     w(f"| null interval | {_ms(b['null'])} | | 5 |")
     w("")
     if b.get("py_bare"):
@@ -138,17 +165,21 @@ def _boot(w: Any, k: str, b: dict[str, Any]) -> None:
             w(f"| `guest-agent --help` | {_s(median(b['agent_help']))} |")
         w(f"| `guest-agent mount-all` (warm) | {_s(b['agent_median'])} |")
         w("")
-        rows = []
-        for line in b.get("guest_importtime", "").splitlines():
-            parts = line.split("|")
-            if len(parts) == 3 and parts[0].split(":")[-1].strip().isdigit():
-                rows.append((int(parts[0].split(":")[-1]), int(parts[1]), parts[2].rstrip()))
-        if rows:
-            w("Heaviest imports of `guest-agent mount-all` in the guest (`python3 -X importtime`, one run, ms):\n")
+        runs = b.get("guest_importtime", [])
+        if isinstance(runs, str):
+            runs = [runs]
+        mods = guest_imports(runs)
+        if mods:
+            total = median([sum(v[0] for v in run_.values()) for run_ in _parse_runs(runs)]) / 1000
+            w(
+                f"Imports of the guest's `guest-agent mount-all` (its console script under "
+                f"`python3 -X importtime`; median of {len(runs)} runs; ms; all imports of the "
+                f"process, including the interpreter's own, total {total:.0f} ms):\n"
+            )
             w("| module | self | cumulative |")
             w("|---|---|---|")
-            for self_us, cum_us, name in sorted(rows, key=lambda x: -x[1])[:20]:
-                w(f"| `{name.strip()}` (depth {(len(name) - len(name.lstrip())) // 2}) | {self_us / 1000:.0f} | {cum_us / 1000:.0f} |")
+            for name, (self_ms, cum_ms, depth) in sorted(mods.items(), key=lambda x: -x[1][1])[:30]:
+                w(f"| {'· ' * depth}`{name}` | {self_ms:.0f} | {cum_ms:.0f} |")
             w("")
         if b.get("guest_profile"):
             w("<details><summary>cProfile of one warm <code>mount-all</code> in the guest</summary>\n")
@@ -159,14 +190,58 @@ def _boot(w: Any, k: str, b: dict[str, Any]) -> None:
     w("```sh")
     w(b["shell_script"].rstrip())
     w("```\n</details>\n")
+    if b.get("cold_script"):
+        w("<details><summary>The busybox script of the cold boots</summary>\n")
+        w("```sh")
+        w(b["cold_script"].rstrip())
+        w("```\n</details>\n")
+    if b.get("floor_script"):
+        w("<details><summary>The Python floor (<code>bench/guest_floor.py</code> with the plan filled in)</summary>\n")
+        w("```python")
+        w(b["floor_script"].rstrip())
+        w("```\n</details>\n")
+
+
+def _parse_runs(runs: list[str]) -> list[dict[str, tuple[int, int, int]]]:
+    out = []
+    for text in runs:
+        mods = {}
+        for line in text.splitlines():
+            parts = line.split("|")
+            if len(parts) == 3 and parts[0].split(":")[-1].strip().isdigit():
+                name = parts[2].rstrip()
+                depth = (len(name) - len(name.lstrip()) - 1) // 2
+                mods[name.strip()] = (int(parts[0].split(":")[-1]), int(parts[1]), depth)
+        if mods:
+            out.append(mods)
+    return out
+
+
+def guest_imports(runs: list[str]) -> dict[str, tuple[float, float, int]]:
+    """module -> (median self ms, median cumulative ms, depth) over importtime outputs."""
+    parsed = _parse_runs(runs)
+    names = set().union(*parsed) if parsed else set()
+    return {
+        n: (
+            median(r[n][0] for r in parsed if n in r) / 1000,
+            median(r[n][1] for r in parsed if n in r) / 1000,
+            next(r[n][2] for r in parsed if n in r),
+        )
+        for n in names
+    }
+
+
+def paired(base: list[float], other: list[float]) -> list[float]:
+    return [b / o for b, o in zip(base, other) if o > 0]
 
 
 def _startup(w: Any, st: dict[str, Any]) -> None:
     w("## 2. Start-up cost (host)\n")
+    _when(w, st)
     w(
-        f"`{st['python']} -m guest_agent mount-all --dry-run --cmdline FILE --config EMPTY` "
-        "(FILE: the boot-path command line; EMPTY: a file holding `{}` — `--config /dev/null` is "
-        "refused, an empty file is not valid JSON) against `python3 -c pass`, alternating, "
+        f"`{st['python']} -m guest_agent mount-all --dry-run --cmdline FILE --config {st.get('config', 'EMPTY')}` "
+        "(FILE: the boot-path command line: 8 shares, ro-store, store volume, overlay) against "
+        "`python3 -c pass`, alternating, "
         f"{st['reps']} runs each, wall time from fork to exit; the same with `-X importtime` "
         "for the import breakdown. PYTHONPATH = the repository and click, so the interpreter "
         "is Debian's, as in the guest.\n"
@@ -176,6 +251,9 @@ def _startup(w: Any, st: dict[str, Any]) -> None:
     w(f"| `python3 -c pass` | {_ms(st['bare_median'])} | {_range(st['bare'])} |")
     w(f"| agent `mount-all --dry-run` | {_ms(st['agent_median'])} | {_range(st['agent'])} |")
     w(f"| **above bare** (difference of medians) | **{_ms(st['above_bare'])}** | |")
+    if st.get("script"):
+        w(f"| the console script (`{st['entry_point']}`, as in the guest: no runpy) | {_ms(st['script_median'])} | {_range(st['script'])} |")
+        w(f"| console script above bare | {_ms(st['script_above_bare'])} | |")
     w(f"| above bare (median of paired differences) | {_ms(st['above_bare_pairs'])} | |")
     w(f"| of which imports (sum of self times of the {st['modules_added']} modules a bare interpreter does not import) | {st['added_import_ms']:.0f} ms | |")
     w("")
@@ -189,6 +267,7 @@ def _startup(w: Any, st: dict[str, Any]) -> None:
 
 def _reset(w: Any, k: str, rs: dict[str, Any]) -> None:
     w(f"## 3. Reset cost against the size of the upper layer, on {k}\n")
+    _when(w, rs)
     w(
         "For each size, a fresh ext4 volume made on the host with `mkfs.ext4 -d` holds the upper "
         "layer `store/` with N empty files (directories of 1 000, like store paths; empty files "
@@ -210,6 +289,7 @@ def _reset(w: Any, k: str, rs: dict[str, Any]) -> None:
 
 def _throughput(w: Any, k: str, tp: dict[str, Any]) -> None:
     w(f"## 4. Share throughput on {k}\n")
+    _when(w, tp)
     w(
         "One guest boot, two 9p shares exporting the same content: `ro-store` (exported read-only) "
         "and a read-write share `data`. Each holds a 64 MiB file and a directory of 1 000 files of "
@@ -242,4 +322,27 @@ def _throughput(w: Any, k: str, tp: dict[str, Any]) -> None:
             f"1 000 files {s['small_speedup']:.2f}× ({_s(s['small_nix'])} → {_s(s['small_agent'])}), "
             f"again {s['small2_speedup']:.2f}×."
         )
+    w("")
+    w(
+        "Speed-ups paired by repetition (microvm.nix time / variant time, both measured in the same "
+        "repetition, minutes apart at most): median, and range over the repetitions. Above 1: faster "
+        "than microvm.nix's options.\n"
+    )
+    w("| share | variant | 64 MiB first | 64 MiB again | 1 000 files first | 1 000 files again |")
+    w("|---|---|---|---|---|---|")
+    for share in ("ro-store", "rw"):
+        nix = next((v for v in tp["variants"] if v["share"] == share and v["name"] == "microvm.nix"), None)
+        if nix is None:
+            continue
+        for v in tp["variants"]:
+            if v["share"] != share or v is nix:
+                continue
+            cells = []
+            for m in ("big1", "big2", "small1", "small2"):
+                ratios = paired(nix[m], v[m])
+                cells.append(
+                    f"{median(ratios):.2f}× ({min(ratios):.2f}–{max(ratios):.2f})" if ratios else "–"
+                )
+            name = f"**{v['name']}**" if v["name"] == "agent" else v["name"]
+            w(f"| {share} | {name} | " + " | ".join(cells) + " |")
     w(f"\nRepetitions: {tp['reps']} per variant; null interval {_ms(tp['null'])}.\n")

@@ -50,7 +50,8 @@ def _tree(root: Path, n: int) -> Path:
 def _image(path: Path, tree: Path, n: int) -> Path:
     tb.blank_image(path, "1G")
     subprocess.run(
-        ["mkfs.ext4", "-q", "-F", "-N", str(2 * n + 8192), "-d", str(tree), str(path)],
+        ["mkfs.ext4", "-q", "-F", "-N", str(2 * n + 8192),
+         "-E", "lazy_itable_init=0,lazy_journal_init=0", "-d", str(tree), str(path)],
         check=True,
         env={"PATH": "/usr/sbin:/sbin:/usr/bin:/bin"},
     )

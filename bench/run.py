@@ -54,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     q = args.quick
     reps = {
         "startup": 7 if q else 31,
-        "boot": 2 if q else 7,
+        "boot": 2 if q else 11,
         "reset": 1 if q else 3,
-        "throughput": 1 if q else 5,
+        "throughput": 1 if q else 9,
     }
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="guest-agent-bench-"))
@@ -86,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     if "startup" in only:
         import startup
 
+        t0 = time.monotonic()
         results["startup"] = startup.run(workdir, reps["startup"])
+        results["startup"]["measured"] = stamp(t0)
         save()
     vm_benches = [b for b in ("boot", "reset", "throughput") if b in only]
     if vm_benches:
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 if b == "boot":
                     import boot_path
 
-                    kres["boot"] = boot_path.run(env, kernel, reps["boot"])
+                    kres["boot"] = boot_path.run(env, kernel, reps["boot"], 1 if q else 3)
                 elif b == "reset":
                     import reset_cost
 
@@ -108,11 +110,24 @@ def main(argv: list[str] | None = None) -> int:
                     import throughput
 
                     kres["throughput"] = throughput.run(env, kernel, reps["throughput"])
+                kres[b]["measured"] = stamp(t0)
                 log(f"{b} on {kernel}: {time.monotonic() - t0:.0f} s")
                 save()
     save()
     log(f"wrote {args.out} and {json_path} (scratch: {workdir})")
     return 0
+
+
+def stamp(t0: float) -> dict[str, str]:
+    """When a benchmark ran, how long it took, the host's load and the agent's commit."""
+    import os
+
+    return {
+        "at": time.strftime("%Y-%m-%d %H:%M"),
+        "seconds": f"{time.monotonic() - t0:.0f}",
+        "load": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+        "commit": host_info()["commit"],
+    }
 
 
 def host_info() -> dict[str, str]:

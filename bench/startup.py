@@ -3,11 +3,13 @@
 Runs, alternating, R times each:
 
 * bare:  PY -c pass
-* agent: PY -X importtime -m guest_agent mount-all --dry-run --cmdline FILE --config EMPTY
+* agent: PY -m guest_agent mount-all --dry-run --cmdline FILE --config EMPTY
+  (and the same under -X importtime)
 
 where FILE holds the boot-path benchmark's command line (8 shares, ro-store,
-store volume, overlay) and EMPTY is a JSON file holding `{}` (`--config
-/dev/null` is refused by the agent: an empty file is not valid JSON). The wall
+store volume, overlay) and EMPTY is /dev/null (or, with an agent that refuses
+an empty file, a JSON file holding `{}`). Also the console script as the
+guest runs it (`from guest_agent.main import run`: no runpy). The wall
 time of each process is measured from the outside (fork to exit); the medians
 and their difference are reported, and from the `-X importtime` output of each
 agent run the median self and cumulative time of every module, the heaviest
@@ -62,6 +64,15 @@ def parse_importtime(text: str) -> dict[str, tuple[int, int, int]]:
     return out
 
 
+def console_script() -> str:
+    """The guest's /usr/bin/guest-agent for the entry point in pyproject.toml."""
+    import tomllib
+
+    target = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]["guest-agent"]
+    module, _, attr = target.partition(":")
+    return f"import sys\nfrom {module} import {attr}\nif __name__ == '__main__':\n    sys.exit({attr}())\n"
+
+
 def run(workdir: Path, reps: int) -> dict[str, Any]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from boot_path import agent_cmdline
@@ -72,24 +83,34 @@ def run(workdir: Path, reps: int) -> dict[str, Any]:
     cl.write_text(agent_cmdline() + "\n")
     empty = work / "empty.json"
     empty.write_text("{}\n")
-    py, env = _python()
     bare_cmd = [py, "-c", "pass"]
     bare_it_cmd = [py, "-X", "importtime", "-c", "pass"]
-    agent_args = ["-m", "guest_agent", "mount-all", "--dry-run", "--cmdline", str(cl), "--config", str(empty)]
+    py, env = _python()
+    # `--config /dev/null` (no config file), as long as the agent accepts an empty file.
+    config = "/dev/null"
+    probe = [py, "-m", "guest_agent", "mount-all", "--dry-run", "--cmdline", str(cl), "--config", config]
+    if _timed(probe, env)[2] != 0:
+        config = str(empty)
+    agent_args = ["-m", "guest_agent", "mount-all", "--dry-run", "--cmdline", str(cl), "--config", config]
     agent_cmd = [py, *agent_args]
     agent_it_cmd = [py, "-X", "importtime", *agent_args]
+    # The console script as initrd-hooks/build-initramfs writes it (no runpy, unlike -m).
+    script = work / "guest-agent"
+    script.write_text(console_script())
+    script_cmd = [py, str(script), *agent_args[2:]]
     log(f"start-up cost: {reps} runs each of {py}")
     # warm the host's page cache
     for cmd in (bare_cmd, agent_cmd):
         _, err, rc = _timed(cmd, env)
         if rc != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({rc}):\n{err}")
-    bare, agent, bare_it, agent_it = [], [], [], []
+    bare, agent, bare_it, agent_it, script_runs = [], [], [], [], []
     imports: list[dict[str, tuple[int, int, int]]] = []
     bare_imports: list[dict[str, tuple[int, int, int]]] = []
     for _ in range(reps):
         bare.append(_timed(bare_cmd, env)[0])
         agent.append(_timed(agent_cmd, env)[0])
+        script_runs.append(_timed(script_cmd, env)[0])
         s, err, _ = _timed(bare_it_cmd, env)
         bare_it.append(s)
         bare_imports.append(parse_importtime(err))
@@ -128,6 +149,11 @@ def run(workdir: Path, reps: int) -> dict[str, Any]:
         "agent_median": median(agent),
         "above_bare": median(agent) - median(bare),
         "above_bare_pairs": median(a - b for a, b in zip(agent, bare, strict=True)),
+        "script": script_runs,
+        "script_median": median(script_runs),
+        "script_above_bare": median(script_runs) - median(bare),
+        "entry_point": console_script().splitlines()[1],
+        "config": config,
         "added_import_ms": median(added_import),
         "modules_added": sum(1 for m in mods.values() if not m["in_bare"]),
         "heaviest_cum": [(n, m) for n, m in heaviest_top[:25]],

@@ -63,11 +63,13 @@ def variants() -> list[tuple[str, str, str]]:
         ("ro-store", "microvm.nix", NIX),
         ("ro-store", "agent", ro),
         ("ro-store", "msize=131072 (kernel default), cache=loose", f"{base},msize=131072,cache=loose,ro"),
+        ("ro-store", "msize=262144, cache=loose", f"{base},msize=262144,cache=loose,ro"),
         ("ro-store", "msize=512000, no cache", f"{base},msize=512000,ro"),
         ("rw", "microvm.nix", NIX),
         ("rw", "agent", rw),
         ("rw", "msize=512000, cache=none", f"{base},msize=512000,cache=none"),
         ("rw", "msize=131072 (kernel default), cache=mmap", f"{base},msize=131072,cache=mmap"),
+        ("rw", "msize=131072, cache=none", f"{base},msize=131072,cache=none"),
     ]
 
 
