@@ -602,17 +602,21 @@ def test_hot_plugged_disk_is_waited_for(make_vm: MakeVM, tmp_path: Path) -> None
 # --- concurrency -----------------------------------------------------------------------
 
 
+# Which run holds the lock first: forced (the second starts once the first holds its flock,
+# and waits on it) on 6.1, both orders; started together on 6.12, either may win.
+RACES = [("6.1", "reset-overlay", True), ("6.1", "mount-all", True), ("6.12", "mount-all", False)]
+
+
 @pytest.mark.parametrize(
-    ("kernel", "first"),
-    # both orders of start on 6.1, one on 6.12 (to save time)
+    ("kernel", "first", "forced"),
     [
-        pytest.param(k, first, id=f"linux-{k}-{first}-first")
-        for k, first in (("6.1", "mount-all"), ("6.1", "reset-overlay"), ("6.12", "mount-all"))
+        pytest.param(k, first, forced, id=f"linux-{k}-{first}-{'first' if forced else 'together'}")
+        for k, first, forced in RACES
     ],
     indirect=["kernel"],
 )
 def test_reset_overlay_racing_mount_all_loses_no_request(
-    make_vm: MakeVM, tmp_path: Path, first: str
+    make_vm: MakeVM, tmp_path: Path, first: str, forced: bool
 ) -> None:
     content = tmp_path / "content"
     (content / "store").mkdir(parents=True)
@@ -624,9 +628,14 @@ def test_reset_overlay_racing_mount_all_loses_no_request(
         cmdline=STORE_CMDLINE,
     )
     second = "reset-overlay" if first == "mount-all" else "mount-all"
+    hold = (
+        "i=0; until grep -q FLOCK /proc/locks || [ $i -ge 5000 ]; do usleep 2000; i=$((i+1)); done"
+    )
     race = vm.boot(
-        f"guest-agent {first} >/tmp/1 2>&1 & guest-agent {second} >/tmp/2 2>&1; rc2=$?\n"
-        "wait $!; rc1=$?\n"
+        f"guest-agent {first} >/tmp/1 2>&1 &\npid=$!\n"
+        + (f"{hold}\n" if forced else "")
+        + f"guest-agent {second} >/tmp/2 2>&1; rc2=$?\n"
+        "wait $pid; rc1=$?\n"
         f"echo rc=$rc1,$rc2; cat /tmp/1 /tmp/2\n"
         "echo @@mounts@@; cut -d' ' -f5 /proc/self/mountinfo\n"
         "echo @@state@@; ls /nix/store | tr '\\n' ' '; echo\n"
@@ -642,6 +651,8 @@ def test_reset_overlay_racing_mount_all_loses_no_request(
     wiped_now = "wiped the /nix/store upper layer" in race.results
     scheduled = "the reset is scheduled" in race.results
     assert wiped_now != scheduled, race.results  # one or the other, said so
+    if forced:
+        assert wiped_now == (first == "reset-overlay"), race.results
     if wiped_now:  # reset-overlay ran first: wiped, then mount-all mounted an empty upper
         assert state[0].split() == ["lower-pkg"] and state[1] == "request=none", state
     else:  # mount-all ran first: the request waits on the RW volume for the next boot
