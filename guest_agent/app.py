@@ -78,8 +78,8 @@ def lock(timeout: int = LOCK_TIMEOUT) -> int | None:
     A run that waits longer than TIMEOUT seconds for another one gives up
     (exit 1) instead of hanging the boot.
     """
+    import _signal as signal  # type: ignore[import-not-found]  # C module; `signal` imports enum
     import fcntl
-    import signal
 
     for path in LOCK_PATHS:
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import time
+from functools import partial
 
 from guest_agent import reset as overlay_reset
 from guest_agent.mountinfo import Mount, MountTable
@@ -28,6 +29,7 @@ from guest_agent.syscalls import MountError, MountRequest, mount, open_in_root, 
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
     from guest_agent.kmod import ModuleLoader
@@ -152,6 +154,9 @@ class Executor:
         self._modules: ModuleLoader | None = None
         self._monitor: UeventMonitor | None = None
         self._coldplugged = False
+        # What discovery saw (sysfs scans, superblocks), reused until something may have
+        # changed: a uevent, a wait, a module load, a format. Keeps each look cheap.
+        self._seen: dict[str, Any] = {}
 
     # -- driving ------------------------------------------------------------------
 
@@ -251,15 +256,28 @@ class Executor:
         return self._modules
 
     def need_filesystem(self, fstype: str) -> None:
+        if fstype in self._seen.get("filesystems", ()):
+            return
         error = self.modules().ensure_filesystem(fstype)
+        self.forget()  # a module load can add devices (and virtiofs tags)
+        self._seen.setdefault("filesystems", set()).add(fstype)
         if error:
             raise Failure(f"the kernel does not support {fstype}: {error}")
+
+    def seen(self, key: str, look: Callable[[], Any]) -> Any:
+        if key not in self._seen:
+            self._seen[key] = look()
+        return self._seen[key]
+
+    def forget(self) -> None:
+        self._seen.clear()
 
     def coldplug(self) -> None:
         """Once: watch uevents (before looking, so none is missed), then load virtio drivers."""
         if self._coldplugged:
             return
         self._coldplugged = True
+        self.forget()
         from guest_agent.uevent import UeventMonitor
 
         self._monitor = UeventMonitor().open()
@@ -274,6 +292,7 @@ class Executor:
         remaining = deadline - time.monotonic()
         if remaining <= 0 or self._monitor is None:
             return False
+        self.forget()
         event = self._monitor.wait(remaining)
         if event is not None and event.action == "add" and "MODALIAS" in event.env:
             self.modules().load(event.env["MODALIAS"])
@@ -376,13 +395,14 @@ class Executor:
         """Which transport carries SPEC's tag: (proto or None, whether it is a blind try)."""
         from guest_agent.sysfs import scan_shares, virtiofs_tags_readable
 
-        shares = scan_shares(self.sysfs)
+        shares = self.seen("shares", lambda: scan_shares(self.sysfs))
         for proto in (Proto.NINEP, Proto.VIRTIOFS):
             if spec.proto in (Proto.AUTO, proto) and any(
                 s.proto == proto and s.tag == spec.tag for s in shares
             ):
                 return str(proto), False
-        if spec.proto in (Proto.AUTO, Proto.VIRTIOFS) and not virtiofs_tags_readable(self.sysfs):
+        readable = self.seen("virtiofs-tags", lambda: virtiofs_tags_readable(self.sysfs))
+        if spec.proto in (Proto.AUTO, Proto.VIRTIOFS) and not readable:
             if any(s.proto == "virtiofs" and s.tag is None for s in shares):
                 return "virtiofs", True
         return None, False
@@ -472,6 +492,7 @@ class Executor:
                     "an interrupted format or foreign data? inspect it; wipe it yourself to let x-makefs format it",
                 )
             self._makefs(spec, device)
+            self.forget()
             signature = probe_device(device)
         if signature is None:
             raise Failure(
@@ -531,14 +552,14 @@ class Executor:
         if kind == "path":
             return value if os.path.exists(value) else None
         matches: list[BlockDevice] = []
-        for dev in scan_block_devices(self.sysfs):
+        for dev in self.seen("disks", lambda: scan_block_devices(self.sysfs)):
             if kind == "serial":
                 if dev.serial == value and not dev.partition:
                     matches.append(dev)
                 continue
             if dev.size_bytes == 0:
                 continue
-            signature = _probe(dev.devnode)
+            signature = self.seen(f"probe:{dev.devnode}", partial(_probe, dev.devnode))
             if signature is None:
                 continue
             found = signature.label if kind == "label" else signature.uuid

@@ -17,7 +17,6 @@ VIRTIO_ID_FS = 26
 VIRTIOFS_TAG_MAX = 36  # bytes, fixed by the virtio-fs config layout
 
 
-
 class VirtioShare(NamedTuple):
     proto: str  # "9p" | "virtiofs"
     tag: str | None  # None when the kernel does not expose it (virtiofs before 6.9)
@@ -57,7 +56,7 @@ _DIGITS = "0123456789"
 
 
 def _natural_key(name: str) -> tuple[str, int, str]:
-    """"virtio10" sorts after "virtio3": (letters, number, rest)."""
+    """ "virtio10" sorts after "virtio3": (letters, number, rest)."""
     i = 0
     while i < len(name) and name[i] not in _DIGITS:
         i += 1
