@@ -29,6 +29,8 @@ from common import REPO_ROOT, Env, Timings, boot_checked, log, median, tb
 
 NINEP_SHARES = [f"s{i}" for i in range(5)]
 VIRTIOFS_SHARES = [f"s{i}" for i in range(5, 8)]
+
+
 def agent_modules() -> list[str]:
     """The agent's modules a boot-path mount-all imports (diagnostics: timed as one import).
 
@@ -40,14 +42,30 @@ def agent_modules() -> list[str]:
         cl.write_text(agent_cmdline() + "\n")
         empty.write_text("{}\n")
         out = subprocess.run(
-            [sys.executable, "-X", "importtime", "-m", "guest_agent", "mount-all", "--dry-run",
-             "--cmdline", str(cl), "--config", str(empty)],
-            cwd=REPO_ROOT, capture_output=True, text=True, check=False,
+            [
+                sys.executable,
+                "-X",
+                "importtime",
+                "-m",
+                "guest_agent",
+                "mount-all",
+                "--dry-run",
+                "--cmdline",
+                str(cl),
+                "--config",
+                str(empty),
+            ],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
         )
     finally:
         cl.unlink()
         empty.unlink()
-    mods = {line.split("|")[-1].strip() for line in out.stderr.splitlines() if "import time:" in line}
+    mods = {
+        line.split("|")[-1].strip() for line in out.stderr.splitlines() if "import time:" in line
+    }
     mods = {m for m in mods if m.startswith("guest_agent.") and m != "guest_agent.__main__"}
     for extra in ("kmod", "uevent", "sysfs", "probe", "reset"):
         if (REPO_ROOT / "guest_agent" / f"{extra}.py").exists():
@@ -76,9 +94,21 @@ def agent_plan(cmdline: str, workdir: Path) -> list[tuple[str, str, str, str]]:
     empty = workdir / "empty.json"
     empty.write_text("{}\n")
     out = subprocess.run(
-        [sys.executable, "-m", "guest_agent", "mount-all", "--dry-run", "--cmdline", str(cl),
-         "--config", str(empty)],
-        cwd=REPO_ROOT, capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "guest_agent",
+            "mount-all",
+            "--dry-run",
+            "--cmdline",
+            str(cl),
+            "--config",
+            str(empty),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     plan = []
     for line in out.stderr.splitlines() + out.stdout.splitlines():
@@ -114,7 +144,7 @@ def floor_script(plan: list[tuple[str, str, str, str]]) -> str:
 
 def guest_script(plan: list[tuple[str, str, str, str]], rounds: int, modules: list[str]) -> str:
     points = " ".join(where for *_, where, _ in reversed(plan))
-    return f"""
+    return rf"""
 IMPORTS='import {", ".join(modules)}'
 agent() {{ guest-agent mount-all >/tmp/agent.log 2>&1; }}
 shellmounts() {{ sh /bench/mounts.sh >/tmp/shell.log 2>&1; }}
@@ -228,7 +258,11 @@ def run_cold(vm: tb.VM, script: str, boots: int) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {"agent": [], "shell": []}
     for i in range(2 * boots):
         who = "agent" if i % 2 == 0 else "shell"
-        cmd = "guest-agent mount-all >/tmp/log 2>&1" if who == "agent" else "sh /bench/cold.sh >/tmp/log 2>&1"
+        cmd = (
+            "guest-agent mount-all >/tmp/log 2>&1"
+            if who == "agent"
+            else "sh /bench/cold.sh >/tmp/log 2>&1"
+        )
         r = boot_checked(
             vm,
             f"timeit cold sh -c '{cmd}' || {{ cat /tmp/log; exit 1; }}\n"
@@ -253,12 +287,20 @@ def run(env: Env, kernel: str, rounds: int, cold_boots: int = 3) -> dict[str, An
         proto = "virtiofs" if tag in VIRTIOFS_SHARES else "9p"
         shares.append(tb.Share(tag, d, proto, readonly=(tag == "ro-store")))
     rw = tb.ext4_image(work / "rw-store.img", "256M", label="rw-store")
-    vm = env.vm(kernel, "boot-path", shares=shares, disks=[tb.Disk(rw, serial="rw")],
-                cmdline=cmdline, timeout=300 + 60 * rounds)
+    vm = env.vm(
+        kernel,
+        "boot-path",
+        shares=shares,
+        disks=[tb.Disk(rw, serial="rw")],
+        cmdline=cmdline,
+        timeout=300 + 60 * rounds,
+    )
     log(f"boot path on {kernel}: {rounds} rounds")
     floor = floor_script(plan)
     r = boot_checked(
-        vm, guest_script(plan, rounds, agent_modules()), files={"bench/mounts.sh": script, "bench/floor.py": floor}
+        vm,
+        guest_script(plan, rounds, agent_modules()),
+        files={"bench/mounts.sh": script, "bench/floor.py": floor},
     )
     t = Timings.parse(r.results)
     log(f"boot path on {kernel}: {cold_boots} cold boots each")

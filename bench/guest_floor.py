@@ -27,6 +27,9 @@ for fstype, source, where, options in PLAN:
             if o.startswith(("upperdir=", "workdir=")):
                 os.makedirs(o.split("=", 1)[1], exist_ok=True)
     os.makedirs(where, exist_ok=True)
-    if libc.mount(source.encode(), where.encode(), fstype.encode(), flags, ",".join(data).encode()) != 0:
+    if (
+        libc.mount(source.encode(), where.encode(), fstype.encode(), flags, ",".join(data).encode())
+        != 0
+    ):
         e = ctypes.get_errno()
         raise SystemExit(f"mount {where}: {os.strerror(e)}")

@@ -61,9 +61,16 @@ def render(r: dict[str, Any]) -> str:
         b = kr.get("boot")
         if b:
             w(
-                f"| 1 | boot path, agent / shell | {k} | **{b['ratio_median']:.1f}×** "
-                f"({_s(b['agent_median'])} vs {_s(b['shell_median'])}) | ≤ 2× | {_ok(b['ratio_median'] <= 2)} |"
+                f"| 1 | boot path, agent / shell, modules loaded | {k} | **{b['ratio_median']:.1f}×** "
+                f"({_s(b['agent_median'])} vs {_s(b['shell_median'])}; Python floor "
+                f"{b['floor_ratio_median']:.1f}×) | ≤ 2× | {_ok(b['ratio_median'] <= 2)} |"
             )
+            if b.get("cold_boots"):
+                cb = b["cold_boots"]
+                w(
+                    f"| 1 | boot path, agent / shell, cold boots | {k} | **{b['cold_ratio']:.1f}×** "
+                    f"({_s(median(cb['agent']))} vs {_s(median(cb['shell']))}) | ≤ 2× | {_ok(b['cold_ratio'] <= 2)} |"
+                )
     if st:
         w(
             f"| 2 | start-up above a bare interpreter (host) | – | **{_ms(st['above_bare'])}** "
@@ -84,13 +91,29 @@ def render(r: dict[str, Any]) -> str:
         tp = kr.get("throughput")
         if tp:
             for share, target in (("ro-store", 2.0), ("rw", 1.0)):
-                s = tp["summary"].get(share)
-                if not s:
+                nix = next(
+                    (
+                        v
+                        for v in tp["variants"]
+                        if v["share"] == share and v["name"] == "microvm.nix"
+                    ),
+                    None,
+                )
+                ag = next(
+                    (v for v in tp["variants"] if v["share"] == share and v["name"] == "agent"),
+                    None,
+                )
+                if not nix or not ag:
                     continue
-                cond = min(s["big_speedup"], s["small_speedup"]) >= target * (0.95 if target == 1 else 1)
+                sp = {
+                    m: median(paired(nix[m], ag[m])) for m in ("big1", "big2", "small1", "small2")
+                }
+                # "never slower": within 5 % (the noise floor of these medians) counts as not slower
+                cond = min(sp["big1"], sp["small1"]) >= (target if target == 2 else 0.95)
                 w(
-                    f"| 4 | {share} share, agent vs microvm.nix | {k} | 64 MiB read **{s['big_speedup']:.1f}×**, "
-                    f"1 000 files **{s['small_speedup']:.1f}×** | {'≥ 2×' if target == 2 else 'never slower'} | {_ok(cond)} |"
+                    f"| 4 | {share} share, agent vs microvm.nix (paired medians) | {k} | 64 MiB first read "
+                    f"**{sp['big1']:.1f}×** (again {sp['big2']:.1f}×), 1 000 files **{sp['small1']:.1f}×** "
+                    f"(again {sp['small2']:.1f}×) | {'≥ 2×' if target == 2 else 'never slower'} | {_ok(cond)} |"
                 )
     w("")
     analysis = Path(__file__).with_name("analysis.md")
@@ -113,7 +136,9 @@ def render(r: dict[str, Any]) -> str:
 def _when(w: Any, d: dict[str, Any]) -> None:
     m = d.get("measured")
     if m:
-        w(f"*Measured {m['at']} (agent at `{m['commit']}`), {m['seconds']} s, host load {m['load']} at the end.*\n")
+        w(
+            f"*Measured {m['at']} (agent at `{m['commit']}`), {m['seconds']} s, host load {m['load']} at the end.*\n"
+        )
 
 
 def _boot(w: Any, k: str, b: dict[str, Any]) -> None:
@@ -139,19 +164,31 @@ def _boot(w: Any, k: str, b: dict[str, Any]) -> None:
     )
     w("| | median | range | runs |")
     w("|---|---|---|---|")
-    w(f"| `guest-agent mount-all` | {_s(b['agent_median'])} | {_range(b['agent'])} | {len(b['agent'])} |")
+    w(
+        f"| `guest-agent mount-all` | {_s(b['agent_median'])} | {_range(b['agent'])} | {len(b['agent'])} |"
+    )
     w(f"| busybox script | {_s(b['shell_median'])} | {_range(b['shell'])} | {len(b['shell'])} |")
-    w(f"| **ratio agent / shell** (per round) | **{b['ratio_median']:.1f}×** | "
-      f"{min(b['ratios']):.1f}× – {max(b['ratios']):.1f}× | {len(b['ratios'])} |")
+    w(
+        f"| **ratio agent / shell** (per round) | **{b['ratio_median']:.1f}×** | "
+        f"{min(b['ratios']):.1f}× – {max(b['ratios']):.1f}× | {len(b['ratios'])} |"
+    )
     if b.get("floor"):
-        w(f"| Python floor: `os` + `ctypes` `mount(2)` of the same 11 mounts, nothing else | {_s(b['floor_median'])} | {_range(b['floor'])} | {len(b['floor'])} |")
-        w(f"| ratio floor / shell (per round) | {b['floor_ratio_median']:.1f}× | "
-          f"{min(b['floor_ratios']):.1f}× – {max(b['floor_ratios']):.1f}× | {len(b['floor_ratios'])} |")
+        w(
+            f"| Python floor: `os` + `ctypes` `mount(2)` of the same 11 mounts, nothing else | {_s(b['floor_median'])} | {_range(b['floor'])} | {len(b['floor'])} |"
+        )
+        w(
+            f"| ratio floor / shell (per round) | {b['floor_ratio_median']:.1f}× | "
+            f"{min(b['floor_ratios']):.1f}× – {max(b['floor_ratios']):.1f}× | {len(b['floor_ratios'])} |"
+        )
     w(f"| agent, cold (first run: loads the modules) | {_s(median(b['cold_agent']))} | | 1 |")
     cb = b.get("cold_boots")
     if cb:
-        w(f"| cold boots: `guest-agent mount-all` as the first thing of a boot | {_s(median(cb['agent']))} | {_range(cb['agent'])} | {len(cb['agent'])} |")
-        w(f"| cold boots: the script, with `modprobe -a {b.get('cold_modules', 'virtio_blk 9pnet_virtio 9p virtiofs overlay ext4')}` first | {_s(median(cb['shell']))} | {_range(cb['shell'])} | {len(cb['shell'])} |")
+        w(
+            f"| cold boots: `guest-agent mount-all` as the first thing of a boot | {_s(median(cb['agent']))} | {_range(cb['agent'])} | {len(cb['agent'])} |"
+        )
+        w(
+            f"| cold boots: the script, with `modprobe -a {b.get('cold_modules', 'virtio_blk 9pnet_virtio 9p virtiofs overlay ext4')}` first | {_s(median(cb['shell']))} | {_range(cb['shell'])} | {len(cb['shell'])} |"
+        )
         w(f"| **ratio agent / shell, cold** (medians) | **{b['cold_ratio']:.1f}×** | | |")
     w(f"| null interval | {_ms(b['null'])} | | 5 |")
     w("")
@@ -160,7 +197,9 @@ def _boot(w: Any, k: str, b: dict[str, Any]) -> None:
         w("| command | median |")
         w("|---|---|")
         w(f"| `python3 -c pass` | {_s(median(b['py_bare']))} |")
-        w(f"| `python3 -c 'import <every agent module mount-all uses>'` | {_s(median(b['py_imports']))} |")
+        w(
+            f"| `python3 -c 'import <every agent module mount-all uses>'` | {_s(median(b['py_imports']))} |"
+        )
         if b.get("agent_help"):
             w(f"| `guest-agent --help` | {_s(median(b['agent_help']))} |")
         w(f"| `guest-agent mount-all` (warm) | {_s(b['agent_median'])} |")
@@ -182,7 +221,9 @@ def _boot(w: Any, k: str, b: dict[str, Any]) -> None:
                 w(f"| {'· ' * depth}`{name}` | {self_ms:.0f} | {cum_ms:.0f} |")
             w("")
         if b.get("guest_profile"):
-            w("<details><summary>cProfile of one warm <code>mount-all</code> in the guest</summary>\n")
+            w(
+                "<details><summary>cProfile of one warm <code>mount-all</code> in the guest</summary>\n"
+            )
             w("```")
             w(b["guest_profile"].strip())
             w("```\n</details>\n")
@@ -196,7 +237,9 @@ def _boot(w: Any, k: str, b: dict[str, Any]) -> None:
         w(b["cold_script"].rstrip())
         w("```\n</details>\n")
     if b.get("floor_script"):
-        w("<details><summary>The Python floor (<code>bench/guest_floor.py</code> with the plan filled in)</summary>\n")
+        w(
+            "<details><summary>The Python floor (<code>bench/guest_floor.py</code> with the plan filled in)</summary>\n"
+        )
         w("```python")
         w(b["floor_script"].rstrip())
         w("```\n</details>\n")
@@ -232,7 +275,7 @@ def guest_imports(runs: list[str]) -> dict[str, tuple[float, float, int]]:
 
 
 def paired(base: list[float], other: list[float]) -> list[float]:
-    return [b / o for b, o in zip(base, other) if o > 0]
+    return [b / o for b, o in zip(base, other, strict=False) if o > 0]
 
 
 def _startup(w: Any, st: dict[str, Any]) -> None:
@@ -252,10 +295,14 @@ def _startup(w: Any, st: dict[str, Any]) -> None:
     w(f"| agent `mount-all --dry-run` | {_ms(st['agent_median'])} | {_range(st['agent'])} |")
     w(f"| **above bare** (difference of medians) | **{_ms(st['above_bare'])}** | |")
     if st.get("script"):
-        w(f"| the console script (`{st['entry_point']}`, as in the guest: no runpy) | {_ms(st['script_median'])} | {_range(st['script'])} |")
+        w(
+            f"| the console script (`{st['entry_point']}`, as in the guest: no runpy) | {_ms(st['script_median'])} | {_range(st['script'])} |"
+        )
         w(f"| console script above bare | {_ms(st['script_above_bare'])} | |")
     w(f"| above bare (median of paired differences) | {_ms(st['above_bare_pairs'])} | |")
-    w(f"| of which imports (sum of self times of the {st['modules_added']} modules a bare interpreter does not import) | {st['added_import_ms']:.0f} ms | |")
+    w(
+        f"| of which imports (sum of self times of the {st['modules_added']} modules a bare interpreter does not import) | {st['added_import_ms']:.0f} ms | |"
+    )
     w("")
     w("Heaviest imports (median over the runs; modules a bare interpreter does not import):\n")
     w("| module | cumulative ms | self ms |")
@@ -278,12 +325,16 @@ def _reset(w: Any, k: str, rs: dict[str, Any]) -> None:
         "tree has finished (polled every 0.1 s; off the boot's critical path); then, once that is "
         "done, `rm -rf copy/` — what a shell fragment does before mounting.\n"
     )
-    w("| files | agent `mount-all` + reset (boot-critical) | agent background deletion | `rm -rf` of the same tree | rm / agent |")
+    w(
+        "| files | agent `mount-all` + reset (boot-critical) | agent background deletion | `rm -rf` of the same tree | rm / agent |"
+    )
     w("|---|---|---|---|---|")
     for n in rs["sizes"]:
         row = rs["rows"][str(n)]
         a, t, rm = median(row["agent"]), median(row["trash"]), median(row["rm"])
-        w(f"| {n:,} | {_s(a)} ({_range(row['agent'])}) | {_s(t)} | {_s(rm)} ({_range(row['rm'])}) | {rm / a:.1f}× |")
+        w(
+            f"| {n:,} | {_s(a)} ({_range(row['agent'])}) | {_s(t)} | {_s(rm)} ({_range(row['rm'])}) | {rm / a:.1f}× |"
+        )
     w(f"\nRepetitions per size: {rs['reps']}; null interval {_ms(rs['null'])}.\n")
 
 
@@ -306,7 +357,9 @@ def _throughput(w: Any, k: str, tp: dict[str, Any]) -> None:
         w("```")
         w(tp["agent_mountinfo"].strip())
         w("```\n")
-    w("| share | variant | options | 64 MiB first | MiB/s | 64 MiB again | 1 000 files + `ls -l` first | again |")
+    w(
+        "| share | variant | options | 64 MiB first | MiB/s | 64 MiB again | 1 000 files + `ls -l` first | again |"
+    )
     w("|---|---|---|---|---|---|---|---|")
     for v in tp["variants"]:
         b1 = median(v["big1"])
@@ -331,7 +384,9 @@ def _throughput(w: Any, k: str, tp: dict[str, Any]) -> None:
     w("| share | variant | 64 MiB first | 64 MiB again | 1 000 files first | 1 000 files again |")
     w("|---|---|---|---|---|---|")
     for share in ("ro-store", "rw"):
-        nix = next((v for v in tp["variants"] if v["share"] == share and v["name"] == "microvm.nix"), None)
+        nix = next(
+            (v for v in tp["variants"] if v["share"] == share and v["name"] == "microvm.nix"), None
+        )
         if nix is None:
             continue
         for v in tp["variants"]:
@@ -341,7 +396,9 @@ def _throughput(w: Any, k: str, tp: dict[str, Any]) -> None:
             for m in ("big1", "big2", "small1", "small2"):
                 ratios = paired(nix[m], v[m])
                 cells.append(
-                    f"{median(ratios):.2f}× ({min(ratios):.2f}–{max(ratios):.2f})" if ratios else "–"
+                    f"{median(ratios):.2f}× ({min(ratios):.2f}–{max(ratios):.2f})"
+                    if ratios
+                    else "–"
                 )
             name = f"**{v['name']}**" if v["name"] == "agent" else v["name"]
             w(f"| {share} | {name} | " + " | ".join(cells) + " |")

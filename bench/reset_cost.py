@@ -50,8 +50,18 @@ def _tree(root: Path, n: int) -> Path:
 def _image(path: Path, tree: Path, n: int) -> Path:
     tb.blank_image(path, "1G")
     subprocess.run(
-        ["mkfs.ext4", "-q", "-F", "-N", str(2 * n + 8192),
-         "-E", "lazy_itable_init=0,lazy_journal_init=0", "-d", str(tree), str(path)],
+        [
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-N",
+            str(2 * n + 8192),
+            "-E",
+            "lazy_itable_init=0,lazy_journal_init=0",
+            "-d",
+            str(tree),
+            str(path),
+        ],
         check=True,
         env={"PATH": "/usr/sbin:/sbin:/usr/bin:/bin"},
     )
@@ -107,7 +117,7 @@ def run(env: Env, kernel: str, reps: int, sizes: tuple[int, ...] = SIZES) -> dic
     disks = [tb.Disk(_image(work / "warm.img", warm_tree, 10), serial="warm")]
     runs: list[tuple[str, int]] = []
     for rep in range(reps):
-        order = list(sizes[rep % len(sizes):]) + list(sizes[: rep % len(sizes)])
+        order = list(sizes[rep % len(sizes) :]) + list(sizes[: rep % len(sizes)])
         for n in order:
             serial = f"r{n}-{rep}"
             log(f"reset: image with {n} files ({serial})")
@@ -115,7 +125,8 @@ def run(env: Env, kernel: str, reps: int, sizes: tuple[int, ...] = SIZES) -> dic
             disks.append(tb.Disk(_image(work / f"{serial}.img", tree, n), serial=serial))
             runs.append((serial, n))
     vm = env.vm(
-        kernel, "reset",
+        kernel,
+        "reset",
         shares=[tb.Share("ro-store", lower, "9p", readonly=True)],
         disks=disks,
         timeout=600 + 600 * reps,
@@ -134,7 +145,11 @@ def run(env: Env, kernel: str, reps: int, sizes: tuple[int, ...] = SIZES) -> dic
         "reps": reps,
         "sizes": list(sizes),
         "rows": {
-            str(n): {"agent": t.seconds(f"a.{n}"), "trash": t.seconds(f"t.{n}"), "rm": t.seconds(f"rm.{n}")}
+            str(n): {
+                "agent": t.seconds(f"a.{n}"),
+                "trash": t.seconds(f"t.{n}"),
+                "rm": t.seconds(f"rm.{n}"),
+            }
             for n in sizes
         },
         "null": t.null(),

@@ -21,20 +21,30 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO_ROOT, Env, log, tb  # noqa: E402
+from common import REPO_ROOT, Env, log, tb
 
 ALL = ("startup", "boot", "reset", "throughput")
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
-    ap.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
-    ap.add_argument("--kernels", default="6.12,6.1", help="guest kernels, in order (default 6.12,6.1)")
+    ap.add_argument(
+        "--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}"
+    )
+    ap.add_argument(
+        "--kernels", default="6.12,6.1", help="guest kernels, in order (default 6.12,6.1)"
+    )
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "benchmarks.md")
-    ap.add_argument("--json", type=Path, default=None, help="raw results (default: bench/results.json)")
+    ap.add_argument(
+        "--json", type=Path, default=None, help="raw results (default: bench/results.json)"
+    )
     ap.add_argument("--workdir", type=Path, default=None, help="scratch dir (default: a temp dir)")
-    ap.add_argument("--from-json", type=Path, default=None, help="only re-render the report from raw results")
+    ap.add_argument(
+        "--from-json", type=Path, default=None, help="only re-render the report from raw results"
+    )
     args = ap.parse_args(argv)
 
     import report
@@ -135,11 +145,19 @@ def host_info() -> dict[str, str]:
     import platform
     import subprocess
 
-    qemu = subprocess.run([tb.QEMU, "--version"], capture_output=True, text=True).stdout.splitlines()
-    git = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
-                         capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "guest_agent"],
-                           capture_output=True, text=True).stdout.strip()
+    qemu = subprocess.run(
+        [tb.QEMU, "--version"], capture_output=True, text=True
+    ).stdout.splitlines()
+    git = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "guest_agent"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     return {
         "commit": git + (" (guest_agent/ modified)" if dirty else ""),
         "cpus": str(os.cpu_count()),

@@ -68,7 +68,9 @@ def console_script() -> str:
     """The guest's /usr/bin/guest-agent for the entry point in pyproject.toml."""
     import tomllib
 
-    target = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]["guest-agent"]
+    target = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"][
+        "guest-agent"
+    ]
     module, _, attr = target.partition(":")
     return f"import sys\nfrom {module} import {attr}\nif __name__ == '__main__':\n    sys.exit({attr}())\n"
 
@@ -83,15 +85,34 @@ def run(workdir: Path, reps: int) -> dict[str, Any]:
     cl.write_text(agent_cmdline() + "\n")
     empty = work / "empty.json"
     empty.write_text("{}\n")
+    py, env = _python()
     bare_cmd = [py, "-c", "pass"]
     bare_it_cmd = [py, "-X", "importtime", "-c", "pass"]
-    py, env = _python()
     # `--config /dev/null` (no config file), as long as the agent accepts an empty file.
     config = "/dev/null"
-    probe = [py, "-m", "guest_agent", "mount-all", "--dry-run", "--cmdline", str(cl), "--config", config]
+    probe = [
+        py,
+        "-m",
+        "guest_agent",
+        "mount-all",
+        "--dry-run",
+        "--cmdline",
+        str(cl),
+        "--config",
+        config,
+    ]
     if _timed(probe, env)[2] != 0:
         config = str(empty)
-    agent_args = ["-m", "guest_agent", "mount-all", "--dry-run", "--cmdline", str(cl), "--config", config]
+    agent_args = [
+        "-m",
+        "guest_agent",
+        "mount-all",
+        "--dry-run",
+        "--cmdline",
+        str(cl),
+        "--config",
+        config,
+    ]
     agent_cmd = [py, *agent_args]
     agent_it_cmd = [py, "-X", "importtime", *agent_args]
     # The console script as initrd-hooks/build-initramfs writes it (no runpy, unlike -m).

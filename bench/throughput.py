@@ -39,9 +39,21 @@ def agent_options() -> dict[str, str]:
     empty.write_text("{}\n")
     try:
         out = subprocess.run(
-            [sys.executable, "-m", "guest_agent", "mount-all", "--dry-run", "--cmdline", str(cl),
-             "--config", str(empty)],
-            cwd=REPO_ROOT, capture_output=True, text=True, check=True,
+            [
+                sys.executable,
+                "-m",
+                "guest_agent",
+                "mount-all",
+                "--dry-run",
+                "--cmdline",
+                str(cl),
+                "--config",
+                str(empty),
+            ],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
         )
     finally:
         cl.unlink()
@@ -62,7 +74,11 @@ def variants() -> list[tuple[str, str, str]]:
     return [
         ("ro-store", "microvm.nix", NIX),
         ("ro-store", "agent", ro),
-        ("ro-store", "msize=131072 (kernel default), cache=loose", f"{base},msize=131072,cache=loose,ro"),
+        (
+            "ro-store",
+            "msize=131072 (kernel default), cache=loose",
+            f"{base},msize=131072,cache=loose,ro",
+        ),
         ("ro-store", "msize=262144, cache=loose", f"{base},msize=262144,cache=loose,ro"),
         ("ro-store", "msize=512000, no cache", f"{base},msize=512000,ro"),
         ("rw", "microvm.nix", NIX),
@@ -87,8 +103,8 @@ def _content(d: Path) -> Path:
 
 def guest_script(vs: list[tuple[str, str, str]], reps: int) -> str:
     lines = [
-        'bigread() { dd if=/mnt/b/big of=/dev/null bs=1M 2>/dev/null; }',
-        'smallread() { cat /mnt/b/small/* >/dev/null && ls -l /mnt/b/small >/dev/null; }',
+        "bigread() { dd if=/mnt/b/big of=/dev/null bs=1M 2>/dev/null; }",
+        "smallread() { cat /mnt/b/small/* >/dev/null && ls -l /mnt/b/small >/dev/null; }",
         "guest-agent mount-all >/tmp/agent.log 2>&1 || { cat /tmp/agent.log; exit 1; }",
         "echo @@agentmounts@@; grep ' 9p ' /proc/self/mountinfo; echo @@end@@",
         "umount /nix/store /nix/.rw-store /nix/.ro-store /mnt/data",
@@ -135,7 +151,8 @@ def run(env: Env, kernel: str, reps: int) -> dict[str, Any]:
     vol = tb.ext4_image(work / "rw.img", "64M")
     vs = variants()
     vm = env.vm(
-        kernel, "throughput",
+        kernel,
+        "throughput",
         shares=[tb.Share("ro-store", ro, "9p", readonly=True), tb.Share("data", rw, "9p")],
         disks=[tb.Disk(vol, serial="rw")],
         cmdline=AGENT_CMDLINE,
@@ -155,23 +172,29 @@ def run(env: Env, kernel: str, reps: int) -> dict[str, Any]:
     for i, (share, name, opts) in enumerate(vs):
         mi = _section(r.results, f"variant {i}").strip()
         tag = "ro-store" if share == "ro-store" else "data"
-        out_variants.append({
-            "share": share,
-            "name": name,
-            "options": opts,
-            "mountinfo": mi,
-            "matches_agent": (_supers(mi) == agent_supers.get(tag)) if name == "agent" else None,
-            **{m: t.seconds(f"v{i}.{m}") for m in ("big1", "big2", "small1", "small2")},
-        })
+        out_variants.append(
+            {
+                "share": share,
+                "name": name,
+                "options": opts,
+                "mountinfo": mi,
+                "matches_agent": (_supers(mi) == agent_supers.get(tag))
+                if name == "agent"
+                else None,
+                **{m: t.seconds(f"v{i}.{m}") for m in ("big1", "big2", "small1", "small2")},
+            }
+        )
     summary = {}
     for share in ("ro-store", "rw"):
         nix = next(v for v in out_variants if v["share"] == share and v["name"] == "microvm.nix")
         ag = next(v for v in out_variants if v["share"] == share and v["name"] == "agent")
         summary[share] = {
-            "big_nix": median(nix["big1"]), "big_agent": median(ag["big1"]),
+            "big_nix": median(nix["big1"]),
+            "big_agent": median(ag["big1"]),
             "big_speedup": median(nix["big1"]) / median(ag["big1"]),
             "big2_speedup": median(nix["big2"]) / median(ag["big2"]),
-            "small_nix": median(nix["small1"]), "small_agent": median(ag["small1"]),
+            "small_nix": median(nix["small1"]),
+            "small_agent": median(ag["small1"]),
             "small_speedup": median(nix["small1"]) / median(ag["small1"]),
             "small2_speedup": median(nix["small2"]) / median(ag["small2"]),
             "agent_options_match": ag["matches_agent"],
