@@ -21,11 +21,10 @@ import re
 import shlex
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import REPO_ROOT, Env, Timings, boot_checked, log, median, tb
+from common import REPO_ROOT, Env, Timings, agent_dry_run, boot_checked, log, median, tb
 
 NINEP_SHARES = [f"s{i}" for i in range(5)]
 VIRTIOFS_SHARES = [f"s{i}" for i in range(5, 8)]
@@ -36,33 +35,7 @@ def agent_modules() -> list[str]:
 
     Those a host dry run imports, plus the discovery and loading modules a real run
     adds when they exist."""
-    cl = Path(tempfile.mkstemp(prefix="ga-bench-")[1])
-    empty = Path(tempfile.mkstemp(prefix="ga-bench-", suffix=".json")[1])
-    try:
-        cl.write_text(agent_cmdline() + "\n")
-        empty.write_text("{}\n")
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-X",
-                "importtime",
-                "-m",
-                "guest_agent",
-                "mount-all",
-                "--dry-run",
-                "--cmdline",
-                str(cl),
-                "--config",
-                str(empty),
-            ],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-    finally:
-        cl.unlink()
-        empty.unlink()
+    out = agent_dry_run(agent_cmdline(), "-X", "importtime")
     mods = {
         line.split("|")[-1].strip() for line in out.stderr.splitlines() if "import time:" in line
     }

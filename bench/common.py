@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import re
 import statistics
+import subprocess
 import sys
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,3 +130,30 @@ def boot_checked(vm: tb.VM, script: str, **kw: object) -> tb.BootResult:
 
 def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def agent_dry_run(
+    cmdline: str, *python_flags: str, check: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """`python3 [FLAGS] -m guest_agent mount-all --dry-run` on the host for CMDLINE (no config)."""
+    with tempfile.NamedTemporaryFile("w", prefix="ga-bench-", suffix=".cmdline") as cl:
+        cl.write(cmdline + "\n")
+        cl.flush()
+        return subprocess.run(
+            [
+                sys.executable,
+                *python_flags,
+                "-m",
+                "guest_agent",
+                "mount-all",
+                "--dry-run",
+                "--cmdline",
+                cl.name,
+                "--config",
+                "/dev/null",
+            ],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=check,
+        )

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-from common import REPO_ROOT, Env, Timings, boot_checked, log, median, tb
+from common import Env, Timings, agent_dry_run, boot_checked, log, median, tb
 
 NIX = "trans=virtio,version=9p2000.L,msize=65536"
 AGENT_CMDLINE = (
@@ -32,32 +30,7 @@ _WOULD = re.compile(r"^would-mount 9p (\S+) at \S+ \((.*)\)$")
 
 def agent_options() -> dict[str, str]:
     """tag -> the 9p options the agent uses (its own --dry-run)."""
-    work = Path(os.environ.get("TMPDIR", "/tmp"))
-    cl = work / f"ga-bench-tp-{os.getpid()}.cmdline"
-    cl.write_text(AGENT_CMDLINE + "\n")
-    empty = work / f"ga-bench-tp-{os.getpid()}.json"
-    empty.write_text("{}\n")
-    try:
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "guest_agent",
-                "mount-all",
-                "--dry-run",
-                "--cmdline",
-                str(cl),
-                "--config",
-                str(empty),
-            ],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    finally:
-        cl.unlink()
-        empty.unlink()
+    out = agent_dry_run(AGENT_CMDLINE, check=True)
     found = {}
     for line in (out.stderr + out.stdout).splitlines():
         m = _WOULD.match(line.strip())
