@@ -40,7 +40,6 @@ class Parsed(NamedTuple):
     specs: tuple[MountSpec, ...] = ()
     reset_overlay: bool | None = None  # None: not said here (a later layer may still say it)
     problems: tuple[Problem, ...] = ()
-    notes: tuple[str, ...] = ()
 
 
 def split_cmdline(text: str) -> Iterator[str]:
