@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -60,29 +58,9 @@ def agent_cmdline() -> str:
     return " ".join(keys)
 
 
-def agent_plan(cmdline: str, workdir: Path) -> list[tuple[str, str, str, str]]:
+def agent_plan(cmdline: str) -> list[tuple[str, str, str, str]]:
     """(fstype, source, where, options) of each mount, in the agent's order (its dry run)."""
-    cl = workdir / "cmdline"
-    cl.write_text(cmdline + "\n")
-    empty = workdir / "empty.json"
-    empty.write_text("{}\n")
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "guest_agent",
-            "mount-all",
-            "--dry-run",
-            "--cmdline",
-            str(cl),
-            "--config",
-            str(empty),
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    out = agent_dry_run(cmdline, check=True)
     plan = []
     for line in out.stderr.splitlines() + out.stdout.splitlines():
         m = _WOULD.match(line.strip())
@@ -250,7 +228,7 @@ def run(env: Env, kernel: str, rounds: int, cold_boots: int = 3) -> dict[str, An
     work = env.workdir / f"boot-path-{kernel}"
     work.mkdir(parents=True, exist_ok=True)
     cmdline = agent_cmdline()
-    plan = agent_plan(cmdline, work)
+    plan = agent_plan(cmdline)
     script = shell_script(plan)
     shares = []
     for tag in ["ro-store", *NINEP_SHARES, *VIRTIOFS_SHARES]:
