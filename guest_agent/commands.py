@@ -6,9 +6,9 @@ import os
 from typing import Any
 
 from guest_agent import reset as overlay_reset
-from guest_agent.execute import Executor, Failure
+from guest_agent.execute import Executor, Failure, overlay_users
 from guest_agent.mountinfo import MountTable
-from guest_agent.paths import PathError, host_path, resolve_in_root
+from guest_agent.paths import PathError, host_path, open_root, reopen, resolve_in_root, walk
 from guest_agent.plan import is_within, plan
 from guest_agent.report import Reporter
 from guest_agent.spec import Config, OverlaySpec, Problem, ShareSpec, VolumeSpec
@@ -35,21 +35,7 @@ def reset_command(root: str, config: Config, reporter: Reporter) -> None:
     table = MountTable.read()
     current = table.at(store) if store else None
     if current is not None and current.fstype == "overlay":
-        rw = _host(root, overlay.rw)
-        if rw is None:
-            reporter.problem(Problem(RESET, f"{overlay.rw} does not exist"))
-            return
-        try:
-            overlay_reset.schedule(rw)
-        except OSError as e:
-            reporter.problem(
-                Problem(RESET, f"cannot record the request in {overlay.rw}: {e.strerror}")
-            )
-            return
-        reporter.info(
-            f"{overlay.where} is in use: wiping it live is unsafe; the reset is scheduled "
-            "and the next mount-all (next boot) applies it"
-        )
+        _schedule(root, overlay, reporter)
         return
     # Not mounted: mount what RW lives on (if needed), wipe, and leave mounts as found.
     steps, problems = plan(config)
@@ -69,22 +55,99 @@ def reset_command(root: str, config: Config, reporter: Reporter) -> None:
                 Problem(RESET, "nothing was wiped: the RW volume could not be mounted")
             )
             return
-        rw = _host(root, overlay.rw)
-        if rw is None:
+        try:
+            opened = executor.open_dir(overlay.rw)
+        except PathError:
             reporter.info(f"{overlay.rw} does not exist: nothing to wipe")
             return
+        with opened:
+            rw = reopen(opened.fd)
         try:
-            moved = overlay_reset.move_aside(rw)
-            overlay_reset.empty_trash(rw)
-        except OSError as e:
-            reporter.problem(Problem(RESET, f"wiping {overlay.rw} failed: {e.strerror}"))
-            return
-        reporter.info(
-            f"wiped the {overlay.where} upper layer in {overlay.rw} ({moved} dir(s) deleted)"
-        )
+            _wipe(rw, store or host_path(root, overlay.where), overlay, reporter)
+        finally:
+            os.close(rw)
     finally:
         executor.undo()
         executor.close()
+
+
+def _schedule(root: str, overlay: OverlaySpec, reporter: Reporter) -> None:
+    try:
+        root_fd = open_root(root)
+        try:
+            with walk(root_fd, overlay.rw) as opened:
+                rw = reopen(opened.fd)
+        finally:
+            os.close(root_fd)
+    except (PathError, OSError) as e:
+        reporter.problem(Problem(RESET, f"{overlay.rw} cannot be opened: {e}"))
+        return
+    try:
+        overlay_reset.schedule(rw)
+    except overlay_reset.WrongType as e:
+        reporter.problem(
+            Problem(
+                RESET,
+                f"{overlay.rw}/{e}: not following it, nothing was scheduled",
+                f"remove {overlay.rw}/{e.name} by hand if it is not yours",
+            )
+        )
+        return
+    except OSError as e:
+        reporter.problem(Problem(RESET, f"cannot record the request in {overlay.rw}: {e.strerror}"))
+        return
+    finally:
+        os.close(rw)
+    reporter.info(
+        f"{overlay.where} is in use: wiping it live is unsafe; the reset is scheduled "
+        "and the next mount-all (next boot) applies it"
+    )
+
+
+def _wipe(rw: int, where: str, overlay: OverlaySpec, reporter: Reporter) -> None:
+    """Move the layers of RW (an fd) aside and delete them, unless any mount still uses them."""
+    wrong = overlay_reset.check_names(rw, resetting=True)
+    if wrong:
+        for e in wrong:
+            reporter.problem(
+                Problem(
+                    RESET,
+                    f"{overlay.rw}/{e}: not following or deleting it, nothing was wiped",
+                    f"remove {overlay.rw}/{e.name} by hand if it is not yours",
+                )
+            )
+        return
+    try:
+        if overlay_reset.check_dir(rw, "store"):
+            store = overlay_reset.open_dir(rw, "store", create=False)
+            try:
+                users = overlay_users(MountTable.read(), where, store)
+            finally:
+                os.close(store)
+            if users:
+                reporter.problem(
+                    Problem(
+                        RESET,
+                        f"the upper layer {overlay.upper} is in use by the overlay"
+                        f" mounted at {users[0].mount_point}: nothing was wiped",
+                        "unmount every mount of that overlay first",
+                    )
+                )
+                return
+        moved = overlay_reset.move_aside(rw)
+        trash = overlay_reset.open_trash(rw)
+        if trash is not None:
+            try:
+                overlay_reset.empty_trash(trash)
+            finally:
+                os.close(trash)
+    except overlay_reset.WrongType as e:
+        reporter.problem(Problem(RESET, f"{overlay.rw}/{e}: nothing more was wiped"))
+        return
+    except OSError as e:
+        reporter.problem(Problem(RESET, f"wiping {overlay.rw} failed: {e.strerror}"))
+        return
+    reporter.info(f"wiped the {overlay.where} upper layer in {overlay.rw} ({moved} dir(s) deleted)")
 
 
 def mount_status(root: str, config: Config) -> list[dict[str, Any]]:
@@ -115,12 +178,23 @@ def mount_status(root: str, config: Config) -> list[dict[str, Any]]:
                 + ("" if ok else " (not what is configured)"),
             )
         if isinstance(spec, OverlaySpec):
-            rw = _host(root, spec.rw)
-            row["reset_pending"] = bool(rw and overlay_reset.request_pending(rw))
+            row["reset_pending"] = _reset_pending(root, spec)
             if row["reset_pending"]:
                 row["detail"] += "; reset pending for the next boot"
         rows.append(row)
     return rows
+
+
+def _reset_pending(root: str, overlay: OverlaySpec) -> bool:
+    try:
+        root_fd = open_root(root)
+        try:
+            with walk(root_fd, overlay.rw) as opened:
+                return overlay_reset.request_pending(opened.fd)
+        finally:
+            os.close(root_fd)
+    except (PathError, OSError, overlay_reset.WrongType):
+        return False
 
 
 def _matches(spec: Any, current: Any, probe: Executor) -> bool:

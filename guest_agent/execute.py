@@ -14,7 +14,17 @@ from functools import partial
 
 from guest_agent import reset as overlay_reset
 from guest_agent.mountinfo import Mount, MountTable
-from guest_agent.paths import PathError, host_path, resolve_in_root
+from guest_agent.paths import (
+    Opened,
+    PathError,
+    host_path,
+    identity,
+    open_root,
+    overlapping,
+    reopen,
+    resolve_in_root,
+    walk,
+)
 from guest_agent.plan import Step, upper_on_9p
 from guest_agent.records import NamedTuple
 from guest_agent.spec import (
@@ -157,6 +167,7 @@ class Executor:
         # What discovery saw (sysfs scans, superblocks), reused until something may have
         # changed: a uevent, a wait, a module load, a format. Keeps each look cheap.
         self._seen: dict[str, Any] = {}
+        self._root_fd: int | None = None
 
     # -- driving ------------------------------------------------------------------
 
@@ -225,6 +236,9 @@ class Executor:
             self.mounted.add(spec.where)
 
     def close(self) -> None:
+        if self._root_fd is not None:
+            os.close(self._root_fd)
+            self._root_fd = None
         if self._monitor is not None:
             self._monitor.close()
             self._monitor = None
@@ -247,6 +261,12 @@ class Executor:
         if resolved == "/":
             raise Failure(f"{where} resolves to the root itself")
         return host_path(self.root, resolved)
+
+    def open_dir(self, where: str, *, create: bool = False) -> Opened:
+        """The directory WHERE names inside the root, opened (see paths.walk)."""
+        if self._root_fd is None:
+            self._root_fd = open_root(self.root)
+        return walk(self._root_fd, where, create=create)
 
     def modules(self) -> ModuleLoader:
         if self._modules is None:
@@ -600,76 +620,161 @@ class Executor:
 
     def _overlay(self, spec: OverlaySpec) -> Result:
         host = self.target(spec.where)
-        lower = self.target(spec.lower, create=False)
-        rw = self.target(spec.rw)
+        if self.dry_run:
+            return self._overlay_dry_run(spec, host)
+        with self.open_dir(spec.rw, create=True) as rw_path, self.open_dir(spec.lower) as lower:
+            rw = reopen(rw_path.fd)
+            try:
+                return self._overlay_on(spec, host, lower, rw_path, rw)
+            finally:
+                os.close(rw)
+
+    def _overlay_dry_run(self, spec: OverlaySpec, host: str) -> Result:
         current = self.existing(host)
+        if current is not None:
+            if current.fstype == "overlay":
+                return self._already(spec.where, spec.source, current)
+            raise _occupied(spec.where, current)
+        lower, rw = self.target(spec.lower, create=False), self.target(spec.rw)
+        upper, work = os.path.join(rw, "store"), os.path.join(rw, "work")
+        userxattr = self._upper_needs_userxattr(spec, rw)
+        options = overlay_options(lower, upper, work, spec.options, userxattr)
+        return Result(spec.where, spec.source, "would-mount", "overlay", "overlay", options)
+
+    def _overlay_on(
+        self, spec: OverlaySpec, host: str, lower: Opened, rw_path: Opened, rw: int
+    ) -> Result:
+        """Mount the overlay with LOWER, RW/store and RW/work given to the kernel as the
+        directories we hold open (/proc/self/fd/N), never as paths it would resolve again."""
+        table = self.table()
+        current = table.at(host)
+        reset = self.reset_requested or self._owned(spec, overlay_reset.request_pending, rw)
         if current is not None:
             if current.fstype == "overlay":
                 # A cmdline flag was applied by this boot's first run; a scheduled request
                 # (reset-overlay while mounted) waits for the next boot.
-                if not self.dry_run and overlay_reset.request_pending(rw):
+                if reset and not self.reset_requested:
                     self.reporter.info(
                         f"{spec.where} is already mounted: the scheduled reset applies at the next boot"
                     )
                 return self._already(spec.where, spec.source, current)
             raise _occupied(spec.where, current)
-        upper, work = os.path.join(rw, "store"), os.path.join(rw, "work")
+        for wrong in overlay_reset.check_names(rw, resetting=reset):
+            raise _wrong_type(spec, wrong)
+        rw_host = host_path(self.root, rw_path.path)
+        userxattr = self._upper_needs_userxattr(spec, rw_host)
+        if overlay_reset.check_dir(rw, "store"):
+            with _closing(overlay_reset.open_dir(rw, "store", create=False)) as store:
+                in_use = overlay_users(table, host, store)
+            if in_use:
+                raise _in_use(spec, in_use[0], "not mounting it a second time")
+        if reset:
+            self._reset(rw, spec)
+        store = self._layer_dir(rw, "store", spec)
+        try:
+            work = self._layer_dir(rw, "work", spec)
+            try:
+                for layer, fd in (("upper", store), ("work", work)):
+                    if overlapping(lower.fd, fd):
+                        raise Failure(
+                            f"the lower layer {spec.lower} and the {layer} layer under {spec.rw}"
+                            " overlap (one is inside the other, through a symbolic link)",
+                            "LOWER and RW must be separate directories",
+                        )
+                lower_fd, store_fd, work_fd = (
+                    f"/proc/self/fd/{fd}" for fd in (lower.fd, store, work)
+                )
+                options = overlay_options(lower_fd, store_fd, work_fd, spec.options, userxattr)
+                self.need_filesystem("overlay")
+                try:
+                    self.do_mount(MountRequest("overlay", "overlay", host, options))
+                except MountError as e:
+                    raise _refused("overlay", e) from None
+            finally:
+                os.close(work)
+        finally:
+            os.close(store)
+        self._empty_trash(rw, spec)
+        shown = overlay_options(
+            host_path(self.root, lower.path),
+            os.path.join(rw_host, "store"),
+            os.path.join(rw_host, "work"),
+            spec.options,
+            userxattr,
+        )
+        self.reporter.info(
+            f"mounted overlay at {spec.where} (lower {spec.lower}, upper {spec.upper}"
+            + (", userxattr" if "userxattr" in options else "")
+            + ")"
+        )
+        return Result(spec.where, spec.source, "mounted", "overlay", "overlay", shown)
+
+    def _upper_needs_userxattr(self, spec: OverlaySpec, rw: str) -> bool:
+        """userxattr when RW (or RW/store) lives on virtiofs/FUSE; a 9p upper is refused."""
         table = self.table()
         userxattr = False
+        upper = os.path.join(rw, "store")
         for path in (rw, upper):  # something could be mounted on RW/store itself
-            if path is upper and not os.path.isdir(upper):
-                continue
-            holder = table.containing(os.path.realpath(path))
+            holder = table.containing(path)
             if holder is None:
                 continue
             if holder.fstype == "9p":
                 problem = upper_on_9p(spec, f"{holder.source} at {holder.mount_point}")
                 raise Failure(problem.reason, problem.hint)
             userxattr = userxattr or holder.fstype == "virtiofs" or holder.fstype.startswith("fuse")
-        options = overlay_options(lower, upper, work, spec.options, userxattr)
-        if self.dry_run:
-            return Result(spec.where, spec.source, "would-mount", "overlay", "overlay", options)
-        if self.reset_requested or overlay_reset.request_pending(rw):
-            self._reset(rw, spec)
-        for path in (upper, work):
+        return userxattr
+
+    def _owned(self, spec: OverlaySpec, look: Callable[[int], bool], rw: int) -> bool:
+        try:
+            return look(rw)
+        except overlay_reset.WrongType as e:
+            raise _wrong_type(spec, e) from None
+
+    def _layer_dir(self, rw: int, name: str, spec: OverlaySpec) -> int:
+        """Open RW/NAME (made if missing); on a full RW volume, first delete the trash of a
+        reset (the only way to get the space back), synchronously since the overlay needs
+        the dir now."""
+        try:
             try:
-                self._make_layer_dir(path, rw, spec)
+                return overlay_reset.open_dir(rw, name, create=True)
             except OSError as e:
-                raise Failure(
-                    f"cannot create {path.removeprefix(self.root.rstrip('/'))}: {e.strerror}"
-                ) from None
-        self.need_filesystem("overlay")
-        try:
-            self.do_mount(MountRequest("overlay", "overlay", host, options))
-        except MountError as e:
-            raise _refused("overlay", e) from None
-        if overlay_reset.trash_pending(rw):
-            overlay_reset.empty_trash_in_background(rw)
-        self.reporter.info(
-            f"mounted overlay at {spec.where} (lower {spec.lower}, upper {spec.upper}"
-            + (", userxattr" if "userxattr" in options else "")
-            + ")"
-        )
-        return Result(spec.where, spec.source, "mounted", "overlay", "overlay", options)
-
-    def _make_layer_dir(self, path: str, rw: str, spec: OverlaySpec) -> None:
-        """mkdir -p PATH; on a full RW volume, first delete the trash of a reset (the only
-        way to get the space back), synchronously since the overlay needs the dir now."""
-        try:
-            os.makedirs(path, mode=0o755, exist_ok=True)
-            return
+                if e.errno != errno.ENOSPC:
+                    raise
+                trash = overlay_reset.open_trash(rw)
+                if trash is None:
+                    raise
+            self.reporter.info(
+                f"{spec.rw} is full: deleting the old upper layer now, before mounting {spec.where}"
+            )
+            with _closing(trash):
+                overlay_reset.empty_trash(trash)
+            return overlay_reset.open_dir(rw, name, create=True)
+        except overlay_reset.WrongType as e:
+            raise _wrong_type(spec, e) from None
         except OSError as e:
-            if e.errno != errno.ENOSPC or not overlay_reset.trash_pending(rw):
-                raise
-        self.reporter.info(
-            f"{spec.rw} is full: deleting the old upper layer now, before mounting {spec.where}"
-        )
-        overlay_reset.empty_trash(rw)
-        os.makedirs(path, mode=0o755, exist_ok=True)
+            raise Failure(f"cannot create {spec.rw}/{name}: {e.strerror}") from None
 
-    def _reset(self, rw: str, spec: OverlaySpec) -> None:
+    def _empty_trash(self, rw: int, spec: OverlaySpec) -> None:
+        """Delete what an earlier reset moved aside, in the background. A trash that is not
+        the agent's directory is left alone and reported."""
+        try:
+            trash = overlay_reset.open_trash(rw)
+        except overlay_reset.WrongType as e:
+            self.reporter.info(
+                f"warning: {spec.rw}/{e}: the trash is left alone (remove it by hand if it is not yours)"
+            )
+            return
+        except OSError:
+            return
+        if trash is not None:
+            with _closing(trash):
+                overlay_reset.empty_trash_in_background(trash)
+
+    def _reset(self, rw: int, spec: OverlaySpec) -> None:
         try:
             moved = overlay_reset.move_aside(rw)
+        except overlay_reset.WrongType as e:
+            raise _wrong_type(spec, e) from None
         except OSError as e:
             raise Failure(
                 f"reset of the upper layer failed: {e.strerror}; nothing was mounted"
@@ -743,6 +848,72 @@ def _occupied(where: str, current: Mount) -> Failure:
         f"{where} already has {current.fstype} from {current.source} mounted on it; not mounting over it",
         "unmount it first, or choose another mount point",
     )
+
+
+def _wrong_type(spec: OverlaySpec, wrong: overlay_reset.WrongType) -> Failure:
+    return Failure(
+        f"{spec.rw}/{wrong} (a name the agent owns): refusing to follow or delete it,"
+        " nothing was mounted or moved",
+        f"remove {spec.rw}/{wrong.name} by hand if it is not yours",
+    )
+
+
+def _in_use(spec: OverlaySpec, user: Mount, what: str) -> Failure:
+    return Failure(
+        f"the upper layer {spec.upper} is in use by the overlay mounted at {user.mount_point}:"
+        f" {what}",
+        "unmount every mount of that overlay first",
+    )
+
+
+def overlay_users(table: MountTable, where: str, store: int) -> list[Mount]:
+    """The mounts of an overlay whose upper layer is the directory STORE (an fd).
+
+    Such an overlay is found by what the table shows: mounted at WHERE (also when
+    covered by a later mount), or with an `upperdir=` path naming STORE, or with a
+    root reporting STORE's inode (an overlay's root directory shows its upper
+    directory's inode number); then every mount of the same superblock anywhere,
+    bind mounts included. Layers given as /proc/self/fd/N name nothing afterwards,
+    hence the inode; a coincidence can only make a reset refuse, never wipe.
+    """
+    store_dev, store_ino = identity(store)
+    overlays: set[tuple[int, int]] = set()
+    for m in table.mounts:
+        if m.fstype != "overlay":
+            continue
+        if m.mount_point == where:
+            overlays.add(m.devnum)
+            continue
+        upper = next((o[9:] for o in m.super_options if o.startswith("upperdir=")), "")
+        try:
+            if upper.startswith("/") and not upper.startswith("/proc/"):
+                st = os.stat(upper)
+                if (st.st_dev, st.st_ino) == (store_dev, store_ino):
+                    overlays.add(m.devnum)
+                continue
+            st = os.stat(m.mount_point)  # layers given by fd: the root's inode tells
+        except (OSError, ValueError):
+            continue
+        if (os.major(st.st_dev), os.minor(st.st_dev)) == m.devnum and st.st_ino == store_ino:
+            overlays.add(m.devnum)
+    return [m for m in table.mounts if m.devnum in overlays]
+
+
+class _closing:
+    """Close an fd when the block ends (None is allowed and ignored)."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+
+    def __enter__(self) -> int:
+        assert self.fd is not None
+        return self.fd
+
+    def __exit__(self, *_: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
 
 
 def _refused(fstype: str, error: MountError) -> Failure:

@@ -1,23 +1,47 @@
-"""resolve_in_root: chroot semantics on a fake filesystem (pyfakefs)."""
+"""resolve_in_root: chroot semantics, on real directories in a temporary dir.
+
+The walk opens each component by fd (O_PATH, O_NOFOLLOW, readlinkat on the link
+itself), which pyfakefs cannot fake; plain directories need no root or mount.
+"""
 
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import pytest
-from pyfakefs.helpers import reset_ids, set_uid
 
 from guest_agent.paths import MAX_SYMLINKS, PathError, host_path, resolve_in_root
 
-ROOT = "/target"
+
+class RealFs:
+    """The few pyfakefs calls these tests use, on the real filesystem."""
+
+    def create_dir(self, path: str) -> None:
+        os.makedirs(path, exist_ok=True)
+
+    def create_file(self, path: str) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Path(path).write_text("data")
+
+    def create_symlink(self, path: str, target: str) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.symlink(target, path)
 
 
 @pytest.fixture
-def root(fs: Any) -> str:
-    fs.create_dir(ROOT)
-    fs.create_dir("/etc")  # outside the root: nothing may ever resolve there
-    return ROOT
+def fs() -> RealFs:
+    return RealFs()
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> str:
+    (tmp_path / "etc").mkdir()  # outside the root: nothing may ever resolve there
+    target = tmp_path / "target"
+    target.mkdir()
+    return str(target)
 
 
 def test_host_path() -> None:
@@ -61,7 +85,7 @@ def test_absolute_symlink_to_slash_stays_in_the_root(root: str, fs: Any) -> None
     assert resolve_in_root(root, "/share/evil") == "/"
     assert resolve_in_root(root, "/share/evil/etc", create=True) == "/etc"
     assert os.path.isdir(f"{root}/etc")
-    assert os.listdir("/etc") == []  # the host's /etc was not touched
+    assert os.listdir(f"{root}/../etc") == []  # the host's /etc was not touched
 
 
 def test_symlink_to_host_path_is_taken_inside_the_root(root: str, fs: Any) -> None:
@@ -71,7 +95,7 @@ def test_symlink_to_host_path_is_taken_inside_the_root(root: str, fs: Any) -> No
         resolve_in_root(root, "/share/evil")
     assert resolve_in_root(root, "/share/evil/x", create=True) == "/etc/x"
     assert os.path.isdir(f"{root}/etc/x")
-    assert not os.path.exists("/etc/x")
+    assert not os.path.exists(f"{root}/../etc/x")
 
 
 @pytest.mark.parametrize("target", ["../../..", "../../../../../..", "../../../mnt/.."])
@@ -153,18 +177,38 @@ def test_long_chain_within_the_limit(root: str, fs: Any) -> None:
         resolve_in_root(root, "/pre")
 
 
-def test_cannot_create(root: str, fs: Any) -> None:
-    fs.create_dir(f"{root}/ro")
-    os.chmod(f"{root}/ro", 0o555)
-    set_uid(1000)
+def test_cannot_create() -> None:
+    base = tempfile.mkdtemp(dir="/tmp")  # traversable by an unprivileged user
     try:
-        with pytest.raises(PathError, match=r"^cannot create /ro/x: Permission denied$"):
-            resolve_in_root(root, "/ro/x", create=True)
+        os.chmod(base, 0o755)
+        os.mkdir(f"{base}/ro", 0o555)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child drops root, so that the mode bits apply
+            try:
+                os.setuid(1000)
+                resolve_in_root(base, "/ro/x", create=True)
+                os.write(write, b"created")
+            except PathError as e:
+                os.write(write, str(e).encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        os.waitpid(pid, 0)
+        said = os.read(read, 4096).decode()
+        os.close(read)
+        assert said == "cannot create /ro/x: Permission denied"
     finally:
-        reset_ids()
+        os.chmod(f"{base}/ro", 0o755)
+        import shutil
+
+        shutil.rmtree(base)
 
 
-def test_root_slash(fs: Any) -> None:
-    fs.create_dir("/srv/data")
-    fs.create_symlink("/srv/l", "../../srv/data")
-    assert resolve_in_root("/", "/srv/l") == "/srv/data"
+def test_root_slash(tmp_path: Path) -> None:
+    real = os.path.realpath(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "l").symlink_to("data")
+    (tmp_path / "up").symlink_to("../" * (real.count("/") + 3))
+    assert resolve_in_root("/", f"{real}/l") == f"{real}/data"
+    assert resolve_in_root("/", f"{real}/up") == "/"
