@@ -503,7 +503,10 @@ class Executor:
     def _volume_fstype(self, spec: VolumeSpec, device: str) -> str:
         from guest_agent.probe import is_blank, probe_device
 
-        signature = _probe(device)
+        try:
+            signature = probe_device(device)
+        except OSError as e:
+            raise Failure(f"cannot read {device}: {e.strerror}") from None
         if spec.options.makefs and signature is None:
             if not is_blank(device):
                 raise Failure(
@@ -595,13 +598,18 @@ class Executor:
         return matches[0].devnode
 
     def _disk_timeout(self, spec: VolumeSpec) -> Failure:
+        from guest_agent.probe import probe_device
         from guest_agent.sysfs import scan_block_devices
 
         seen = []
         for dev in scan_block_devices(self.sysfs):
             if not dev.virtio:
                 continue
-            sig = _probe(dev.devnode) if dev.size_bytes else None
+            try:
+                sig = probe_device(dev.devnode) if dev.size_bytes else None
+            except OSError as e:
+                seen.append(f"{dev.name} (cannot be read: {e.strerror})")
+                continue
             parts = [dev.name]
             if dev.serial:
                 parts.append(f"serial {dev.serial}")

@@ -13,6 +13,7 @@ directory itself, which mounts, renames and deletions then use.
 from __future__ import annotations
 
 import os
+import posixpath
 import stat
 
 MAX_SYMLINKS = 40
@@ -23,6 +24,16 @@ OWNED_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK |
 
 class PathError(Exception):
     """A path that cannot be used as asked; the message names the in-root path."""
+
+
+class Missing(PathError):
+    """A component of the path does not exist (and was not to be made).
+
+    `resolved` is the in-root path of the deepest directory found, `rest` the
+    components still to walk from there (the missing one first)."""
+
+    resolved = "/"
+    rest: tuple[str, ...] = ()
 
 
 def host_path(root: str, in_root: str) -> str:
@@ -80,7 +91,11 @@ def walk(root_fd: int, path: str, *, create: bool = False) -> Opened:
                 continue
             parent = fds[-1] if fds else root_fd
             in_root = "/" + "/".join([*names, name])
-            fd = _open_component(parent, name, in_root, create)
+            try:
+                fd = _open_component(parent, name, in_root, create)
+            except Missing as e:
+                e.resolved, e.rest = "/" + "/".join(names), (name, *reversed(pending))
+                raise
             mode = os.fstat(fd).st_mode
             if stat.S_ISDIR(mode):
                 fds.append(fd)
@@ -116,7 +131,7 @@ def _open_component(parent: int, name: str, in_root: str, create: bool) -> int:
         return os.open(name, flags, dir_fd=parent)
     except FileNotFoundError:
         if not create:
-            raise PathError(f"{in_root} does not exist") from None
+            raise Missing(f"{in_root} does not exist") from None
     try:
         os.mkdir(name, 0o755, dir_fd=parent)
     except FileExistsError:
@@ -137,6 +152,16 @@ def resolve_in_root(root: str, path: str, *, create: bool = False) -> str:
             return opened.path
     finally:
         os.close(root_fd)
+
+
+def resolve_as_far_as_exists(root_fd: int, path: str) -> str:
+    """Where PATH would land inside the root: its existing part resolved (links followed,
+    chroot semantics), the missing rest taken as written. PathError as `walk`."""
+    try:
+        with walk(root_fd, path) as opened:
+            return opened.path
+    except Missing as e:
+        return posixpath.normpath(posixpath.join(e.resolved, *e.rest))
 
 
 def reopen(fd: int, flags: int = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) -> int:

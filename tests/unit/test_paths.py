@@ -212,3 +212,19 @@ def test_root_slash(tmp_path: Path) -> None:
     (tmp_path / "up").symlink_to("../" * (real.count("/") + 3))
     assert resolve_in_root("/", f"{real}/l") == f"{real}/data"
     assert resolve_in_root("/", f"{real}/up") == "/"
+
+
+def test_resolve_as_far_as_exists(root: str, fs: Any) -> None:
+    from guest_agent.paths import open_root, resolve_as_far_as_exists
+
+    fs.create_dir(f"{root}/var/home")
+    fs.create_symlink(f"{root}/home", "var/home")
+    root_fd = open_root(root)
+    try:
+        assert resolve_as_far_as_exists(root_fd, "/home/alice/x") == "/var/home/alice/x"
+        assert resolve_as_far_as_exists(root_fd, "/home") == "/var/home"
+        assert resolve_as_far_as_exists(root_fd, "/new/../home/a") == "/home/a"
+        assert resolve_as_far_as_exists(root_fd, "/") == "/"
+    finally:
+        os.close(root_fd)
+    assert not os.path.exists(f"{root}/var/home/alice")  # nothing was made
