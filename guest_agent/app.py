@@ -21,8 +21,9 @@ if TYPE_CHECKING:
     from guest_agent.report import Reporter
     from guest_agent.spec import Config
 
-LOCK_PATHS = ("/run/guest-agent.lock", "/tmp/guest-agent.lock")
 LOCK_TIMEOUT = 120
+CONFIG_LIMIT = 4 << 20  # bytes: inputs larger than this are refused, never read whole
+CMDLINE_LIMIT = 64 << 10
 
 
 class Sources(NamedTuple):
@@ -42,16 +43,22 @@ def load(src: Sources, reporter: Reporter) -> Config:
     from guest_agent.spec import Problem
 
     layers: list[Parsed] = []
-    text = _read(src.config)
-    if text is not None:
-        layers.append(parse_config_json(text, src.config))
-    elif src.config_given:
-        layers.append(Parsed(problems=(Problem(src.config, "cannot read the config file"),)))
-    cmdline = _read(src.cmdline)
-    if cmdline is None:
-        layers.append(Parsed(problems=(Problem(src.cmdline, "cannot read the command line"),)))
+    data, why = _read(src.config, CONFIG_LIMIT)
+    if data is not None:
+        try:
+            layers.append(parse_config_json(data.decode(), src.config))
+        except UnicodeDecodeError as e:  # RFC 8259: JSON text is UTF-8
+            reason = f"not valid JSON: not UTF-8 (byte {e.start})"
+            layers.append(Parsed(problems=(Problem(src.config, reason),)))
+    elif why is not None or src.config_given:  # a missing default file is no error
+        reason = "cannot read the config file" + (f": {why}" if why else "")
+        layers.append(Parsed(problems=(Problem(src.config, reason),)))
+    data, why = _read(src.cmdline, CMDLINE_LIMIT)
+    if data is None:
+        reason = "cannot read the command line" + (f": {why}" if why else "")
+        layers.append(Parsed(problems=(Problem(src.cmdline, reason),)))
     else:
-        layers.append(parse_cmdline(cmdline))
+        layers.append(parse_cmdline(data.decode(errors="replace")))
     config, problems, notes = merge(layers)
     for problem in problems:
         reporter.problem(problem)
@@ -60,56 +67,115 @@ def load(src: Sources, reporter: Reporter) -> Config:
     return config
 
 
-def _read(path: str) -> str | None:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-    except OSError:
-        return None
+_KINDS = {0o040000: "a directory", 0o010000: "a FIFO", 0o020000: "a character device",
+          0o060000: "a block device", 0o140000: "a socket"}  # fmt: skip
+_DEV_NULL = (1, 3)  # major, minor of /dev/null: `--config /dev/null` means "no config"
 
 
-class _LockTimeout(Exception):
-    pass
+def _read(path: str, limit: int) -> tuple[bytes | None, str | None]:
+    """(contents, None) of a regular file of at most LIMIT bytes; else (None, why not).
 
-
-def lock(timeout: int = LOCK_TIMEOUT) -> int | None:
-    """Serialise runs (two at once must not mount twice): an exclusive flock, held until exit.
-
-    A run that waits longer than TIMEOUT seconds for another one gives up
-    (exit 1) instead of hanging the boot.
+    Why not is None when the file does not exist. The file is opened
+    non-blocking and checked before reading, so a FIFO, a device or a directory
+    is refused at once; at most LIMIT + 1 bytes are read, never trusting
+    st_size (/proc/cmdline says 0). /dev/null reads as empty.
     """
-    import _signal as signal  # type: ignore[import-not-found]  # C module; `signal` imports enum
-    import fcntl
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None, None
+    except OSError as e:
+        return None, e.strerror or str(e)
+    try:
+        st = os.fstat(fd)
+        kind = st.st_mode & 0o170000
+        if kind != 0o100000:  # S_IFREG
+            if kind == 0o020000 and (os.major(st.st_rdev), os.minor(st.st_rdev)) == _DEV_NULL:
+                return b"", None
+            return None, f"it is {_KINDS.get(kind, 'not a regular file')}, not a regular file"
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit:
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:
+            known = f"{st.st_size} bytes" if st.st_size > limit else f"more than {limit} bytes"
+            return None, f"it is too large ({known}; the limit is {_size(limit)})"
+        return b"".join(chunks), None
+    except OSError as e:
+        return None, e.strerror or str(e)
+    finally:
+        os.close(fd)
 
-    for path in LOCK_PATHS:
+
+def _size(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
+
+
+def lock_name(root: str) -> str:
+    """The run lock of a target root: an abstract unix socket name keyed by the root's identity."""
+    st = os.stat(root)
+    return f"\0guest-agent/{st.st_dev}:{st.st_ino}"
+
+
+class LockFailed(Exception):
+    """The run lock could not be taken: the message says why (one line)."""
+
+
+def lock(root: str, timeout: float | None = None) -> int:
+    """Serialise runs on one root (two at once must not mount twice); return the lock's fd.
+
+    The lock is an abstract AF_UNIX socket name (`@guest-agent/DEV:INO`, from the
+    root's st_dev and st_ino): binding it needs no writable filesystem, only one
+    process can hold it, and the kernel releases it when that process exits. A
+    run waits for the holder up to TIMEOUT seconds (default LOCK_TIMEOUT), then gives up (LockFailed)
+    instead of hanging the boot. It never runs unlocked: when the socket cannot
+    even be made, that is LockFailed too. The fd is close-on-exec.
+    """
+    import _socket as socket  # the C module: `socket` imports enum, selectors...
+    import errno
+    import time
+
+    timeout = LOCK_TIMEOUT if timeout is None else timeout
+    try:
+        name = lock_name(root)
+    except OSError as e:
+        raise LockFailed(f"cannot name the run lock of {root!r}: {e.strerror or e}") from None
+    shown = "@" + name[1:]
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    except OSError as e:
+        raise LockFailed(f"cannot make the run lock {shown}: {e.strerror or e}") from None
+    deadline = time.monotonic() + timeout
+    while True:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError:
-            continue
-
-        def expired(_signum: int, _frame: object) -> None:
-            raise _LockTimeout
-
-        previous = signal.signal(signal.SIGALRM, expired)
-        signal.alarm(timeout)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except _LockTimeout:
-            os.close(fd)
-            sys.stderr.write(f"error: another guest-agent run has held {path} for {timeout} s\n")
-            sys.exit(1)
-        finally:
-            signal.alarm(0)
-            signal.signal(signal.SIGALRM, previous)
-        return fd
-    return None
+            sock.bind(name)
+            return int(sock.detach())
+        except OSError as e:
+            if e.errno not in (errno.EADDRINUSE, errno.EINTR):
+                sock.close()
+                raise LockFailed(f"cannot take the run lock {shown}: {e.strerror or e}") from None
+        if time.monotonic() >= deadline:
+            sock.close()
+            raise LockFailed(f"another guest-agent run has held the lock {shown} for {timeout:g} s")
+        time.sleep(0.03)
 
 
 def _print_json(payload: Any) -> None:
     import json
 
-    sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+    sys.stdout.write(json.dumps(payload, indent=2) + "\n")  # ASCII: \uXXXX escapes
     sys.stdout.flush()
+
+
+def _write(text: str) -> None:
+    """Write TEXT on stdout, never failing on a path's undecodable bytes."""
+    from guest_agent.report import printable
+
+    sys.stdout.write(printable(text))
 
 
 def _exit_code(reporter: Reporter) -> int:
@@ -128,6 +194,7 @@ def mount_all(
     from guest_agent.execute import Executor
     from guest_agent.plan import plan
     from guest_agent.report import Reporter
+    from guest_agent.spec import Problem
 
     reporter = Reporter(kmsg=None if dry_run else "/dev/kmsg")
     src = sources(root, config, cmdline)
@@ -135,7 +202,17 @@ def mount_all(
     steps, problems = plan(spec_config)
     for problem in problems:
         reporter.problem(problem)
-    held = None if dry_run else lock()
+    held = None
+    if not dry_run:
+        try:
+            held = lock(src.root)
+        except LockFailed as e:
+            reporter.problem(Problem("guest-agent mount-all", str(e), "nothing was mounted"))
+            if as_json:
+                _print_json(
+                    {"ok": False, "mounts": [], "problems": [str(p) for p in reporter.problems]}
+                )
+            return _exit_code(reporter)
     executor = Executor(
         src.root, reporter, dry_run=dry_run, reset_requested=spec_config.reset_overlay
     )
@@ -155,9 +232,7 @@ def mount_all(
         )
     elif dry_run:
         for r in results:
-            sys.stdout.write(
-                f"{r.status} {r.fstype} {r.source} at {r.where} ({','.join(r.options)})\n"
-            )
+            _write(f"{r.status} {r.fstype} {r.source} at {r.where} ({','.join(r.options)})\n")
     return _exit_code(reporter)
 
 
@@ -167,30 +242,35 @@ def reset_overlay(
     """Wipe the /nix/store upper layer: now if the overlay is not mounted, else at next boot."""
     from guest_agent.commands import reset_command
     from guest_agent.report import Reporter
+    from guest_agent.spec import Problem
 
     reporter = Reporter()
     src = sources(root, config, cmdline)
     spec_config = load(src, reporter)
-    held = lock()
+    try:
+        held = lock(src.root)
+    except LockFailed as e:
+        reporter.problem(Problem("guest-agent reset-overlay", str(e), "nothing was reset"))
+        return _exit_code(reporter)
     try:
         reset_command(src.root, spec_config, reporter)
     finally:
-        if held is not None:
-            os.close(held)
+        os.close(held)
     return _exit_code(reporter)
 
 
 def discover(as_json: bool = False, all_disks: bool = False) -> int:
     """List virtio shares (tag, protocol) and disks (serial, label, fstype)."""
     from guest_agent.commands import discover_all, render
+    from guest_agent.report import printable
 
     items, notes = discover_all(all_disks=all_disks)
     if as_json:
         _print_json(items)
     else:
-        sys.stdout.write(render(items) + "\n")
+        _write(render(items) + "\n")
     for note in notes:
-        sys.stderr.write(f"note: {note}\n")
+        sys.stderr.write(printable(f"note: {note}\n"))
     return 0
 
 
@@ -212,6 +292,6 @@ def status(
         _print_json(rows)
     else:
         for row in rows:
-            sys.stdout.write(f"{row['state']:<12} {row['where']:<24} {row['detail']}\n")
+            _write(f"{row['state']:<12} {row['where']:<24} {row['detail']}\n")
     unhealthy = any(row["state"] != "mounted" and row["required"] for row in rows)
     return 1 if _exit_code(reporter) or unhealthy else 0

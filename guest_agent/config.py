@@ -119,20 +119,24 @@ _ALIASES = {alias: key for key, aliases in _KEYS.items() for alias in aliases}
 
 def parse_config_json(text: str, origin: str) -> Parsed:
     """Parse the JSON config (schema in docs/configuration.md). An empty file declares nothing."""
+    text = text.removeprefix("\ufeff")  # one UTF-8 byte order mark, as some editors write
     if not text.strip():
         return Parsed()
     import json  # only when there is a file: json pulls in re and its compiler
 
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_Object)
     except (ValueError, RecursionError) as e:  # deep nesting exhausts the decoder's stack
         return Parsed(problems=(Problem(origin, f"not valid JSON: {e}"),))
-    if not isinstance(data, dict):
+    if not isinstance(data, _Object):
         return Parsed(problems=(Problem(origin, "expected a JSON object at the top level"),))
     specs: list[MountSpec] = []
-    problems: list[Problem] = []
+    problems: list[Problem] = [
+        Problem(f"{origin}: {key}", "duplicate key", "give each key once: merge the two values")
+        for key in data.duplicates
+    ]
     reset: bool | None = None
-    for raw_key, value in data.items():
+    for raw_key, value in data.pairs:  # a duplicate key's values all apply (and are reported)
         key = _ALIASES.get(raw_key)
         where = f"{origin}: {raw_key}"
         if key is None:
@@ -156,6 +160,21 @@ def parse_config_json(text: str, origin: str) -> Parsed:
     return Parsed(tuple(specs), reset, tuple(problems))
 
 
+class _Object(dict):  # type: ignore[type-arg]
+    """A JSON object that remembers its pairs in order and the keys given more than once
+    (json.loads would keep the last value of a duplicate key and drop the others unseen)."""
+
+    def __init__(self, pairs: list[tuple[str, Any]]) -> None:
+        super().__init__(pairs)
+        self.pairs = pairs
+        seen: set[str] = set()
+        self.duplicates: list[str] = []
+        for key, _ in pairs:
+            if key in seen and key not in self.duplicates:
+                self.duplicates.append(key)
+            seen.add(key)
+
+
 def _collect(result: MountSpec | Problem, specs: list[MountSpec], problems: list[Problem]) -> None:
     if isinstance(result, Problem):
         problems.append(result)
@@ -169,6 +188,8 @@ def _fields_of(
     """Pick string fields from a JSON object; each field may have several spellings."""
     if not isinstance(item, dict):
         return Problem(origin, "expected an object or a string in the command-line grammar")
+    if isinstance(item, _Object) and item.duplicates:
+        return Problem(origin, f"duplicate field {item.duplicates[0]!r}", "give each field once")
     known = {alias: name for name, aliases in names.items() for alias in aliases}
     picked: dict[str, str] = {}
     for raw, value in item.items():
@@ -187,10 +208,18 @@ def _fields_of(
         if ":" in value and name not in ("options",):
             return Problem(origin, f"{raw}: {value!r} must not contain ':'")
         picked[name] = value
+    options = [o.strip() for o in picked.get("options", "").split(",")]
+    if picked.get("readOnly") == "ro" and "rw" in options:
+        return Problem(origin, "readOnly: true contradicts the option 'rw'", "drop one of them")
+    if picked.get("readOnly") == "rw" and "ro" in options:
+        # readOnly: false is what generators write when nothing was said (the NixOS module
+        # does): not a request for rw that an explicit `ro` would contradict.
+        del picked["readOnly"]
     return picked
 
 
 def _options(fields: dict[str, str]) -> str:
+    """readOnly and options as one OPTIONS field (a contradiction is refused by the parser)."""
     return ",".join(o for o in (fields.get("readOnly", ""), fields.get("options", "")) if o)
 
 

@@ -54,5 +54,6 @@ def run() -> None:
     except Exception as e:
         if os.environ.get("GUEST_AGENT_DEBUG"):
             raise
-        sys.stderr.write(f"error: guest-agent failed unexpectedly: {type(e).__name__}: {e}\n")
+        line = f"error: guest-agent failed unexpectedly: {type(e).__name__}: {e}"
+        sys.stderr.write(line.encode("utf-8", "backslashreplace").decode() + "\n")
         sys.exit(1)

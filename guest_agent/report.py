@@ -17,6 +17,12 @@ _PREFIX = "guest-agent: "
 _INFO, _WARNING, _ERR = 6, 4, 3
 
 
+def printable(text: str) -> str:
+    """TEXT with what cannot be written as UTF-8 spelled out: a path's undecodable byte
+    0xff (surrogate-escaped, U+DCFF) and lone surrogates become `\\udcff`. Never raises."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class Reporter:
     def __init__(self, stream: TextIO | None = None, kmsg: str | None = KMSG) -> None:
         self.stream = stream if stream is not None else sys.stderr
@@ -39,13 +45,13 @@ class Reporter:
         return any(p.fatal for p in self.problems)
 
     def _emit(self, line: str, level: int) -> None:
-        line = " ".join(line.split("\n"))
+        line = printable(" ".join(line.split("\n")))
         self.stream.write(line + "\n")
         self.stream.flush()
         fd = self._kmsg()
         if fd is not None:
             try:
-                os.write(fd, f"<{level}>{_PREFIX}{line}\n".encode(errors="replace")[:1000])
+                os.write(fd, f"<{level}>{_PREFIX}{line}\n".encode()[:1000])
             except OSError:
                 pass
 

@@ -90,7 +90,9 @@ class VolumeSpec(NamedTuple):
             for prefix, kind in DISK_LINKS.items():
                 if self.what.startswith(prefix) and len(self.what) > len(prefix):
                     name = self.what[len(prefix) :]
-                    return kind, name.removeprefix("virtio-") if kind == "serial" else name
+                    if kind == "serial":
+                        return kind, name.removeprefix("virtio-")
+                    return kind, udev_unescape(name)
             return "path", self.what
         return "pseudo", self.what
 
@@ -101,6 +103,35 @@ DISK_LINKS = {
     "/dev/disk/by-uuid/": "uuid",
     "/dev/disk/by-id/virtio-": "serial",
 }
+
+
+def udev_unescape(name: str) -> str:
+    """Undo udev's escaping of a by-label/by-uuid link name: `my\\x20disk` is the label `my disk`.
+
+    udev writes each byte it does not allow in a link name as `\\xNN`; the bytes
+    are UTF-8, decoded as the superblock prober decodes labels (errors replaced).
+    """
+    if "\\x" not in name:
+        return name
+    out = bytearray()
+    i, n = 0, len(name)
+    while i < n:
+        hexdigits = name[i + 2 : i + 4]
+        if name.startswith("\\x", i) and len(hexdigits) == 2 and _is_hex(hexdigits):
+            out.append(int(hexdigits, 16))
+            i += 4
+        else:
+            try:
+                out += name[i].encode(errors="surrogateescape")
+            except UnicodeEncodeError:  # a lone surrogate: no byte spells it
+                out += "\ufffd".encode()
+            i += 1
+    return out.decode(errors="replace")
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdefABCDEF" for c in text)
+
 
 # Filesystems that take no device: their WHAT is free text (`tmpfs:/run/x:tmpfs`).
 PSEUDO_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
@@ -147,12 +178,32 @@ class Invalid(ValueError):
     """Raised inside this module only; the public parsers turn it into a `Problem`."""
 
 
+def unencodable(text: str) -> str | None:
+    """Why TEXT cannot be handed to the kernel as a string, or None when it can.
+
+    A NUL would cut it short; a lone surrogate cannot be encoded, except
+    U+DC80..U+DCFF, which stand for the undecodable bytes 0x80..0xFF
+    (`os.fsdecode`'s surrogateescape) and encode back to them.
+    """
+    for c in text:
+        if c == "\0":
+            return "contains a NUL byte"
+        if "\ud800" <= c <= "\udfff" and not "\udc80" <= c <= "\udcff":
+            return f"contains a lone surrogate (U+{ord(c):04X}), which no byte string spells"
+    return None
+
+
+def _check_encodable(text: str, what: str) -> None:
+    why = unencodable(text)
+    if why is not None:
+        raise Invalid(f"{what} {why}")
+
+
 def parse_abs_path(value: str, what: str) -> str:
     """Normalise an absolute in-root path (`//a/./b/` -> `/a/b`); raise Invalid otherwise."""
     if not value:
         raise Invalid(f"{what} is empty")
-    if "\0" in value:
-        raise Invalid(f"{what} contains a NUL byte")
+    _check_encodable(value, what)
     if not value.startswith("/"):
         raise Invalid(f"{what} {value!r} is not an absolute path")
     parts = [p for p in value.split("/") if p not in ("", ".")]
@@ -171,6 +222,7 @@ _USERSPACE_ONLY = frozenset(
 
 
 def parse_options(text: str) -> Options:
+    _check_encodable(text, "OPTIONS")
     kernel: list[str] = []
     nofail = makefs = False
     timeout = DEFAULT_DEVICE_TIMEOUT
@@ -234,6 +286,7 @@ def parse_share(value: str, source: str) -> ShareSpec | Problem:
             return Problem(source, f"unknown protocol {proto_text!r}", "use 9p, virtiofs or auto")
         if "\0" in tag or any(c.isspace() for c in tag):
             raise Invalid(f"tag {tag!r} contains whitespace or NUL")
+        _check_encodable(tag, "TAG")
         if proto is Proto.VIRTIOFS and len(tag.encode()) > MAX_VIRTIOFS_TAG:
             raise Invalid(f"virtiofs tags are at most {MAX_VIRTIOFS_TAG} bytes")
         return ShareSpec(source, tag, _where(where), proto, parse_options(options))
@@ -248,6 +301,7 @@ def parse_volume(value: str, source: str) -> VolumeSpec | Problem:
         fstype = fstype or "auto"
         if not 0 < len(fstype) <= 32 or not _FSTYPE_CHARS.issuperset(fstype):
             raise Invalid(f"invalid filesystem type {fstype!r}")
+        _check_encodable(what, "WHAT")
         key, sep, ident = what.partition("=")
         if sep and key in ("LABEL", "UUID", "SERIAL"):
             if not ident:

@@ -603,7 +603,7 @@ def test_hot_plugged_disk_is_waited_for(make_vm: MakeVM, tmp_path: Path) -> None
 # --- concurrency -----------------------------------------------------------------------
 
 
-# Which run holds the lock first: forced (the second starts once the first holds its flock,
+# Which run holds the lock first: forced (the second starts once the first holds its lock,
 # and waits on it) on 6.1, both orders; started together on 6.12, either may win.
 RACES = [("6.1", "reset-overlay", True), ("6.1", "mount-all", True), ("6.12", "mount-all", False)]
 
@@ -630,7 +630,8 @@ def test_reset_overlay_racing_mount_all_loses_no_request(
     )
     second = "reset-overlay" if first == "mount-all" else "mount-all"
     hold = (
-        "i=0; until grep -q FLOCK /proc/locks || [ $i -ge 5000 ]; do usleep 2000; i=$((i+1)); done"
+        "i=0; until grep -q '@guest-agent/' /proc/net/unix || [ $i -ge 5000 ]; do usleep 2000; "
+        "i=$((i+1)); done"
     )
     race = vm.boot(
         f"guest-agent {first} >/tmp/1 2>&1 &\npid=$!\n"
