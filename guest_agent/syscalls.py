@@ -159,7 +159,7 @@ class _NoNewApi(Exception):
 def _mount_new_api(req: MountRequest) -> None:
     attrs, _, sb_flags, data = split_options(req.options)
     try:
-        fs_fd = _call(_SYS_FSOPEN, req.fstype.encode(), _FSOPEN_CLOEXEC)
+        fs_fd = _call(_SYS_FSOPEN, os.fsencode(req.fstype), _FSOPEN_CLOEXEC)
     except OSError as e:
         if e.errno == errno.ENOSYS:
             raise _NoNewApi from None
@@ -167,19 +167,24 @@ def _mount_new_api(req: MountRequest) -> None:
     try:
         step = "source"
         try:
-            _call(_SYS_FSCONFIG, fs_fd, _FSCONFIG_SET_STRING, b"source", req.source.encode(), 0)
+            _call(_SYS_FSCONFIG, fs_fd, _FSCONFIG_SET_STRING, b"source", os.fsencode(req.source), 0)
             for flag in sb_flags:
                 step = flag
-                _call(_SYS_FSCONFIG, fs_fd, _FSCONFIG_SET_FLAG, flag.encode(), None, 0)
+                _call(_SYS_FSCONFIG, fs_fd, _FSCONFIG_SET_FLAG, os.fsencode(flag), None, 0)
             for opt in data:
                 step = opt
                 key, sep, value = opt.partition("=")
                 if sep:
                     _call(
-                        _SYS_FSCONFIG, fs_fd, _FSCONFIG_SET_STRING, key.encode(), value.encode(), 0
+                        _SYS_FSCONFIG,
+                        fs_fd,
+                        _FSCONFIG_SET_STRING,
+                        os.fsencode(key),
+                        os.fsencode(value),
+                        0,
                     )
                 else:
-                    _call(_SYS_FSCONFIG, fs_fd, _FSCONFIG_SET_FLAG, key.encode(), None, 0)
+                    _call(_SYS_FSCONFIG, fs_fd, _FSCONFIG_SET_FLAG, os.fsencode(key), None, 0)
             step = "create"
             _call(_SYS_FSCONFIG, fs_fd, _FSCONFIG_CMD_CREATE, None, None, 0)
         except OSError as e:
@@ -199,7 +204,7 @@ def _mount_new_api(req: MountRequest) -> None:
             _MOVE_MOUNT_F_EMPTY_PATH | _MOVE_MOUNT_T_EMPTY_PATH,
         )
     else:
-        to_fd, to_path, flags = _AT_FDCWD, req.target.encode(), _MOVE_MOUNT_F_EMPTY_PATH
+        to_fd, to_path, flags = _AT_FDCWD, os.fsencode(req.target), _MOVE_MOUNT_F_EMPTY_PATH
     try:
         _call(_SYS_MOVE_MOUNT, mnt_fd, b"", to_fd, to_path, flags)
     except OSError as e:
@@ -214,11 +219,11 @@ def _mount_legacy(req: MountRequest) -> None:
         flags |= _MS_RDONLY if flag == "ro" else SB_FLAGS[flag]
     libc = _lib()
     result = libc.mount(
-        req.source.encode(),
-        req.target.encode(),
-        req.fstype.encode(),
+        os.fsencode(req.source),
+        os.fsencode(req.target),
+        os.fsencode(req.fstype),
         flags,
-        ",".join(data).encode(),
+        os.fsencode(",".join(data)),
     )
     if result != 0:
         raise MountError(ctypes.get_errno(), "mount")
@@ -242,7 +247,7 @@ def open_in_root(root: str, path: str) -> int | None:
         )
         try:
             return _call(
-                _SYS_OPENAT2, root_fd, path.encode(), ctypes.addressof(how), ctypes.sizeof(how)
+                _SYS_OPENAT2, root_fd, os.fsencode(path), ctypes.addressof(how), ctypes.sizeof(how)
             )
         except OSError as e:
             if e.errno == errno.ENOSYS:
@@ -253,5 +258,5 @@ def open_in_root(root: str, path: str) -> int | None:
 
 
 def umount(target: str, *, lazy: bool = False) -> None:
-    if _lib().umount2(target.encode(), _MNT_DETACH if lazy else 0) != 0:
+    if _lib().umount2(os.fsencode(target), _MNT_DETACH if lazy else 0) != 0:
         raise MountError(ctypes.get_errno(), "umount")

@@ -398,10 +398,6 @@ def test_non_utf8_root_mounts_and_reports(tmp_path: Path) -> None:
     assert (base / "status").read_text().split()[:2] == ["mounted", "/a"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="syscalls.py encodes paths with str.encode(): needs os.fsencode (see issue 8)",
-)
 def test_non_utf8_symlink_target_inside_a_where(tmp_path: Path) -> None:
     """A symlink in the root whose target is not UTF-8 (readlink gives surrogate-escaped
     text): the spec through it mounts where the link points, the others too, no crash."""
