@@ -224,7 +224,7 @@ def test_unopenable_device_names_the_errno(
     def refuse(path: str, flags: int, mode: int = 0o777) -> int:
         raise OSError(err, os.strerror(err), path)
 
-    monkeypatch.setattr(blank.os, "open", refuse)
+    monkeypatch.setattr(os, "open", refuse)
     assert why_not_blank(str(tmp_path / "x")) == f"cannot be opened: {os.strerror(err)}"
 
 
@@ -236,7 +236,7 @@ def test_open_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         seen.append(flags)
         return real_open(path, flags, mode)
 
-    monkeypatch.setattr(blank.os, "open", spy)
+    monkeypatch.setattr(os, "open", spy)
     why_not_blank(str(sparse(tmp_path / "disk", 4096)))
     want = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
     assert seen == [want]
@@ -269,7 +269,7 @@ def test_read_error_is_a_reason(
     def eio(fd: int, n: int, offset: int) -> bytes:
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    monkeypatch.setattr(blank.os, "pread", eio)
+    monkeypatch.setattr(os, "pread", eio)
     assert why_not_blank(str(disk)) == "cannot be read: Input/output error"
 
 
