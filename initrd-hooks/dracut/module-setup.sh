@@ -59,5 +59,8 @@ install() {
 
     # mke2fs, for x-makefs volumes.
     inst_multiple -o mke2fs mkfs.ext4 /etc/mke2fs.conf
+    # libblkid, which the x-makefs blank check loads by soname (ctypes); systemd and
+    # mke2fs usually bring it already.
+    inst_libdir_file "libblkid.so.1*"
     return 0
 }
