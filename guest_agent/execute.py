@@ -17,6 +17,7 @@ from guest_agent.mountinfo import Mount, MountTable
 from guest_agent.paths import (
     Opened,
     PathError,
+    ancestors,
     host_path,
     identity,
     open_root,
@@ -501,17 +502,20 @@ class Executor:
         return self._mounted(spec, fstype, source, host, options)
 
     def _volume_fstype(self, spec: VolumeSpec, device: str) -> str:
-        from guest_agent.probe import is_blank, probe_device
+        from guest_agent.probe import probe_device
 
         try:
             signature = probe_device(device)
         except OSError as e:
             raise Failure(f"cannot read {device}: {e.strerror}") from None
         if spec.options.makefs and signature is None:
-            if not is_blank(device):
+            from guest_agent.blank import why_not_blank
+
+            reason = why_not_blank(device)
+            if reason is not None:
                 raise Failure(
-                    f"{device} carries no filesystem signature but is not blank; "
-                    "x-makefs formats only a disk that is all zeros where signatures live",
+                    f"{device} carries no filesystem signature but is not blank: it {reason}; "
+                    "x-makefs formats only a disk that is all zeros wherever it looks",
                     "an interrupted format or foreign data? inspect it; wipe it yourself to let x-makefs format it",
                 )
             self._makefs(spec, device)
@@ -667,10 +671,13 @@ class Executor:
                     )
                 return self._already(spec.where, spec.source, current)
             raise _occupied(spec.where, current)
-        for wrong in overlay_reset.check_names(rw, resetting=reset):
-            raise _wrong_type(spec, wrong)
+        wrong = overlay_reset.check_names(rw, resetting=reset)
+        if wrong:
+            raise _wrong_type(spec, *wrong)
         rw_host = host_path(self.root, rw_path.path)
         userxattr = self._upper_needs_userxattr(spec, rw_host)
+        # Before anything is made or moved: a reset must never move the lower layer aside.
+        _check_overlap(spec, lower.fd, rw, inside_lower_too=True)
         if overlay_reset.check_dir(rw, "store"):
             with _closing(overlay_reset.open_dir(rw, "store", create=False)) as store:
                 in_use = overlay_users(table, host, store)
@@ -682,13 +689,7 @@ class Executor:
         try:
             work = self._layer_dir(rw, "work", spec)
             try:
-                for layer, fd in (("upper", store), ("work", work)):
-                    if overlapping(lower.fd, fd):
-                        raise Failure(
-                            f"the lower layer {spec.lower} and the {layer} layer under {spec.rw}"
-                            " overlap (one is inside the other, through a symbolic link)",
-                            "LOWER and RW must be separate directories",
-                        )
+                _check_overlap(spec, lower.fd, rw)
                 lower_fd, store_fd, work_fd = (
                     f"/proc/self/fd/{fd}" for fd in (lower.fd, store, work)
                 )
@@ -858,12 +859,35 @@ def _occupied(where: str, current: Mount) -> Failure:
     )
 
 
-def _wrong_type(spec: OverlaySpec, wrong: overlay_reset.WrongType) -> Failure:
+def _wrong_type(spec: OverlaySpec, *wrong: overlay_reset.WrongType) -> Failure:
+    found = "; ".join(f"{spec.rw}/{w}" for w in wrong)
+    names = " and ".join(f"{spec.rw}/{w.name}" for w in wrong)
     return Failure(
-        f"{spec.rw}/{wrong} (a name the agent owns): refusing to follow or delete it,"
-        " nothing was mounted or moved",
-        f"remove {spec.rw}/{wrong.name} by hand if it is not yours",
+        f"{found} ({'names' if len(wrong) > 1 else 'a name'} the agent owns): refusing to"
+        " follow or delete it, nothing was mounted or moved",
+        f"remove {names} by hand if it is not yours",
     )
+
+
+def _check_overlap(
+    spec: OverlaySpec, lower: int, rw: int, *, inside_lower_too: bool = False
+) -> None:
+    """Refuse LOWER and the layer dirs under RW (those that exist) when one is inside the
+    other, judged on the directories themselves ((dev, ino) up the `..` chain), so that a
+    symbolic link cannot hide it; with INSIDE_LOWER_TOO, also RW anywhere inside LOWER."""
+    overlap = inside_lower_too and identity(lower) in ancestors(rw)
+    for name in overlay_reset.LAYERS:
+        if overlap:
+            break
+        if overlay_reset.check_dir(rw, name):
+            with _closing(overlay_reset.open_dir(rw, name, create=False)) as layer:
+                overlap = overlapping(lower, layer)
+    if overlap:
+        raise Failure(
+            f"the lower layer {spec.lower} and the layers under {spec.rw} overlap (one is"
+            " inside the other, through a symbolic link): nothing was mounted or moved",
+            "LOWER and RW must be separate directories",
+        )
 
 
 def _in_use(spec: OverlaySpec, user: Mount, what: str) -> Failure:

@@ -37,12 +37,10 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["PROBE_SIZE", "Signature", "is_blank", "probe_bytes", "probe_device"]
+__all__ = ["PROBE_SIZE", "Signature", "probe_bytes", "probe_device"]
 
 _BTRFS_SB = 0x10000  # btrfs_super_block: primary copy at 64 KiB, 4 KiB long
 PROBE_SIZE: int = _BTRFS_SB + 4096  # 68 KiB: also covers iso9660's PVD at 32 KiB
-_BLANK_SPAN = 1 << 20  # is_blank checks the first and the last MiB
-_CHUNK = 64 << 10
 
 FILESYSTEM = "filesystem"
 OTHER = "other"
@@ -413,37 +411,5 @@ def probe_device(path: str) -> Signature | None:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         return probe_bytes(_pread_full(fd, PROBE_SIZE, 0))
-    finally:
-        os.close(fd)
-
-
-def _zero_range(fd: int, start: int, end: int) -> bool:
-    """True when [start, end) is all zero bytes; stops at the first non-zero chunk."""
-    zeros = bytes(_CHUNK)
-    offset = start
-    while offset < end:
-        chunk = _pread_full(fd, min(_CHUNK, end - offset), offset)
-        if not chunk:
-            break
-        if chunk != zeros[: len(chunk)]:
-            return False
-        offset += len(chunk)
-    return True
-
-
-def is_blank(path: str) -> bool:
-    """True only if path has no known signature and its first and last MiB are all zero.
-
-    The tail matters: the GPT backup header and md 0.90/1.0 superblocks sit at the end.
-    Raises OSError on I/O problems.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if probe_bytes(_pread_full(fd, PROBE_SIZE, 0)) is not None:
-            return False
-        size = os.lseek(fd, 0, os.SEEK_END)
-        if not _zero_range(fd, 0, min(size, _BLANK_SPAN)):
-            return False
-        return _zero_range(fd, max(0, size - _BLANK_SPAN), size)
     finally:
         os.close(fd)

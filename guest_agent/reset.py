@@ -265,10 +265,11 @@ def empty_trash_in_background(trash: int) -> int | None:
             os.nice(10)
         except OSError:
             pass
+        if trash != 3:
+            os.dup2(trash, 3)  # first: TRASH may be 0-2 if the agent ran with stdio closed
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
-        os.dup2(trash, 3)
         # Inherited descriptors (the agent's run lock above all, /dev/kmsg, the uevent
         # socket) would otherwise stay open, and the lock held, until the deletion ends.
         os.closerange(4, os.sysconf("SC_OPEN_MAX"))

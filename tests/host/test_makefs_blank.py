@@ -369,11 +369,6 @@ def test_the_magics_are_types_blkid_knows() -> None:
 # --- end to end, through the CLI ----------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the current CLI (execute.py still calls probe.is_blank, which reads only the "
-    "first and last MiB) formats this disk; passes once execute.py calls blank.why_not_blank",
-)
 def test_cli_makefs_refuses_a_tar_archive_at_1_mib(host: HostEnv) -> None:
     image = host.image("tar-cli", 64)
     tar = host.base / "a.tar"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from guest_agent.probe import PROBE_SIZE, Signature, is_blank, probe_bytes, probe_device
+from guest_agent.probe import PROBE_SIZE, Signature, probe_bytes, probe_device
 
 MiB = 1 << 20
 
@@ -259,11 +259,6 @@ def test_probe_bytes_agrees_with_probe_device(image: tuple[Case, Path]) -> None:
     assert probe_bytes(img.read_bytes()[: 4 * PROBE_SIZE]) == probe_bytes(head)
 
 
-def test_formatted_image_is_not_blank(image: tuple[Case, Path]) -> None:
-    _, img = image
-    assert is_blank(str(img)) is False
-
-
 def test_truncated_and_mutated_heads_never_raise(image: tuple[Case, Path]) -> None:
     _, img = image
     head = img.read_bytes()[:PROBE_SIZE]
@@ -404,43 +399,6 @@ def test_label_decoding_replaces_invalid_utf8(tmp_path: Path) -> None:
     assert sig is not None and sig.label == "ab\ufffdcd"
 
 
-# ------------------------------------------------------------------ is_blank
-
-
-def test_is_blank_fresh_file(tmp_path: Path) -> None:
-    assert is_blank(str(sparse(tmp_path / "disk", 8 * MiB))) is True
-
-
-@pytest.mark.parametrize(
-    "offset", [0, 1, 512 * 1024, MiB - 1, 8 * MiB - MiB, 7 * MiB + 123456, 8 * MiB - 1]
-)
-def test_is_blank_false_after_one_byte(tmp_path: Path, offset: int) -> None:
-    disk = sparse(tmp_path / "disk", 8 * MiB)
-    with disk.open("r+b") as f:
-        f.seek(offset)
-        f.write(b"\x01")
-    assert is_blank(str(disk)) is False
-
-
-def test_is_blank_ignores_the_middle(tmp_path: Path) -> None:
-    # Only the first and last MiB are checked: stale data in the middle stays allowed.
-    disk = sparse(tmp_path / "disk", 8 * MiB)
-    with disk.open("r+b") as f:
-        f.seek(4 * MiB)
-        f.write(b"\x01")
-    assert is_blank(str(disk)) is True
-
-
-def test_is_blank_small_and_empty_files(tmp_path: Path) -> None:
-    assert is_blank(str(sparse(tmp_path / "small", 4096))) is True
-    assert is_blank(str(sparse(tmp_path / "empty", 0))) is True
-    small = tmp_path / "small"
-    small.write_bytes(bytes(4095) + b"\x01")
-    assert is_blank(str(small)) is False
-
-
 def test_missing_device_raises_oserror(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         probe_device(str(tmp_path / "nope"))
-    with pytest.raises(OSError):
-        is_blank(str(tmp_path / "nope"))
