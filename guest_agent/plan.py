@@ -29,38 +29,77 @@ def is_within(path: str, ancestor: str) -> bool:
     return path == ancestor or path.startswith(ancestor.rstrip("/") + "/")
 
 
-def _nearest_holder(path: str, wheres: Iterable[str], *, strict: bool) -> str | None:
-    """The deepest WHERE that contains PATH (strictly above it when STRICT)."""
-    best = None
-    for where in wheres:
-        if where == path and strict:
-            continue
-        if is_within(path, where) and (best is None or len(where) > len(best)):
-            best = where
-    return best
+class _Node:
+    __slots__ = ("children", "where")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Node] = {}
+        self.where: str | None = None
+
+
+class Holders:
+    """Mount points in a trie of path components: the deepest one holding a path is found
+    in O(len(path)), whatever the number of mount points (a list would cost O(n) a path).
+
+    `holder(path)` is the longest WHERE with `is_within(path, WHERE)`; WHEREs are expected
+    normalised (as the parsers return them). The first WHERE added at a point is kept.
+    """
+
+    def __init__(self, wheres: Iterable[str] = ()) -> None:
+        self._root = _Node()
+        for where in wheres:
+            self.add(where)
+
+    def add(self, where: str) -> None:
+        node = self._root
+        for part in where.rstrip("/").split("/"):
+            child = node.children.get(part)
+            if child is None:
+                child = node.children[part] = _Node()
+            node = child
+        if node.where is None:
+            node.where = where
+
+    def holder(self, path: str, *, strict: bool = False) -> str | None:
+        """The deepest WHERE that contains PATH (strictly above it when STRICT)."""
+        best = None
+        node = self._root
+        parts = path.split("/")
+        last = len(parts) - 1
+        for i, part in enumerate(parts):
+            child = node.children.get(part)
+            if child is None:
+                break
+            node = child
+            if node.where is not None and not (strict and i == last):
+                best = node.where
+        return best
 
 
 def owner_of(path: str, specs: Iterable[MountSpec]) -> MountSpec | None:
     """The spec whose mount will hold PATH (the deepest WHERE containing it)."""
-    by_where = {s.where: s for s in specs if not isinstance(s, OverlaySpec)}
-    where = _nearest_holder(path, by_where, strict=False)
-    return by_where[where] if where else None
+    best = None
+    for spec in specs:  # one path: a single pass, no trie to build
+        if not isinstance(spec, OverlaySpec) and is_within(path, spec.where):
+            if best is None or len(spec.where) > len(best.where):
+                best = spec
+    return best
 
 
 def plan(config: Config) -> tuple[list[Step], list[Problem]]:
     """Order CONFIG's mounts; return the steps and the problems found while planning."""
-    wheres = [s.where for s in config.mounts]
+    holders = Holders(s.where for s in config.mounts)
     overlay = config.overlay
     problems: list[Problem] = []
     deps: dict[str, set[str]] = {}
     for spec in config.mounts:
         after = set()
-        parent = _nearest_holder(spec.where, wheres, strict=True)
+        parent = holders.holder(spec.where, strict=True)
         if parent:
             after.add(parent)
         if isinstance(spec, OverlaySpec):
             for path in (spec.lower, spec.rw):
-                holder = _nearest_holder(path, wheres, strict=False)
+                holder = holders.holder(path)
                 if holder:
                     after.add(holder)
         deps[spec.where] = after
