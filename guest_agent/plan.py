@@ -102,6 +102,9 @@ def plan(config: Config) -> tuple[list[Step], list[Problem]]:
                 holder = holders.holder(path)
                 if holder:
                     after.add(holder)
+            # A mount on or beneath RW (RW/store, RW/work…) must be there before the overlay
+            # takes its layers from RW, not mounted over them afterwards.
+            after.update(s.where for s in config.mounts if is_within(s.where, spec.rw))
         deps[spec.where] = after
 
     if overlay is not None:
@@ -135,9 +138,11 @@ def plan(config: Config) -> tuple[list[Step], list[Problem]]:
 
 def check_overlay_layers(overlay: OverlaySpec, specs: Iterable[MountSpec]) -> list[Problem]:
     """Refuse, before anything is mounted, an upper layer that cannot work."""
-    holder = owner_of(overlay.rw, specs)
-    if isinstance(holder, ShareSpec) and holder.proto == "9p":
-        return [upper_on_9p(overlay, holder.source)]
+    specs = tuple(specs)
+    for path in (overlay.rw, overlay.upper):  # something may be mounted on RW/store itself
+        holder = owner_of(path, specs)
+        if isinstance(holder, ShareSpec) and holder.proto == "9p":
+            return [upper_on_9p(overlay, holder.source)]
     return []
 
 
