@@ -12,7 +12,7 @@ from guest_agent.spec import Config, MountSpec, OverlaySpec, Problem, ShareSpec
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Mapping
 
 
 class Step(NamedTuple):
@@ -134,6 +134,81 @@ def plan(config: Config) -> tuple[list[Step], list[Problem]]:
         if by_where[w].source not in refused
     ]
     return steps, problems
+
+
+def order_by_resolved(steps: list[Step], resolved: Mapping[str, str]) -> list[Step]:
+    """Re-order planned STEPS by where their WHEREs resolve inside the root now.
+
+    The plan orders WHEREs as written; a symlink in the root can put them elsewhere
+    (`/home -> var/home`: `/home/alice` really lands beneath `/var/home`, and mounted
+    first it would be hidden by `/var/home`). RESOLVED maps a step's written WHERE to
+    the in-root path it resolves to (chroot semantics); a WHERE missing from it is
+    taken as written. A step whose resolved target lies strictly beneath another
+    step's runs after the one with the deepest such target, which is added to its
+    `after` (so it is skipped if that one fails). Plan order is kept otherwise: a step
+    held back runs right after what it waits for, followed by the steps held back
+    behind it (a step also waits for its `after`, which may have been held back).
+
+    - Two steps resolving to the same path are not beneath one another: they keep
+      their plan order, and the steps beneath that path wait for the first of them
+      (the executor then finds the first mounted there when it comes to the second).
+    - A target resolving to `/` is no one's parent: nothing is mounted on the root.
+    - When a written parent resolves beneath its own child (a symlink pointing back
+      up), no order satisfies both: such steps, and the steps waiting for them, go
+      last in plan order, where each finds a step it needs not mounted and is skipped.
+
+    O(n·depth): the resolved targets go into a trie.
+    """
+    n = len(steps)
+    targets = [_normal(resolved.get(s.where, s.where)) for s in steps]
+    holders = Holders()
+    first_at: dict[str, int] = {}
+    for i, target in enumerate(targets):
+        if target != "/":
+            holders.add(target)
+            first_at.setdefault(target, i)
+    index = {s.where: i for i, s in enumerate(steps)}
+    new = list(steps)
+    deps: list[set[int]] = []
+    for i, step in enumerate(steps):
+        needs = {index[d] for d in step.after if d in index}
+        parent = holders.holder(targets[i], strict=True)
+        if parent is not None:
+            p = first_at[parent]
+            needs.add(p)
+            if steps[p].where not in step.after:
+                new[i] = step._replace(after=tuple(sorted((*step.after, steps[p].where))))
+        needs.discard(i)
+        deps.append(needs)
+
+    emitted = [False] * n
+    remaining = [0] * n
+    waiters: list[list[int]] = [[] for _ in range(n)]
+    order: list[Step] = []
+    for i in range(n):
+        pending = [d for d in deps[i] if not emitted[d]]
+        if pending:
+            remaining[i] = len(pending)
+            for d in pending:
+                waiters[d].append(i)
+            continue
+        stack = [i]
+        while stack:
+            j = stack.pop()
+            emitted[j] = True
+            order.append(new[j])
+            released = []
+            for w in waiters[j]:  # in plan order
+                remaining[w] -= 1
+                if remaining[w] == 0:
+                    released.append(w)
+            stack.extend(reversed(released))
+    order.extend(new[i] for i in range(n) if not emitted[i])
+    return order
+
+
+def _normal(path: str) -> str:
+    return "/" + "/".join(p for p in path.split("/") if p not in ("", "."))
 
 
 def check_overlay_layers(overlay: OverlaySpec, specs: Iterable[MountSpec]) -> list[Problem]:
