@@ -72,6 +72,8 @@ class MountTable:
 
     def __init__(self, mounts: list[Mount]) -> None:
         self.mounts = mounts
+        self._ids: dict[int, Mount] | None = None  # built on first use, by top_at/hidden_by
+        self._children: dict[tuple[int, str], Mount] | None = None
         self._top: dict[str, Mount] = {}
         for mount in mounts:  # later entries are mounted over earlier ones
             self._top[mount.mount_point] = mount
@@ -92,6 +94,68 @@ class MountTable:
             if mount is not None or path == "/":
                 return mount
             path = path.rsplit("/", 1)[0] or "/"
+
+    def top_at(self, path: str) -> Mount | None:
+        """The mount a lookup of PATH (a resolved, real path) lands on, found as the kernel
+        does: from the root mount down through the children of each mount crossed, taking
+        the topmost of a stack (each mount stacked on a point is the child of the one
+        below). Unlike `containing`, a mount hidden by a later one over an ancestor (or
+        over its own point) is never the answer. None without a root mount."""
+        walk = self._walk(path)
+        return walk[-1] if walk else None
+
+    def hidden_by(self, mount: Mount) -> Mount | None:
+        """The mount covering MOUNT (at its mount point or an ancestor), or None when a
+        lookup of its mount point lands on it (or the table has no root mount)."""
+        walk = self._walk(mount.mount_point)
+        if not walk or walk[-1].mount_id == mount.mount_id:
+            return None
+        by_id = self._by_id()
+        lineage = {mount.mount_id}  # MOUNT and the mounts it was mounted on
+        parent = by_id.get(mount.parent_id)
+        while parent is not None and parent.mount_id not in lineage:
+            lineage.add(parent.mount_id)
+            parent = by_id.get(parent.parent_id)
+        # The walk follows MOUNT's lineage as long as nothing covers it; the first mount
+        # off that lineage is the one covering it.
+        on = [i for i, m in enumerate(walk) if m.mount_id in lineage]
+        first_off = on[-1] + 1 if on else 0
+        return walk[min(first_off, len(walk) - 1)]
+
+    def _by_id(self) -> dict[int, Mount]:
+        if self._ids is None:
+            self._ids = {m.mount_id: m for m in self.mounts}
+        return self._ids
+
+    def _walk(self, path: str) -> list[Mount]:
+        """The mounts a lookup of PATH crosses, from the root mount to the one it lands on."""
+        by_id = self._by_id()
+        if self._children is None:
+            self._children = {}
+            for mount in self.mounts:  # the later one, should a point appear twice
+                self._children[(mount.parent_id, mount.mount_point)] = mount
+        children = self._children
+        base = next(
+            (m for m in self.mounts if m.mount_point == "/"
+             and (m.parent_id not in by_id or m.parent_id == m.mount_id)),
+            None,
+        )  # fmt: skip
+        if base is None:
+            return []
+        walk, seen = [base], {base.mount_id}
+        points, prefix = ["/"], ""
+        for part in path.split("/"):
+            if part:
+                prefix += "/" + part
+                points.append(prefix)
+        for point in points:
+            while True:  # down a stack at POINT
+                child = children.get((walk[-1].mount_id, point))
+                if child is None or child.mount_id in seen:
+                    break
+                walk.append(child)
+                seen.add(child.mount_id)
+        return walk
 
     def tag_in_use(self, tag: str, fstypes: tuple[str, ...] = ("9p", "virtiofs")) -> Mount | None:
         return next((m for m in self.mounts if m.fstype in fstypes and m.source == tag), None)

@@ -128,3 +128,115 @@ def test_real_mountinfo_parses() -> None:
     t = MountTable.read()
     assert t.containing("/") is not None
     assert all(m.mount_point.startswith("/") for m in t.mounts)
+
+
+# --- what a lookup lands on: top_at, hidden_by ----------------------------------------
+
+ROOT = "22 1 252:1 / / rw - ext4 /dev/vda1 rw\n"
+
+
+def table_of(*lines: str) -> MountTable:
+    return MountTable(parse_mountinfo(ROOT + "".join(line + "\n" for line in lines)))
+
+
+def ids(t: MountTable, *paths: str) -> list[int | None]:
+    return [m.mount_id if (m := t.top_at(p)) else None for p in paths]
+
+
+def hidden(t: MountTable) -> dict[int, int | None]:
+    return {m.mount_id: h.mount_id if (h := t.hidden_by(m)) else None for m in t.mounts}
+
+
+def test_a_mount_covered_by_another_at_the_same_point() -> None:
+    t = table_of("30 22 0:30 / /srv rw - tmpfs first rw", "31 30 0:31 / /srv rw - tmpfs second rw")
+    assert ids(t, "/", "/srv", "/srv/x/y", "/srv/", "/srvx") == [22, 31, 31, 31, 22]
+    assert hidden(t) == {22: None, 30: 31, 31: None}
+
+
+def test_a_child_hidden_by_a_later_mount_at_an_ancestor() -> None:
+    # /var/home/alice first, then /var/home on the root mount: alice is hidden
+    t = table_of(
+        "40 22 0:40 / /var/home/alice rw - virtiofs alice rw",
+        "41 22 0:41 / /var/home rw - ext4 /dev/vdb rw",
+    )
+    assert ids(t, "/var/home/alice", "/var/home/alice/f", "/var/home/bob", "/var") == [
+        41, 41, 41, 22,
+    ]  # fmt: skip
+    assert hidden(t) == {22: None, 40: 41, 41: None}
+    # containing() goes by mount points only, and would name alice's mount
+    mount = t.containing("/var/home/alice/f")
+    assert mount is not None and mount.mount_id == 40
+
+
+def test_the_same_mounts_in_the_right_order_are_visible() -> None:
+    t = table_of(
+        "41 22 0:41 / /var/home rw - ext4 /dev/vdb rw",
+        "42 41 0:40 / /var/home/alice rw - virtiofs alice rw",
+    )
+    assert ids(t, "/var/home/alice/f", "/var/home/bob") == [42, 41]
+    assert hidden(t) == {22: None, 41: None, 42: None}
+
+
+def test_hidden_by_the_first_mount_off_its_lineage() -> None:
+    # /s/c on /s, then a second /s stacked on the first, then /s/c again on top
+    t = table_of(
+        "30 22 0:30 / /s rw - tmpfs s1 rw",
+        "31 30 0:31 / /s/c rw - tmpfs c1 rw",
+        "32 30 0:32 / /s rw - tmpfs s2 rw",
+        "33 32 0:33 / /s/c rw - tmpfs c2 rw",
+    )
+    assert ids(t, "/s", "/s/c", "/s/d") == [32, 33, 32]
+    # c1 is covered by s2 (at its ancestor), not by c2 which sits on s2
+    assert hidden(t) == {22: None, 30: 32, 31: 32, 32: None, 33: None}
+
+
+def test_bind_mounts() -> None:
+    t = table_of(
+        "50 22 0:50 / /srv/data rw - ext4 /dev/vdc rw",
+        "51 22 0:50 /sub /mnt rw - ext4 /dev/vdc rw",  # bind of /srv/data/sub at /mnt
+        "52 51 0:52 / /mnt/cache rw - tmpfs t rw",
+        "60 22 0:60 / /opt/y rw - tmpfs y rw",
+        "61 22 252:1 /x /opt rw - ext4 /dev/vda1 rw",  # non-recursive bind of /x over /opt
+    )
+    assert ids(t, "/mnt/cache/f", "/mnt/f", "/srv/data/sub/cache", "/opt/y") == [52, 51, 50, 61]
+    assert hidden(t) == {22: None, 50: None, 51: None, 52: None, 60: 61, 61: None}
+
+
+def test_stacked_on_the_root() -> None:
+    t = table_of("24 22 0:24 / /b rw - tmpfs b rw", "23 22 0:23 / / rw - tmpfs over rw")
+    assert ids(t, "/", "/b", "/c") == [23, 23, 23]
+    assert hidden(t) == {22: 23, 24: 23, 23: None}
+
+
+def test_the_root_mount_is_the_one_without_a_parent_in_the_table() -> None:
+    # listed out of order, as after a move: the root is still found by its parent
+    t = MountTable(
+        parse_mountinfo("30 22 0:30 / /a rw - tmpfs a rw\n" + ROOT + "23 23 0:1 / / rw - x y rw\n")
+    )
+    assert ids(t, "/a") == [30]
+
+
+def test_no_root_mount() -> None:
+    t = MountTable(parse_mountinfo("5 1 0:1 / /a rw - tmpfs t rw\n"))
+    assert t.top_at("/a") is None
+    assert t.hidden_by(t.mounts[0]) is None
+
+
+def test_top_at_in_the_sample() -> None:
+    t = table()
+    assert ids(t, "/run/x", "/nix/store/abc", "/nix", "/srv/with space\ttab/f") == [46, 43, 22, 44]
+
+
+def test_a_parent_id_loop_does_not_hang() -> None:
+    t = table_of("30 31 0:30 / /a rw - tmpfs a rw", "31 30 0:31 / /a rw - tmpfs b rw")
+    assert ids(t, "/a") == [22]
+    assert hidden(t) == {22: None, 30: 22, 31: 22}
+
+
+def test_real_mountinfo_walks() -> None:
+    t = MountTable.read()
+    assert t.top_at("/") is not None
+    for mount in t.mounts:
+        top = t.top_at(mount.mount_point)
+        if top is not None and top.mount_id == mount.mount_id:
+            assert t.hidden_by(mount) is None

@@ -106,6 +106,45 @@ def test_overlay_under_a_nix_mount_waits_for_it() -> None:
     assert by["/nix/.ro-store"] == ("/nix",)
 
 
+def test_mounts_on_or_beneath_rw_come_before_the_overlay() -> None:
+    # issue 8, item 13: a volume at RW/store was mounted over the live upper layer
+    steps, problems = plan(
+        config_of(
+            "microvm.store-overlay=/nix/.ro-store:/nix/.rw-store "
+            "microvm.volume=tmpfs:/nix/.rw-store/work/x:tmpfs "
+            "microvm.volume=LABEL=up:/nix/.rw-store/store:ext4 " + MICROVM
+        )
+    )
+    assert problems == []
+    assert wheres(steps)[-1] == "/nix/store"
+    assert steps[-1].after == (
+        "/nix/.ro-store",
+        "/nix/.rw-store",
+        "/nix/.rw-store/store",
+        "/nix/.rw-store/work/x",
+    )
+
+
+def test_a_volume_at_rw_store_with_rw_on_the_root() -> None:
+    steps, _ = plan(
+        config_of("microvm.volume=LABEL=up:/rw/store:ext4 microvm.store-overlay=/lo:/rw")
+    )
+    assert [(s.where, s.after) for s in steps] == [
+        ("/rw/store", ()),
+        ("/nix/store", ("/rw/store",)),
+    ]
+
+
+def test_mounts_beneath_lower_or_beside_rw_are_not_dependencies() -> None:
+    steps, _ = plan(
+        config_of(
+            MICROVM + " microvm.volume=tmpfs:/nix/.ro-store/x:tmpfs "
+            "microvm.volume=tmpfs:/nix/.rw-storex:tmpfs"
+        )
+    )
+    assert {s.where: s.after for s in steps}["/nix/store"] == ("/nix/.ro-store", "/nix/.rw-store")
+
+
 def test_store_lower_marks_only_the_lower_holder() -> None:
     steps, _ = plan(config_of(MICROVM))
     assert {s.where: s.store_lower for s in steps} == {
@@ -140,6 +179,13 @@ def test_upper_on_9p_subdirectory_is_refused_too() -> None:
     )
     assert len(problems) == 1 and "is on 9p" in problems[0].reason
     assert wheres(steps) == ["/srv"]
+
+
+def test_upper_on_a_9p_share_at_rw_store_is_refused_too() -> None:
+    steps, problems = plan(config_of(MICROVM + " microvm.share=up:/nix/.rw-store/store:9p"))
+    assert [p.spec for p in problems] == ["microvm.store-overlay=/nix/.ro-store:/nix/.rw-store"]
+    assert "(microvm.share=up:/nix/.rw-store/store:9p)" in problems[0].reason
+    assert "/nix/store" not in wheres(steps)
 
 
 @pytest.mark.parametrize("proto", ["virtiofs", "auto"])
