@@ -8,7 +8,14 @@ from typing import Any
 from guest_agent import reset as overlay_reset
 from guest_agent.execute import Executor, Failure, overlay_users
 from guest_agent.mountinfo import MountTable
-from guest_agent.paths import PathError, host_path, open_root, reopen, resolve_in_root, walk
+from guest_agent.paths import (
+    PathError,
+    host_path,
+    open_root,
+    reopen,
+    resolve_as_far_as_exists,
+    walk,
+)
 from guest_agent.plan import is_within, plan
 from guest_agent.report import Reporter
 from guest_agent.spec import Config, OverlaySpec, Problem, ShareSpec, VolumeSpec
@@ -17,10 +24,18 @@ RESET = "reset-overlay"
 
 
 def _host(root: str, where: str) -> str | None:
+    """The host path where WHERE lands (as far as it exists: a mount point may be hidden
+    under a later mount, where its directory is not to be seen)."""
     try:
-        return host_path(root, resolve_in_root(root, where))
+        root_fd = open_root(root)
+    except OSError:
+        return None
+    try:
+        return host_path(root, resolve_as_far_as_exists(root_fd, where))
     except PathError:
         return None
+    finally:
+        os.close(root_fd)
 
 
 def reset_command(root: str, config: Config, reporter: Reporter) -> None:
@@ -33,7 +48,7 @@ def reset_command(root: str, config: Config, reporter: Reporter) -> None:
         return
     store = _host(root, overlay.where)
     table = MountTable.read()
-    current = table.at(store) if store else None
+    current = table.visible_at(store) if store else None
     if current is not None and current.fstype == "overlay":
         _schedule(root, overlay, reporter)
         return
@@ -166,8 +181,18 @@ def mount_status(root: str, config: Config) -> list[dict[str, Any]]:
             "source": None,
         }
         host = _host(root, spec.where)
-        current = table.at(host) if host else None
-        if current is None:
+        current = table.visible_at(host) if host else None
+        hidden = table.at(host) if host and current is None else None
+        cover = table.hidden_by(hidden) if hidden is not None else None
+        if hidden is not None and cover is not None:
+            row.update(
+                state="hidden",
+                fstype=hidden.fstype,
+                source=hidden.source,
+                detail=f"{hidden.fstype} {hidden.source} is mounted there but hidden by"
+                f" {cover.fstype} {cover.source} at {cover.mount_point}",
+            )
+        elif current is None:
             row.update(state="not-mounted", detail="nothing mounted there")
         else:
             row.update(fstype=current.fstype, source=current.source)

@@ -23,12 +23,14 @@ from guest_agent.paths import (
     open_root,
     overlapping,
     reopen,
+    resolve_as_far_as_exists,
     resolve_in_root,
     walk,
 )
-from guest_agent.plan import Step, upper_on_9p
+from guest_agent.plan import Step, order_by_resolved, upper_on_9p
 from guest_agent.records import NamedTuple
 from guest_agent.spec import (
+    MountSpec,
     Options,
     OverlaySpec,
     Problem,
@@ -169,6 +171,7 @@ class Executor:
         # changed: a uevent, a wait, a module load, a format. Keeps each look cheap.
         self._seen: dict[str, Any] = {}
         self._root_fd: int | None = None
+        self._placed: list[tuple[MountSpec, str]] = []  # what this run mounted, and where
 
     # -- driving ------------------------------------------------------------------
 
@@ -178,6 +181,7 @@ class Executor:
         A step whose tag or disk has not appeared yet is put off, with every step
         below it, so that one slow or missing device does not hold up the others.
         """
+        steps = self._by_resolved_target(steps)
         later: list[Step] = []
         put_off: set[str] = set()
         for step in steps:
@@ -188,7 +192,48 @@ class Executor:
                 self.run_step(step)
         for step in later:
             self.run_step(step)
+        self._check_hidden()
         return self.results
+
+    def _by_resolved_target(self, steps: list[Step]) -> list[Step]:
+        """Order mounts by where their mount points resolve inside the root now (a symlink
+        such as /home -> var/home puts /home/alice beneath /var/home), not as written."""
+        if self._root_fd is None:
+            self._root_fd = open_root(self.root)
+        resolved = {}
+        for step in steps:
+            try:
+                resolved[step.where] = resolve_as_far_as_exists(self._root_fd, step.where)
+            except PathError:
+                continue  # its own step reports the problem
+        if all(resolved.get(s.where, s.where) == s.where for s in steps):
+            return steps
+        return order_by_resolved(steps, resolved)
+
+    def _check_hidden(self) -> None:
+        """Each mount this run made must still be visible: one a later mount covers (over
+        its mount point or an ancestor) is reported, as a failure of its spec."""
+        if not self._placed:
+            return
+        table = self.table()
+        for spec, host in self._placed:
+            mine = table.at(host)
+            cover = table.hidden_by(mine) if mine is not None else None
+            if cover is None:
+                continue
+            reason = (
+                f"mounted at {spec.where}, but hidden by {cover.fstype} {cover.source}"
+                f" mounted at {cover.mount_point} after it"
+            )
+            self.results.append(Result(spec.where, spec.source, "failed", message=reason))
+            self.reporter.problem(
+                Problem(
+                    spec.source,
+                    reason,
+                    "check the symbolic links on the way to it",
+                    fatal=not spec.options.nofail,
+                )
+            )
 
     def _present(self, step: Step) -> bool:
         """Whether STEP's tag or disk can be used right now (no waiting)."""
@@ -235,6 +280,8 @@ class Executor:
         self.results.append(result)
         if result.status in ("mounted", "already-mounted", "would-mount"):
             self.mounted.add(spec.where)
+        if result.status == "mounted" and self.mounted_here:
+            self._placed.append((spec, self.mounted_here[-1]))
 
     def close(self) -> None:
         if self._root_fd is not None:
@@ -338,7 +385,8 @@ class Executor:
         self.mounted_here.append(request.target)
 
     def existing(self, host: str) -> Mount | None:
-        return self.table().at(host)
+        """What is mounted at HOST and visible there (a hidden mount is no mount)."""
+        return self.table().visible_at(host)
 
     # -- shares -----------------------------------------------------------------------
 
@@ -347,7 +395,7 @@ class Executor:
         read_only = spec.options.read_only
         read_only = store_lower if read_only is None else read_only
         table = self.table()
-        current = table.at(host)
+        current = table.visible_at(host)
         if current is not None:
             if current.fstype in SHARE_FSTYPES and current.source == spec.tag:
                 if spec.proto in (Proto.AUTO, current.fstype):
@@ -659,7 +707,7 @@ class Executor:
         """Mount the overlay with LOWER, RW/store and RW/work given to the kernel as the
         directories we hold open (/proc/self/fd/N), never as paths it would resolve again."""
         table = self.table()
-        current = table.at(host)
+        current = table.visible_at(host)
         reset = self.reset_requested or self._owned(spec, overlay_reset.request_pending, rw)
         if current is not None:
             if current.fstype == "overlay":

@@ -95,6 +95,16 @@ class MountTable:
                 return mount
             path = path.rsplit("/", 1)[0] or "/"
 
+    def visible_at(self, mount_point: str) -> Mount | None:
+        """The mount a lookup of MOUNT_POINT lands on, if it is mounted right there; a
+        mount there that a later one hides (over it or over an ancestor) does not count.
+        Without a root mount in the table, the last mount there (as `at`)."""
+        path = mount_point.rstrip("/") or "/"
+        walk = self._walk(path)
+        if not walk:
+            return self.at(path)
+        return walk[-1] if walk[-1].mount_point == path else None
+
     def top_at(self, path: str) -> Mount | None:
         """The mount a lookup of PATH (a resolved, real path) lands on, found as the kernel
         does: from the root mount down through the children of each mount crossed, taking

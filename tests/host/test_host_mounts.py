@@ -485,3 +485,39 @@ def test_child_of_a_failed_mount_is_skipped_not_mounted_on_the_root(host: HostEn
     assert run.returncode == 1
     assert f"error: {child}: not mounted: it needs /data mounted first, which is not" in run.lines
     assert host.under_root() == []
+
+
+def test_mounts_are_ordered_by_where_they_resolve(host: HostEnv) -> None:
+    """/home -> var/home (the Silverblue layout): /home/alice really lands beneath
+    /var/home, so it is mounted after it, not first and then hidden by it."""
+    (host.root / "var/home").mkdir(parents=True)
+    (host.root / "home").symlink_to("var/home")
+    host.set_cmdline(
+        "microvm.volume=tmpfs:/home/alice:tmpfs", "microvm.volume=tmpfs:/var/home:tmpfs"
+    )
+    run = host.mount_all()
+    assert run.returncode == 0, run.stderr
+    assert run.lines == [
+        "mounted tmpfs tmpfs at /var/home (rw)",
+        "mounted tmpfs tmpfs at /home/alice (rw)",
+    ], run.stderr
+    alice, home = host.root / "home/alice", host.root / "var/home"
+    assert os.stat(alice).st_dev != os.stat(home).st_dev  # alice's tmpfs is the one we see
+    status = host.agent("status")
+    assert status.returncode == 0, status.stdout + status.stderr
+
+
+def test_a_hidden_mount_is_seen_and_mounted_again(host: HostEnv) -> None:
+    """A mount covered by a later one over an ancestor is not 'already mounted': status
+    says hidden, and mount-all mounts it again where it can be seen."""
+    host.set_cmdline("microvm.volume=tmpfs:/var/home/alice:tmpfs")
+    assert host.mount_all().returncode == 0
+    subprocess.run(["mount", "-t", "tmpfs", "cover", str(host.root / "var/home")], check=True)
+    status = host.agent("status")
+    assert status.returncode == 1, status.stdout
+    assert status.stdout.split()[:2] == ["hidden", "/var/home/alice"], status.stdout
+    assert "hidden by tmpfs cover at" in status.stdout, status.stdout
+    again = host.mount_all()
+    assert again.returncode == 0, again.stderr
+    assert again.lines == ["mounted tmpfs tmpfs at /var/home/alice (rw)"], again.stderr
+    assert host.agent("status").returncode == 0
