@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from tests.host.conftest import HostEnv, Run, mounts
@@ -289,7 +289,10 @@ class Box:
         """Write through the mounted overlay; the file must be in the real ROOT/RW/store."""
         name = f"probe-{uuid.uuid4().hex}"
         data = name.encode()
-        fd = os.open(self.store / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW)
+        try:
+            fd = os.open(self.store / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW)
+        except OSError:
+            return False
         os.write(fd, data)
         os.close(fd)
         return read_nofollow(self.rw, f"store/{name}") == data
@@ -704,8 +707,10 @@ def race(box: Box, racer: Racer, runs: int, extra: tuple[str, ...],
                 outside = box.outside()
     finally:
         racer.stop()
-    print(f"\n{label}: {sum(counts.values())} runs, {counts['mounted']} mounted, "
-          f"{counts['refused']} refused, {len(escapes)} escaped, {racer.swaps} swaps")
+    print(
+        f"\n{label}: {sum(counts.values())} runs, {counts['mounted']} mounted, "
+        f"{counts['refused']} refused, {len(escapes)} escaped, {racer.swaps} swaps"
+    )
     for line in escapes[:3]:
         print(f"  {line}")
     assert not escapes, f"{len(escapes)} of {runs} runs escaped the root; first: {escapes[0]}"
@@ -814,14 +819,24 @@ def build_tree(box: Box, tree: dict[str, str]) -> list[Path]:
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                  HealthCheck.filter_too_much])  # fmt: skip
 @given(tree=st.dictionaries(st.sampled_from(SLOTS), node, min_size=1, max_size=8),
-       reset=st.booleans())  # fmt: skip
-def test_random_hostile_trees_on_rw(private_ns: Path, tree: dict[str, str], reset: bool) -> None:
+       reset=st.booleans(), rw_volume=st.booleans())  # fmt: skip
+# the attacks of issue 8, always tried: the trash at the sentinel, at `..`, at `.`; the upper
+# layer at the sentinel; a request link into the sentinel with a reset asked
+@example(tree={TRASH: "->@sentinel"}, reset=False, rw_volume=True)
+@example(tree={TRASH: "->.."}, reset=False, rw_volume=False)
+@example(tree={TRASH: "->."}, reset=False, rw_volume=True)
+@example(tree={"store": "->@sentinel/store"}, reset=False, rw_volume=False)
+@example(tree={REQUEST: "->@sentinel/precious.txt", TRASH: "->../nope"}, reset=True,
+         rw_volume=False)  # fmt: skip
+def test_random_hostile_trees_on_rw(
+    private_ns: Path, tree: dict[str, str], reset: bool, rw_volume: bool
+) -> None:
     """Today: fails as soon as the trash (or store/work) is a link into the sentinel or at
     `..`: the sentinel or the lower layer is emptied, or the overlay's upper is outside."""
     top = private_ns / f"ex-{uuid.uuid4().hex[:8]}"
     before = mount_ids()
     try:
-        box = make_box(top)
+        box = make_box(top, rw_volume=rw_volume)
         links = build_tree(box, tree)
         for link in links:  # safety of the test itself: every link stays on our tmpfs
             real = os.path.realpath(link)
@@ -833,6 +848,9 @@ def test_random_hostile_trees_on_rw(private_ns: Path, tree: dict[str, str], rese
         assert all(p.startswith(str(box.root) + "/") for p in new), (new, run.stderr)
         if run.returncode == 0:
             assert box.overlay_mounted(), run.stderr
+            # no reset asked (flag or a request file), the upper layer untouched: intact
+            if not reset and tree.get(REQUEST) != "file" and tree.get("store", "dir") == "dir":
+                assert box.upper_intact(), (tree, run.stderr)
             assert box.probe_lands_in_rw_store(), (tree, run.stderr)
             assert box.outside() == outside, (tree, run.stderr)
     finally:
