@@ -130,6 +130,7 @@ def private_ns() -> Iterator[Path]:
     if os.geteuid() != 0:
         pytest.skip("needs root: a private mount namespace, tmpfs and overlay mounts")
     original = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    original_id = os.readlink("/proc/self/ns/mnt")
     cwd = os.getcwd()
     base = None
     if libc.unshare(CLONE_NEWNS) != 0:
@@ -148,6 +149,7 @@ def private_ns() -> Iterator[Path]:
         _check(libc.setns(original, CLONE_NEWNS), "setns back to the original namespace")
         os.close(original)
         os.chdir(cwd)
+        assert os.readlink("/proc/self/ns/mnt") == original_id
         if base is not None:
             os.rmdir(base)  # empty here: the tmpfs was mounted in the namespace only
 
