@@ -17,7 +17,6 @@ from guest_agent.mountinfo import Mount, MountTable
 from guest_agent.paths import (
     Opened,
     PathError,
-    ancestors,
     host_path,
     identity,
     open_root,
@@ -725,7 +724,7 @@ class Executor:
         rw_host = host_path(self.root, rw_path.path)
         userxattr = self._upper_needs_userxattr(spec, rw_host)
         # Before anything is made or moved: a reset must never move the lower layer aside.
-        _check_overlap(spec, lower.fd, rw, inside_lower_too=True)
+        _check_overlap(spec, lower.fd, rw, whole_rw=True)
         if overlay_reset.check_dir(rw, "store"):
             with _closing(overlay_reset.open_dir(rw, "store", create=False)) as store:
                 in_use = overlay_users(table, host, store)
@@ -917,13 +916,12 @@ def _wrong_type(spec: OverlaySpec, *wrong: overlay_reset.WrongType) -> Failure:
     )
 
 
-def _check_overlap(
-    spec: OverlaySpec, lower: int, rw: int, *, inside_lower_too: bool = False
-) -> None:
+def _check_overlap(spec: OverlaySpec, lower: int, rw: int, *, whole_rw: bool = False) -> None:
     """Refuse LOWER and the layer dirs under RW (those that exist) when one is inside the
     other, judged on the directories themselves ((dev, ino) up the `..` chain), so that a
-    symbolic link cannot hide it; with INSIDE_LOWER_TOO, also RW anywhere inside LOWER."""
-    overlap = inside_lower_too and identity(lower) in ancestors(rw)
+    symbolic link or a bind mount cannot hide it; with WHOLE_RW, LOWER and RW themselves
+    (the rule the parser applies to the paths as written)."""
+    overlap = whole_rw and overlapping(lower, rw)
     for name in overlay_reset.LAYERS:
         if overlap:
             break
@@ -932,8 +930,8 @@ def _check_overlap(
                 overlap = overlapping(lower, layer)
     if overlap:
         raise Failure(
-            f"the lower layer {spec.lower} and the layers under {spec.rw} overlap (one is"
-            " inside the other, through a symbolic link): nothing was mounted or moved",
+            f"the lower layer {spec.lower} and {spec.rw} overlap (one is inside the other,"
+            " through a symbolic link or a bind mount): nothing was mounted or moved",
             "LOWER and RW must be separate directories",
         )
 

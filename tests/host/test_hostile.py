@@ -400,7 +400,7 @@ def is_normal(name: str, kind: str) -> bool:
 
 # --- 1. the matrix: every owned name x every wrong type x plain / reset --------------------
 #
-# Today's defects (issue 8): a trash symlink is followed and the directory it points to is
+# The defects before issue 8's fix: a trash symlink is followed and the directory it points to is
 # emptied (the sentinel, the lower layer, or the live upper for `.`); store/work symlinks
 # are mounted as layers outside the root (exit 0) or moved by a reset; a request name of
 # the wrong type is taken as a request (the layers are moved), a directory one makes the
@@ -445,7 +445,7 @@ def test_owned_name_of_the_wrong_type(plain_box: Box, name: str, kind: str, rese
 
 # --- reset-overlay (the command) with the request name of each type --------------------
 #
-# Today: mounted, a request symlink is followed and the file it points to truncated and
+# Before the fix: mounted, a request symlink is followed and the file it points to truncated and
 # written (exit 0); not mounted, the layers are moved and then the wrong-type request is
 # unlinked (a symlink) or makes the wipe fail half-way (a directory).
 
@@ -480,7 +480,7 @@ def test_reset_overlay_command_with_the_request_name(
 
 # --- inside a real trash: links are deleted as links -------------------------------------
 #
-# Today this holds (shutil.rmtree and the islink check); it pins the behaviour for the
+# This held before the fix too (shutil.rmtree and the islink check); it pins the behaviour for the
 # fd-based rewrite.
 
 
@@ -510,7 +510,7 @@ def test_links_inside_the_trash_are_deleted_as_links(box: Box, reset: bool) -> N
 # --- mount points (WHERE) with a hostile component ---------------------------------------
 #
 # Chroot semantics: a link is followed inside the root (intended), a file or FIFO in the
-# way is refused. Today this holds outside races (see the race test below).
+# way is refused. This held outside races before the fix too (see the race test below).
 
 
 @pytest.mark.parametrize("component", ["abs-link", "rel-link", "file", "fifo"])
@@ -561,7 +561,7 @@ def test_rw_path_through_a_link_stays_in_the_root(box: Box, target: str) -> None
 
 # --- 10. LOWER and RW overlapping only through a symlink -----------------------------------
 #
-# Today nothing checks overlap: store/ and work/ are created inside the lower layer (or
+# Before the fix nothing checked overlap: store/ and work/ are created inside the lower layer (or
 # the kernel is asked to mount overlapping layers).
 
 
@@ -593,7 +593,7 @@ def test_layers_overlapping_through_a_link_are_refused(box: Box, case: str) -> N
 
 # --- 9. reset-overlay while the overlay is still in use somewhere ------------------------
 #
-# Today reset-overlay only looks at ROOT/nix/store: moved away (bind + umount) or covered
+# Before the fix reset-overlay only looked at ROOT/nix/store: moved away (bind + umount) or covered
 # by a tmpfs, it sees "not mounted" and wipes the upper layer that is in use.
 
 
@@ -619,6 +619,26 @@ def test_reset_overlay_refuses_while_the_overlay_is_in_use(box: Box, how: str) -
         assert {k: v for k, v in after.items() if k.startswith(entry)} == {
             k: v for k, v in rw_before.items() if k.startswith(entry)
         }
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["plain", "reset"])
+def test_mount_all_refuses_a_second_overlay_on_an_upper_in_use(box: Box, reset: bool) -> None:
+    """The overlay moved away (bind-mounted elsewhere, the original unmounted): mount-all
+    neither mounts a second overlay on the same upper and work (item 6's double mount)
+    nor, asked for a reset, moves the live upper layer aside."""
+    assert box.run().returncode == 0
+    (box.store / "in-use").write_text("live\n")
+    away = box.top / "elsewhere"
+    away.mkdir()
+    sys_mount(str(box.store), away, None, MS_BIND)
+    _check(libc.umount2(os.fsencode(box.store), 0), "umount the overlay")
+    rw_before = box.rw_tree()
+    run = box.run("microvm.reset-overlay") if reset else box.run()
+    assert run.returncode == 1, run.stderr
+    assert errors(run) and "in use by the overlay mounted at" in errors(run)[-1], run.stderr
+    assert read_nofollow(box.rw, "store/in-use") == b"live\n"
+    assert box.rw_tree() == rw_before
+    assert (away / "in-use").read_text() == "live\n"
 
 
 # --- 2. rename-exchange races ----------------------------------------------------------------
@@ -722,7 +742,7 @@ RUNS = 300
 
 
 def test_race_rw_swapped_with_a_link_outside_during_reset(private_ns: Path) -> None:
-    """Today: the reset's renames and the trash deletion follow RW's path again after it
+    """Before the fix: the reset's renames and the trash deletion follow RW's path again after it
     was resolved, so a swap moves and deletes the sentinel's store/work/trash, and the
     overlay can be mounted with its layers outside the root."""
     box = make_box(private_ns / "box", rw_volume=False)
@@ -748,7 +768,7 @@ def test_race_rw_swapped_with_a_link_outside_during_reset(private_ns: Path) -> N
 
 
 def test_race_mount_point_component_swapped_with_a_link_outside(private_ns: Path) -> None:
-    """Today: the mount point's missing dirs are made and the mount done by path after the
+    """Before the fix: the mount point's missing dirs are made and the mount done by path after the
     resolution, so a swap creates dirs in the sentinel and mounts there."""
     box = make_box(private_ns / "box", rw_volume=False)
     (box.root / "mnt").mkdir()
@@ -833,7 +853,7 @@ def build_tree(box: Box, tree: dict[str, str]) -> list[Path]:
 def test_random_hostile_trees_on_rw(
     private_ns: Path, tree: dict[str, str], reset: bool, rw_volume: bool
 ) -> None:
-    """Today: fails as soon as the trash (or store/work) is a link into the sentinel or at
+    """Before the fix: fails as soon as the trash (or store/work) is a link into the sentinel or at
     `..`: the sentinel or the lower layer is emptied, or the overlay's upper is outside."""
     top = private_ns / f"ex-{uuid.uuid4().hex[:8]}"
     before = mount_ids()
