@@ -19,6 +19,7 @@ gets deleted or written is the test's sentinel, never the host. /dev/kmsg is mas
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import os
 import platform
@@ -133,7 +134,12 @@ def private_ns() -> Iterator[Path]:
     original_id = os.readlink("/proc/self/ns/mnt")
     cwd = os.getcwd()
     base = None
-    if libc.unshare(CLONE_NEWNS) != 0:
+    for _ in range(250):  # EINVAL while a finished racer thread is still leaving the kernel
+        unshared = libc.unshare(CLONE_NEWNS) == 0
+        if unshared or ctypes.get_errno() != errno.EINVAL:
+            break
+        time.sleep(0.02)
+    if not unshared:
         os.close(original)
         pytest.skip(f"unshare(CLONE_NEWNS): {os.strerror(ctypes.get_errno())}")
     try:
@@ -146,7 +152,14 @@ def private_ns() -> Iterator[Path]:
         yield base
     finally:
         wait_quiet()
-        _check(libc.setns(original, CLONE_NEWNS), "setns back to the original namespace")
+        # setns(CLONE_NEWNS) refuses (EINVAL) while another thread shares our fs state: a
+        # racer thread that was joined may take a moment more to leave the kernel.
+        for _ in range(250):
+            if libc.setns(original, CLONE_NEWNS) == 0:
+                break
+            time.sleep(0.02)
+        else:
+            _check(libc.setns(original, CLONE_NEWNS), "setns back to the original namespace")
         os.close(original)
         os.chdir(cwd)
         assert os.readlink("/proc/self/ns/mnt") == original_id
