@@ -12,11 +12,14 @@ fd), not just an errno. Kernels without it fall back to mount(2).
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 
 from guest_agent.records import NamedTuple
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    import ctypes  # imported when the first system call is made: not for a dry run
 
 # Identical on x86_64, aarch64, riscv64 and every other architecture using the unified table.
 _SYS_MOVE_MOUNT = 429
@@ -83,10 +86,6 @@ class MountError(Exception):
         super().__init__(f"{reason}: {kernel_says}" if kernel_says else reason)
 
 
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
-
-
 class MountRequest(NamedTuple):
     fstype: str
     source: str
@@ -102,6 +101,8 @@ def libc() -> ctypes.CDLL:
     """The C library, loaded once, errno kept after each call (ctypes.get_errno)."""
     global _libc
     if _libc is None:
+        import ctypes
+
         _libc = ctypes.CDLL(None, use_errno=True)
         _libc.syscall.restype = ctypes.c_long
     return _libc
@@ -110,6 +111,8 @@ def libc() -> ctypes.CDLL:
 def _checked(result: int, filename: str | None) -> int:
     """RESULT of a C call that sets errno; OSError(errno, strerror, FILENAME) when negative."""
     if result < 0:
+        import ctypes
+
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), filename)
     return result
@@ -121,6 +124,8 @@ def syscall(nr: int, *args: int | bytes | None, filename: str | None = None) -> 
     Integers are passed as C longs (syscall(2) reads its variadic arguments as
     longs), bytes as pointers to their buffer, None as NULL.
     """
+    import ctypes
+
     lib = libc()
     c_args = [ctypes.c_long(a) if isinstance(a, int) else a for a in (nr, *args)]
     ctypes.set_errno(0)
@@ -164,7 +169,9 @@ def move_mount(from_fd: int, to_fd: int, to_path: str, flags: int) -> None:
 
 
 def openat2(dir_fd: int, path: str, flags: int, resolve: int) -> int:
-    how = _OpenHow(flags, 0, resolve)
+    import ctypes
+
+    how = (ctypes.c_uint64 * 3)(flags, 0, resolve)  # struct open_how {flags, mode, resolve}
     address, size = ctypes.addressof(how), ctypes.sizeof(how)
     return syscall(_SYS_OPENAT2, dir_fd, os.fsencode(path), address, size, filename=path)
 
