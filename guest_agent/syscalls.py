@@ -78,6 +78,9 @@ _MNT_DETACH = 0x2
 
 
 class MountError(Exception):
+    """The kernel refused a mount (or unmount): its errno, the step that failed (an option,
+    "fsmount", "move_mount", "mount", "umount", ...) and what it logged on the fs context."""
+
     def __init__(self, err: int, step: str, kernel_says: str = "") -> None:
         self.errno = err
         self.step = step
