@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import os
 
+from guest_agent.syscalls import closing
+
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
     import ctypes
@@ -77,7 +79,7 @@ def why_not_blank(path: str) -> str | None:
         fd = os.open(path, flags)
     except OSError as e:
         return f"cannot be opened: {_strerror(e)}"
-    try:
+    with closing(fd):
         try:
             wrong_kind = _not_block(fd)
             if wrong_kind is not None:
@@ -91,8 +93,6 @@ def why_not_blank(path: str) -> str | None:
             return _data_reason(fd, size)
         except OSError as e:
             return f"cannot be read: {_strerror(e)}"
-    finally:
-        os.close(fd)
 
 
 def _not_block(fd: int) -> str | None:

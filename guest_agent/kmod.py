@@ -2,8 +2,10 @@
 
 Reads the text indexes depmod writes (modules.dep, modules.alias,
 modules.builtin, plus the kernel's modules.builtin.modinfo), once and lazily,
-and loads with finit_module(2)/init_module(2) through ctypes. Never spawns a
-process. Public methods return None on success and an error string otherwise.
+and loads with finit_module(2)/init_module(2) (guest_agent.syscalls). Never
+spawns a process. A module that cannot be loaded raises ModuleError (`require`,
+`require_filesystem`); `load`, `ensure_filesystem` and `coldplug_virtio` catch it
+and return its message (None, or an empty list, on success).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import errno
 import os
 
 from guest_agent.records import NamedTuple
+from guest_agent.syscalls import closing
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
@@ -19,14 +22,7 @@ if TYPE_CHECKING:
     from typing import Protocol
 
 MODULE_INIT_COMPRESSED_FILE = 4  # finit_module flag: the kernel decompresses (5.17+)
-
-# (init_module, finit_module) syscall numbers.
-_SYSCALLS = {
-    "x86_64": (175, 313),
-    "aarch64": (105, 273),
-    "arm64": (105, 273),
-    "riscv64": (105, 273),  # asm-generic numbering
-}
+_SEE_DMESG = (errno.ENOEXEC, errno.EINVAL, errno.ENOKEY)  # refusals the kernel explains there
 
 VIRTIO_PCI_VENDOR = 0x1AF4
 _MODULE_SUFFIXES = (".ko.xz", ".ko.gz", ".ko.zst", ".ko")
@@ -199,48 +195,36 @@ def parse_proc_filesystems(text: str) -> frozenset[str]:
     return frozenset(line.split()[-1] for line in text.splitlines() if line.split())
 
 
-# --- system calls (injectable) -----------------------------------------------
+# --- errors and system calls (injectable) -------------------------------------
+
+
+class ModuleError(Exception):
+    """A module that cannot be loaded: `module` (a name, alias or filesystem type) and
+    `reason`. str() is the whole message, "cannot load module MODULE: REASON" unless
+    worded otherwise."""
+
+    def __init__(self, module: str, reason: str, message: str | None = None) -> None:
+        super().__init__(f"cannot load module {module}: {reason}" if message is None else message)
+        self.module = module
+        self.reason = reason
+
+
+class ModuleNotFound(ModuleError):
+    """Neither a module nor an alias of one."""
+
+    def __init__(self, module: str, reason: str) -> None:
+        super().__init__(module, reason, f"module {module} not found: {reason}")
 
 
 if TYPE_CHECKING:
 
     class ModuleSyscalls(Protocol):
-        """The two kernel entry points; each returns 0 or a positive errno (tests inject fakes)."""
+        """The two kernel entry points, raising OSError (guest_agent.syscalls; tests inject
+        fakes)."""
 
-        def finit_module(self, fd: int, flags: int) -> int: ...
+        def finit_module(self, fd: int, flags: int) -> None: ...
 
-        def init_module(self, image: bytes) -> int: ...
-
-
-class LinuxSyscalls:
-    """finit_module/init_module through ctypes' libc.syscall (ctypes loaded lazily)."""
-
-    def __init__(self, machine: str | None = None) -> None:
-        self.machine = machine or os.uname().machine
-        self._libc: Callable[..., int] | None = None
-
-    def _call(self, which: int, *args: object) -> int:
-        import ctypes
-
-        numbers = _SYSCALLS.get(self.machine)
-        if numbers is None:
-            return errno.ENOSYS
-        if self._libc is None:
-            self._libc = ctypes.CDLL(None, use_errno=True).syscall
-        ctypes.set_errno(0)
-        rc = self._libc(ctypes.c_long(numbers[which]), *args)
-        return 0 if rc == 0 else (ctypes.get_errno() or errno.EIO)
-
-    def finit_module(self, fd: int, flags: int) -> int:
-        import ctypes
-
-        return self._call(1, ctypes.c_int(fd), ctypes.c_char_p(b""), ctypes.c_int(flags))
-
-    def init_module(self, image: bytes) -> int:
-        import ctypes
-
-        buf = ctypes.create_string_buffer(image, len(image))
-        return self._call(0, buf, ctypes.c_ulong(len(image)), ctypes.c_char_p(b""))
+        def init_module(self, image: bytes) -> None: ...
 
 
 def _errtext(err: int) -> str:
@@ -303,10 +287,14 @@ class ModuleLoader:
         proc: str = "/proc",
         syscalls: ModuleSyscalls | None = None,
     ) -> None:
+        if syscalls is None:
+            from guest_agent import syscalls as linux
+
+            syscalls = linux
         self.modules_dir = modules_dir or _default_modules_dir()
         self.sysfs = sysfs
         self.proc = proc
-        self.syscalls: ModuleSyscalls = syscalls or LinuxSyscalls()
+        self.syscalls: ModuleSyscalls = syscalls
         self._index: _Index | None = None
         self._loaded: set[str] = set()  # loaded by us (sysfs may lag, or be fake)
         self._failed: dict[str, str] = {}  # module → error, so one failure is reported once
@@ -367,15 +355,16 @@ class ModuleLoader:
 
     # -- loading --------------------------------------------------------------
 
-    def resolve(self, name_or_alias: str) -> list[str] | str:
-        """Module names for a name or alias, or an error message."""
+    def resolve(self, name_or_alias: str) -> list[str]:
+        """Module names for a name or alias; ModuleError if there is none."""
         mod = normalize(name_or_alias)
         if mod in self._loaded or self.is_available(mod):
             return [mod]
         if not self.has_modules:
-            return (
-                f"cannot load module {name_or_alias}: no modules directory {self.modules_dir}"
-                " (kernel without loadable modules, or they are not installed in this image)"
+            raise ModuleError(
+                name_or_alias,
+                f"no modules directory {self.modules_dir}"
+                " (kernel without loadable modules, or they are not installed in this image)",
             )
         idx = self.index()
         if mod in idx.deps:
@@ -383,31 +372,46 @@ class ModuleLoader:
         key = normalize_alias(name_or_alias)
         mods = idx.aliases.lookup(name_or_alias) or idx.builtin_aliases.get(key, [])
         if not mods:
-            return (
-                f"module {name_or_alias} not found: neither a module in {self.modules_dir}/"
-                "modules.dep nor an alias in modules.alias"
+            raise ModuleNotFound(
+                name_or_alias,
+                f"neither a module in {self.modules_dir}/modules.dep nor an alias in modules.alias",
             )
         return mods
 
-    def load(self, name_or_alias: str) -> str | None:
-        """Load a module (or every module an alias matches) with its dependencies."""
-        mods = self.resolve(name_or_alias)
-        if isinstance(mods, str):
-            return mods
-        errors = [f"cannot load module {m}: {e}" for m in mods if (e := self._load_module(m))]
-        return "; ".join(errors) if errors else None
+    def require(self, name_or_alias: str) -> None:
+        """Load a module (or every module an alias matches) with its dependencies;
+        ModuleError if any of them cannot be loaded."""
+        errors: list[ModuleError] = []
+        for mod in self.resolve(name_or_alias):
+            try:
+                self._load_module(mod)
+            except ModuleError as e:
+                errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]
+        if errors:
+            message = "; ".join(str(e) for e in errors)
+            raise ModuleError(name_or_alias, message, message)
 
-    def _load_module(self, mod: str, chain: tuple[str, ...] = ()) -> str | None:
-        """Load `mod` after its dependencies; None or the reason it failed."""
+    def load(self, name_or_alias: str) -> str | None:
+        """`require`, with the error as a message (None when loaded)."""
+        try:
+            self.require(name_or_alias)
+        except ModuleError as e:
+            return str(e)
+        return None
+
+    def _load_module(self, mod: str, chain: tuple[str, ...] = ()) -> None:
+        """Load `mod` after its dependencies; ModuleError(mod, why) if it cannot be."""
         if mod in self._loaded or self.is_available(mod):
-            return None
+            return
         if mod in self._failed:
-            return self._failed[mod]
+            raise ModuleError(mod, self._failed[mod])
         entry = self.index().deps.get(mod)
         if entry is None:
-            return f"not in {self.modules_dir}/modules.dep"
+            raise ModuleError(mod, f"not in {self.modules_dir}/modules.dep")
         if mod in chain:
-            return f"dependency cycle in modules.dep ({' → '.join((*chain, mod))})"
+            raise ModuleError(mod, f"dependency cycle in modules.dep ({' → '.join((*chain, mod))})")
         pre, post = self.index().softdeps.get(mod, ([], []))
         if mod in self._soft_pending:
             pre, post = [], []
@@ -419,60 +423,67 @@ class ModuleLoader:
             dep_mod = module_name(dep)
             if dep_mod in self._loaded or self.is_available(dep_mod):
                 continue
-            if dep_mod in self.index().deps:
-                err = self._load_module(dep_mod, (*chain, mod))
-            else:  # not indexed under its own name: load the file as listed
-                err = self._insert(dep_mod, dep)
-            if err:
-                return f"dependency {dep_mod}: {err}"
-        err = self._insert(mod, entry.path)
-        if err:
-            self._failed[mod] = err
-            return err
+            try:
+                if dep_mod in self.index().deps:
+                    self._load_module(dep_mod, (*chain, mod))
+                else:  # not indexed under its own name: load the file as listed
+                    self._insert(dep_mod, dep)
+            except ModuleError as e:
+                raise ModuleError(mod, f"dependency {dep_mod}: {e.reason}") from None
+        try:
+            self._insert(mod, entry.path)
+        except ModuleError as e:
+            self._failed[mod] = e.reason
+            raise
         for soft in post:
             self.load(soft)
-        return None
 
-    def _insert(self, mod: str, relpath: str) -> str | None:
+    def _insert(self, mod: str, relpath: str) -> None:
+        """Hand one module file to the kernel; ModuleError if it cannot be read or is refused
+        (EEXIST, loaded meanwhile, is no refusal)."""
         path = os.path.join(self.modules_dir, relpath)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
-            return f"{path}: {_errtext(e.errno or errno.EIO)}"
-        try:
-            if path.endswith((".ko.xz", ".ko.gz")):
-                image = _decompress(fd, path)
-                if isinstance(image, str):
-                    return image
-                err = self.syscalls.init_module(image)
-            elif path.endswith(".ko.zst"):
-                err = self.syscalls.finit_module(fd, MODULE_INIT_COMPRESSED_FILE)
-                if err in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOEXEC):
-                    zimage = _zstd_decompress(fd)
-                    if zimage is None:
-                        return (
-                            f"{path}: kernel cannot decompress zstd modules ({_errtext(err)}) "
-                            "and this Python has no zstd (needs 3.14)"
-                        )
-                    err = self.syscalls.init_module(zimage)
-            else:
-                err = self.syscalls.finit_module(fd, 0)
-        finally:
-            os.close(fd)
-        if err in (0, errno.EEXIST):
-            self._loaded.add(mod)
-            return None
-        hint = " (see dmesg)" if err in (errno.ENOEXEC, errno.EINVAL, errno.ENOKEY) else ""
-        return f"kernel refused {path}: {_errtext(err)}{hint}"
+            raise ModuleError(mod, f"{path}: {_errtext(e.errno or errno.EIO)}") from None
+        with closing(fd):
+            try:
+                self._hand_over(fd, path)
+            except OSError as e:  # only the system calls raise OSError here
+                err = e.errno or errno.EIO
+                if err != errno.EEXIST:
+                    hint = " (see dmesg)" if err in _SEE_DMESG else ""
+                    raise ModuleError(
+                        mod, f"kernel refused {path}: {_errtext(err)}{hint}"
+                    ) from None
+        self._loaded.add(mod)
 
-    def ensure_filesystem(self, fstype: str) -> str | None:
-        """Make `fstype` appear in /proc/filesystems, loading its module if needed."""
+    def _hand_over(self, fd: int, path: str) -> None:
+        """finit_module, or init_module of the image decompressed here; OSError from the
+        kernel, ModuleError when the file cannot be decompressed."""
+        if path.endswith((".ko.xz", ".ko.gz")):
+            self.syscalls.init_module(_decompress(fd, path))
+        elif not path.endswith(".ko.zst"):
+            self.syscalls.finit_module(fd, 0)
+        else:
+            try:
+                self.syscalls.finit_module(fd, MODULE_INIT_COMPRESSED_FILE)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOEXEC):
+                    raise
+                self.syscalls.init_module(_zstd_decompress(fd, path, e.errno))
+
+    def require_filesystem(self, fstype: str) -> None:
+        """Make `fstype` appear in /proc/filesystems, loading its module if needed;
+        ModuleError (module: the type) if it does not."""
         if fstype in self.filesystems():
-            return None
+            return
         if not self.has_modules:
-            return (
+            raise ModuleError(
+                fstype,
+                "not in /proc/filesystems",
                 f"filesystem type {fstype} not supported by the kernel (not in /proc/filesystems)"
-                f" and no modules directory {self.modules_dir} to load it from"
+                f" and no modules directory {self.modules_dir} to load it from",
             )
         candidates = [f"fs-{fstype}", fstype]
         if fstype in ("ext2", "ext3"):
@@ -481,11 +492,21 @@ class ModuleLoader:
         for cand in candidates:
             err = self.load(cand)
             if fstype in self.filesystems():
-                return None
+                return
             if err and err not in errors:
                 errors.append(err)
         detail = "; ".join(errors) if errors else "its module loaded but did not register it"
-        return f"filesystem type {fstype} not supported by the kernel: {detail}"
+        raise ModuleError(
+            fstype, detail, f"filesystem type {fstype} not supported by the kernel: {detail}"
+        )
+
+    def ensure_filesystem(self, fstype: str) -> str | None:
+        """`require_filesystem`, with the error as a message (None when supported)."""
+        try:
+            self.require_filesystem(fstype)
+        except ModuleError as e:
+            return str(e)
+        return None
 
     # -- coldplug -------------------------------------------------------------
 
@@ -545,7 +566,8 @@ def _is_virtio_mmio(dev: str, modalias: str) -> bool:
     )
 
 
-def _decompress(fd: int, path: str) -> bytes | str:
+def _decompress(fd: int, path: str) -> bytes:
+    """The module image in the .ko.xz or .ko.gz file FD; ModuleError if it is corrupt."""
     try:
         data = _read_fd(fd)
         if path.endswith(".xz"):
@@ -556,15 +578,24 @@ def _decompress(fd: int, path: str) -> bytes | str:
 
         return gzip.decompress(data)
     except Exception as e:  # corrupt archive: lzma.LZMAError, OSError, EOFError, ...
-        return f"{path}: cannot decompress: {e}"
+        raise ModuleError(module_name(path), f"{path}: cannot decompress: {e}") from None
 
 
-def _zstd_decompress(fd: int) -> bytes | None:
+def _zstd_decompress(fd: int, path: str, kernel_err: int) -> bytes:
+    """The module image in the .ko.zst file FD, for a kernel that refused it with KERNEL_ERR;
+    ModuleError without zstd in this Python or for a corrupt file."""
     try:
         from compression import zstd  # type: ignore[import-not-found]  # Python >= 3.14
     except ImportError:
-        return None
-    data: bytes = zstd.decompress(_read_fd(fd))
+        raise ModuleError(
+            module_name(path),
+            f"{path}: kernel cannot decompress zstd modules ({_errtext(kernel_err)}) "
+            "and this Python has no zstd (needs 3.14)",
+        ) from None
+    try:
+        data: bytes = zstd.decompress(_read_fd(fd))
+    except Exception as e:  # zstd.ZstdError, OSError, ...
+        raise ModuleError(module_name(path), f"{path}: cannot decompress: {e}") from None
     return data
 
 

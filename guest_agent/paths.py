@@ -16,6 +16,8 @@ import os
 import posixpath
 import stat
 
+from guest_agent.syscalls import closing
+
 MAX_SYMLINKS = 40
 DIR_PATH_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 # An owned directory: never a symlink (ELOOP), never a FIFO or file (ENOTDIR), never blocking.
@@ -101,15 +103,13 @@ def walk(root_fd: int, path: str, *, create: bool = False) -> Opened:
                 fds.append(fd)
                 names.append(name)
                 continue
-            try:
+            with closing(fd):
                 if not stat.S_ISLNK(mode):
                     raise PathError(f"{in_root} is not a directory")
                 followed += 1
                 if followed > MAX_SYMLINKS:
                     raise PathError(f"too many levels of symbolic links at {in_root}")
                 target = os.readlink("", dir_fd=fd)  # the link we opened, not its name
-            finally:
-                os.close(fd)
             if target.startswith("/"):
                 while fds:
                     os.close(fds.pop())
@@ -146,12 +146,8 @@ def _open_component(parent: int, name: str, in_root: str, create: bool) -> int:
 
 def resolve_in_root(root: str, path: str, *, create: bool = False) -> str:
     """The in-root path PATH really names (see `walk`)."""
-    root_fd = open_root(root)
-    try:
-        with walk(root_fd, path, create=create) as opened:
-            return opened.path
-    finally:
-        os.close(root_fd)
+    with closing(open_root(root)) as root_fd, walk(root_fd, path, create=create) as opened:
+        return opened.path
 
 
 def resolve_as_far_as_exists(root_fd: int, path: str) -> str:

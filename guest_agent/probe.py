@@ -32,6 +32,7 @@ import struct
 import zlib
 
 from guest_agent.records import NamedTuple
+from guest_agent.syscalls import closing
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
@@ -408,8 +409,5 @@ def _pread_full(fd: int, size: int, offset: int) -> bytes:
 
 def probe_device(path: str) -> Signature | None:
     """Read the head of path and probe it.  Raises OSError on I/O problems."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
+    with closing(os.open(path, os.O_RDONLY | os.O_CLOEXEC)) as fd:
         return probe_bytes(_pread_full(fd, PROBE_SIZE, 0))
-    finally:
-        os.close(fd)

@@ -21,6 +21,7 @@ import stat
 import time
 
 from guest_agent.paths import OWNED_DIR_FLAGS, kind_of
+from guest_agent.syscalls import closing
 
 TRASH = ".guest-agent-trash"
 REQUEST = ".guest-agent-reset-requested"
@@ -89,7 +90,7 @@ def schedule(rw: int) -> None:
             mode = _mode_at(rw, REQUEST)
             raise WrongType(REQUEST, kind_of(mode) if mode else "gone", "a regular file") from None
         raise
-    try:
+    with closing(fd):
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
             found = (
@@ -99,8 +100,6 @@ def schedule(rw: int) -> None:
         os.ftruncate(fd, 0)
         os.write(fd, f"requested at {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n".encode())
         os.fsync(fd)
-    finally:
-        os.close(fd)
     os.fsync(rw)
 
 
@@ -148,7 +147,7 @@ def move_aside(rw: int) -> int:
         os.rename(LAYERS[0], TRASH, src_dir_fd=rw, dst_dir_fd=rw)  # its entries are the trash's
         moved += 1
         trash = open_dir(rw, TRASH, create=False)
-    try:
+    with closing(trash):
         for name in LAYERS:
             if _mode_at(rw, name) is None:
                 continue
@@ -160,8 +159,6 @@ def move_aside(rw: int) -> int:
                 delete_tree(rw, name)
             moved += 1
         os.fsync(trash)
-    finally:
-        os.close(trash)
     os.fsync(rw)
     if _mode_at(rw, REQUEST) is not None:
         os.unlink(REQUEST, dir_fd=rw)

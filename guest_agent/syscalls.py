@@ -1,4 +1,9 @@
-"""Thin ctypes wrappers over the kernel's mount syscalls; errors raise MountError.
+"""The agent's one door to the kernel's system calls: ctypes, errors raised as OSError.
+
+`syscall()` calls one by number and raises OSError(errno, strerror, filename)
+when it fails; the thin wrappers below (the mount API, openat2, umount2,
+finit_module/init_module) are built on it; `closing` closes an fd when a block
+ends. `mount()` and `umount()` turn the kernel's refusal into MountError.
 
 The new mount API (fsopen/fsconfig/fsmount/move_mount, Linux >= 5.2) is used
 first because the kernel then tells *why* it refused (read from the fs context
@@ -7,11 +12,14 @@ fd), not just an errno. Kernels without it fall back to mount(2).
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 
 from guest_agent.records import NamedTuple
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    import ctypes  # imported when the first system call is made: not for a dry run
 
 # Identical on x86_64, aarch64, riscv64 and every other architecture using the unified table.
 _SYS_MOVE_MOUNT = 429
@@ -30,6 +38,13 @@ _AT_FDCWD = -100
 _SYS_OPENAT2 = 437
 _RESOLVE_NO_MAGICLINKS = 0x02
 _RESOLVE_IN_ROOT = 0x10
+# (init_module, finit_module): older than the unified table, so numbered per architecture.
+_MODULE_SYSCALLS = {
+    "x86_64": (175, 313),
+    "aarch64": (105, 273),
+    "arm64": (105, 273),
+    "riscv64": (105, 273),  # asm-generic numbering
+}
 
 # Per-mount attributes (fsmount) and their mount(2) flag equivalents.
 MOUNT_ATTRS = {
@@ -63,6 +78,9 @@ _MNT_DETACH = 0x2
 
 
 class MountError(Exception):
+    """The kernel refused a mount (or unmount): its errno, the step that failed (an option,
+    "fsmount", "move_mount", "mount", "umount", ...) and what it logged on the fs context."""
+
     def __init__(self, err: int, step: str, kernel_says: str = "") -> None:
         self.errno = err
         self.step = step
@@ -82,21 +100,108 @@ class MountRequest(NamedTuple):
 _libc: ctypes.CDLL | None = None
 
 
-def _lib() -> ctypes.CDLL:
+def libc() -> ctypes.CDLL:
+    """The C library, loaded once, errno kept after each call (ctypes.get_errno)."""
     global _libc
     if _libc is None:
+        import ctypes
+
         _libc = ctypes.CDLL(None, use_errno=True)
         _libc.syscall.restype = ctypes.c_long
     return _libc
 
 
-def _call(*args: int | bytes | None) -> int:
-    # Pass integers as C longs: syscall(2) reads its variadic arguments as longs.
-    c_args = [ctypes.c_long(a) if isinstance(a, int) else a for a in args]
-    result = int(_lib().syscall(*c_args))
+def _checked(result: int, filename: str | None) -> int:
+    """RESULT of a C call that sets errno; OSError(errno, strerror, FILENAME) when negative."""
     if result < 0:
-        raise OSError(ctypes.get_errno(), "")
+        import ctypes
+
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), filename)
     return result
+
+
+def syscall(nr: int, *args: int | bytes | None, filename: str | None = None) -> int:
+    """syscall(2) NR with ARGS; its result, or OSError(errno, strerror, FILENAME).
+
+    Integers are passed as C longs (syscall(2) reads its variadic arguments as
+    longs), bytes as pointers to their buffer, None as NULL.
+    """
+    import ctypes
+
+    lib = libc()
+    c_args = [ctypes.c_long(a) if isinstance(a, int) else a for a in (nr, *args)]
+    ctypes.set_errno(0)
+    return _checked(int(lib.syscall(*c_args)), filename)
+
+
+class closing:
+    """`with closing(fd):` closes the fd FD when the block ends, however it ends."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __enter__(self) -> int:
+        return self.fd
+
+    def __exit__(self, *_: object) -> None:
+        os.close(self.fd)
+
+
+# --- thin wrappers: one system call each, OSError on failure ---------------------------
+
+
+def fsopen(fstype: str) -> int:
+    return syscall(_SYS_FSOPEN, os.fsencode(fstype), _FSOPEN_CLOEXEC)
+
+
+def fsconfig(fs_fd: int, cmd: int, key: str | None = None, value: str | None = None) -> None:
+    key_b = None if key is None else os.fsencode(key)
+    value_b = None if value is None else os.fsencode(value)
+    syscall(_SYS_FSCONFIG, fs_fd, cmd, key_b, value_b, 0)
+
+
+def fsmount(fs_fd: int, attrs: int) -> int:
+    return syscall(_SYS_FSMOUNT, fs_fd, _FSMOUNT_CLOEXEC, attrs)
+
+
+def move_mount(from_fd: int, to_fd: int, to_path: str, flags: int) -> None:
+    syscall(_SYS_MOVE_MOUNT, from_fd, b"", to_fd, os.fsencode(to_path), flags)
+
+
+def openat2(dir_fd: int, path: str, flags: int, resolve: int) -> int:
+    import ctypes
+
+    how = (ctypes.c_uint64 * 3)(flags, 0, resolve)  # struct open_how {flags, mode, resolve}
+    address, size = ctypes.addressof(how), ctypes.sizeof(how)
+    return syscall(_SYS_OPENAT2, dir_fd, os.fsencode(path), address, size, filename=path)
+
+
+def mount2(source: str, target: str, fstype: str, flags: int, data: str) -> None:
+    """mount(2), through libc (its number differs between architectures)."""
+    fs = os.fsencode
+    _checked(libc().mount(fs(source), fs(target), fs(fstype), flags, fs(data)), target)
+
+
+def umount2(target: str, flags: int = 0) -> None:
+    _checked(libc().umount2(os.fsencode(target), flags), target)
+
+
+def _module_syscall(which: int) -> int:
+    numbers = _MODULE_SYSCALLS.get(os.uname().machine)
+    if numbers is None:
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+    return numbers[which]
+
+
+def finit_module(fd: int, flags: int) -> None:
+    syscall(_module_syscall(1), fd, b"", flags)
+
+
+def init_module(image: bytes) -> None:
+    syscall(_module_syscall(0), image, len(image), b"")
 
 
 def split_options(options: tuple[str, ...]) -> tuple[int, int, list[str], list[str]]:
@@ -159,78 +264,55 @@ class _NoNewApi(Exception):
 def _mount_new_api(req: MountRequest) -> None:
     attrs, _, sb_flags, data = split_options(req.options)
     try:
-        fs_fd = _call(_SYS_FSOPEN, os.fsencode(req.fstype), _FSOPEN_CLOEXEC)
+        fs_fd = fsopen(req.fstype)
     except OSError as e:
         if e.errno == errno.ENOSYS:
             raise _NoNewApi from None
         raise MountError(e.errno or 0, "fsopen") from None
-    try:
+    with closing(fs_fd):
         step = "source"
         try:
-            _call(_SYS_FSCONFIG, fs_fd, _FSCONFIG_SET_STRING, b"source", os.fsencode(req.source), 0)
+            fsconfig(fs_fd, _FSCONFIG_SET_STRING, "source", req.source)
             for flag in sb_flags:
                 step = flag
-                _call(_SYS_FSCONFIG, fs_fd, _FSCONFIG_SET_FLAG, os.fsencode(flag), None, 0)
+                fsconfig(fs_fd, _FSCONFIG_SET_FLAG, flag)
             for opt in data:
                 step = opt
                 key, sep, value = opt.partition("=")
                 if sep:
-                    _call(
-                        _SYS_FSCONFIG,
-                        fs_fd,
-                        _FSCONFIG_SET_STRING,
-                        os.fsencode(key),
-                        os.fsencode(value),
-                        0,
-                    )
+                    fsconfig(fs_fd, _FSCONFIG_SET_STRING, key, value)
                 else:
-                    _call(_SYS_FSCONFIG, fs_fd, _FSCONFIG_SET_FLAG, os.fsencode(key), None, 0)
+                    fsconfig(fs_fd, _FSCONFIG_SET_FLAG, key)
             step = "create"
-            _call(_SYS_FSCONFIG, fs_fd, _FSCONFIG_CMD_CREATE, None, None, 0)
+            fsconfig(fs_fd, _FSCONFIG_CMD_CREATE)
         except OSError as e:
             said = _drain_messages(fs_fd)
             where = "" if step == "create" else f"option {step!r}"
             raise MountError(e.errno or 0, where, said) from None
         try:
-            mnt_fd = _call(_SYS_FSMOUNT, fs_fd, _FSMOUNT_CLOEXEC, attrs)
+            mnt_fd = fsmount(fs_fd, attrs)
         except OSError as e:
             raise MountError(e.errno or 0, "fsmount", _drain_messages(fs_fd)) from None
-    finally:
-        os.close(fs_fd)
     if req.target_fd is not None:
-        to_fd, to_path, flags = (
-            req.target_fd,
-            b"",
-            _MOVE_MOUNT_F_EMPTY_PATH | _MOVE_MOUNT_T_EMPTY_PATH,
-        )
+        to_fd, to_path = req.target_fd, ""
+        flags = _MOVE_MOUNT_F_EMPTY_PATH | _MOVE_MOUNT_T_EMPTY_PATH
     else:
-        to_fd, to_path, flags = _AT_FDCWD, os.fsencode(req.target), _MOVE_MOUNT_F_EMPTY_PATH
-    try:
-        _call(_SYS_MOVE_MOUNT, mnt_fd, b"", to_fd, to_path, flags)
-    except OSError as e:
-        raise MountError(e.errno or 0, "move_mount") from None
-    finally:
-        os.close(mnt_fd)
+        to_fd, to_path, flags = _AT_FDCWD, req.target, _MOVE_MOUNT_F_EMPTY_PATH
+    with closing(mnt_fd):
+        try:
+            move_mount(mnt_fd, to_fd, to_path, flags)
+        except OSError as e:
+            raise MountError(e.errno or 0, "move_mount") from None
 
 
 def _mount_legacy(req: MountRequest) -> None:
     _, flags, sb_flags, data = split_options(req.options)
     for flag in sb_flags:
         flags |= _MS_RDONLY if flag == "ro" else SB_FLAGS[flag]
-    libc = _lib()
-    result = libc.mount(
-        os.fsencode(req.source),
-        os.fsencode(req.target),
-        os.fsencode(req.fstype),
-        flags,
-        os.fsencode(",".join(data)),
-    )
-    if result != 0:
-        raise MountError(ctypes.get_errno(), "mount")
-
-
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+    try:
+        mount2(req.source, req.target, req.fstype, flags, ",".join(data))
+    except OSError as e:
+        raise MountError(e.errno or 0, "mount") from None
 
 
 def open_in_root(root: str, path: str) -> int | None:
@@ -240,23 +322,18 @@ def open_in_root(root: str, path: str) -> int | None:
     atomic choice: a symlink swapped in after our own resolution still cannot
     lead outside ROOT. None when the kernel lacks openat2. Raises OSError.
     """
-    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        how = _OpenHow(
-            os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, 0, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS
-        )
+    flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+    with closing(os.open(root, flags)) as root_fd:
         try:
-            return _call(
-                _SYS_OPENAT2, root_fd, os.fsencode(path), ctypes.addressof(how), ctypes.sizeof(how)
-            )
+            return openat2(root_fd, path, flags, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
         except OSError as e:
             if e.errno == errno.ENOSYS:
                 return None
-            raise OSError(e.errno, os.strerror(e.errno or 0), path) from None
-    finally:
-        os.close(root_fd)
+            raise
 
 
 def umount(target: str, *, lazy: bool = False) -> None:
-    if _lib().umount2(os.fsencode(target), _MNT_DETACH if lazy else 0) != 0:
-        raise MountError(ctypes.get_errno(), "umount")
+    try:
+        umount2(target, _MNT_DETACH if lazy else 0)
+    except OSError as e:
+        raise MountError(e.errno or 0, "umount") from None

@@ -11,10 +11,8 @@ import os
 
 from guest_agent.records import NamedTuple
 
-VIRTIO_ID_BLOCK = 2
 VIRTIO_ID_9P = 9
 VIRTIO_ID_FS = 26
-VIRTIOFS_TAG_MAX = 36  # bytes, fixed by the virtio-fs config layout
 
 
 class VirtioShare(NamedTuple):
@@ -153,6 +151,22 @@ def parse_devnum(text: str | None) -> tuple[int, int] | None:
     try:
         return (int(major), int(minor))
     except ValueError:
+        return None
+
+
+def major_minor(dev: int) -> tuple[int, int]:
+    """A device number (st_rdev, st_dev) as (major, minor), as BlockDevice.devnum holds it."""
+    return os.major(dev), os.minor(dev)
+
+
+def devnum(path: str) -> tuple[int, int] | None:
+    """(major, minor) of the device node PATH (links followed); None if it cannot be stat'ed.
+
+    Not a sysfs read, but the number the sysfs `dev` attribute gives, from /dev's side.
+    """
+    try:
+        return major_minor(os.stat(path).st_rdev)
+    except OSError:
         return None
 
 

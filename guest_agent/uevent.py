@@ -121,10 +121,6 @@ class UeventMonitor:
         self._poll = None
         self.available = False
 
-    def fileno(self) -> int:
-        """The socket's fd (for callers multiplexing several sources); -1 when unavailable."""
-        return self._sock.fileno() if self._sock is not None else -1
-
     def __enter__(self) -> UeventMonitor:
         return self.open()
 

@@ -17,9 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from guest_agent import syscalls
 from guest_agent.kmod import (
     MODULE_INIT_COMPRESSED_FILE,
-    LinuxSyscalls,
     ModuleLoader,
     _default_modules_dir,
     parse_builtin_modinfo,
@@ -91,7 +91,8 @@ BUILTIN_MODINFO = b"crc32c_generic.alias=crypto-crc32c\0crc32c_generic.file=cryp
 
 
 class Recorder:
-    """Fake finit_module/init_module: records module images in load order."""
+    """Fake finit_module/init_module: records module images in load order; raises OSError
+    for an image given an errno in `errors`, as guest_agent.syscalls does."""
 
     def __init__(self) -> None:
         self.loaded: list[str] = []
@@ -99,23 +100,23 @@ class Recorder:
         self.errors: dict[str, int] = {}  # image → errno to return
         self.on_load: dict[str, Callable[[], None]] = {}
 
-    def _done(self, image: str) -> int:
+    def _done(self, image: str) -> None:
         err = self.errors.get(image, 0)
-        if err == 0:
-            self.loaded.append(image)
-            if image in self.on_load:
-                self.on_load[image]()
-        return err
+        if err:
+            raise OSError(err, os.strerror(err))
+        self.loaded.append(image)
+        if image in self.on_load:
+            self.on_load[image]()
 
-    def finit_module(self, fd: int, flags: int) -> int:
+    def finit_module(self, fd: int, flags: int) -> None:
         os.lseek(fd, 0, os.SEEK_SET)
         image = os.read(fd, 1 << 16).decode()
         self.calls.append(("finit_module", image, flags))
-        return self._done(image)
+        self._done(image)
 
-    def init_module(self, image: bytes) -> int:
+    def init_module(self, image: bytes) -> None:
         self.calls.append(("init_module", image.decode(), 0))
-        return self._done(image.decode())
+        self._done(image.decode())
 
 
 def module_file(fs: Any, rel: str) -> None:
@@ -478,12 +479,18 @@ def test_real_already_available_module_is_a_no_op() -> None:
 
 @pytest.mark.root
 @needs_root
-def test_real_syscalls_reject_bogus_input() -> None:
+def test_real_syscalls_reject_bogus_input(monkeypatch: pytest.MonkeyPatch) -> None:
     """The ctypes plumbing reaches the kernel; invalid input loads nothing."""
-    sc = LinuxSyscalls()
-    assert sc.finit_module(-1, 0) in (errno.EBADF, errno.ENOSYS, errno.EPERM)
-    assert sc.init_module(b"not an ELF image") != 0
-    assert LinuxSyscalls("pdp11").finit_module(0, 0) == errno.ENOSYS
+    with pytest.raises(OSError) as bad_fd:
+        syscalls.finit_module(-1, 0)
+    assert bad_fd.value.errno in (errno.EBADF, errno.ENOSYS, errno.EPERM)
+    with pytest.raises(OSError) as bad_image:
+        syscalls.init_module(b"not an ELF image")
+    assert bad_image.value.errno != 0
+    monkeypatch.setattr(syscalls, "_MODULE_SYSCALLS", {})  # an architecture we do not know
+    with pytest.raises(OSError) as unknown:
+        syscalls.finit_module(0, 0)
+    assert unknown.value.errno == errno.ENOSYS
 
 
 def test_softdeps_loaded_around_the_module(tree: Any, rec: Recorder) -> None:
@@ -537,3 +544,54 @@ def test_glob_match_real_aliases(name: str, pattern: str) -> None:
 
     assert glob_match(name, pattern)
     assert not glob_match(name + "x", pattern.rstrip("*") + "y")
+
+
+# --- the raising API behind load / ensure_filesystem -------------------------------
+
+
+def test_require_raises_module_error_with_module_and_reason(
+    loader: ModuleLoader, rec: Recorder
+) -> None:
+    from guest_agent.kmod import ModuleError, ModuleNotFound
+
+    assert loader.require("9pnet_virtio") is None and "ELF 9pnet_virtio" in rec.loaded
+    rec.errors["ELF intel_rng"] = errno.EPERM
+    with pytest.raises(ModuleError) as refused:
+        loader.require("pci:v00008086d00000D57sv0sd0bc0sc0i0")  # an alias of intel_rng
+    assert refused.value.module == "intel_rng"
+    assert refused.value.reason == (
+        f"kernel refused {MODDIR}/kernel/drivers/char/hw_random/intel_rng.ko:"
+        " EPERM: Operation not permitted"
+    )
+    assert str(refused.value) == f"cannot load module intel_rng: {refused.value.reason}"
+    with pytest.raises(ModuleNotFound) as unknown:
+        loader.resolve("nosuch")
+    assert unknown.value.module == "nosuch"
+    assert str(unknown.value) == loader.load("nosuch")
+    with pytest.raises(ModuleError) as dependency:
+        loader.require("needs_gone")
+    assert dependency.value.module == "needs_gone"
+    assert dependency.value.reason.startswith("dependency gone: ")
+
+
+def test_require_filesystem_raises_what_ensure_filesystem_returns(loader: ModuleLoader) -> None:
+    from guest_agent.kmod import ModuleError
+
+    assert loader.require_filesystem("ext4") is None
+    with pytest.raises(ModuleError) as unsupported:
+        loader.require_filesystem("zfs")
+    assert unsupported.value.module == "zfs"
+    assert str(unsupported.value) == loader.ensure_filesystem("zfs")
+    assert str(unsupported.value) == (
+        f"filesystem type zfs not supported by the kernel: {unsupported.value.reason}"
+    )
+
+
+def test_corrupt_archive_is_a_module_error(loader: ModuleLoader) -> None:
+    from guest_agent.kmod import ModuleError, _decompress
+
+    path = f"{MODDIR}/kernel/misc/corrupt.ko.xz"
+    with syscalls.closing(os.open(path, os.O_RDONLY)) as fd, pytest.raises(ModuleError) as bad:
+        _decompress(fd, path)
+    assert bad.value.module == "corrupt"
+    assert bad.value.reason.startswith(f"{path}: cannot decompress: ")

@@ -10,6 +10,8 @@ import pytest
 from guest_agent.sysfs import (
     BlockDevice,
     VirtioShare,
+    devnum,
+    major_minor,
     parse_devnum,
     parse_virtio_id,
     scan_block_devices,
@@ -121,6 +123,16 @@ def test_parse_virtio_id(text: str | None, want: int | None) -> None:
 )
 def test_parse_devnum(text: str | None, want: tuple[int, int] | None) -> None:
     assert parse_devnum(text) == want
+
+
+def test_devnum_of_a_device_node(tmp_path: Any) -> None:
+    assert major_minor(os.makedev(259, 70000)) == (259, 70000)
+    assert devnum("/dev/null") == (1, 3)  # fixed by the kernel (devices.txt)
+    link = tmp_path / "null"
+    link.symlink_to("/dev/null")
+    assert devnum(str(link)) == (1, 3)  # links followed, as a mount source is
+    assert devnum(str(tmp_path / "none")) is None
+    assert devnum(str(tmp_path)) == (0, 0)  # not a device: st_rdev is 0
 
 
 def block(

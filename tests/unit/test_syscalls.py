@@ -1,0 +1,135 @@
+"""The one syscall layer: syscall() raising OSError, the thin wrappers, closing, MountError."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from guest_agent import syscalls
+from guest_agent.syscalls import MountError, closing, syscall
+
+NO_SUCH_SYSCALL = 100_000  # above every architecture's table: ENOSYS everywhere
+
+
+class FakeLibc:
+    """Stands in for libc: records syscall() arguments, fails with ERR when set."""
+
+    def __init__(self, err: int = 0, result: int = 0) -> None:
+        self.err = err
+        self.result = result
+        self.calls: list[tuple[Any, ...]] = []
+
+    def syscall(self, *args: Any) -> int:
+        self.calls.append(args)
+        if self.err:
+            ctypes.set_errno(self.err)
+            return -1
+        return self.result
+
+
+@pytest.fixture
+def fake_libc(monkeypatch: pytest.MonkeyPatch) -> FakeLibc:
+    fake = FakeLibc()
+    monkeypatch.setattr(syscalls, "_libc", fake)
+    return fake
+
+
+def test_syscall_returns_the_result_and_passes_ints_as_longs(fake_libc: FakeLibc) -> None:
+    fake_libc.result = 7
+    assert syscall(430, b"ext4", 1, None) == 7
+    (args,) = fake_libc.calls
+    assert [type(a) for a in args] == [ctypes.c_long, bytes, ctypes.c_long, type(None)]
+    assert [a.value for a in (args[0], args[2])] == [430, 1]
+
+
+def test_syscall_failure_raises_oserror_with_errno_strerror_and_filename(
+    fake_libc: FakeLibc,
+) -> None:
+    fake_libc.err = errno.ENOENT
+    with pytest.raises(OSError) as raised:
+        syscall(437, -100, b"/x", filename="/x")
+    assert type(raised.value) is FileNotFoundError  # OSError picks the subclass by errno
+    assert raised.value.errno == errno.ENOENT
+    assert raised.value.strerror == os.strerror(errno.ENOENT)
+    assert raised.value.filename == "/x"
+    fake_libc.err = errno.EPERM
+    with pytest.raises(PermissionError) as denied:
+        syscall(430, b"ext4", 1)
+    assert denied.value.filename is None
+    assert str(denied.value) == f"[Errno {errno.EPERM}] {os.strerror(errno.EPERM)}"
+
+
+def test_syscall_reaches_the_kernel() -> None:
+    with pytest.raises(OSError) as raised:
+        syscall(NO_SUCH_SYSCALL, 1, 2, 3)
+    assert raised.value.errno == errno.ENOSYS
+    assert raised.value.strerror == os.strerror(errno.ENOSYS)
+
+
+def test_wrapper_names_the_path(tmp_path: Path) -> None:
+    with pytest.raises(OSError) as raised:  # -1: neither an fd nor AT_FDCWD
+        syscalls.openat2(-1, "relative", os.O_PATH, 0)
+    assert raised.value.errno in (errno.EBADF, errno.ENOSYS)
+    assert raised.value.filename == "relative"
+    with pytest.raises(OSError) as not_mounted:
+        syscalls.umount2(str(tmp_path))
+    assert not_mounted.value.errno in (errno.EINVAL, errno.EPERM)
+    assert not_mounted.value.filename == str(tmp_path)
+
+
+def test_module_syscalls_on_an_unknown_architecture(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(syscalls, "_MODULE_SYSCALLS", {})
+    for call in (lambda: syscalls.finit_module(0, 0), lambda: syscalls.init_module(b"")):
+        with pytest.raises(OSError) as raised:
+            call()
+        assert raised.value.errno == errno.ENOSYS
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError as e:
+        assert e.errno == errno.EBADF
+        return False
+    return True
+
+
+def test_closing_closes_when_the_block_ends(tmp_path: Path) -> None:
+    fd = os.open(tmp_path, os.O_PATH)
+    with closing(fd) as same:
+        assert same == fd and _is_open(fd)
+    assert not _is_open(fd)
+
+
+def test_closing_closes_when_the_block_raises(tmp_path: Path) -> None:
+    fd = os.open(tmp_path, os.O_PATH)
+    with pytest.raises(ValueError, match="boom"), closing(fd):
+        raise ValueError("boom")
+    assert not _is_open(fd)
+
+
+def test_closing_lets_an_exception_through_unchanged(tmp_path: Path) -> None:
+    error = OSError(errno.EIO, "inner")
+    with pytest.raises(OSError) as raised, closing(os.open(tmp_path, os.O_PATH)):
+        raise error
+    assert raised.value is error
+
+
+def test_mount_error_carries_the_kernels_words() -> None:
+    e = MountError(errno.EINVAL, "option 'bogus'", "overlay: unrecognized mount option")
+    assert (e.errno, e.step) == (errno.EINVAL, "option 'bogus'")
+    assert e.kernel_says == "overlay: unrecognized mount option"
+    assert str(e) == f"{os.strerror(errno.EINVAL)}: overlay: unrecognized mount option"
+    assert str(MountError(errno.EBUSY, "umount")) == os.strerror(errno.EBUSY)
+
+
+def test_umount_of_a_non_mount_point_is_a_mount_error(tmp_path: Path) -> None:
+    with pytest.raises(MountError) as raised:
+        syscalls.umount(str(tmp_path))
+    assert raised.value.errno in (errno.EINVAL, errno.EPERM)
+    assert raised.value.step == "umount"
