@@ -11,7 +11,13 @@ from guest_agent.records import NamedTuple
 
 DEFAULT_DEVICE_TIMEOUT = 10.0
 STORE_MOUNT_POINT = "/nix/store"
-MAX_VIRTIOFS_TAG = 36
+MAX_VIRTIOFS_TAG = 36  # bytes, fixed by the virtio-fs config layout
+# The store overlay's layers: directories of RW (the upper layer and overlayfs's work dir).
+UPPER_DIR = "store"
+WORK_DIR = "work"
+LAYERS = (UPPER_DIR, WORK_DIR)
+# One filesystem family: the ext4 driver mounts all three, the prober names them all ext4.
+EXT_FAMILY = ("ext2", "ext3", "ext4")
 
 
 class Proto:
@@ -23,6 +29,7 @@ class Proto:
 
 
 _PROTOS = {p: p for p in (Proto.NINEP, Proto.VIRTIOFS, Proto.AUTO)}
+SHARE_FSTYPES = (Proto.NINEP, Proto.VIRTIOFS)  # what a share shows in the mount table
 
 
 class Problem(NamedTuple):
@@ -75,14 +82,14 @@ class ShareSpec(NamedTuple):
 
 class VolumeSpec(NamedTuple):
     source: str
-    what: str  # LABEL=…, UUID=…, SERIAL=…, /dev/… or a pseudo source for tmpfs and friends
+    what: str  # LABEL=…, UUID=…, SERIAL=…, /dev/…
     where: str
     fstype: str = "auto"
     options: Options = Options()
 
     @property
     def by(self) -> tuple[str, str]:
-        """How the device is found: ("label"|"uuid"|"serial"|"path"|"pseudo", value)."""
+        """How the device is found: ("label"|"uuid"|"serial"|"path", value)."""
         key, sep, value = self.what.partition("=")
         if sep and key in ("LABEL", "UUID", "SERIAL"):
             return key.lower(), value
@@ -93,8 +100,7 @@ class VolumeSpec(NamedTuple):
                     if kind == "serial":
                         return kind, name.removeprefix("virtio-")
                     return kind, udev_unescape(name)
-            return "path", self.what
-        return "pseudo", self.what
+        return "path", self.what
 
 
 # udev's symlinks, understood without udev: an initrd has none of them.
@@ -137,6 +143,16 @@ def _is_hex(text: str) -> bool:
 PSEUDO_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
 
 
+class PseudoSpec(NamedTuple):
+    """A filesystem with no device (tmpfs, ramfs): `microvm.volume=` with a free-text WHAT."""
+
+    source: str
+    what: str  # free text, handed to the kernel as the source
+    where: str
+    fstype: str  # one of PSEUDO_FILESYSTEMS
+    options: Options = Options()
+
+
 class OverlaySpec(NamedTuple):
     source: str
     lower: str
@@ -146,14 +162,14 @@ class OverlaySpec(NamedTuple):
 
     @property
     def upper(self) -> str:
-        return join(self.rw, "store")
+        return join(self.rw, UPPER_DIR)
 
     @property
     def work(self) -> str:
-        return join(self.rw, "work")
+        return join(self.rw, WORK_DIR)
 
 
-MountSpec = ShareSpec | VolumeSpec | OverlaySpec
+MountSpec = ShareSpec | VolumeSpec | PseudoSpec | OverlaySpec
 
 
 class Config(NamedTuple):
@@ -263,7 +279,7 @@ VOLUME_GRAMMAR = "WHAT:WHERE[:FSTYPE[:OPTIONS]]"
 OVERLAY_GRAMMAR = "LOWER:RW[:OPTIONS]"
 
 
-def _fields(value: str, count: int, source: str, grammar: str) -> list[str]:
+def _fields(value: str, count: int, grammar: str) -> list[str]:
     fields = value.split(":", count - 1)
     if len(fields) < 2 or not fields[0] or not fields[1]:
         raise Invalid(f"expected {grammar}")
@@ -280,7 +296,7 @@ def _where(text: str) -> str:
 def parse_share(value: str, source: str) -> ShareSpec | Problem:
     """`TAG:WHERE[:PROTO[:OPTIONS]]`."""
     try:
-        tag, where, proto_text, options = _fields(value, 4, source, SHARE_GRAMMAR)
+        tag, where, proto_text, options = _fields(value, 4, SHARE_GRAMMAR)
         proto = _PROTOS.get(proto_text or Proto.AUTO)
         if proto is None:
             return Problem(source, f"unknown protocol {proto_text!r}", "use 9p, virtiofs or auto")
@@ -294,10 +310,10 @@ def parse_share(value: str, source: str) -> ShareSpec | Problem:
         return Problem(source, str(e))
 
 
-def parse_volume(value: str, source: str) -> VolumeSpec | Problem:
-    """`WHAT:WHERE[:FSTYPE[:OPTIONS]]`."""
+def parse_volume(value: str, source: str) -> VolumeSpec | PseudoSpec | Problem:
+    """`WHAT:WHERE[:FSTYPE[:OPTIONS]]`: a block volume, or tmpfs/ramfs (a `PseudoSpec`)."""
     try:
-        what, where, fstype, options_text = _fields(value, 4, source, VOLUME_GRAMMAR)
+        what, where, fstype, options_text = _fields(value, 4, VOLUME_GRAMMAR)
         fstype = fstype or "auto"
         if not 0 < len(fstype) <= 32 or not _FSTYPE_CHARS.issuperset(fstype):
             raise Invalid(f"invalid filesystem type {fstype!r}")
@@ -309,7 +325,9 @@ def parse_volume(value: str, source: str) -> VolumeSpec | Problem:
         elif what.startswith("/dev/"):
             if parse_abs_path(what, "WHAT") != what:
                 raise Invalid(f"device path {what!r} is not a plain /dev path")
-        elif fstype not in PSEUDO_FILESYSTEMS:
+        elif fstype in PSEUDO_FILESYSTEMS:
+            return PseudoSpec(source, what, _where(where), fstype, parse_options(options_text))
+        else:
             return Problem(
                 source,
                 f"cannot tell which device {what!r} is",
@@ -334,7 +352,7 @@ def parse_volume(value: str, source: str) -> VolumeSpec | Problem:
 def parse_overlay(value: str, source: str) -> OverlaySpec | Problem:
     """`LOWER:RW[:OPTIONS]`: overlayfs at /nix/store, upper RW/store, work RW/work."""
     try:
-        lower_text, rw_text, options_text = _fields(value, 3, source, OVERLAY_GRAMMAR)
+        lower_text, rw_text, options_text = _fields(value, 3, OVERLAY_GRAMMAR)
         lower = parse_abs_path(lower_text, "LOWER")
         rw = parse_abs_path(rw_text, "RW")
         for name, path in (("LOWER", lower), ("RW", rw)):

@@ -11,10 +11,8 @@ import os
 
 from guest_agent.records import NamedTuple
 
-VIRTIO_ID_BLOCK = 2
 VIRTIO_ID_9P = 9
 VIRTIO_ID_FS = 26
-VIRTIOFS_TAG_MAX = 36  # bytes, fixed by the virtio-fs config layout
 
 
 class VirtioShare(NamedTuple):

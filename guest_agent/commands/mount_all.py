@@ -18,7 +18,9 @@ def mount_all(
     as_json: bool = False,
 ) -> int:
     """Discover, plan and mount everything; build the overlay; apply a pending reset."""
-    from guest_agent.execute import Executor
+    from guest_agent.devices import Devices
+    from guest_agent.handlers.base import Context
+    from guest_agent.mountlog import MountLog
     from guest_agent.plan import plan
     from guest_agent.report import KMSG, Reporter
     from guest_agent.spec import Problem
@@ -40,13 +42,22 @@ def mount_all(
                     {"ok": False, "mounts": [], "problems": [str(p) for p in reporter.problems]}
                 )
             return exit_code(reporter)
-    executor = Executor(
-        src.root, reporter, dry_run=dry_run, reset_requested=spec_config.reset_overlay
-    )
+    from guest_agent.runner import Runner
+
     try:
-        results = executor.run(steps)
+        with (
+            Devices(reporter) as devices,
+            Context(
+                src.root,
+                reporter,
+                devices,
+                MountLog(),  # the mounts stay: no undo
+                dry_run=dry_run,
+                reset_requested=spec_config.reset_overlay,
+            ) as ctx,
+        ):
+            results = Runner(ctx).run(steps)
     finally:
-        executor.close()
         if held is not None:
             os.close(held)
     if as_json:

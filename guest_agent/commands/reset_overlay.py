@@ -7,14 +7,18 @@ import os
 from guest_agent import reset as overlay_reset
 from guest_agent.commands import exit_code
 from guest_agent.config import DEFAULT_CMDLINE
-from guest_agent.execute import Executor, overlay_users
+from guest_agent.devices import Devices
+from guest_agent.handlers.base import Context
+from guest_agent.handlers.layers import overlay_users
 from guest_agent.inputs import load, sources
 from guest_agent.lock import LockFailed, lock
 from guest_agent.mountinfo import MountTable
+from guest_agent.mountlog import MountLog
 from guest_agent.paths import PathError, host_path, landing, open_root, reopen, walk
 from guest_agent.plan import is_within, plan
 from guest_agent.report import Reporter
-from guest_agent.spec import Config, OverlaySpec, Problem
+from guest_agent.runner import Runner
+from guest_agent.spec import UPPER_DIR, Config, OverlaySpec, Problem
 
 RESET = "reset-overlay"
 
@@ -59,19 +63,24 @@ def reset_command(root: str, config: Config, reporter: Reporter) -> None:
     needed = [
         s for s in steps if not isinstance(s.spec, OverlaySpec) and is_within(overlay.rw, s.where)
     ]
-    executor = Executor(root, reporter)
-    try:
+    # Whatever this mounts is unmounted again when the block ends (the mount log's undo).
+    with (
+        Devices(reporter) as devices,
+        MountLog() as log,
+        Context(root, reporter, devices, log) as ctx,
+    ):
+        runner = Runner(ctx)
         for step in needed:
-            executor.run_step(step)
+            runner.run_step(step)
         # Judge by what got mounted, not by reporter.failed: a malformed unrelated spec must
         # not block the wipe, and a failed nofail RW volume must not let it wipe the bare dir.
-        if any(s.where not in executor.mounted for s in needed):
+        if any(not log.in_place(s.where) for s in needed):
             reporter.problem(
                 Problem(RESET, "nothing was wiped: the RW volume could not be mounted")
             )
             return
         try:
-            opened = executor.open_dir(overlay.rw)
+            opened = ctx.open_dir(overlay.rw)
         except PathError:
             reporter.info(f"{overlay.rw} does not exist: nothing to wipe")
             return
@@ -81,9 +90,6 @@ def reset_command(root: str, config: Config, reporter: Reporter) -> None:
             _wipe(rw, store or host_path(root, overlay.where), overlay, reporter)
         finally:
             os.close(rw)
-    finally:
-        executor.undo()
-        executor.close()
 
 
 def _schedule(root: str, overlay: OverlaySpec, reporter: Reporter) -> None:
@@ -133,8 +139,8 @@ def _wipe(rw: int, where: str, overlay: OverlaySpec, reporter: Reporter) -> None
             )
         return
     try:
-        if overlay_reset.check_dir(rw, "store"):
-            store = overlay_reset.open_dir(rw, "store", create=False)
+        if overlay_reset.check_dir(rw, UPPER_DIR):
+            store = overlay_reset.open_dir(rw, UPPER_DIR, create=False)
             try:
                 users = overlay_users(MountTable.read(), where, store)
             finally:

@@ -18,7 +18,14 @@ from guest_agent.commands.mount_all import mount_all
 from guest_agent.commands.reset_overlay import reset_overlay
 from guest_agent.config import parse_config_json
 from guest_agent.report import printable
-from guest_agent.spec import Problem, VolumeSpec, parse_share, parse_volume, udev_unescape
+from guest_agent.spec import (
+    Problem,
+    PseudoSpec,
+    VolumeSpec,
+    parse_share,
+    parse_volume,
+    udev_unescape,
+)
 
 
 @pytest.fixture
@@ -236,7 +243,7 @@ def test_surrogate_escaped_bytes_are_path_bytes(env: tuple[Path, Path, Path]) ->
     """U+DC80..U+DCFF stand for undecodable bytes (os.fsdecode): a path may hold them, and
     every output spells them out instead of failing."""
     spec = parse_volume("tmpfs:/a\udcff:tmpfs", "src")
-    assert isinstance(spec, VolumeSpec) and spec.where == "/a\udcff"
+    assert isinstance(spec, PseudoSpec) and spec.where == "/a\udcff"
     _, config, _ = env
     config.write_text(json.dumps({"volumes": ["tmpfs:/a\udcff:tmpfs", "\ud800:/b\ud800"]}))
     result = dry_run(env)

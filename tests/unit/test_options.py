@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from guest_agent.execute import NINEP_MSIZE, overlay_options, share_options, volume_options
+from guest_agent.handlers.overlay import overlay_options
+from guest_agent.handlers.share import NINEP_MSIZE, share_options
+from guest_agent.handlers.volume import volume_options
 from guest_agent.spec import parse_options
 from guest_agent.syscalls import split_options
 

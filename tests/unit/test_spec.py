@@ -11,6 +11,7 @@ from guest_agent.spec import (
     OverlaySpec,
     Problem,
     Proto,
+    PseudoSpec,
     ShareSpec,
     VolumeSpec,
     parse_abs_path,
@@ -240,9 +241,9 @@ def test_volume_minimal_and_full() -> None:
 
 def test_volume_tmpfs_takes_any_word() -> None:
     spec = parse_volume("tmpfs:/x:tmpfs:size=8m", "s")
-    assert spec == VolumeSpec("s", "tmpfs", "/x", "tmpfs", Options(("size=8m",)))
-    assert isinstance(spec, VolumeSpec) and spec.by == ("pseudo", "tmpfs")
-    assert isinstance(parse_volume("scratch:/run/x:ramfs", "s"), VolumeSpec)
+    assert spec == PseudoSpec("s", "tmpfs", "/x", "tmpfs", Options(("size=8m",)))
+    assert isinstance(spec, PseudoSpec) and spec.what == "tmpfs"
+    assert isinstance(parse_volume("scratch:/run/x:ramfs", "s"), PseudoSpec)
 
 
 def test_volume_unknown_device_word() -> None:
