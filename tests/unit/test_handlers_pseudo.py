@@ -10,8 +10,9 @@ from handler_fakes import FakeDevices, RecordingMount, Run, step
 
 from guest_agent.handlers import handler_for
 from guest_agent.handlers.pseudo import HANDLER
+from guest_agent.parsers import parse_volume
 from guest_agent.results import Failure, Status
-from guest_agent.spec import PseudoSpec, parse_volume
+from guest_agent.spec import PseudoSpec
 from guest_agent.syscalls import MountError
 
 

@@ -11,8 +11,9 @@ from handler_fakes import FakeDevices, RecordingMount, Run, step
 
 from guest_agent.handlers import handler_for
 from guest_agent.handlers.share import HANDLER
+from guest_agent.parsers import parse_share
 from guest_agent.results import Failure, Status
-from guest_agent.spec import ShareSpec, parse_share
+from guest_agent.spec import ShareSpec
 from guest_agent.syscalls import MountError
 
 

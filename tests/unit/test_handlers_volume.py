@@ -14,9 +14,10 @@ from guest_agent.handlers import handler_for
 from guest_agent.handlers import makefs as makefs_module
 from guest_agent.handlers.makefs import mkfs_argv
 from guest_agent.handlers.volume import HANDLER
+from guest_agent.parsers import parse_volume
 from guest_agent.probe import Signature
 from guest_agent.results import Failure, Status
-from guest_agent.spec import VolumeSpec, parse_volume
+from guest_agent.spec import VolumeSpec
 from guest_agent.syscalls import MountError
 
 EXT4 = Signature("ext4", "data", "1234", "filesystem")

@@ -17,15 +17,9 @@ from guest_agent.cli import main
 from guest_agent.commands.mount_all import mount_all
 from guest_agent.commands.reset_overlay import reset_overlay
 from guest_agent.config import parse_config_json
+from guest_agent.parsers import parse_share, parse_volume
 from guest_agent.report import printable
-from guest_agent.spec import (
-    Problem,
-    PseudoSpec,
-    VolumeSpec,
-    parse_share,
-    parse_volume,
-    udev_unescape,
-)
+from guest_agent.spec import Problem, PseudoSpec, VolumeSpec, udev_unescape
 
 
 @pytest.fixture

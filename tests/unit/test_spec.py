@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import pytest
 
+from guest_agent.parsers import Invalid as SpecInvalid
+from guest_agent.parsers import (
+    parse_abs_path,
+    parse_options,
+    parse_overlay,
+    parse_share,
+    parse_volume,
+)
 from guest_agent.spec import (
     DEFAULT_DEVICE_TIMEOUT,
     Config,
@@ -14,13 +22,7 @@ from guest_agent.spec import (
     PseudoSpec,
     ShareSpec,
     VolumeSpec,
-    parse_abs_path,
-    parse_options,
-    parse_overlay,
-    parse_share,
-    parse_volume,
 )
-from guest_agent.spec import Invalid as SpecInvalid
 
 # --- paths ------------------------------------------------------------------
 
