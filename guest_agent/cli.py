@@ -1,8 +1,8 @@
 """The click command-line interface: options, help and usage errors (exit 2).
 
-Thin: every command calls its body in `app` and exits with its status. The
-boot path (`guest-agent mount-all` with plain options) does not even import
-this module: see `main`.
+Thin: every command calls its body in `guest_agent.commands` and exits with its
+status. The boot path (`guest-agent mount-all` with plain options) does not even
+import this module: see `main`, the layer above, which this one never imports.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from typing import Any, TypeVar
 
 import click
 
-from guest_agent import app
 from guest_agent.config import DEFAULT_CMDLINE, DEFAULT_CONFIG
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -51,26 +50,24 @@ def main() -> None:
     """Mount a microVM guest's virtio shares, volumes and /nix/store overlay."""
 
 
-def run() -> None:
-    from guest_agent.main import run as entry
-
-    entry()
-
-
 @main.command("mount-all")
 @_common
 @click.option("--dry-run", is_flag=True, help="Print the plan; touch nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 def mount_all(root: str, config: str | None, cmdline: str, dry_run: bool, as_json: bool) -> None:
     """Discover, plan and mount everything; build the overlay; apply a pending reset."""
-    sys.exit(app.mount_all(root, config, cmdline, dry_run, as_json))
+    from guest_agent.commands.mount_all import mount_all
+
+    sys.exit(mount_all(root, config, cmdline, dry_run, as_json))
 
 
 @main.command("reset-overlay")
 @_common
 def reset_overlay(root: str, config: str | None, cmdline: str) -> None:
     """Wipe the /nix/store upper layer: now if the overlay is not mounted, else at next boot."""
-    sys.exit(app.reset_overlay(root, config, cmdline))
+    from guest_agent.commands.reset_overlay import reset_overlay
+
+    sys.exit(reset_overlay(root, config, cmdline))
 
 
 @main.command()
@@ -78,7 +75,9 @@ def reset_overlay(root: str, config: str | None, cmdline: str) -> None:
 @click.option("--all", "all_disks", is_flag=True, help="Also list disks that are not virtio.")
 def discover(as_json: bool, all_disks: bool) -> None:
     """List virtio shares (tag, protocol) and disks (serial, label, fstype)."""
-    sys.exit(app.discover(as_json, all_disks))
+    from guest_agent.commands.discover import discover
+
+    sys.exit(discover(as_json, all_disks))
 
 
 @main.command()
@@ -86,4 +85,6 @@ def discover(as_json: bool, all_disks: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list on stdout.")
 def status(root: str, config: str | None, cmdline: str, as_json: bool) -> None:
     """Each configured mount and whether the kernel shows it as planned."""
-    sys.exit(app.status(root, config, cmdline, as_json))
+    from guest_agent.commands.status import status
+
+    sys.exit(status(root, config, cmdline, as_json))

@@ -7,15 +7,9 @@ Nothing here raises for bad input; problems are returned beside the specs.
 
 from __future__ import annotations
 
+from guest_agent.parsers import parse_overlay, parse_share, parse_volume
 from guest_agent.records import NamedTuple
-from guest_agent.spec import (
-    Config,
-    MountSpec,
-    Problem,
-    parse_overlay,
-    parse_share,
-    parse_volume,
-)
+from guest_agent.spec import Config, MountSpec, Problem
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:

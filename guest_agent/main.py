@@ -5,6 +5,8 @@ each import is paid many times over, so its plain forms (the options of the
 contract, nothing else) are parsed here without importing click. Everything
 else — help, other commands, any argument this parser does not know — goes to
 the click CLI, which also owns usage errors (exit 2).
+
+Layers, each importing only the next: main -> cli (click) -> commands.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def run() -> None:
         args = sys.argv[1:]
         fast = parse_mount_all(args[1:]) if args[:1] == ["mount-all"] else None
         if fast is not None:
-            from guest_agent.app import mount_all
+            from guest_agent.commands.mount_all import mount_all
 
             sys.exit(mount_all(**fast))  # type: ignore[arg-type]
         from guest_agent.cli import main

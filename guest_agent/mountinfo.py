@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from guest_agent.records import NamedTuple
+from guest_agent.spec import SHARE_FSTYPES
 
 MOUNTINFO = "/proc/self/mountinfo"
 
@@ -167,5 +168,5 @@ class MountTable:
                 seen.add(child.mount_id)
         return walk
 
-    def tag_in_use(self, tag: str, fstypes: tuple[str, ...] = ("9p", "virtiofs")) -> Mount | None:
+    def tag_in_use(self, tag: str, fstypes: tuple[str, ...] = SHARE_FSTYPES) -> Mount | None:
         return next((m for m in self.mounts if m.fstype in fstypes and m.source == tag), None)

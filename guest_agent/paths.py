@@ -206,3 +206,18 @@ def ancestors(fd: int, limit: int = 256) -> list[tuple[int, int]]:
 def overlapping(a: int, b: int) -> bool:
     """Whether directories A and B are the same or one lies beneath the other."""
     return identity(a) in ancestors(b) or identity(b) in ancestors(a)
+
+
+def landing(root: str, where: str) -> str | None:
+    """The host path where WHERE lands (as far as it exists: a mount point may be hidden
+    under a later mount, where its directory is not to be seen)."""
+    try:
+        root_fd = open_root(root)
+    except OSError:
+        return None
+    try:
+        return host_path(root, resolve_as_far_as_exists(root_fd, where))
+    except PathError:
+        return None
+    finally:
+        os.close(root_fd)

@@ -21,11 +21,11 @@ import stat
 import time
 
 from guest_agent.paths import OWNED_DIR_FLAGS, kind_of
+from guest_agent.spec import LAYERS, WORK_DIR
 from guest_agent.syscalls import closing
 
 TRASH = ".guest-agent-trash"
 REQUEST = ".guest-agent-reset-requested"
-LAYERS = ("store", "work")
 
 
 class WrongType(Exception):
@@ -154,7 +154,7 @@ def move_aside(rw: int) -> int:
             try:
                 os.rename(name, f"{stamp}-{name}", src_dir_fd=rw, dst_dir_fd=trash)
             except OSError as e:
-                if e.errno != errno.ENOSPC or name != "work":
+                if e.errno != errno.ENOSPC or name != WORK_DIR:
                     raise
                 delete_tree(rw, name)
             moved += 1

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from guest_agent import app, cli
+from guest_agent import cli, inputs
 from guest_agent.cli import main
 
 
@@ -242,7 +242,7 @@ def test_default_config_is_read_when_present(
 ) -> None:
     default = tmp_path / "default.json"
     default.write_text('{"volumes": ["tmpfs:/from-default:tmpfs"]}')
-    monkeypatch.setattr(app, "DEFAULT_CONFIG", str(default))
+    monkeypatch.setattr(inputs, "DEFAULT_CONFIG", str(default))
     result = invoke(
         "mount-all", "--root", str(env.root), "--cmdline", str(env.cmdline), "--dry-run",
         "--json",

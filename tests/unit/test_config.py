@@ -14,7 +14,15 @@ from guest_agent.config import (
     parse_config_json,
     split_cmdline,
 )
-from guest_agent.spec import Options, OverlaySpec, Problem, Proto, ShareSpec, VolumeSpec
+from guest_agent.spec import (
+    Options,
+    OverlaySpec,
+    Problem,
+    Proto,
+    PseudoSpec,
+    ShareSpec,
+    VolumeSpec,
+)
 
 # --- the kernel command line -------------------------------------------------
 
@@ -74,7 +82,7 @@ def test_cmdline_problem_names_the_token_and_others_still_parse() -> None:
         "microvm.share=onlytag: expected TAG:WHERE[:PROTO[:OPTIONS]]"
     ]
     assert parsed.specs == (
-        VolumeSpec(
+        PseudoSpec(
             "microvm.volume=tmpfs:/x:tmpfs:size=8m", "tmpfs", "/x", "tmpfs", Options(("size=8m",))
         ),
     )

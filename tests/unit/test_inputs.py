@@ -12,11 +12,14 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from guest_agent import app
+from guest_agent import inputs, lock
 from guest_agent.cli import main
+from guest_agent.commands.mount_all import mount_all
+from guest_agent.commands.reset_overlay import reset_overlay
 from guest_agent.config import parse_config_json
+from guest_agent.parsers import parse_share, parse_volume
 from guest_agent.report import printable
-from guest_agent.spec import Problem, VolumeSpec, parse_share, parse_volume, udev_unescape
+from guest_agent.spec import Problem, PseudoSpec, VolumeSpec, udev_unescape
 
 
 @pytest.fixture
@@ -49,20 +52,20 @@ def dry_run(env: tuple[Path, Path, Path], *extra: str) -> Result:
 
 def test_lock_serialises_one_root_and_not_others(tmp_path: Path) -> None:
     (tmp_path / "other").mkdir()
-    held = app.lock(str(tmp_path))
+    held = lock.lock(str(tmp_path))
     try:
         assert not os.get_inheritable(held)  # close-on-exec: mkfs never inherits it
-        with pytest.raises(app.LockFailed) as caught:
-            app.lock(str(tmp_path), timeout=0.2)
+        with pytest.raises(lock.LockFailed) as caught:
+            lock.lock(str(tmp_path), timeout=0.2)
         st = os.stat(tmp_path)
         assert str(caught.value) == (
             f"another guest-agent run has held the lock @guest-agent/{st.st_dev}:{st.st_ino}"
             " for 0.2 s"
         )
-        os.close(app.lock(str(tmp_path / "other"), timeout=0))  # another root: its own lock
+        os.close(lock.lock(str(tmp_path / "other"), timeout=0))  # another root: its own lock
     finally:
         os.close(held)
-    os.close(app.lock(str(tmp_path), timeout=0))  # released with its fd
+    os.close(lock.lock(str(tmp_path), timeout=0))  # released with its fd
 
 
 def test_lock_fails_closed_without_sockets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -72,8 +75,8 @@ def test_lock_fails_closed_without_sockets(tmp_path: Path, monkeypatch: pytest.M
         raise OSError(errno.EAFNOSUPPORT, os.strerror(errno.EAFNOSUPPORT))
 
     monkeypatch.setattr(_socket, "socket", no_unix)
-    with pytest.raises(app.LockFailed, match=r"^cannot make the run lock @guest-agent/\d+:\d+: "):
-        app.lock(str(tmp_path))
+    with pytest.raises(lock.LockFailed, match=r"^cannot make the run lock @guest-agent/\d+:\d+: "):
+        lock.lock(str(tmp_path))
 
 
 def test_mount_all_gives_up_on_a_held_lock_with_one_line(
@@ -83,10 +86,10 @@ def test_mount_all_gives_up_on_a_held_lock_with_one_line(
 ) -> None:
     root, config, cmdline = env
     cmdline.write_text("microvm.volume=tmpfs:/x:tmpfs")
-    monkeypatch.setattr(app, "LOCK_TIMEOUT", 0.3)
-    held = app.lock(str(root))
+    monkeypatch.setattr(lock, "LOCK_TIMEOUT", 0.3)
+    held = lock.lock(str(root))
     try:
-        rc = app.mount_all(str(root), str(config), str(cmdline), as_json=True)
+        rc = mount_all(str(root), str(config), str(cmdline), as_json=True)
     finally:
         os.close(held)
     out, err = capsys.readouterr()
@@ -112,10 +115,10 @@ def test_reset_overlay_gives_up_on_a_held_lock(
     root, config, cmdline = env
     (root / "rw/store/pkg").mkdir(parents=True)
     cmdline.write_text("microvm.store-overlay=/lower:/rw")
-    monkeypatch.setattr(app, "LOCK_TIMEOUT", 0.1)
-    held = app.lock(str(root))
+    monkeypatch.setattr(lock, "LOCK_TIMEOUT", 0.1)
+    held = lock.lock(str(root))
     try:
-        assert app.reset_overlay(str(root), str(config), str(cmdline)) == 1
+        assert reset_overlay(str(root), str(config), str(cmdline)) == 1
     finally:
         os.close(held)
     (line,) = capsys.readouterr().err.splitlines()
@@ -161,37 +164,37 @@ def test_inputs_beyond_their_limit_are_refused_with_their_size(
 ) -> None:
     _, config, cmdline = env
     with open(config, "wb") as f:
-        f.truncate(app.CONFIG_LIMIT + 1)  # sparse: never read whole
-    cmdline.write_text(" " * (app.CMDLINE_LIMIT + 1))
+        f.truncate(inputs.CONFIG_LIMIT + 1)  # sparse: never read whole
+    cmdline.write_text(" " * (inputs.CMDLINE_LIMIT + 1))
     result = dry_run(env)
     assert result.exit_code == 1
     assert result.stderr.splitlines() == [
         f"error: {config}: cannot read the config file: it is too large "
-        f"({app.CONFIG_LIMIT + 1} bytes; the limit is 4 MiB)",
+        f"({inputs.CONFIG_LIMIT + 1} bytes; the limit is 4 MiB)",
         f"error: {cmdline}: cannot read the command line: it is too large "
-        f"({app.CMDLINE_LIMIT + 1} bytes; the limit is 64 KiB)",
+        f"({inputs.CMDLINE_LIMIT + 1} bytes; the limit is 64 KiB)",
     ]
 
 
 def test_inputs_at_their_limit_are_read(env: tuple[Path, Path, Path]) -> None:
     _, config, cmdline = env
-    config.write_text("{}" + " " * (app.CONFIG_LIMIT - 2))
+    config.write_text("{}" + " " * (inputs.CONFIG_LIMIT - 2))
     text = "microvm.volume=tmpfs:/x:tmpfs"
-    cmdline.write_text(text + " " * (app.CMDLINE_LIMIT - len(text)))
+    cmdline.write_text(text + " " * (inputs.CMDLINE_LIMIT - len(text)))
     result = dry_run(env)
     assert result.exit_code == 0, result.output
     assert "would-mount tmpfs tmpfs at /x" in result.stdout
 
 
 def test_read_never_trusts_st_size() -> None:
-    data, why = app._read("/proc/self/cmdline", 1 << 16)  # st_size 0, like /proc/cmdline
+    data, why = inputs._read("/proc/self/cmdline", 1 << 16)  # st_size 0, like /proc/cmdline
     assert why is None and data
-    data, why = app._read("/proc/self/environ", 3)
+    data, why = inputs._read("/proc/self/environ", 3)
     assert data is None and why == "it is too large (more than 3 bytes; the limit is 0 KiB)"
 
 
 def test_missing_default_config_stays_silent(tmp_path: Path) -> None:
-    assert app._read(str(tmp_path / "absent.json"), 10) == (None, None)
+    assert inputs._read(str(tmp_path / "absent.json"), 10) == (None, None)
 
 
 # --- strings that cannot be paths ------------------------------------------------------------
@@ -234,7 +237,7 @@ def test_surrogate_escaped_bytes_are_path_bytes(env: tuple[Path, Path, Path]) ->
     """U+DC80..U+DCFF stand for undecodable bytes (os.fsdecode): a path may hold them, and
     every output spells them out instead of failing."""
     spec = parse_volume("tmpfs:/a\udcff:tmpfs", "src")
-    assert isinstance(spec, VolumeSpec) and spec.where == "/a\udcff"
+    assert isinstance(spec, PseudoSpec) and spec.where == "/a\udcff"
     _, config, _ = env
     config.write_text(json.dumps({"volumes": ["tmpfs:/a\udcff:tmpfs", "\ud800:/b\ud800"]}))
     result = dry_run(env)

@@ -55,7 +55,7 @@ def test_boot_path_does_not_import_click(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "would-mount tmpfs tmpfs at /x" in done.stdout
     imported = _imported(done.stderr)
-    assert "guest_agent.app" in imported
+    assert "guest_agent.commands.mount_all" in imported
     assert not {m for m in imported if m == "click" or m.startswith("click.")}
     # Nor anything heavy that a bare interpreter does not import already (docs/design.md).
     bare = subprocess.run(
@@ -71,3 +71,15 @@ def test_usage_errors_still_come_from_click() -> None:
     assert done.returncode == 2
     assert "No such option '--bogus'" in done.stderr
     assert "click" in _imported(done.stderr)
+
+
+def test_handlers_are_imported_only_for_the_kinds_met(tmp_path: Path) -> None:
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text("microvm.volume=tmpfs:/x:tmpfs\n")
+    done = _run("mount-all", "--root", str(tmp_path), "--cmdline", str(cmdline), "--config", "/dev/null", "--dry-run")
+    assert done.returncode == 0, done.stderr
+    imported = _imported(done.stderr)
+    assert "guest_agent.handlers.pseudo" in imported
+    others = {"share", "volume", "makefs", "overlay", "layers"}
+    assert not {f"guest_agent.handlers.{kind}" for kind in others} & imported
+    assert not {"guest_agent.reset", "guest_agent.probe", "guest_agent.blank"} & imported

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from guest_agent.execute import NINEP_MSIZE, overlay_options, share_options, volume_options
-from guest_agent.spec import parse_options
+from guest_agent.handlers.overlay import overlay_options
+from guest_agent.handlers.share import NINEP_MSIZE, share_options
+from guest_agent.handlers.volume import volume_options
+from guest_agent.parsers import parse_options
 from guest_agent.syscalls import split_options
 
 NINEP_BASE = ("trans=virtio", "version=9p2000.L", f"msize={NINEP_MSIZE}")

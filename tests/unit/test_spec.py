@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import pytest
 
+from guest_agent.parsers import Invalid as SpecInvalid
+from guest_agent.parsers import (
+    parse_abs_path,
+    parse_options,
+    parse_overlay,
+    parse_share,
+    parse_volume,
+)
 from guest_agent.spec import (
     DEFAULT_DEVICE_TIMEOUT,
     Config,
@@ -11,15 +19,10 @@ from guest_agent.spec import (
     OverlaySpec,
     Problem,
     Proto,
+    PseudoSpec,
     ShareSpec,
     VolumeSpec,
-    parse_abs_path,
-    parse_options,
-    parse_overlay,
-    parse_share,
-    parse_volume,
 )
-from guest_agent.spec import Invalid as SpecInvalid
 
 # --- paths ------------------------------------------------------------------
 
@@ -240,9 +243,9 @@ def test_volume_minimal_and_full() -> None:
 
 def test_volume_tmpfs_takes_any_word() -> None:
     spec = parse_volume("tmpfs:/x:tmpfs:size=8m", "s")
-    assert spec == VolumeSpec("s", "tmpfs", "/x", "tmpfs", Options(("size=8m",)))
-    assert isinstance(spec, VolumeSpec) and spec.by == ("pseudo", "tmpfs")
-    assert isinstance(parse_volume("scratch:/run/x:ramfs", "s"), VolumeSpec)
+    assert spec == PseudoSpec("s", "tmpfs", "/x", "tmpfs", Options(("size=8m",)))
+    assert isinstance(spec, PseudoSpec) and spec.what == "tmpfs"
+    assert isinstance(parse_volume("scratch:/run/x:ramfs", "s"), PseudoSpec)
 
 
 def test_volume_unknown_device_word() -> None:

@@ -1,0 +1,249 @@
+"""Finding devices, and waiting for them: the uevent monitor, driver loading, discovery.
+
+Find first, then mount: handlers ask `Devices` for a share's transport or a
+disk's device node and mount it themselves. Before looking for anything the
+first time, `coldplug()` opens the uevent socket (register before check, as
+Kata's agent does) and loads the drivers of the virtio devices present. What
+discovery saw (sysfs scans, superblocks) is kept until something may have
+changed it: a uevent, a wait, a module load, a format (`forget`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from guest_agent.results import Failure
+from guest_agent.spec import Proto
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import TypeVar
+
+    from guest_agent.kmod import ModuleLoader
+    from guest_agent.probe import Signature
+    from guest_agent.report import Reporter
+    from guest_agent.spec import Options, ShareSpec, VolumeSpec
+    from guest_agent.sysfs import BlockDevice, VirtioShare
+    from guest_agent.uevent import UeventMonitor
+
+    T = TypeVar("T")
+
+
+class _Seen:
+    """What discovery saw since the last `forget`."""
+
+    __slots__ = ("disks", "filesystems", "probes", "shares", "virtiofs_readable")
+
+    def __init__(self) -> None:
+        self.shares: list[VirtioShare] | None = None
+        self.virtiofs_readable: bool | None = None
+        self.disks: list[BlockDevice] | None = None
+        self.probes: dict[str, Signature | None] = {}  # devnode -> superblock
+        self.filesystems: set[str] = set()  # fstypes made sure of
+
+
+class Devices:
+    def __init__(self, reporter: Reporter | None = None, *, sysfs: str = "/sys") -> None:
+        self.sysfs = sysfs
+        self.reporter = reporter
+        self.start = time.monotonic()  # device deadlines count from here
+        self._modules: ModuleLoader | None = None
+        self._monitor: UeventMonitor | None = None
+        self._coldplugged = False
+        self._seen = _Seen()
+
+    def __enter__(self) -> Devices:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._monitor is not None:
+            self._monitor.close()
+            self._monitor = None
+
+    # -- drivers and events -----------------------------------------------------------
+
+    def modules(self) -> ModuleLoader:
+        if self._modules is None:
+            from guest_agent.kmod import ModuleLoader
+
+            self._modules = ModuleLoader(sysfs=self.sysfs)
+        return self._modules
+
+    def coldplug(self) -> None:
+        """Once: watch uevents (before looking, so none is missed), then load virtio drivers."""
+        if self._coldplugged:
+            return
+        self._coldplugged = True
+        self.forget()
+        from guest_agent.uevent import UeventMonitor
+
+        self._monitor = UeventMonitor().open()
+        for error in self.modules().coldplug_virtio():
+            if self.reporter is not None:
+                self.reporter.info(f"warning: {error}")
+
+    def need_filesystem(self, fstype: str) -> None:
+        """Make sure the kernel supports FSTYPE (loading its module); Failure if it cannot."""
+        if fstype in self._seen.filesystems:
+            return
+        error = self.modules().ensure_filesystem(fstype)
+        self.forget()  # a module load can add devices (and virtiofs tags)
+        self._seen.filesystems.add(fstype)
+        if error:
+            raise Failure(f"the kernel does not support {fstype}: {error}")
+
+    def forget(self) -> None:
+        """Something may have changed: look again next time."""
+        self._seen = _Seen()
+
+    def deadline(self, options: Options) -> float:
+        return self.start + options.device_timeout
+
+    def wait_event(self, deadline: float) -> bool:
+        """Wait for the next uevent until DEADLINE; load drivers for added devices.
+
+        False once the deadline has passed.
+        """
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or self._monitor is None:
+            return False
+        self.forget()
+        event = self._monitor.wait(remaining)
+        if event is not None and event.action == "add" and "MODALIAS" in event.env:
+            self.modules().load(event.env["MODALIAS"])
+        return time.monotonic() < deadline
+
+    def wait(self, look: Callable[[], T | None], deadline: float) -> T | None:
+        """LOOK until it finds something, waiting for a uevent between looks; None at DEADLINE."""
+        while True:
+            found = look()
+            if found is not None:
+                return found
+            if not self.wait_event(deadline):
+                return None
+
+    # -- shares -----------------------------------------------------------------------
+
+    def shares(self) -> list[VirtioShare]:
+        if self._seen.shares is None:
+            from guest_agent.sysfs import scan_shares
+
+            self._seen.shares = scan_shares(self.sysfs)
+        return self._seen.shares
+
+    def virtiofs_tags_readable(self) -> bool:
+        if self._seen.virtiofs_readable is None:
+            from guest_agent.sysfs import virtiofs_tags_readable
+
+            self._seen.virtiofs_readable = virtiofs_tags_readable(self.sysfs)
+        return self._seen.virtiofs_readable
+
+    def locate_share(self, spec: ShareSpec) -> tuple[str | None, bool]:
+        """Which transport carries SPEC's tag: (proto or None, whether it is a blind try)."""
+        shares = self.shares()
+        for proto in (Proto.NINEP, Proto.VIRTIOFS):
+            if spec.proto in (Proto.AUTO, proto) and any(
+                s.proto == proto and s.tag == spec.tag for s in shares
+            ):
+                return str(proto), False
+        readable = self.virtiofs_tags_readable()
+        if spec.proto in (Proto.AUTO, Proto.VIRTIOFS) and not readable:
+            if any(s.proto == Proto.VIRTIOFS and s.tag is None for s in shares):
+                return Proto.VIRTIOFS, True
+        return None, False
+
+    def shares_seen(self) -> list[str]:
+        """The virtio shares there now, for a timeout message."""
+        from guest_agent.sysfs import scan_shares
+
+        return [
+            f"{s.proto} {s.tag!r}" if s.tag else f"{s.proto} (tag not readable on this kernel)"
+            for s in scan_shares(self.sysfs)
+        ]
+
+    # -- disks ------------------------------------------------------------------------
+
+    def disks(self) -> list[BlockDevice]:
+        if self._seen.disks is None:
+            from guest_agent.sysfs import scan_block_devices
+
+            self._seen.disks = scan_block_devices(self.sysfs)
+        return self._seen.disks
+
+    def probe(self, devnode: str) -> Signature | None:
+        """DEVNODE's superblock (None when it has none, or cannot be read)."""
+        probes = self._seen.probes
+        if devnode not in probes:
+            from guest_agent.probe import probe_device
+
+            try:
+                probes[devnode] = probe_device(devnode)
+            except OSError:
+                probes[devnode] = None
+        return probes[devnode]
+
+    def find_disk(self, spec: VolumeSpec) -> str | None:
+        """SPEC's device node, None while it is not there; Failure when several disks match."""
+        kind, value = spec.by
+        if kind == "path":
+            return value if os.path.exists(value) else None
+        matches: list[BlockDevice] = []
+        for dev in self.disks():
+            if kind == "serial":
+                if dev.serial == value and not dev.partition:
+                    matches.append(dev)
+                continue
+            if dev.size_bytes == 0:
+                continue
+            signature = self.probe(dev.devnode)
+            if signature is None:
+                continue
+            found = signature.label if kind == "label" else signature.uuid
+            if found is not None and (
+                found == value if kind == "label" else found.lower() == value.lower()
+            ):
+                matches.append(dev)
+        if len(matches) > 1:
+            names = ", ".join(d.devnode for d in matches)
+            raise Failure(f"{spec.what} matches several disks ({names}); refusing to guess")
+        if not matches or not os.path.exists(matches[0].devnode):
+            return None
+        return matches[0].devnode
+
+    def disks_seen(self) -> list[str]:
+        """The virtio disks there now and what they hold, for a timeout message."""
+        from guest_agent.probe import probe_device
+        from guest_agent.sysfs import scan_block_devices
+
+        seen = []
+        for dev in scan_block_devices(self.sysfs):
+            if not dev.virtio:
+                continue
+            try:
+                sig = probe_device(dev.devnode) if dev.size_bytes else None
+            except OSError as e:
+                seen.append(f"{dev.name} (cannot be read: {e.strerror})")
+                continue
+            parts = [dev.name]
+            if dev.serial:
+                parts.append(f"serial {dev.serial}")
+            if sig is not None:
+                parts.append(sig.fstype + (f" label {sig.label}" if sig.label else ""))
+            elif dev.size_bytes:
+                parts.append("with no filesystem signature")
+            seen.append(" ".join(parts))
+        return seen
+
+
+def devnum(device: str) -> tuple[int, int]:
+    """DEVICE's (major, minor); (-1, -1) when it cannot be stat'ed."""
+    try:
+        rdev = os.stat(device).st_rdev
+    except OSError:
+        return (-1, -1)
+    return os.major(rdev), os.minor(rdev)

@@ -1,0 +1,150 @@
+"""Devices: locating shares and disks, the discovery cache and waiting (sysfs and the prober
+replaced by fakes; nothing is loaded or waited for)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from guest_agent import probe, sysfs
+from guest_agent.devices import Devices
+from guest_agent.parsers import parse_share, parse_volume
+from guest_agent.probe import Signature
+from guest_agent.results import Failure
+from guest_agent.spec import ShareSpec, VolumeSpec
+from guest_agent.sysfs import BlockDevice, VirtioShare
+
+
+class Scans:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.shares: list[VirtioShare] = []
+        self.disks: list[BlockDevice] = []
+        self.readable = True
+        self.signatures: dict[str, Signature | None] = {}
+        self.calls = {"shares": 0, "disks": 0, "probe": 0}
+        monkeypatch.setattr(sysfs, "scan_shares", self._scan_shares)
+        monkeypatch.setattr(sysfs, "scan_block_devices", self._scan_disks)
+        monkeypatch.setattr(sysfs, "virtiofs_tags_readable", lambda _sysfs: self.readable)
+        monkeypatch.setattr(probe, "probe_device", self._probe)
+
+    def _scan_shares(self, _sysfs: str) -> list[VirtioShare]:
+        self.calls["shares"] += 1
+        return list(self.shares)
+
+    def _scan_disks(self, _sysfs: str) -> list[BlockDevice]:
+        self.calls["disks"] += 1
+        return list(self.disks)
+
+    def _probe(self, devnode: str) -> Signature | None:
+        self.calls["probe"] += 1
+        found = self.signatures.get(devnode)
+        if found is None and devnode.endswith("unreadable"):
+            raise OSError(5, "Input/output error")
+        return found
+
+
+@pytest.fixture
+def scans(monkeypatch: pytest.MonkeyPatch) -> Scans:
+    return Scans(monkeypatch)
+
+
+def share(text: str) -> ShareSpec:
+    spec = parse_share(text, text)
+    assert isinstance(spec, ShareSpec)
+    return spec
+
+
+def volume(text: str) -> VolumeSpec:
+    spec = parse_volume(text, text)
+    assert isinstance(spec, VolumeSpec)
+    return spec
+
+
+def disk(name: str, devnode: str, serial: str | None = None, size: int = 1 << 30) -> BlockDevice:
+    return BlockDevice(name, devnode, (253, 0), serial, True, False, size, False)
+
+
+def test_locate_share_by_transport(scans: Scans) -> None:
+    scans.shares = [
+        VirtioShare("9p", "store", "virtio0"),
+        VirtioShare("virtiofs", "home", "virtio1"),
+    ]
+    devices = Devices()
+    assert devices.locate_share(share("store:/s")) == ("9p", False)
+    assert devices.locate_share(share("home:/h")) == ("virtiofs", False)
+    assert devices.locate_share(share("home:/h:9p")) == (None, False)
+    assert devices.locate_share(share("gone:/g")) == (None, False)
+    assert scans.calls["shares"] == 1  # cached until something changes
+    devices.forget()
+    devices.locate_share(share("store:/s"))
+    assert scans.calls["shares"] == 2
+
+
+def test_blind_virtiofs_on_a_kernel_that_hides_tags(scans: Scans) -> None:
+    scans.shares = [VirtioShare("virtiofs", None, "virtio1")]
+    scans.readable = False
+    devices = Devices()
+    assert devices.locate_share(share("home:/h")) == ("virtiofs", True)
+    assert devices.locate_share(share("home:/h:9p")) == (None, False)
+    assert devices.shares_seen() == ["virtiofs (tag not readable on this kernel)"]
+
+
+def test_find_disk_by_label_uuid_serial_and_path(scans: Scans, tmp_path: Path) -> None:
+    a, b = tmp_path / "vda", tmp_path / "vdb"
+    a.touch()
+    b.touch()
+    scans.disks = [disk("vda", str(a), "s-a"), disk("vdb", str(b), None)]
+    scans.signatures = {
+        str(a): Signature("ext4", "data", "ABCD-1234", "filesystem"),
+        str(b): Signature("xfs", "other", None, "filesystem"),
+    }
+    devices = Devices()
+    assert devices.find_disk(volume("LABEL=data:/d")) == str(a)
+    assert devices.find_disk(volume("UUID=abcd-1234:/d")) == str(a)  # UUIDs ignore case
+    assert devices.find_disk(volume("SERIAL=s-a:/d")) == str(a)
+    assert devices.find_disk(volume("LABEL=none:/d")) is None
+    assert devices.find_disk(volume("/dev/disk/by-label/other:/d")) == str(b)
+    assert scans.calls["probe"] == 2  # each superblock read once
+    assert devices.find_disk(volume("/dev/does-not-exist:/d")) is None
+
+
+def test_find_disk_refuses_to_guess(scans: Scans, tmp_path: Path) -> None:
+    a, b = tmp_path / "vda", tmp_path / "vdb"
+    a.touch()
+    b.touch()
+    scans.disks = [disk("vda", str(a)), disk("vdb", str(b))]
+    scans.signatures = {str(p): Signature("ext4", "twin", None, "filesystem") for p in (a, b)}
+    with pytest.raises(
+        Failure, match=f"^LABEL=twin matches several disks \\({a}, {b}\\); refusing to guess$"
+    ):
+        Devices().find_disk(volume("LABEL=twin:/d"))
+
+
+def test_disks_seen_for_a_timeout(scans: Scans) -> None:
+    scans.disks = [
+        disk("vda", "/dev/vda", "s1"),
+        disk("vdb", "/dev/unreadable"),
+        disk("vdc", "/dev/vdc", size=0),
+        disk("vdd", "/dev/vdd"),
+    ]
+    scans.signatures = {"/dev/vda": Signature("ext4", "data", None, "filesystem")}
+    assert Devices().disks_seen() == [
+        "vda serial s1 ext4 label data",
+        "vdb (cannot be read: Input/output error)",
+        "vdc",
+        "vdd with no filesystem signature",
+    ]
+
+
+def test_wait_looks_again_only_while_events_come(scans: Scans) -> None:
+    devices = Devices()
+    looks: list[int] = []
+
+    def look() -> str | None:
+        looks.append(1)
+        return None
+
+    assert devices.wait(look, devices.start - 1) is None  # past the deadline: one look
+    assert looks == [1]
+    assert devices.wait(lambda: "found", devices.start + 10) == "found"

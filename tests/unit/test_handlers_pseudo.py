@@ -1,0 +1,100 @@
+"""The tmpfs/ramfs handler with a fake Devices and a recording mount function."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+from handler_fakes import FakeDevices, RecordingMount, Run, step
+
+from guest_agent.handlers import handler_for
+from guest_agent.handlers.pseudo import HANDLER
+from guest_agent.parsers import parse_volume
+from guest_agent.results import Failure, Status
+from guest_agent.spec import PseudoSpec
+from guest_agent.syscalls import MountError
+
+
+def pseudo(text: str) -> PseudoSpec:
+    spec = parse_volume(text, f"microvm.volume={text}")
+    assert isinstance(spec, PseudoSpec)
+    return spec
+
+
+def test_handler_for_tmpfs_and_ramfs() -> None:
+    assert handler_for(pseudo("tmpfs:/t:tmpfs")) is HANDLER
+    assert handler_for(pseudo("scratch:/r:ramfs")) is HANDLER
+
+
+def test_always_present_without_coldplug(tmp_path: Path) -> None:
+    run = Run(tmp_path)
+    assert HANDLER.present(pseudo("tmpfs:/t:tmpfs"), run.ctx)
+    assert run.devices.coldplugged == 0
+
+
+def test_mount(tmp_path: Path) -> None:
+    run = Run(tmp_path)
+    result = HANDLER.mount(step(pseudo("tmpfs:/run/x:tmpfs:size=8m,mode=0755")), run.ctx)
+    (request,) = run.mount.requests
+    assert (request.fstype, request.source, request.target) == (
+        "tmpfs",
+        "tmpfs",
+        run.host("/run/x"),
+    )
+    assert request.options == ("size=8m", "mode=0755")
+    assert result.status == Status.MOUNTED
+    assert run.lines() == ["mounted tmpfs tmpfs at /run/x (rw)"]
+    assert run.devices.filesystems == ["tmpfs"]
+
+
+def test_store_lower_is_read_only(tmp_path: Path) -> None:
+    run = Run(tmp_path)
+    result = HANDLER.mount(step(pseudo("scratch:/s:ramfs"), store_lower=True), run.ctx)
+    assert result.options == ("ro",)
+    assert run.lines() == ["mounted ramfs scratch at /s (ro)"]
+
+
+def test_dry_run(tmp_path: Path) -> None:
+    run = Run(tmp_path, dry_run=True)
+    result = HANDLER.dry_run(step(pseudo("tmpfs:/x:tmpfs:size=8m")), run.ctx)
+    assert result == (
+        "/x", "microvm.volume=tmpfs:/x:tmpfs:size=8m", Status.WOULD_MOUNT, "tmpfs", "tmpfs",
+        ("size=8m",), None,
+    )  # fmt: skip
+    assert run.mount.requests == [] and not (run.root / "x").exists()
+
+
+def test_already_mounted_and_occupied(tmp_path: Path) -> None:
+    run = Run(tmp_path)
+    run.mounted("/x", "tmpfs", "tmpfs")
+    run.mounted("/y", "ext4", "/dev/vda")
+    assert HANDLER.mount(step(pseudo("tmpfs:/x:tmpfs")), run.ctx).status == Status.ALREADY_MOUNTED
+    assert HANDLER.dry_run(step(pseudo("tmpfs:/x:tmpfs")), run.ctx).status == Status.ALREADY_MOUNTED
+    with pytest.raises(Failure, match=r"^/y already has ext4 from /dev/vda mounted on it"):
+        HANDLER.mount(step(pseudo("tmpfs:/y:tmpfs")), run.ctx)
+    assert run.mount.requests == []
+
+
+def test_unsupported_and_refused(tmp_path: Path) -> None:
+    run = Run(tmp_path, FakeDevices(unsupported={"ramfs": "not built"}))
+    with pytest.raises(Failure, match=r"^the kernel does not support ramfs: not built$"):
+        HANDLER.mount(step(pseudo("r:/r:ramfs")), run.ctx)
+    mount = RecordingMount(MountError(errno.EINVAL, "fsconfig", "tmpfs: Unknown parameter 'bogus'"))
+    run = Run(tmp_path, mount=mount)
+    with pytest.raises(Failure) as caught:
+        HANDLER.mount(step(pseudo("tmpfs:/t:tmpfs:bogus")), run.ctx)
+    assert caught.value.reason == (
+        "the kernel refused to mount tmpfs (fsconfig): Invalid argument: tmpfs: Unknown parameter 'bogus'"
+    )
+    assert caught.value.hint is None
+
+
+def test_matches_by_fstype(tmp_path: Path) -> None:
+    run = Run(tmp_path)
+    run.mounted("/a", "tmpfs", "whatever")
+    run.mounted("/b", "ramfs", "tmpfs")
+    table = run.ctx.table()
+    spec = pseudo("tmpfs:/x:tmpfs")
+    assert HANDLER.matches(spec, table.at(run.host("/a")), run.devices)  # type: ignore[arg-type]
+    assert not HANDLER.matches(spec, table.at(run.host("/b")), run.devices)  # type: ignore[arg-type]

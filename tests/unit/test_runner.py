@@ -1,0 +1,63 @@
+"""The runner with a fake Devices and a recording mount function: present devices first,
+failures as problems, steps under a failed mount skipped, the mount log."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from handler_fakes import FakeDevices, Run
+
+from guest_agent.config import merge, parse_cmdline
+from guest_agent.plan import plan
+from guest_agent.results import Status
+from guest_agent.runner import Runner
+
+
+def steps_of(cmdline: str) -> list:  # type: ignore[type-arg]
+    config, problems, _ = merge([parse_cmdline(cmdline)])
+    assert problems == ()
+    steps, problems = plan(config)
+    assert problems == []
+    return steps
+
+
+def test_present_first_then_the_waits_and_skips_below_a_failure(tmp_path: Path) -> None:
+    run = Run(tmp_path, FakeDevices({"here": ("virtiofs", False)}))
+    steps = steps_of(
+        "microvm.share=late:/a microvm.volume=tmpfs:/a/c:tmpfs "
+        "microvm.share=here:/b microvm.volume=tmpfs:/z:tmpfs:nofail"
+    )
+    results = Runner(run.ctx).run(steps)
+    assert [(r.where, r.status) for r in results] == [
+        ("/b", Status.MOUNTED),
+        ("/z", Status.MOUNTED),
+        ("/a", Status.FAILED),
+        ("/a/c", Status.SKIPPED),
+    ]
+    problems = run.ctx.reporter.problems
+    assert [p.spec for p in problems] == [
+        "microvm.share=late:/a",
+        "microvm.volume=tmpfs:/a/c:tmpfs",
+    ]
+    assert problems[1].reason == "not mounted: it needs /a mounted first, which is not"
+    assert all(p.fatal for p in problems)
+    assert run.log.in_place("/b") and not run.log.in_place("/a")
+    assert [r.target for r in run.mount.requests] == [run.host("/b"), run.host("/z")]
+
+
+def test_dry_run_looks_for_no_device(tmp_path: Path) -> None:
+    run = Run(tmp_path, dry_run=True)
+    results = Runner(run.ctx).run(steps_of("microvm.share=late:/a microvm.volume=tmpfs:/a/c:tmpfs"))
+    assert [r.status for r in results] == [Status.WOULD_MOUNT, Status.WOULD_MOUNT]
+    assert run.devices.coldplugged == 0 and run.mount.requests == []
+
+
+def test_mount_log_undo_unmounts_newest_first(monkeypatch: object) -> None:
+    import guest_agent.mountlog as mountlog
+
+    undone: list[str] = []
+    monkeypatch.setattr(mountlog, "umount", lambda target, lazy=False: undone.append(target))  # type: ignore[attr-defined]
+    with mountlog.MountLog() as log:
+        log.mounted("/r/a")
+        log.mounted("/r/b")
+    assert undone == ["/r/b", "/r/a"]
