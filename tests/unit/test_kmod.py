@@ -18,10 +18,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from guest_agent import syscalls
-from guest_agent.kmod import (
-    MODULE_INIT_COMPRESSED_FILE,
-    ModuleLoader,
-    _default_modules_dir,
+from guest_agent.kmod import ModuleLoader
+from guest_agent.modimage import MODULE_INIT_COMPRESSED_FILE
+from guest_agent.modindex import (
+    default_modules_dir,
     parse_builtin_modinfo,
     parse_modules_alias,
     parse_modules_builtin,
@@ -364,11 +364,11 @@ def test_without_modules_dir(fs: Any, rec: Recorder) -> None:
 
 def test_default_modules_dir_falls_back_to_usr_lib(fs: Any) -> None:
     release = os.uname().release
-    assert _default_modules_dir() == f"/lib/modules/{release}"
+    assert default_modules_dir() == f"/lib/modules/{release}"
     fs.create_dir(f"/usr/lib/modules/{release}")
-    assert _default_modules_dir() == f"/usr/lib/modules/{release}"
+    assert default_modules_dir() == f"/usr/lib/modules/{release}"
     fs.create_dir(f"/lib/modules/{release}")
-    assert _default_modules_dir() == f"/lib/modules/{release}"
+    assert default_modules_dir() == f"/lib/modules/{release}"
 
 
 # --- coldplug ---------------------------------------------------------------------
@@ -507,7 +507,7 @@ def test_softdeps_loaded_around_the_module(tree: Any, rec: Recorder) -> None:
 
 
 def test_parse_modules_softdep() -> None:
-    from guest_agent.kmod import parse_modules_softdep
+    from guest_agent.modindex import parse_modules_softdep
 
     assert parse_modules_softdep(
         "softdep libcrc32c pre: crc32c\nsoftdep a-b post: c pre: d e\nbogus line\n"
@@ -525,7 +525,7 @@ ALIAS_ALPHABET = "ab-_:*?[]!0"
 def test_glob_match_agrees_with_fnmatch(name: str, pattern: str) -> None:
     from fnmatch import fnmatchcase
 
-    from guest_agent.kmod import glob_match
+    from guest_agent.modindex import glob_match
 
     assert glob_match(name, pattern) == fnmatchcase(name, pattern), (name, pattern)
 
@@ -540,7 +540,7 @@ def test_glob_match_agrees_with_fnmatch(name: str, pattern: str) -> None:
     ],
 )
 def test_glob_match_real_aliases(name: str, pattern: str) -> None:
-    from guest_agent.kmod import glob_match
+    from guest_agent.modindex import glob_match
 
     assert glob_match(name, pattern)
     assert not glob_match(name + "x", pattern.rstrip("*") + "y")
@@ -588,7 +588,8 @@ def test_require_filesystem_raises_what_ensure_filesystem_returns(loader: Module
 
 
 def test_corrupt_archive_is_a_module_error(loader: ModuleLoader) -> None:
-    from guest_agent.kmod import ModuleError, _decompress
+    from guest_agent.kmod import ModuleError
+    from guest_agent.modimage import _decompress
 
     path = f"{MODDIR}/kernel/misc/corrupt.ko.xz"
     with syscalls.closing(os.open(path, os.O_RDONLY)) as fd, pytest.raises(ModuleError) as bad:

@@ -1,0 +1,258 @@
+"""The module indexes depmod writes, read without kmod: what there is to load and in which order.
+
+modules.dep (a module's file and the full closure of its dependencies, deepest
+last), modules.alias (alias patterns, matched as modprobe does with fnmatch but
+without `re`), modules.builtin and the kernel's modules.builtin.modinfo (what
+needs no loading), and modules.softdep (modules the kernel asks for at run
+time). Also the two /proc tables a loader consults. Pure parsing, plus
+`ModuleIndex.read`; guest_agent.kmod does the loading.
+"""
+
+from __future__ import annotations
+
+import os
+
+from guest_agent.records import NamedTuple
+
+_MODULE_SUFFIXES = (".ko.xz", ".ko.gz", ".ko.zst", ".ko")
+_GLOB_CHARS = frozenset("*?[")
+
+
+def normalize(name: str) -> str:
+    """Module names treat '-' and '_' alike; the kernel uses '_'."""
+    return name.replace("-", "_")
+
+
+def normalize_alias(alias: str) -> str:
+    """'-' → '_' outside [...] brackets, as libkmod does for aliases."""
+    out: list[str] = []
+    depth = 0
+    for c in alias:
+        if c == "[":
+            depth += 1
+        elif c == "]" and depth:
+            depth -= 1
+        out.append("_" if c == "-" and not depth else c)
+    return "".join(out)
+
+
+def module_name(path: str) -> str:
+    """'kernel/fs/9p/9p.ko.xz' → '9p'."""
+    base = os.path.basename(path)
+    for suffix in _MODULE_SUFFIXES:
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    return normalize(base)
+
+
+class DepEntry(NamedTuple):
+    path: str  # as written in modules.dep, relative to the modules directory
+    deps: tuple[str, ...]  # paths, in modules.dep order (the deepest dependency last)
+
+
+def parse_modules_dep(text: str) -> dict[str, DepEntry]:
+    """modules.dep ("path: dep dep ...") → module name → DepEntry."""
+    out: dict[str, DepEntry] = {}
+    for line in text.splitlines():
+        path, sep, rest = line.partition(":")
+        path = path.strip()
+        if not sep or not path or path.startswith("#"):
+            continue
+        out.setdefault(module_name(path), DepEntry(path, tuple(rest.split())))
+    return out
+
+
+class AliasTable(NamedTuple):
+    exact: dict[str, tuple[str, ...]]  # normalised alias → module names
+    patterns: tuple[tuple[str, str, str], ...]  # (literal prefix, pattern, module)
+
+    def lookup(self, alias: str) -> list[str]:
+        """Modules whose alias pattern matches (fnmatch, as modprobe), in file order."""
+        key = normalize_alias(alias)
+        found = list(self.exact.get(key, ()))
+        for prefix, pattern, module in self.patterns:
+            if key.startswith(prefix) and glob_match(key, pattern) and module not in found:
+                found.append(module)
+        return found
+
+
+def glob_match(name: str, pattern: str) -> bool:
+    """fnmatch.fnmatchcase() for alias patterns (`*`, `?`, `[...]`, `[!...]`), without `re`.
+
+    fnmatch compiles each pattern to a regular expression; importing `re` and
+    compiling costs more on an emulated guest's boot path than this loop.
+    """
+    p = n = 0
+    star_p, star_n = -1, 0
+    while n < len(name):
+        if p < len(pattern) and pattern[p] == "*":
+            star_p, star_n = p, n
+            p += 1
+            continue
+        if p < len(pattern):
+            matched, width = _match_one(pattern, p, name[n])
+            if matched:
+                p += width
+                n += 1
+                continue
+        if star_p < 0:
+            return False
+        star_n += 1  # let the last star swallow one more character
+        p, n = star_p + 1, star_n
+    return all(c == "*" for c in pattern[p:])
+
+
+def _match_one(pattern: str, p: int, char: str) -> tuple[bool, int]:
+    """Does the pattern element at P match CHAR? Returns (matched, element width)."""
+    c = pattern[p]
+    if c == "?":
+        return True, 1
+    if c == "[":
+        end = pattern.find("]", p + 2 if pattern[p + 1 : p + 2] in ("!", "]") else p + 1)
+        if pattern[p + 1 : p + 3] == "!]":
+            end = pattern.find("]", p + 3)
+        if end < 0:  # no closing bracket: a literal '[' (as fnmatch)
+            return char == "[", 1
+        body = pattern[p + 1 : end]
+        negate = body.startswith("!")
+        if negate:
+            body = body[1:]
+        hit, i = False, 0
+        while i < len(body):
+            if i + 2 < len(body) and body[i + 1] == "-":
+                hit = hit or body[i] <= char <= body[i + 2]
+                i += 3
+            else:
+                hit = hit or body[i] == char
+                i += 1
+        return hit != negate, end - p + 1
+    return c == char, 1
+
+
+def _literal_prefix(pattern: str) -> str:
+    for i, c in enumerate(pattern):
+        if c in _GLOB_CHARS or c == "\\":
+            return pattern[:i]
+    return pattern
+
+
+def parse_modules_alias(text: str) -> AliasTable:
+    """modules.alias ("alias PATTERN MODULE") → AliasTable."""
+    exact: dict[str, list[str]] = {}
+    patterns: list[tuple[str, str, str]] = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) != 3 or fields[0] != "alias":
+            continue
+        pattern, module = normalize_alias(fields[1]), normalize(fields[2])
+        if _GLOB_CHARS.isdisjoint(pattern):
+            mods = exact.setdefault(pattern, [])
+            if module not in mods:
+                mods.append(module)
+        else:
+            patterns.append((_literal_prefix(pattern), pattern, module))
+    return AliasTable({k: tuple(v) for k, v in exact.items()}, tuple(patterns))
+
+
+def parse_modules_builtin(text: str) -> frozenset[str]:
+    """modules.builtin (one path per line) → module names."""
+    return frozenset(module_name(line.strip()) for line in text.splitlines() if line.strip())
+
+
+def parse_builtin_modinfo(data: bytes) -> dict[str, list[str]]:
+    """modules.builtin.modinfo ("mod.alias=VALUE\\0...") → alias → built-in modules."""
+    out: dict[str, list[str]] = {}
+    for item in data.split(b"\0"):
+        key, eq, value = item.decode("utf-8", "replace").partition("=")
+        mod, dot, field = key.partition(".")
+        if eq and dot and field == "alias" and value:
+            out.setdefault(normalize_alias(value), []).append(normalize(mod))
+    return out
+
+
+def parse_proc_modules(text: str) -> frozenset[str]:
+    """/proc/modules → loaded module names (first column)."""
+    return frozenset(normalize(line.split()[0]) for line in text.splitlines() if line.split())
+
+
+def parse_proc_filesystems(text: str) -> frozenset[str]:
+    """/proc/filesystems ("nodev\\tsysfs", "\\text4") → filesystem types."""
+    return frozenset(line.split()[-1] for line in text.splitlines() if line.split())
+
+
+def parse_modules_softdep(text: str) -> dict[str, tuple[list[str], list[str]]]:
+    """`softdep MOD pre: A B post: C` lines (written by depmod) → {mod: ([pre], [post])}.
+
+    Soft dependencies are modules the kernel asks for at run time (libcrc32c
+    needs a crc32c implementation): without a modprobe helper nobody loads them.
+    """
+    softdeps: dict[str, tuple[list[str], list[str]]] = {}
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) < 3 or words[0] != "softdep":
+            continue
+        pre: list[str] = []
+        post: list[str] = []
+        target = pre
+        for word in words[2:]:
+            if word == "pre:":
+                target = pre
+            elif word == "post:":
+                target = post
+            else:
+                target.append(word)
+        entry = softdeps.setdefault(normalize(words[1]), ([], []))
+        entry[0].extend(pre)
+        entry[1].extend(post)
+    return softdeps
+
+
+class ModuleIndex(NamedTuple):
+    deps: dict[str, DepEntry]
+    aliases: AliasTable
+    builtin: frozenset[str]
+    builtin_aliases: dict[str, list[str]]
+    softdeps: dict[str, tuple[list[str], list[str]]]
+
+    @classmethod
+    def read(cls, modules_dir: str) -> ModuleIndex:
+        """The indexes in MODULES_DIR; a missing or unreadable file reads as empty."""
+        try:
+            with open(os.path.join(modules_dir, "modules.builtin.modinfo"), "rb") as f:
+                modinfo = f.read()
+        except OSError:
+            modinfo = b""
+
+        def read(name: str) -> str:
+            try:
+                with open(os.path.join(modules_dir, name), encoding="utf-8", errors="replace") as f:
+                    return f.read()
+            except OSError:
+                return ""
+
+        return cls(
+            parse_modules_dep(read("modules.dep")),
+            parse_modules_alias(read("modules.alias")),
+            parse_modules_builtin(read("modules.builtin")),
+            parse_builtin_modinfo(modinfo),
+            parse_modules_softdep(read("modules.softdep")),
+        )
+
+    def lookup(self, name_or_alias: str) -> list[str]:
+        """The modules for a name or alias, in modprobe's order: a module of that name,
+        else modules.alias, else the built-in aliases; [] if none."""
+        mod = normalize(name_or_alias)
+        if mod in self.deps:
+            return [mod]
+        return self.aliases.lookup(name_or_alias) or list(
+            self.builtin_aliases.get(normalize_alias(name_or_alias), [])
+        )
+
+
+def default_modules_dir() -> str:
+    release = os.uname().release
+    for base in ("/lib/modules", "/usr/lib/modules"):
+        if os.path.isdir(os.path.join(base, release)):
+            return os.path.join(base, release)
+    return os.path.join("/lib/modules", release)
