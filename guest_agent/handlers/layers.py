@@ -13,28 +13,12 @@ from guest_agent import reset as overlay_reset
 from guest_agent.paths import identity, overlapping
 from guest_agent.results import Failure
 from guest_agent.spec import LAYERS
+from guest_agent.syscalls import closing
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
     from guest_agent.mountinfo import Mount, MountTable
     from guest_agent.spec import OverlaySpec
-
-
-class closing:
-    """Close an fd when the block ends (None is allowed and ignored)."""
-
-    __slots__ = ("fd",)
-
-    def __init__(self, fd: int | None) -> None:
-        self.fd = fd
-
-    def __enter__(self) -> int:
-        assert self.fd is not None
-        return self.fd
-
-    def __exit__(self, *_: object) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
 
 
 def wrong_type(spec: OverlaySpec, *wrong: overlay_reset.WrongType) -> Failure:
