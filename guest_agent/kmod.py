@@ -14,8 +14,11 @@ from __future__ import annotations
 import errno
 import os
 
+from guest_agent.modimage import errtext, hand_over
 from guest_agent.modindex import (
+    ModuleError,
     ModuleIndex,
+    ModuleNotFound,
     default_modules_dir,
     module_name,
     normalize,
@@ -27,45 +30,11 @@ from guest_agent.syscalls import closing
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
-    from typing import Protocol
+    from guest_agent.modimage import ModuleSyscalls
+
+__all__ = ["ModuleError", "ModuleLoader", "ModuleNotFound"]  # the errors live in modindex
 
 _SEE_DMESG = (errno.ENOEXEC, errno.EINVAL, errno.ENOKEY)  # refusals the kernel explains there
-
-
-# --- errors and system calls (injectable) -------------------------------------
-
-
-class ModuleError(Exception):
-    """A module that cannot be loaded: `module` (a name, alias or filesystem type) and
-    `reason`. str() is the whole message, "cannot load module MODULE: REASON" unless
-    worded otherwise."""
-
-    def __init__(self, module: str, reason: str, message: str | None = None) -> None:
-        super().__init__(f"cannot load module {module}: {reason}" if message is None else message)
-        self.module = module
-        self.reason = reason
-
-
-class ModuleNotFound(ModuleError):
-    """Neither a module nor an alias of one."""
-
-    def __init__(self, module: str, reason: str) -> None:
-        super().__init__(module, reason, f"module {module} not found: {reason}")
-
-
-if TYPE_CHECKING:
-
-    class ModuleSyscalls(Protocol):
-        """The two kernel entry points, raising OSError (guest_agent.syscalls; tests inject
-        fakes)."""
-
-        def finit_module(self, fd: int, flags: int) -> None: ...
-
-        def init_module(self, image: bytes) -> None: ...
-
-
-def errtext(err: int) -> str:
-    return f"{errno.errorcode.get(err, str(err))}: {os.strerror(err)}"
 
 
 # --- the loader -----------------------------------------------------------------
@@ -216,8 +185,6 @@ class ModuleLoader:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
             raise ModuleError(mod, f"{path}: {errtext(e.errno or errno.EIO)}") from None
-        from guest_agent.modimage import hand_over
-
         with closing(fd):
             try:
                 hand_over(self.syscalls, fd, path)

@@ -2,8 +2,8 @@
 
 finit_module(2) takes an uncompressed .ko, and a .ko.zst where the kernel
 decompresses (5.17+); .ko.xz and .ko.gz, and .ko.zst for an older kernel, are
-decompressed here and passed with init_module(2). Imported by guest_agent.kmod
-when it first loads a module.
+decompressed here and passed with init_module(2) (lzma, gzip and zstd imported
+only then). Used by guest_agent.kmod.
 """
 
 from __future__ import annotations
@@ -11,14 +11,27 @@ from __future__ import annotations
 import errno
 import os
 
-from guest_agent.kmod import ModuleError, errtext
-from guest_agent.modindex import module_name
+from guest_agent.modindex import ModuleError, module_name
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
-    from guest_agent.kmod import ModuleSyscalls
+    from typing import Protocol
+
+    class ModuleSyscalls(Protocol):
+        """The two kernel entry points, raising OSError (guest_agent.syscalls; tests inject
+        fakes)."""
+
+        def finit_module(self, fd: int, flags: int) -> None: ...
+
+        def init_module(self, image: bytes) -> None: ...
+
 
 MODULE_INIT_COMPRESSED_FILE = 4  # finit_module flag: the kernel decompresses (5.17+)
+
+
+def errtext(err: int) -> str:
+    """ERRNO as "ENOEXEC: Exec format error", as the agent words a kernel's refusal."""
+    return f"{errno.errorcode.get(err, str(err))}: {os.strerror(err)}"
 
 
 def hand_over(syscalls: ModuleSyscalls, fd: int, path: str) -> None:

@@ -4,8 +4,9 @@ modules.dep (a module's file and the full closure of its dependencies, deepest
 last), modules.alias (alias patterns, matched as modprobe does with fnmatch but
 without `re`), modules.builtin and the kernel's modules.builtin.modinfo (what
 needs no loading), and modules.softdep (modules the kernel asks for at run
-time). Also the two /proc tables a loader consults. Pure parsing, plus
-`ModuleIndex.read`; guest_agent.kmod does the loading.
+time). Also the two /proc tables a loader consults, and the errors of a
+module that cannot be found or loaded (`ModuleError`, `ModuleNotFound`). Pure
+parsing, plus `ModuleIndex.read`; guest_agent.kmod does the loading.
 """
 
 from __future__ import annotations
@@ -206,6 +207,24 @@ def parse_modules_softdep(text: str) -> dict[str, tuple[list[str], list[str]]]:
         entry[0].extend(pre)
         entry[1].extend(post)
     return softdeps
+
+
+class ModuleError(Exception):
+    """A module that cannot be loaded: `module` (a name, alias or filesystem type) and
+    `reason`. str() is the whole message, "cannot load module MODULE: REASON" unless
+    worded otherwise."""
+
+    def __init__(self, module: str, reason: str, message: str | None = None) -> None:
+        super().__init__(f"cannot load module {module}: {reason}" if message is None else message)
+        self.module = module
+        self.reason = reason
+
+
+class ModuleNotFound(ModuleError):
+    """Neither a module nor an alias of one."""
+
+    def __init__(self, module: str, reason: str) -> None:
+        super().__init__(module, reason, f"module {module} not found: {reason}")
 
 
 class ModuleIndex(NamedTuple):
