@@ -1,0 +1,457 @@
+#!/usr/bin/env python3
+"""Before and after a change of the agent, side by side in one run (issue 9).
+
+    python3 bench/compare.py                       # BEFORE b1e90cc, AFTER this tree
+    python3 bench/compare.py --before e44272d --kernels 6.12 --rounds 4 --startup-reps 7
+
+BEFORE is a commit, checked out with `git worktree add --detach` in a temporary
+directory (removed at the end); AFTER is this repository's working tree. Both are
+measured in the same run, alternating, so that the host's load falls on both:
+
+1. Host start-up, as bench/startup.py measures it: Debian's /usr/bin/python3.11
+   with PYTHONPATH=<tree>:<click> (PYTHON* variables of the caller dropped, cwd /)
+   running `-m guest_agent mount-all --dry-run --cmdline FILE --config /dev/null`
+   with the boot-path benchmark's command line, and `-c pass` (bare); each round
+   runs the three, rotating which goes first. Medians, the AFTER/BEFORE ratio of the
+   medians and the median of the per-round ratios; the dry-run plans (the
+   `would-mount` lines) of both trees are compared.
+2. Guest boot path, warm: per kernel ONE guest boot with bench/boot_path.py's
+   devices (5 virtio-9p and 3 virtio-fs shares, the ro-store share, an ext4 volume
+   by LABEL and the /nix/store overlay, from the kernel command line). Both trees'
+   `guest_agent` packages are in the initramfs, byte-compiled by the guest's
+   python3.11 exactly as build-initramfs compiles the installed one (unchecked-hash
+   .pyc): BEFORE under /opt/ga-before, AFTER under /opt/ga-after, and both run the
+   same way, through the installed console script with PYTHONPATH pointing at their
+   copy (`PYTHONPATH=/opt/ga-X guest-agent mount-all`), so they differ in nothing
+   but the package. The installed agent (AFTER, from the base initramfs' wheel, no
+   PYTHONPATH) runs too, for information. The first run of the boot (the installed
+   agent) loads the modules and is not timed for the ratio; BEFORE and AFTER then
+   each run once untimed; then each round times the three, rotating the order, with
+   everything unmounted (reverse order) and synced between runs. The mount table
+   (/proc/self/mountinfo, the 9p/virtiofs/ext4/overlay lines) after every run is
+   compared with the first one's.
+
+Prints a table; the raw numbers go to --json. No assertions on times: this is a
+measurement, not a test (pytest does not collect bench/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import REPO_ROOT, Env, Timings, boot_checked, log, median, ms, tb
+
+GUEST_PYTHON = Path("/usr/bin/python3.11")
+SIDES = ("before", "after")
+
+
+def git(*args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=REPO_ROOT, check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+def _python(tree: Path) -> tuple[str, dict[str, str]]:
+    """The interpreter and environment that run TREE's agent (as bench/startup.py)."""
+    import click
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    py = str(GUEST_PYTHON) if GUEST_PYTHON.exists() else sys.executable
+    env["PYTHONPATH"] = f"{tree}:{Path(click.__file__).parent.parent}"
+    return py, env
+
+
+def _timed(cmd: list[str], env: dict[str, str]) -> tuple[float, subprocess.CompletedProcess[str]]:
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd="/")
+    return time.perf_counter() - t0, p
+
+
+_WOULD = re.compile(r"^would-mount .*$", re.M)
+
+
+def host_startup(trees: dict[str, Path], workdir: Path, reps: int) -> dict[str, Any]:
+    from boot_path import agent_cmdline
+
+    cl = workdir / "cmdline"
+    cl.write_text(agent_cmdline() + "\n")
+    empty = workdir / "empty.json"
+    empty.write_text("{}\n")
+    cmds: dict[str, tuple[list[str], dict[str, str]]] = {}
+    plans: dict[str, list[str]] = {}
+    for side, tree in trees.items():
+        py, env = _python(tree)
+        for config in ("/dev/null", str(empty)):
+            cmd = [py, "-m", "guest_agent", "mount-all", "--dry-run"]
+            cmd += ["--cmdline", str(cl), "--config", config]
+            _, p = _timed(cmd, env)  # also warms the page cache and writes __pycache__
+            if p.returncode == 0:
+                break
+        else:
+            raise RuntimeError(f"{side}: {' '.join(cmd)} failed ({p.returncode}):\n{p.stderr}")
+        cmds[side] = (cmd, env)
+        _, w = _timed([py, "-c", "import guest_agent; print(guest_agent.__file__)"], env)
+        if not w.stdout.startswith(str(tree) + "/"):
+            raise RuntimeError(f"{side}: imports guest_agent from {w.stdout.strip()}, not {tree}")
+        plans[side] = _WOULD.findall(p.stdout + p.stderr)
+    py, env = _python(trees["after"])
+    cmds["bare"] = ([py, "-c", "pass"], env)
+    _timed(*cmds["bare"])
+    order = ["bare", "before", "after"]
+    runs: dict[str, list[float]] = {k: [] for k in order}
+    log(f"host start-up: {reps} rounds of bare/before/after ({py})")
+    for i in range(reps):
+        for what in order[i % 3 :] + order[: i % 3]:
+            s, p = _timed(*cmds[what])
+            if p.returncode != 0:
+                raise RuntimeError(f"{what} failed ({p.returncode}):\n{p.stderr}")
+            runs[what].append(s)
+    ratios = [a / b for a, b in zip(runs["after"], runs["before"], strict=True)]
+    return {
+        "python": py,
+        "reps": reps,
+        "commands": {k: " ".join(c) for k, (c, _) in cmds.items()},
+        "runs": runs,
+        "medians": {k: median(v) for k, v in runs.items()},
+        "above_bare": {k: median(runs[k]) - median(runs["bare"]) for k in SIDES},
+        "ratio": median(runs["after"]) / median(runs["before"]),
+        "ratio_per_round": median(ratios),
+        "ratio_above_bare": (median(runs["after"]) - median(runs["bare"]))
+        / (median(runs["before"]) - median(runs["bare"])),
+        "plans": plans,
+        "same_plan": plans["before"] == plans["after"] and len(plans["after"]) == 11,
+    }
+
+
+def guest_package(tree: Path, where: str, stage: Path) -> dict[str, bytes]:
+    """TREE's guest_agent package as guest files under WHERE, byte-compiled the way
+    build-initramfs compiles the installed one (guest python3.11, unchecked-hash)."""
+    root = stage / where.strip("/").replace("/", "_")
+    dest = root / where.lstrip("/")
+    if root.exists():
+        shutil.rmtree(root)
+    shutil.copytree(
+        tree / "guest_agent", dest / "guest_agent", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    subprocess.run(
+        [
+            str(GUEST_PYTHON),
+            "-m",
+            "compileall",
+            "-q",
+            "--invalidation-mode",
+            "unchecked-hash",
+            "-s",
+            str(root),
+            "-p",
+            "/",
+            str(dest),
+        ],
+        check=True,
+    )
+    return {
+        "/" + str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def guest_script(points: list[str], rounds: int) -> str:
+    pts = " ".join(points)
+    return rf"""
+before() {{ PYTHONPATH=/opt/ga-before guest-agent mount-all >/tmp/before.log 2>&1; }}
+after() {{ PYTHONPATH=/opt/ga-after guest-agent mount-all >/tmp/after.log 2>&1; }}
+installed() {{ guest-agent mount-all >/tmp/installed.log 2>&1; }}
+unmount_all() {{
+    for m in {pts}; do umount "$m" || echo "umount $m failed"; done
+    sync
+}}
+show() {{ echo "@@mounts $1@@"; grep -E ' (9p|virtiofs|ext4|overlay) ' /proc/self/mountinfo; echo "@@end@@"; }}
+# Which copy each side imports (a check that PYTHONPATH picks the right tree).
+echo "@@which@@"
+for d in /opt/ga-before /opt/ga-after; do
+    PYTHONPATH=$d python3 -c 'import guest_agent.main as m; print(m.__file__, m.__cached__)'
+done
+python3 -c 'import guest_agent.main as m; print(m.__file__, m.__cached__)'
+echo "@@end@@"
+timeit cold-installed installed || {{ cat /tmp/installed.log; exit 1; }}
+echo "@@log installed@@"; cat /tmp/installed.log; echo "@@end@@"
+show cold-installed
+unmount_all
+for what in before after; do
+    timeit warm-$what $what || {{ cat /tmp/$what.log; exit 1; }}
+    echo "@@log $what@@"; cat /tmp/$what.log; echo "@@end@@"
+    show warm-$what
+    unmount_all
+done
+i=0
+while [ $i -lt {rounds} ]; do
+    case $((i % 3)) in
+        0) order="before after installed" ;;
+        1) order="after installed before" ;;
+        2) order="installed before after" ;;
+    esac
+    for what in $order; do
+        timeit $what $what || cat /tmp/$what.log
+        show $what-$i
+        unmount_all
+    done
+    i=$((i + 1))
+done
+"""
+
+
+def guest_boot(env: Env, kernel: str, rounds: int, files: dict[str, bytes]) -> dict[str, Any]:
+    from boot_path import (
+        NINEP_SHARES,
+        VIRTIOFS_SHARES,
+        _mounts_section,
+        agent_cmdline,
+        agent_plan,
+    )
+
+    work = env.workdir / f"compare-{kernel}"
+    work.mkdir(parents=True, exist_ok=True)
+    cmdline = agent_cmdline()
+    plan = agent_plan(cmdline)
+    shares = []
+    for tag in ["ro-store", *NINEP_SHARES, *VIRTIOFS_SHARES]:
+        d = work / "shares" / tag
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "hello").write_text(f"{tag}\n")
+        proto = "virtiofs" if tag in VIRTIOFS_SHARES else "9p"
+        shares.append(tb.Share(tag, d, proto, readonly=(tag == "ro-store")))
+    rw = tb.ext4_image(work / "rw-store.img", "256M", label="rw-store")
+    vm = env.vm(
+        kernel,
+        "compare",
+        shares=shares,
+        disks=[tb.Disk(rw, serial="rw")],
+        cmdline=cmdline,
+        timeout=300 + 60 * rounds,
+    )
+    log(f"guest boot path on {kernel}: one boot, {rounds} rounds")
+    points = [where for *_, where, _ in reversed(plan)]
+    r = boot_checked(vm, guest_script(points, rounds), files=files)
+    t = Timings.parse(r.results)
+    reference = _mounts_section(r.results, "cold-installed")
+    labels = ["warm-before", "warm-after"] + [
+        f"{w}-{i}" for i in range(rounds) for w in ("before", "after", "installed")
+    ]
+    differing = [x for x in labels if _mounts_section(r.results, x) != reference]
+    runs = {w: t.seconds(w) for w in ("before", "after", "installed")}
+    ratios = [a / b for a, b in zip(runs["after"], runs["before"], strict=True)]
+    which = re.search(r"^@@which@@\n(.*?)^@@end@@", r.results, re.S | re.M)
+    lines = which.group(1).splitlines() if which else []
+    expected = ("/opt/ga-before/", "/opt/ga-after/", "/usr/lib/python3/dist-packages/")
+    if len(lines) != 3 or not all(x.startswith(e) for x, e in zip(lines, expected, strict=True)):
+        raise RuntimeError(f"the guest did not import each copy from its place: {lines}")
+    return {
+        "kernel": kernel,
+        "release": env.testbed.release(kernel),
+        "rounds": rounds,
+        "runs": runs,
+        "medians": {k: median(v) for k, v in runs.items()},
+        "ratio": median(runs["after"]) / median(runs["before"]),
+        "ratio_per_round": median(ratios),
+        "ratios": ratios,
+        "cold_installed": t.seconds("cold-installed"),
+        "warm_untimed": {w: t.seconds(f"warm-{w}") for w in SIDES},
+        "null": t.null(),
+        "failures": t.failures(),
+        "mounts": reference,
+        "same_mounts": len(reference) == 11 and not differing,
+        "differing_mounts": differing,
+        "which": lines,
+        "boot_seconds": r.duration,
+    }
+
+
+def table(res: dict[str, Any]) -> str:
+    b, a = res["before"], res["after"]
+    out = [
+        f"BEFORE {b} vs AFTER {a} — {res['started']}",
+        "",
+        "| | BEFORE | AFTER | AFTER / BEFORE (medians) | per-round ratio, median | runs |",
+        "|---|---|---|---|---|---|",
+    ]
+    h = res.get("host")
+    if h:
+        m = h["medians"]
+        out.append(
+            f"| host start-up, whole process | {ms(m['before'])} | {ms(m['after'])} | "
+            f"{h['ratio']:.2f}× | {h['ratio_per_round']:.2f}× | {h['reps']} |"
+        )
+        out.append(
+            f"| host start-up above a bare interpreter ({ms(m['bare'])}) | "
+            f"{ms(h['above_bare']['before'])} | {ms(h['above_bare']['after'])} | "
+            f"{h['ratio_above_bare']:.2f}× | | |"
+        )
+    for k, g in res.get("guest", {}).items():
+        m = g["medians"]
+        out.append(
+            f"| guest `mount-all`, warm, {k} | {ms(m['before'])} | {ms(m['after'])} | "
+            f"{g['ratio']:.2f}× | {g['ratio_per_round']:.2f}× | {g['rounds']} |"
+        )
+    out.append("")
+    if h:
+        out.append(f"host: same dry-run plan (11 mounts): {h['same_plan']}")
+    for k, g in res.get("guest", {}).items():
+        out.append(
+            f"guest {k} ({g['release']}): installed AFTER {ms(g['medians']['installed'])}, "
+            f"cold first run {ms(g['cold_installed'][0]) if g['cold_installed'] else '–'}, "
+            f"null {ms(g['null'])}, same mounts after every run: {g['same_mounts']}"
+            + (f" (differ: {', '.join(g['differing_mounts'])})" if g["differing_mounts"] else "")
+            + (f", failures: {g['failures']}" if g["failures"] else "")
+        )
+    return "\n".join(out) + "\n"
+
+
+def _range(v: list[float], unit: str = "ms") -> str:
+    if not v:
+        return "–"
+    if unit == "x":
+        return f"{min(v):.2f}× – {max(v):.2f}×"
+    return f"{ms(min(v))} – {ms(max(v))}"
+
+
+def section(res: dict[str, Any]) -> str:
+    """The Markdown section for docs/benchmarks.md (numbers only; findings are written by hand)."""
+    b, a = res["before"], res["after"]
+    load = " ".join(f"{x:.2f}" for x in res["load"])
+    out = [
+        f"Run of {res['started']} (`bench/compare.py`, HEAD `{res['head']}`): BEFORE = `{b}`, "
+        f"AFTER = `{a}` (the agent's tree at HEAD); host with {res['cpus']} CPUs shared with "
+        f"other jobs (load {load} at the start).",
+        "",
+        "| | BEFORE | AFTER | AFTER / BEFORE (medians) | per-round AFTER / BEFORE: median, range | runs |",
+        "|---|---|---|---|---|---|",
+    ]
+    h = res.get("host")
+    if h:
+        m, r = h["medians"], h["runs"]
+        rr = [x / y for x, y in zip(r["after"], r["before"], strict=True)]
+        out.append(
+            f"| host start-up, whole process (`-m guest_agent mount-all --dry-run`) | "
+            f"{ms(m['before'])} | {ms(m['after'])} | **{h['ratio']:.2f}×** | "
+            f"{h['ratio_per_round']:.2f}×, {_range(rr, 'x')} | {h['reps']} |"
+        )
+        out.append(
+            f"| host start-up above a bare interpreter ({ms(m['bare'])}) | "
+            f"{ms(h['above_bare']['before'])} | {ms(h['above_bare']['after'])} | "
+            f"{h['ratio_above_bare']:.2f}× | | |"
+        )
+    for k, g in res.get("guest", {}).items():
+        m, r = g["medians"], g["runs"]
+        out.append(
+            f"| guest `mount-all`, warm, {k} | {ms(m['before'])} ({_range(r['before'])}) | "
+            f"{ms(m['after'])} ({_range(r['after'])}) | **{g['ratio']:.2f}×** | "
+            f"{g['ratio_per_round']:.2f}×, {_range(g['ratios'], 'x')} | {g['rounds']} |"
+        )
+    out.append("")
+    notes = []
+    if h:
+        notes.append(
+            f"host: both dry runs print the same 11 mounts: **{'yes' if h['same_plan'] else 'no'}**"
+        )
+    for k, g in res.get("guest", {}).items():
+        m = g["medians"]
+        rr = [x / y for x, y in zip(g["runs"]["installed"], g["runs"]["after"], strict=True)]
+        notes.append(
+            f"guest {k} (`{g['release']}`): every run left the same 11 mounts as the first "
+            f"(`/proc/self/mountinfo` compared after each): **{'yes' if g['same_mounts'] else 'no'}**; "
+            f"failed runs: {len(g['failures'])}; the installed agent (AFTER, no PYTHONPATH) "
+            f"{ms(m['installed'])}, installed / AFTER per round {median(rr):.2f}× (same code: "
+            f"the noise floor); cold first run {ms(g['cold_installed'][0]) if g['cold_installed'] else '–'}; "
+            f"null interval {ms(g['null'])}; the boot took {g['boot_seconds']:.0f} s"
+        )
+    out += [f"- {n}" for n in notes]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--before", default="b1e90cc", help="the BEFORE commit (default b1e90cc)")
+    ap.add_argument("--kernels", default="6.12,6.1", help="guest kernels (default 6.12,6.1)")
+    ap.add_argument("--rounds", type=int, default=12, help="guest rounds per boot (default 12)")
+    ap.add_argument("--startup-reps", type=int, default=31, help="host rounds (default 31)")
+    ap.add_argument("--no-host", action="store_true", help="skip the host start-up part")
+    ap.add_argument("--workdir", type=Path, default=None, help="scratch dir (default: temp)")
+    ap.add_argument("--json", type=Path, default=None, help="write the raw results here")
+    ap.add_argument(
+        "--from-json", type=Path, default=None, help="only print the table and section of a run"
+    )
+    args = ap.parse_args(argv)
+    if args.from_json:
+        done = json.loads(args.from_json.read_text())
+        print(table(done))
+        print(section(done))
+        return 0
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="guest-agent-compare-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    before_commit = git("rev-parse", "--short", args.before)
+    dirty = bool(git("status", "--porcelain", "--", "guest_agent"))
+    after_commit = git("log", "-1", "--format=%h", "--", "guest_agent") + (
+        "+dirty" if dirty else ""
+    )
+    kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
+    res: dict[str, Any] = {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "before": before_commit,
+        "after": after_commit,
+        "head": git("rev-parse", "--short", "HEAD"),
+        "load": os.getloadavg(),
+        "cpus": os.cpu_count(),
+        "guest": {},
+    }
+
+    def save() -> None:
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=1, default=str) + "\n")
+
+    before_tree = Path(tempfile.mkdtemp(prefix="ga-before-")) / "tree"
+    git("worktree", "add", "--detach", str(before_tree), before_commit)
+    try:
+        trees = {"before": before_tree, "after": REPO_ROOT}
+        if not args.no_host:
+            res["host"] = host_startup(trees, workdir, args.startup_reps)
+            save()
+        if kernels:
+            bed = tb.Testbed.from_env()
+            bed.check()
+            env = Env(bed, workdir)
+            stage = workdir / "packages"
+            files = {
+                **guest_package(before_tree, "/opt/ga-before", stage),
+                **guest_package(REPO_ROOT, "/opt/ga-after", stage),
+            }
+            for kernel in kernels:
+                res["guest"][kernel] = guest_boot(env, kernel, args.rounds, files)
+                save()
+    finally:
+        git("worktree", "remove", "--force", str(before_tree))
+        shutil.rmtree(before_tree.parent, ignore_errors=True)
+    res["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %z")
+    save()
+    print(table(res))
+    print(section(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
