@@ -224,12 +224,9 @@ def run_cold(vm: tb.VM, script: str, boots: int) -> dict[str, list[float]]:
     return out
 
 
-def run(env: Env, kernel: str, rounds: int, cold_boots: int = 3) -> dict[str, Any]:
-    work = env.workdir / f"boot-path-{kernel}"
-    work.mkdir(parents=True, exist_ok=True)
-    cmdline = agent_cmdline()
-    plan = agent_plan(cmdline)
-    script = shell_script(plan)
+def make_vm(env: Env, kernel: str, name: str, work: Path, cmdline: str, rounds: int) -> tb.VM:
+    """The benchmark's guest: the 8 shares and ro-store (each with a file), the ext4 store
+    volume labelled rw-store."""
     shares = []
     for tag in ["ro-store", *NINEP_SHARES, *VIRTIOFS_SHARES]:
         d = work / "shares" / tag
@@ -238,14 +235,23 @@ def run(env: Env, kernel: str, rounds: int, cold_boots: int = 3) -> dict[str, An
         proto = "virtiofs" if tag in VIRTIOFS_SHARES else "9p"
         shares.append(tb.Share(tag, d, proto, readonly=(tag == "ro-store")))
     rw = tb.ext4_image(work / "rw-store.img", "256M", label="rw-store")
-    vm = env.vm(
+    return env.vm(
         kernel,
-        "boot-path",
+        name,
         shares=shares,
         disks=[tb.Disk(rw, serial="rw")],
         cmdline=cmdline,
         timeout=300 + 60 * rounds,
     )
+
+
+def run(env: Env, kernel: str, rounds: int, cold_boots: int = 3) -> dict[str, Any]:
+    work = env.workdir / f"boot-path-{kernel}"
+    work.mkdir(parents=True, exist_ok=True)
+    cmdline = agent_cmdline()
+    plan = agent_plan(cmdline)
+    script = shell_script(plan)
+    vm = make_vm(env, kernel, "boot-path", work, cmdline, rounds)
     log(f"boot path on {kernel}: {rounds} rounds")
     floor = floor_script(plan)
     r = boot_checked(

@@ -214,34 +214,13 @@ done
 
 
 def guest_boot(env: Env, kernel: str, rounds: int, files: dict[str, bytes]) -> dict[str, Any]:
-    from boot_path import (
-        NINEP_SHARES,
-        VIRTIOFS_SHARES,
-        _mounts_section,
-        agent_cmdline,
-        agent_plan,
-    )
+    from boot_path import _mounts_section, agent_cmdline, agent_plan, make_vm
 
     work = env.workdir / f"compare-{kernel}"
     work.mkdir(parents=True, exist_ok=True)
     cmdline = agent_cmdline()
     plan = agent_plan(cmdline)
-    shares = []
-    for tag in ["ro-store", *NINEP_SHARES, *VIRTIOFS_SHARES]:
-        d = work / "shares" / tag
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "hello").write_text(f"{tag}\n")
-        proto = "virtiofs" if tag in VIRTIOFS_SHARES else "9p"
-        shares.append(tb.Share(tag, d, proto, readonly=(tag == "ro-store")))
-    rw = tb.ext4_image(work / "rw-store.img", "256M", label="rw-store")
-    vm = env.vm(
-        kernel,
-        "compare",
-        shares=shares,
-        disks=[tb.Disk(rw, serial="rw")],
-        cmdline=cmdline,
-        timeout=300 + 60 * rounds,
-    )
+    vm = make_vm(env, kernel, "compare", work, cmdline, rounds)
     log(f"guest boot path on {kernel}: one boot, {rounds} rounds")
     points = [where for *_, where, _ in reversed(plan)]
     r = boot_checked(vm, guest_script(points, rounds), files=files)
