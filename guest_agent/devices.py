@@ -238,12 +238,3 @@ class Devices:
                 parts.append("with no filesystem signature")
             seen.append(" ".join(parts))
         return seen
-
-
-def devnum(device: str) -> tuple[int, int]:
-    """DEVICE's (major, minor); (-1, -1) when it cannot be stat'ed."""
-    try:
-        rdev = os.stat(device).st_rdev
-    except OSError:
-        return (-1, -1)
-    return os.major(rdev), os.minor(rdev)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from guest_agent.config import DEFAULT_CMDLINE, DEFAULT_CONFIG
+from guest_agent.mountinfo import major_minor
 from guest_agent.records import NamedTuple
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
@@ -85,7 +86,7 @@ def _read(path: str, limit: int) -> tuple[bytes | None, str | None]:
         st = os.fstat(fd)
         kind = st.st_mode & 0o170000
         if kind != 0o100000:  # S_IFREG
-            if kind == 0o020000 and (os.major(st.st_rdev), os.minor(st.st_rdev)) == _DEV_NULL:
+            if kind == 0o020000 and major_minor(st.st_rdev) == _DEV_NULL:
                 return b"", None
             return None, f"it is {_KINDS.get(kind, 'not a regular file')}, not a regular file"
         chunks: list[bytes] = []

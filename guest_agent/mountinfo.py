@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from guest_agent.records import NamedTuple
 from guest_agent.spec import SHARE_FSTYPES
 
@@ -170,3 +172,19 @@ class MountTable:
 
     def tag_in_use(self, tag: str, fstypes: tuple[str, ...] = SHARE_FSTYPES) -> Mount | None:
         return next((m for m in self.mounts if m.fstype in fstypes and m.source == tag), None)
+
+
+def major_minor(dev: int) -> tuple[int, int]:
+    """A device number (st_rdev, st_dev) as (major, minor), as Mount.devnum holds it."""
+    return os.major(dev), os.minor(dev)
+
+
+def devnum(path: str) -> tuple[int, int] | None:
+    """(major, minor) of the device node PATH (links followed); None if it cannot be stat'ed.
+
+    Not a sysfs read, but the number the sysfs `dev` attribute gives, from /dev's side.
+    """
+    try:
+        return major_minor(os.stat(path).st_rdev)
+    except OSError:
+        return None

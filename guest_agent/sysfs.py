@@ -154,22 +154,6 @@ def parse_devnum(text: str | None) -> tuple[int, int] | None:
         return None
 
 
-def major_minor(dev: int) -> tuple[int, int]:
-    """A device number (st_rdev, st_dev) as (major, minor), as BlockDevice.devnum holds it."""
-    return os.major(dev), os.minor(dev)
-
-
-def devnum(path: str) -> tuple[int, int] | None:
-    """(major, minor) of the device node PATH (links followed); None if it cannot be stat'ed.
-
-    Not a sysfs read, but the number the sysfs `dev` attribute gives, from /dev's side.
-    """
-    try:
-        return major_minor(os.stat(path).st_rdev)
-    except OSError:
-        return None
-
-
 def _int(text: str | None, default: int = 0) -> int:
     text = _clean(text)
     try:

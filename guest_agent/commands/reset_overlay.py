@@ -60,9 +60,7 @@ def reset_command(root: str, config: Config, reporter: Reporter) -> None:
     steps, problems = plan(config)
     for problem in problems:
         reporter.problem(problem)
-    needed = [
-        s for s in steps if not isinstance(s.spec, OverlaySpec) and is_within(overlay.rw, s.where)
-    ]
+    needed = [s for s in steps if s.spec is not overlay and is_within(overlay.rw, s.where)]
     # Whatever this mounts is unmounted again when the block ends (the mount log's undo).
     with (
         Devices(reporter) as devices,

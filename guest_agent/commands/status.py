@@ -80,6 +80,7 @@ def status(
 def mount_status(root: str, config: Config) -> list[StatusRow]:
     """One row per configured mount: does the kernel show it as planned?"""
     steps, _ = plan(config)
+    overlay = config.overlay
     table = MountTable.read()
     rows = []
     with Devices() as devices:  # looks only: no driver is loaded, nothing waited for
@@ -106,8 +107,8 @@ def mount_status(root: str, config: Config) -> list[StatusRow]:
                     "" if ok else " (not what is configured)"
                 )
             pending = None
-            if isinstance(spec, OverlaySpec):
-                pending = _reset_pending(root, spec)
+            if spec is overlay and overlay is not None:  # a reset may be scheduled for it
+                pending = _reset_pending(root, overlay)
                 if pending:
                     detail += "; reset pending for the next boot"
             rows.append(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from guest_agent import reset as overlay_reset
+from guest_agent.mountinfo import major_minor
 from guest_agent.paths import identity, overlapping
 from guest_agent.results import Failure
 from guest_agent.spec import LAYERS
@@ -87,6 +88,6 @@ def overlay_users(table: MountTable, where: str, store: int) -> list[Mount]:
             st = os.stat(m.mount_point)  # layers given by fd: the root's inode tells
         except (OSError, ValueError):
             continue
-        if (os.major(st.st_dev), os.minor(st.st_dev)) == m.devnum and st.st_ino == store_ino:
+        if major_minor(st.st_dev) == m.devnum and st.st_ino == store_ino:
             overlays.add(m.devnum)
     return [m for m in table.mounts if m.devnum in overlays]

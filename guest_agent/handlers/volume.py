@@ -8,8 +8,8 @@ a hint (add ro; run fsck: a disk is never formatted over).
 
 from __future__ import annotations
 
-from guest_agent.devices import devnum
 from guest_agent.handlers.base import mount_device, read_only_default
+from guest_agent.mountinfo import devnum
 from guest_agent.results import Failure, Result, Status, occupied
 from guest_agent.spec import EXT_FAMILY, VolumeSpec
 
@@ -82,7 +82,7 @@ class VolumeHandler:
         if device is None:
             return False
         number = devnum(device)
-        if number == (-1, -1):
+        if number is None:
             return False
         return bool(current.devnum == number or current.source == device)
 

@@ -7,11 +7,10 @@ from typing import Any
 
 import pytest
 
+from guest_agent.mountinfo import devnum, major_minor
 from guest_agent.sysfs import (
     BlockDevice,
     VirtioShare,
-    devnum,
-    major_minor,
     parse_devnum,
     parse_virtio_id,
     scan_block_devices,
