@@ -7,9 +7,9 @@ Nothing here raises for bad input; problems are returned beside the specs.
 
 from __future__ import annotations
 
-from guest_agent.parsers import parse_overlay, parse_share, parse_volume
+from guest_agent.parsers import Invalid, parse_overlay, parse_reg_info, parse_share, parse_volume
 from guest_agent.records import NamedTuple
-from guest_agent.spec import Config, MountSpec, Problem
+from guest_agent.spec import NIX_DB_OPTION, Config, MountSpec, OverlaySpec, Problem
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
@@ -23,6 +23,7 @@ SHARE_KEY = "microvm.share"
 VOLUME_KEY = "microvm.volume"
 OVERLAY_KEY = "microvm.store-overlay"
 RESET_KEY = "microvm.reset-overlay"
+REG_INFO_KEY = "regInfo"  # NixOS's: the registration of the system closure
 
 _TRUE = ("", "1", "yes", "true", "on")
 _FALSE = ("0", "no", "false", "off")
@@ -34,6 +35,7 @@ class Parsed(NamedTuple):
     specs: tuple[MountSpec, ...] = ()
     reset_overlay: bool | None = None  # None: not said here (a later layer may still say it)
     problems: tuple[Problem, ...] = ()
+    reg_info: str | None = None
 
 
 def split_cmdline(text: str) -> Iterator[str]:
@@ -79,8 +81,14 @@ def parse_cmdline(text: str) -> Parsed:
     specs: list[MountSpec] = []
     problems: list[Problem] = []
     reset: bool | None = None
+    reg_info: str | None = None
     for token in split_cmdline(text):
         key, sep, value = token.partition("=")
+        if key == REG_INFO_KEY:
+            reg_info, problem = _reg_info(value, token)
+            if problem:
+                problems.append(problem)
+            continue
         if key == RESET_KEY:
             if value.lower() in _TRUE:
                 reset = True
@@ -96,7 +104,16 @@ def parse_cmdline(text: str) -> Parsed:
             continue
         result = parser(value, token) if sep else Problem(token, "expects a value after '='")
         (problems if isinstance(result, Problem) else specs).append(result)  # type: ignore[arg-type]
-    return Parsed(tuple(specs), reset, tuple(problems))
+    return Parsed(tuple(specs), reset, tuple(problems), reg_info)
+
+
+def _reg_info(value: object, origin: str) -> tuple[str | None, Problem | None]:
+    if not isinstance(value, str):
+        return None, Problem(origin, "expected a string")
+    try:
+        return parse_reg_info(value), None
+    except Invalid as e:
+        return None, Problem(origin, str(e))
 
 
 # --- JSON ------------------------------------------------------------------
@@ -107,6 +124,7 @@ _KEYS = {
     "volumes": ("volumes", "volume"),
     "storeOverlay": ("storeOverlay", "store_overlay", "store-overlay"),
     "resetOverlay": ("resetOverlay", "reset_overlay", "reset-overlay"),
+    "regInfo": ("regInfo", "reg_info", "reg-info"),
 }
 _ALIASES = {alias: key for key, aliases in _KEYS.items() for alias in aliases}
 
@@ -130,6 +148,7 @@ def parse_config_json(text: str, origin: str) -> Parsed:
         for key in data.duplicates
     ]
     reset: bool | None = None
+    reg_info: str | None = None
     for raw_key, value in data.pairs:  # a duplicate key's values all apply (and are reported)
         key = _ALIASES.get(raw_key)
         where = f"{origin}: {raw_key}"
@@ -141,6 +160,11 @@ def parse_config_json(text: str, origin: str) -> Parsed:
                 reset = value
             else:
                 problems.append(Problem(where, "expected true or false"))
+        elif key == "regInfo":
+            if value is not None:
+                reg_info, problem = _reg_info(value, where)
+                if problem:
+                    problems.append(problem)
         elif key == "storeOverlay":
             if value is not None:
                 _collect(_overlay_entry(value, where), specs, problems)
@@ -151,7 +175,7 @@ def parse_config_json(text: str, origin: str) -> Parsed:
             entry = _share_entry if key == "shares" else _volume_entry
             for index, item in enumerate(value):
                 _collect(entry(item, f"{where}[{index}]"), specs, problems)
-    return Parsed(tuple(specs), reset, tuple(problems))
+    return Parsed(tuple(specs), reset, tuple(problems), reg_info)
 
 
 class _Object(dict):  # type: ignore[type-arg]
@@ -197,6 +221,10 @@ def _fields_of(
             if not isinstance(value, bool):
                 return Problem(origin, "readOnly: expected true or false")
             value = "ro" if value else "rw"
+        elif name == "nixDb":
+            if not isinstance(value, bool):
+                return Problem(origin, f"{raw}: expected true or false")
+            value = NIX_DB_OPTION if value else ""
         if not isinstance(value, str):
             return Problem(origin, f"{raw}: expected a string")
         if ":" in value and name not in ("options",):
@@ -238,6 +266,7 @@ _OVERLAY_FIELDS = {
     "lower": ("lower", "lowerdir", "roStore"),
     "rw": ("rw", "writable", "writableStoreOverlay"),
     "options": ("options",),
+    "nixDb": ("nixDb", "nix_db", "nix-db"),
 }
 
 
@@ -273,7 +302,8 @@ def _overlay_entry(item: Any, origin: str) -> MountSpec | Problem:
     fields = _fields_of(item, origin, _OVERLAY_FIELDS)
     if isinstance(fields, Problem):
         return fields
-    text = ":".join((fields.get("lower", ""), fields.get("rw", ""), fields.get("options", "")))
+    options = ",".join(o for o in (fields.get("options", ""), fields.get("nixDb", "")) if o)
+    text = ":".join((fields.get("lower", ""), fields.get("rw", ""), options))
     return parse_overlay(text, origin)
 
 
@@ -290,8 +320,10 @@ def merge(layers: Iterable[Parsed]) -> tuple[Config, tuple[Problem, ...], tuple[
     problems: list[Problem] = []
     notes: list[str] = []
     reset = False
+    reg_info = None
     for layer in layers:
         problems.extend(layer.problems)
+        reg_info = layer.reg_info or reg_info
         if layer.reset_overlay is not None:  # a later layer overrides (=0 cancels the file's true)
             reset = layer.reset_overlay
         for spec in layer.specs:
@@ -299,4 +331,8 @@ def merge(layers: Iterable[Parsed]) -> tuple[Config, tuple[Problem, ...], tuple[
             if old is not None:
                 notes.append(f"{spec.source} replaces {old.source} (same mount point {spec.where})")
             by_where[spec.where] = spec
-    return Config(tuple(by_where.values()), reset), tuple(problems), tuple(notes)
+    mounts = tuple(
+        m._replace(reg_info=reg_info) if isinstance(m, OverlaySpec) and m.nix_db else m
+        for m in by_where.values()
+    )
+    return Config(mounts, reset, reg_info), tuple(problems), tuple(notes)

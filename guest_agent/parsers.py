@@ -10,6 +10,7 @@ from __future__ import annotations
 from guest_agent.spec import (
     DEFAULT_DEVICE_TIMEOUT,
     MAX_VIRTIOFS_TAG,
+    NIX_DB_OPTION,
     PSEUDO_FILESYSTEMS,
     STORE_MOUNT_POINT,
     Options,
@@ -203,4 +204,13 @@ def parse_overlay(value: str, source: str) -> OverlaySpec | Problem:
                 raise Invalid(f"{forbidden}= is set by the agent from LOWER and RW")
     except Invalid as e:
         return Problem(source, str(e))
-    return OverlaySpec(source, lower, rw, options)
+    nix_db = NIX_DB_OPTION in (o.strip() for o in options_text.split(","))
+    return OverlaySpec(source, lower, rw, options, nix_db=nix_db)
+
+
+def parse_reg_info(value: str) -> str:
+    """regInfo=: the registration of the lower store's closure, a file inside a store path."""
+    path = parse_abs_path(value, "regInfo")
+    if not path.startswith(STORE_MOUNT_POINT + "/") or path.count("/") < 4:
+        raise Invalid(f"regInfo {value!r} must name a file inside a path of {STORE_MOUNT_POINT}")
+    return path

@@ -21,7 +21,7 @@ import stat
 import time
 
 from guest_agent.paths import OWNED_DIR_FLAGS, kind_of
-from guest_agent.spec import LAYERS, WORK_DIR
+from guest_agent.spec import LAYERS, NIX_STATE_DIR, WORK_DIR
 from guest_agent.syscalls import closing
 
 TRASH = ".guest-agent-trash"
@@ -103,14 +103,15 @@ def schedule(rw: int) -> None:
     os.fsync(rw)
 
 
-def check_names(rw: int, *, resetting: bool) -> list[WrongType]:
+def check_names(rw: int, *, resetting: bool, nix_db: bool = False) -> list[WrongType]:
     """Every name of the agent's on RW that has the wrong type.
 
-    The layers and the request must be right for any mount; the trash only for a
-    reset (otherwise a wrong trash is left alone and reported by the caller).
+    The layers and the request must be right for any mount (and the Nix state
+    directory for an x-nix-db overlay); the trash only for a reset (otherwise a
+    wrong trash is left alone and reported by the caller).
     """
     wrong = []
-    names: list[tuple[str, bool]] = [(name, True) for name in LAYERS]
+    names: list[tuple[str, bool]] = [(name, True) for name in _layers(nix_db)]
     names.append((TRASH, resetting))
     for name, fatal in names:
         try:
@@ -125,8 +126,13 @@ def check_names(rw: int, *, resetting: bool) -> list[WrongType]:
     return wrong
 
 
-def move_aside(rw: int) -> int:
-    """Move the upper and work dirs into the trash; return how many were moved.
+def _layers(nix_db: bool) -> tuple[str, ...]:
+    return (*LAYERS, NIX_STATE_DIR) if nix_db else LAYERS
+
+
+def move_aside(rw: int, *, nix_db: bool = False) -> int:
+    """Move the upper and work dirs (and with NIX_DB the Nix state directory) into the
+    trash; return how many were moved.
 
     The caller has checked the names (`check_names`); a name swapped for a link
     since then is moved as a link, never followed. The request file (if any) is
@@ -148,7 +154,7 @@ def move_aside(rw: int) -> int:
         moved += 1
         trash = open_dir(rw, TRASH, create=False)
     with closing(trash):
-        for name in LAYERS:
+        for name in _layers(nix_db):
             if _mode_at(rw, name) is None:
                 continue
             try:

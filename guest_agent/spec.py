@@ -9,11 +9,15 @@ from guest_agent.records import NamedTuple
 
 DEFAULT_DEVICE_TIMEOUT = 10.0
 STORE_MOUNT_POINT = "/nix/store"
+NIX_DB_OPTION = "x-nix-db"
+# Where an x-nix-db overlay's state (RW/nix-state) is bind-mounted: Nix's state directory.
+NIX_STATE_MOUNT_POINT = "/nix/var/nix"
 MAX_VIRTIOFS_TAG = 36  # bytes, fixed by the virtio-fs config layout
 # The store overlay's layers: directories of RW (the upper layer and overlayfs's work dir).
 UPPER_DIR = "store"
 WORK_DIR = "work"
 LAYERS = (UPPER_DIR, WORK_DIR)
+NIX_STATE_DIR = "nix-state"  # x-nix-db: Nix's state directory, beside the layers
 # One filesystem family: the ext4 driver mounts all three, the prober names them all ext4.
 EXT_FAMILY = ("ext2", "ext3", "ext4")
 
@@ -156,6 +160,8 @@ class OverlaySpec(NamedTuple):
     rw: str
     options: Options = Options()
     where: str = STORE_MOUNT_POINT
+    nix_db: bool = False  # x-nix-db: Nix's state kept on RW and reconciled (nixstate.py)
+    reg_info: str | None = None  # the lower closure's registration (regInfo=), for nix_db
 
     @property
     def upper(self) -> str:
@@ -174,6 +180,7 @@ class Config(NamedTuple):
 
     mounts: tuple[MountSpec, ...] = ()
     reset_overlay: bool = False
+    reg_info: str | None = None
 
     @property
     def overlay(self) -> OverlaySpec | None:

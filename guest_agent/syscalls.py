@@ -74,6 +74,8 @@ NO_OPS = frozenset(
     {"async", "nolazytime", "nomand", "loud", "silent", "norelatime", "nostrictatime"}
 )
 _MS_RDONLY = 0x1
+_MS_BIND = 0x1000
+BIND = "bind"  # MountRequest.fstype of a bind mount
 _MNT_DETACH = 0x2
 
 
@@ -251,6 +253,9 @@ def _drain_messages(fd: int) -> str:
 
 
 def mount(request: MountRequest) -> None:
+    if request.fstype == BIND:
+        _bind(request)
+        return
     try:
         _mount_new_api(request)
     except _NoNewApi:
@@ -303,6 +308,15 @@ def _mount_new_api(req: MountRequest) -> None:
             move_mount(mnt_fd, to_fd, to_path, flags)
         except OSError as e:
             raise MountError(e.errno or 0, "move_mount") from None
+
+
+def _bind(req: MountRequest) -> None:
+    """A bind mount of the directory SOURCE (a /proc/self/fd/N of a directory we hold)."""
+    target = req.target if req.target_fd is None else f"/proc/self/fd/{req.target_fd}"
+    try:
+        mount2(req.source, target, "", _MS_BIND, "")
+    except OSError as e:
+        raise MountError(e.errno or 0, "mount") from None
 
 
 def _mount_legacy(req: MountRequest) -> None:

@@ -125,7 +125,7 @@ def _schedule(root: str, overlay: OverlaySpec, reporter: Reporter) -> None:
 
 def _wipe(rw: int, where: str, overlay: OverlaySpec, reporter: Reporter) -> None:
     """Move the layers of RW (an fd) aside and delete them, unless any mount still uses them."""
-    wrong = overlay_reset.check_names(rw, resetting=True)
+    wrong = overlay_reset.check_names(rw, resetting=True, nix_db=overlay.nix_db)
     if wrong:
         for e in wrong:
             reporter.problem(
@@ -153,7 +153,7 @@ def _wipe(rw: int, where: str, overlay: OverlaySpec, reporter: Reporter) -> None
                     )
                 )
                 return
-        moved = overlay_reset.move_aside(rw)
+        moved = overlay_reset.move_aside(rw, nix_db=overlay.nix_db)
         trash = overlay_reset.open_trash(rw)
         if trash is not None:
             try:

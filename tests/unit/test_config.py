@@ -297,7 +297,7 @@ def test_json_entry_problems_name_the_entry_and_the_rest_applies() -> None:
         "/etc/ga.json: volumes: expected a list",
         "/etc/ga.json: resetOverlay: expected true or false",
         "/etc/ga.json: mounts: unknown key (hint: known keys: shares, volumes, storeOverlay, "
-        "resetOverlay)",
+        "resetOverlay, regInfo)",
     ]
 
 

@@ -1,0 +1,194 @@
+"""Nix's registration format and the facts read from store paths: pure parsing.
+
+A registration (`nix-store --load-db`'s input, NixOS's closure-info
+`registration`, `nix-store --dump-db`'s output) is, per path, the lines
+
+    PATH / NAR HASH / NAR SIZE / DERIVER (may be empty) / N / N references
+
+Hashes come as bare base16 (`--dump-db`), or `sha256:` + base16 or Nix's
+base32 (closure-info), or SRI `sha256-` + base64. Nix stores each as
+`sha256:<base16>` in `ValidPaths.hash`; `nar_hash` does the same.
+"""
+
+from __future__ import annotations
+
+from guest_agent.records import NamedTuple
+
+STORE_DIR = "/nix/store"
+_NIX_BASE32 = "0123456789abcdfghijklmnpqrsvwxyz"  # Nix's alphabet: no e, o, u, t
+_SHA256_BYTES = 32
+# Characters Nix allows in a store path name (after the 32-char hash and '-').
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+-._?=")
+
+
+class RegistrationError(ValueError):
+    pass
+
+
+class Entry(NamedTuple):
+    """One registered path; NAME is its base name in the store directory."""
+
+    name: str
+    nar_hash: str  # as Nix stores it: sha256:<base16>
+    nar_size: int
+    deriver: str | None  # a full store path, or None
+    references: tuple[str, ...]  # base names
+
+
+def store_name(path: str) -> str:
+    """The base name of the store path PATH (/nix/store/NAME), checked as Nix would."""
+    name = path.removeprefix(STORE_DIR + "/")
+    if name == path or not is_store_name(name):
+        raise RegistrationError(f"{path!r} is not a path in {STORE_DIR}")
+    return name
+
+
+def is_store_name(name: str) -> bool:
+    """Whether NAME is a store path's base name: 32 base-32 chars, '-', a name."""
+    return (
+        len(name) > 33
+        and name[32] == "-"
+        and all(c in _NIX_BASE32 for c in name[:32])
+        and _NAME_CHARS.issuperset(name[33:])
+        and not name[33:].startswith(".")
+        and len(name) <= 211
+    )
+
+
+def parse_registration(data: bytes) -> list[Entry]:
+    """Every entry of a registration, in order (RegistrationError names the bad line)."""
+    try:
+        lines = data.decode("ascii").split("\n")
+    except UnicodeDecodeError:
+        raise RegistrationError("not ASCII (a registration lists store paths)") from None
+    entries: list[Entry] = []
+    i, count = 0, len(lines)
+
+    def take() -> str:
+        nonlocal i
+        if i >= count:
+            raise RegistrationError(f"ends in the middle of an entry (line {i + 1})")
+        i += 1
+        return lines[i - 1]
+
+    while i < count:
+        path = take()
+        if not path:
+            continue  # Nix stops at an empty path line; blank lines between entries are harmless
+        name = store_name(path)
+        line = i
+        try:
+            nar_hash = normalize_hash(take())
+            nar_size = int(take())
+            deriver = take() or None
+            n_refs = int(take())
+        except ValueError as e:
+            raise RegistrationError(f"entry of {path} (line {line}): {e}") from None
+        if deriver is not None:
+            store_name(deriver)
+        if not 0 <= n_refs <= count - i:
+            raise RegistrationError(f"entry of {path}: {n_refs} references")
+        entries.append(
+            Entry(
+                name, nar_hash, nar_size, deriver, tuple(store_name(take()) for _ in range(n_refs))
+            )
+        )
+    return entries
+
+
+def normalize_hash(text: str) -> str:
+    """A SHA-256 NAR hash in any of Nix's spellings, as `sha256:<base16>`."""
+    algo, colon, digest = text.partition(":")
+    if not colon:
+        algo, dash, digest = text.partition("-")
+        if not dash:
+            algo, digest = "sha256", text
+        elif algo == "sha256":
+            return "sha256:" + _from_base64(digest).hex()
+    if algo != "sha256":
+        raise ValueError(f"hash {text!r}: only sha256 NAR hashes are registered")
+    if len(digest) == 2 * _SHA256_BYTES:
+        raw = bytes.fromhex(digest)
+    elif len(digest) == 52:
+        raw = _from_nix_base32(digest)
+    elif len(digest) == 44:
+        raw = _from_base64(digest)
+    else:
+        raise ValueError(f"hash {text!r} has a length no sha256 spelling has")
+    return "sha256:" + raw.hex()
+
+
+def _from_base64(text: str) -> bytes:
+    import binascii
+
+    try:
+        raw = binascii.a2b_base64(text.encode("ascii"))
+    except (binascii.Error, UnicodeEncodeError):
+        raise ValueError(f"hash {text!r}: bad base64") from None
+    if len(raw) != _SHA256_BYTES:
+        raise ValueError(f"hash {text!r}: not 32 bytes")
+    return raw
+
+
+def _from_nix_base32(text: str) -> bytes:
+    """Nix's base32 (libutil/hash.cc): the last character holds the lowest 5 bits."""
+    out = bytearray(_SHA256_BYTES)
+    for n, char in enumerate(reversed(text)):
+        digit = _NIX_BASE32.find(char)
+        if digit < 0:
+            raise ValueError(f"hash {text!r}: {char!r} is not a base-32 digit")
+        bit = n * 5
+        i, j = divmod(bit, 8)
+        out[i] |= (digit << j) & 0xFF
+        carry = digit >> (8 - j)
+        if i < _SHA256_BYTES - 1:
+            out[i + 1] |= carry
+        elif carry:
+            raise ValueError(f"hash {text!r}: too large for sha256")
+    return bytes(out)
+
+
+def derivation_outputs(text: bytes) -> list[tuple[str, str]]:
+    """The (output id, store path) pairs of a .drv file (ATerm `Derive([(id,path,..),..],..)`),
+    as Nix records them in DerivationOutputs; outputs without a path (floating
+    content-addressed) are left out."""
+    head = b"Derive(["
+    if not text.startswith(head):
+        raise ValueError("not a derivation (no Derive([ at the start)")
+    pos = len(head)
+    outputs: list[tuple[str, str]] = []
+    while text[pos : pos + 1] == b"(":
+        fields, pos = _tuple_of_strings(text, pos + 1)
+        if len(fields) != 4:
+            raise ValueError("an output is not a 4-tuple")
+        if fields[1]:
+            store_name(fields[1])
+            outputs.append((fields[0], fields[1]))
+        if text[pos : pos + 1] == b",":
+            pos += 1
+    if text[pos : pos + 1] != b"]":
+        raise ValueError("the output list does not end")
+    return outputs
+
+
+def _tuple_of_strings(text: bytes, pos: int) -> tuple[list[str], int]:
+    """Strings up to the closing ')' starting at POS; returns them and the position after ')'."""
+    fields: list[str] = []
+    while True:
+        if text[pos : pos + 1] != b'"':
+            raise ValueError("expected a string in an output")
+        end = pos + 1
+        while True:
+            end = text.find(b'"', end)
+            if end < 0:
+                raise ValueError("unterminated string")
+            if text[end - 1 : end] != b"\\":
+                break
+            end += 1
+        fields.append(text[pos + 1 : end].decode("utf-8", "surrogateescape"))
+        pos = end + 1
+        if text[pos : pos + 1] == b")":
+            return fields, pos + 1
+        if text[pos : pos + 1] != b",":
+            raise ValueError("expected ',' between strings")
+        pos += 1

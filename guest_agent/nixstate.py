@@ -1,0 +1,453 @@
+"""`x-nix-db`: Nix's state directory kept on RW, reconciled with the lower store at every boot.
+
+RW/nix-state is bind-mounted at /nix/var/nix, outside the overlay (a database
+copied up into the upper layer would shadow every later lower one). Before the
+overlay is mounted, the agent
+
+1. cleans the upper layer: whiteouts over registered paths are removed (a guest
+   GC must not hide the lower store for good), and upper copies of registered
+   paths the lower holds are moved to the trash (the lower copy is the
+   registered one);
+2. invalidates every valid path the store no longer holds, with its referrers;
+3. registers what the registration lists and the database lacks;
+4. records what it reconciled (`guest-agent-reconcile`), so that a boot whose
+   lower, registration, upper layer and database are unchanged does nothing.
+
+The record says `state reconciling` before step 1 and `state done` after step
+4: a power cut in between makes the next boot do it all again, and each step
+is idempotent (SQLite's transaction makes 2-3 all or nothing). A database the
+agent does not understand is moved aside whole, never repaired or deleted.
+See docs/nix-db.md.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+
+from guest_agent import nixdb
+from guest_agent.nixreg import STORE_DIR, RegistrationError, parse_registration, store_name
+from guest_agent.records import NamedTuple
+from guest_agent.reset import TRASH, open_dir
+from guest_agent.spec import NIX_STATE_DIR
+from guest_agent.syscalls import closing
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from guest_agent.nixreg import Entry
+
+DB_DIR = "db"
+RECORD = "guest-agent-reconcile"
+ASIDE_PREFIX = "nix-state.aside-"
+MAX_REGISTRATION = 256 << 20
+MAX_DERIVATION = 16 << 20
+MAX_RECORD = 1 << 20
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
+
+
+NixStateError = nixdb.NixDbError  # the reconcile could not run: why
+
+
+class Report(NamedTuple):
+    """What a boot's reconcile did, for the log lines and the record."""
+
+    skipped: bool  # nothing changed since the last reconcile
+    whiteouts: list[str]
+    copies: list[str]
+    outcome: nixdb.Outcome | None
+    aside: str | None  # where an unusable state directory was moved
+
+
+class Layers:
+    """The overlay's layers as the agent holds them: fds of LOWER, RW and RW/store."""
+
+    def __init__(self, lower: int, rw: int, upper: int) -> None:
+        self.lower = lower
+        self.rw = rw
+        self.upper = upper
+
+
+# --- the record ----------------------------------------------------------------------
+
+
+def read_record(state: int) -> dict[str, str]:
+    """The last reconcile's record (key → value); {} when missing or not a plain file."""
+    try:
+        fd = os.open(RECORD, _READ_FLAGS, dir_fd=state)
+    except OSError:
+        return {}
+    with closing(fd):
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return {}
+        data = os.read(fd, MAX_RECORD)
+    record = {}
+    for line in data.decode("utf-8", "replace").splitlines():
+        key, _, value = line.partition(" ")
+        record[key] = value
+    return record
+
+
+def write_record(state: int, record: dict[str, str]) -> None:
+    text = "".join(f"{key} {value}\n" for key, value in record.items())
+    nixdb._write_small_file(state, RECORD, text.encode("utf-8", "surrogateescape"))
+
+
+def _stamp(st: os.stat_result) -> str:
+    # No ctime: mounting the overlay sets xattrs on the upper directory (its uuid), which
+    # changes its ctime at every boot; adding or removing a store path changes its mtime.
+    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def fingerprint(
+    layers: Layers, reg_info: str | None, reg_stat: os.stat_result | None, db: int
+) -> str:
+    """What must stay the same for a reconcile to be skipped: the lower and upper store
+    directories, the registration file, and the database's files."""
+    parts = [
+        "lower=" + _stamp(os.fstat(layers.lower)),
+        "upper=" + _stamp(os.fstat(layers.upper)),
+        f"reginfo={reg_info or '-'}",
+        "registration=" + (_stamp(reg_stat) if reg_stat else "-"),
+    ]
+    for name in (nixdb.DB_FILE, nixdb.DB_FILE + "-wal"):
+        try:
+            parts.append(f"{name}=" + _stamp(os.stat(name, dir_fd=db, follow_symlinks=False)))
+        except FileNotFoundError:
+            parts.append(f"{name}=-")
+    return " ".join(parts)
+
+
+# --- the registration ------------------------------------------------------------------
+
+
+def open_registration(lower: int, reg_info: str) -> tuple[int, str]:
+    """An fd of the registration file REG_INFO (/nix/store/NAME/…), read from the lower
+    layer itself, and NAME (its store path, not part of its own registration)."""
+    name, _, rest = reg_info.removeprefix(STORE_DIR + "/").partition("/")
+    store_name(f"{STORE_DIR}/{name}")
+    if not reg_info.startswith(STORE_DIR + "/") or not rest or ".." in rest.split("/"):
+        raise RegistrationError(f"{reg_info} names no file inside a store path")
+    parent = os.path.dirname(rest)
+    dir_fd = os.open(
+        os.path.join(name, parent) if parent else name,
+        os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+        dir_fd=lower,
+    )
+    with closing(dir_fd):
+        fd = os.open(os.path.basename(rest), _READ_FLAGS, dir_fd=dir_fd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RegistrationError(f"{reg_info} is not a regular file")
+    return fd, name
+
+
+def read_registration(fd: int) -> list[Entry]:
+    size = os.fstat(fd).st_size
+    if size > MAX_REGISTRATION:
+        raise RegistrationError(f"larger than {MAX_REGISTRATION >> 20} MiB")
+    chunks = []
+    while True:
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size -= len(chunk)
+        if size < -MAX_REGISTRATION:
+            raise RegistrationError(f"larger than {MAX_REGISTRATION >> 20} MiB")
+    return parse_registration(b"".join(chunks))
+
+
+# --- step 1: the upper layer -----------------------------------------------------------
+
+
+class Upper(NamedTuple):
+    visible: set[str]  # names the upper layer shows (not whiteouts)
+    whiteouts: set[str]
+
+
+def _is_whiteout(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def scan_upper(upper: int) -> Upper:
+    visible, whiteouts = set(), set()
+    with os.scandir(upper) as entries:
+        for entry in entries:
+            # d_type tells all but character devices; only those need a stat (0/0: a whiteout)
+            if entry.is_dir(follow_symlinks=False) or entry.is_file(follow_symlinks=False):
+                visible.add(entry.name)
+            elif not entry.is_symlink() and _is_whiteout(entry.stat(follow_symlinks=False)):
+                whiteouts.add(entry.name)
+            else:
+                visible.add(entry.name)
+    return Upper(visible, whiteouts)
+
+
+def clean_upper(
+    layers: Layers, found: Upper, lower_names: set[str], registered: set[str]
+) -> tuple[list[str], list[str]]:
+    """Remove whiteouts over REGISTERED names and move upper copies of registered names the
+    lower holds into the trash; return (whiteouts removed, copies moved). FOUND is updated."""
+    removed = []
+    for name in sorted(found.whiteouts & registered):
+        st = os.stat(name, dir_fd=layers.upper, follow_symlinks=False)
+        if _is_whiteout(st):  # checked again on the entry itself: unlink never follows
+            os.unlink(name, dir_fd=layers.upper)
+            found.whiteouts.discard(name)
+            removed.append(name)
+    copies = sorted(found.visible & registered & lower_names)
+    if copies:
+        _to_trash(layers, copies)
+        found.visible.difference_update(copies)
+    for attr in _OPAQUE_XATTRS:  # an opaque upper store would hide the whole lower
+        try:
+            os.removexattr(f"/proc/self/fd/{layers.upper}", attr)
+            removed.append(f"(opaque marker {attr} of the upper layer)")
+        except OSError:
+            pass
+    if removed or copies:
+        os.fsync(layers.upper)
+    return removed, copies
+
+
+def _to_trash(layers: Layers, names: list[str]) -> None:
+    """Move NAMES of the upper layer into RW's trash (deleted in the background after the
+    mount); when the trash cannot be used, delete them here."""
+    from guest_agent import reset
+
+    stamp = f"{time.time_ns()}"
+    try:
+        trash: int | None = open_dir(layers.rw, TRASH, create=True)
+    except (OSError, reset.WrongType):
+        trash = None
+    try:
+        for name in names:
+            if trash is not None:
+                try:
+                    os.rename(
+                        name, f"{stamp}-copy-{name}", src_dir_fd=layers.upper, dst_dir_fd=trash
+                    )
+                    continue
+                except OSError as e:
+                    if e.errno not in (errno.EXDEV, errno.ENOSPC):
+                        raise
+            reset.delete_tree(layers.upper, name)
+    finally:
+        if trash is not None:
+            os.fsync(trash)
+            os.close(trash)
+
+
+# --- the state directory ---------------------------------------------------------------
+
+
+def move_aside(rw: int) -> str:
+    """Rename RW/nix-state out of the way (kept, never deleted); return its new name."""
+    name = ASIDE_PREFIX + time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    suffix = 0
+    while True:
+        candidate = name if suffix == 0 else f"{name}.{suffix}"
+        try:
+            os.stat(candidate, dir_fd=rw, follow_symlinks=False)
+        except FileNotFoundError:
+            break
+        suffix += 1
+    os.rename(NIX_STATE_DIR, candidate, src_dir_fd=rw, dst_dir_fd=rw)
+    os.fsync(rw)
+    return candidate
+
+
+def _open_state(rw: int) -> tuple[int, int]:
+    """fds of RW/nix-state and its db/ (made if missing); Unusable when db/ is not a directory."""
+    from guest_agent.reset import WrongType
+
+    state = open_dir(rw, NIX_STATE_DIR, create=True)
+    try:
+        return state, open_dir(state, DB_DIR, create=True)
+    except (OSError, WrongType) as e:
+        os.close(state)
+        raise nixdb.Unusable(f"{DB_DIR}: {e}") from None
+
+
+def _read_derivation(layers: Layers, upper: Upper) -> Callable[[str], bytes | None]:
+    def read(name: str) -> bytes | None:
+        layer = layers.upper if name in upper.visible else layers.lower
+        try:
+            fd = os.open(name, _READ_FLAGS, dir_fd=layer)
+        except OSError:
+            return None
+        with closing(fd):
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            return os.read(fd, MAX_DERIVATION)
+
+    return read
+
+
+def reconcile(layers: Layers, reg_info: str | None, say: Callable[[str], None]) -> Report:
+    """Steps 1-4 on RW (the state directory is made if missing), telling SAY one line per
+    change as it is made. Raises OSError, WrongType, NixStateError, ImportError (no
+    sqlite3) for the caller to report; the database is never left half-written."""
+    reg_fd, closure_info = -1, None
+    if reg_info:
+        try:
+            reg_fd, closure_info = open_registration(layers.lower, reg_info)
+        except (OSError, RegistrationError) as e:
+            say(f"warning: registration {reg_info} unusable ({_why(e)}): nothing is registered")
+    try:
+        return _reconcile(layers, reg_info, reg_fd, closure_info, say)
+    finally:
+        if reg_fd >= 0:
+            os.close(reg_fd)
+
+
+def _why(e: Exception) -> str:
+    return (e.strerror or str(e)) if isinstance(e, OSError) else str(e)
+
+
+def _changed(record: dict[str, str], now: str) -> str:
+    """Why a full reconcile runs, from the last record and the fingerprint NOW."""
+    if record.get("state") == "reconciling":
+        return "the last one was interrupted"
+    if "fingerprint" not in record:
+        return "no earlier reconcile"
+    old = dict(p.split("=", 1) for p in record["fingerprint"].split(" ") if "=" in p)
+    new = dict(p.split("=", 1) for p in now.split(" ") if "=" in p)
+    changed = [k for k in new if old.get(k) != new[k]]
+    return "changed since the last boot: " + (", ".join(changed) or "the record")
+
+
+def _reconcile(
+    layers: Layers,
+    reg_info: str | None,
+    reg_fd: int,
+    closure_info: str | None,
+    say: Callable[[str], None],
+) -> Report:
+    aside = None
+    reg_stat = os.fstat(reg_fd) if reg_fd >= 0 else None
+    try:
+        state, db = _open_state(layers.rw)
+    except nixdb.Unusable as e:
+        aside = _aside(layers.rw, e, say)
+        state, db = _open_state(layers.rw)
+    try:
+        record = read_record(state)
+        before = fingerprint(layers, reg_info, reg_stat, db)
+        if record.get("state") == "done" and record.get("fingerprint") == before and aside is None:
+            say(
+                f"Nix database unchanged since the last boot ({record.get('valid', '?')} valid paths)"
+            )
+            return Report(True, [], [], None, None)
+        say(f"reconciling the Nix database with the store ({_changed(record, before)})")
+        entries = None
+        if reg_fd >= 0:
+            try:
+                entries = read_registration(reg_fd)
+            except (OSError, RegistrationError) as e:
+                say(f"warning: registration {reg_info} unusable ({_why(e)}): nothing is registered")
+                closure_info = None
+        import sqlite3  # only now: a boot with nothing to reconcile does not pay for it
+
+        try:
+            conn = nixdb.open_database(db)
+        except nixdb.Unusable as e:
+            os.close(db)
+            os.close(state)
+            state = db = -1
+            aside = _aside(layers.rw, e, say)
+            state, db = _open_state(layers.rw)
+            conn = None
+        try:
+            if conn is None:
+                conn = nixdb.create_database(db)
+            write_record(state, {**record, "state": "reconciling"})
+            registered = {e.name for e in entries} if entries is not None else set()
+            if closure_info:
+                registered.add(closure_info)
+            lower_names = set(os.listdir(layers.lower))
+            upper = scan_upper(layers.upper)
+            whiteouts, copies = clean_upper(layers, upper, lower_names, registered)
+            if whiteouts:
+                say(
+                    f"removed {len(whiteouts)} whiteouts hiding registered lower store paths: {_some(whiteouts)}"
+                )
+            if copies:
+                say(
+                    f"moved {len(copies)} upper copies of registered lower store paths to the trash: {_some(copies)}"
+                )
+
+            def present(name: str) -> bool:
+                return name in upper.visible or (
+                    name in lower_names and name not in upper.whiteouts
+                )
+
+            read = _read_derivation(layers, upper)
+            outcome = nixdb.reconcile(conn, present, entries, read, set(copies))
+        except sqlite3.Error as e:
+            raise NixStateError(f"SQLite says {e}") from None
+        finally:
+            if conn is not None:
+                conn.close()
+        _tell(outcome, say)
+        after = fingerprint(layers, reg_info, reg_stat, db)
+        write_record(
+            state,
+            {
+                "state": "done",
+                "fingerprint": after,
+                "time": f"{int(time.time())}",
+                "registration": reg_info or "-",
+                "valid": f"{outcome.valid}",
+                "added": f"{len(outcome.added)}",
+                "gone": " ".join([f"{len(outcome.gone)}", *outcome.gone[:50]]),
+                "dependents": " ".join([f"{len(outcome.dependents)}", *outcome.dependents[:50]]),
+                "aside": aside or "-",
+            },
+        )
+        return Report(False, whiteouts, copies, outcome, aside)
+    finally:
+        if db >= 0:
+            os.close(db)
+        if state >= 0:
+            os.close(state)
+
+
+def _aside(rw: int, why: Exception, say: Callable[[str], None]) -> str:
+    moved = move_aside(rw)
+    say(
+        f"the Nix state directory was unusable ({why}): moved it aside to RW/{moved}, untouched,"
+        " and started a fresh one"
+    )
+    return moved
+
+
+def _some(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _tell(outcome: nixdb.Outcome, say: Callable[[str], None]) -> None:
+    if outcome.gone:
+        say(
+            f"invalidated {len(outcome.gone)} store paths no longer in the store: {_some(outcome.gone)}"
+        )
+    if outcome.dependents:
+        say(
+            f"invalidated {len(outcome.dependents)} store paths whose dependencies left the lower"
+            f" store: {_some(outcome.dependents)}"
+        )
+    if outcome.not_added:
+        names = [f"{n} ({why})" for n, why in outcome.not_added]
+        say(f"warning: left {len(names)} registered paths invalid: {_some(names)}")
+    say(f"Nix database: {outcome.valid} valid paths, {len(outcome.added)} registered now")
+
+
+def open_state(rw: int) -> int:
+    """An fd of RW/nix-state (made if missing), for the bind mount at /nix/var/nix."""
+    return open_dir(rw, NIX_STATE_DIR, create=True)

@@ -1,0 +1,374 @@
+"""x-nix-db on the host, judged by real Nix (Debian's nix-bin) on a store the agent mounted.
+
+Each "boot" is a fresh mount namespace: the lower store is bind-mounted read-only
+at ROOT/nix/.ro-store, the persistent RW directory at ROOT/nix/.rw-store, the agent
+runs `mount-all --root ROOT`, and Nix then works on that root as a chroot store
+(ROOT/nix/store and ROOT/nix/var/nix bind-mounted over the host's /nix/store and
+/nix/var/nix inside the namespace). When the namespace ends,
+every mount is gone, as at a power-off; RW keeps what was written.
+The booted-guest proofs are in tests/vm/test_nix_db.py; these cover more cases
+at a fraction of the cost.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+NIX_OPTIONS = "--option sandbox false --option build-users-group '' --option substituters ''"
+# The same settings for the commands run after the agent (no nixbld group, no network).
+NIX_CONFIG = "sandbox = false\nbuild-users-group =\nsubstituters =\n"
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts)"),
+    pytest.mark.skipif(shutil.which("nix-build") is None, reason="needs nix-bin"),
+]
+
+
+def _nix(*args: str, stdin: str | None = None) -> str:
+    """Run a Nix command on the host's own store; its stdout."""
+    done = subprocess.run(
+        ["sh", "-c", " ".join(args)],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def _derivations(names: dict[str, str]) -> str:
+    """A Nix expression: an attribute set of derivations NAME = builder script (which may
+    interpolate other names as ${name})."""
+    body = "\n".join(
+        f'  {name} = mk "{name}" "{script}";' for name, script in names.items()
+    )
+    return textwrap.dedent(
+        """\
+        let
+          mk = name: script: derivation {
+            inherit name; system = "x86_64-linux"; builder = "/bin/sh"; args = ["-c" script];
+          };
+        in rec {
+        """
+    ) + body + "\n}\n"
+
+
+@dataclass
+class Lower:
+    """A lower store built by Nix on the host: DIR holds the store paths and the
+    closure-info path whose `registration` lists them (not itself)."""
+
+    dir: Path
+    paths: dict[str, str]  # attribute name -> store path
+    reg_info: str
+
+
+def build_lower(where: Path, names: dict[str, str], salt: str) -> Lower:
+    expr = where.with_suffix(".nix")
+    # SALT keeps one test's paths apart from another's in the host store
+    expr.write_text(_derivations({k: f"{v} # {salt}" for k, v in names.items()}))
+    paths = {}
+    for name in names:
+        out = _nix("nix-build", NIX_OPTIONS, "--no-out-link", str(expr), "-A", name).strip()
+        paths[name] = out
+    closure = _nix("nix-store", "-qR", *paths.values()).split()
+    registration = _nix("nix-store", "--dump-db", *closure)
+    info = where.parent / f"{where.name}-info" / "closure-info"
+    info.mkdir(parents=True)
+    (info / "registration").write_text(registration)
+    ci = _nix("nix-store", "--add", str(info)).strip()
+    where.mkdir()
+    for path in [*closure, ci]:
+        subprocess.run(["cp", "-a", path, str(where)], check=True)
+    return Lower(where, paths, f"{ci}/registration")
+
+
+@dataclass
+class Boot:
+    returncode: int
+    agent: str  # the agent's stderr
+    out: str  # what the commands after it printed
+    lines: list[str] = field(default_factory=list)
+
+
+class Machine:
+    """ROOT and a persistent RW directory; `boot` mounts them in a new namespace."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.root = tmp / "root"
+        self.rw = tmp / "rw"
+        self.rw.mkdir(parents=True)
+        (self.root / "nix/.ro-store").mkdir(parents=True)
+        (self.root / "nix/.rw-store").mkdir(parents=True)
+
+    def boot(
+        self,
+        lower: Lower,
+        after: str = "",
+        *,
+        options: str = "x-nix-db",
+        reg_info: str | None = "",
+        extra: str = "",
+        agent: str = "mount-all",
+    ) -> Boot:
+        reg = lower.reg_info if reg_info == "" else reg_info
+        cmdline = f"microvm.store-overlay=/nix/.ro-store:/nix/.rw-store:{options} {extra}"
+        if reg:
+            cmdline += f" regInfo={reg}"
+        (self.tmp / "cmdline").write_text(cmdline + "\n")
+        script = self.tmp / "boot.sh"
+        script.write_text(
+            textwrap.dedent(
+                f"""\
+                set -u
+                R={self.root}
+                mount --bind {lower.dir} $R/nix/.ro-store
+                mount -o remount,bind,ro $R/nix/.ro-store
+                mount --bind {self.rw} $R/nix/.rw-store
+                mkdir -p $R/nix/var
+                mount -t tmpfs root-tmpfs $R/nix/var   # the guest's root: not persistent
+                cd {REPO}
+                {sys.executable} -m guest_agent {agent} --root $R --cmdline {self.tmp}/cmdline \\
+                    2>{self.tmp}/agent.err
+                echo "agent-exit=$?"
+                # Nix then sees the guest's store and state at their real places (a chroot
+                # store, --store $R, would force its sandbox on every build).
+                mount --bind $R/nix/store /nix/store
+                if mountpoint -q $R/nix/var/nix; then mount --bind $R/nix/var/nix /nix/var/nix
+                else mount -t tmpfs nix-var /nix/var/nix; fi
+                S=""
+                O=""
+                export NIX_CONFIG=$'{NIX_CONFIG}'
+                {after}
+                """
+            )
+        )
+        done = subprocess.run(
+            ["unshare", "-m", "--propagation", "private", "bash", str(script)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=300,
+        )
+        agent_err = (self.tmp / "agent.err").read_text()
+        out = done.stdout + "".join(
+            line + "\n"
+            for line in done.stderr.splitlines()
+            if "build-users-group" not in line
+        )
+        code = int(out.split("agent-exit=", 1)[1].split()[0])
+        return Boot(code, agent_err, out, out.splitlines())
+
+    def db(self) -> sqlite3.Connection:
+        return sqlite3.connect(f"file:{self.rw}/nix-state/db/db.sqlite?mode=ro", uri=True)
+
+    def valid(self) -> set[str]:
+        with self.db() as conn:
+            return {row[0] for row in conn.execute("select path from ValidPaths")}
+
+
+def _guest_expr(dep: str, salt: str) -> str:
+    """A derivation built in the guest whose output refers to the lower path DEP."""
+    return (
+        f'derivation {{ name = "guest-built"; system = "x86_64-linux"; builder = "/bin/sh";'
+        f' args = ["-c" "echo ${{builtins.storePath {dep}}} {salt} > $out"]; }}'
+    )
+
+
+BUILD = 'nix-build $S $O --no-out-link {expr} 2>&1; echo "build-exit=$?"'
+VERIFY = 'nix-store $S --verify --check-contents 2>&1; echo "verify-exit=$?"'
+
+
+def verified_clean(boot: Boot) -> bool:
+    """Nix 2.8 exits 0 even when it drops vanished paths: judge its words too."""
+    text = boot.out.split("reading the Nix store...", 1)[-1]
+    bad = ("disappeared", "error", "warning", "invalid", "modified", "not valid")
+    return "verify-exit=0" in boot.out and not any(word in text for word in bad)
+
+
+@pytest.fixture
+def lower(tmp_path: Path, request: pytest.FixtureRequest) -> Lower:
+    salt = f"{request.node.name}-{os.getpid()}"
+    return build_lower(
+        tmp_path / "lower",
+        {"a": "echo a > $out", "b": "echo ${a} > $out", "c": "echo ${b} > $out"},
+        salt,
+    )
+
+
+def test_built_path_survives_reboot_and_is_not_rebuilt(tmp_path: Path, lower: Lower) -> None:
+    machine = Machine(tmp_path / "m")
+    expr = tmp_path / "guest.nix"
+    expr.write_text(_guest_expr(lower.paths["b"], "survives"))
+    first = machine.boot(lower, BUILD.format(expr=expr))
+    assert first.returncode == 0, first.agent
+    assert "build-exit=0" in first.out, first.out
+    built = next(line for line in first.lines if line.startswith("/nix/store/") and "guest-built" in line)
+    assert "reconciling the Nix database" in first.agent
+    assert "3 registered now" in first.agent, first.agent
+
+    second = machine.boot(
+        lower,
+        f"nix-store $S --check-validity {built} && echo still-valid\n"
+        + BUILD.format(expr=expr)
+        + "\n"
+        + VERIFY,
+    )
+    assert second.returncode == 0, second.agent
+    assert "still-valid" in second.out, second.out
+    assert "will be built" not in second.out and "building" not in second.out, second.out
+    assert verified_clean(second), second.out
+    assert built in machine.valid()
+
+
+def test_unchanged_boot_skips_the_reconcile(tmp_path: Path, lower: Lower) -> None:
+    machine = Machine(tmp_path / "m")
+    first = machine.boot(lower)
+    assert "reconciling the Nix database" in first.agent
+    second = machine.boot(lower)
+    assert second.returncode == 0, second.agent
+    assert "Nix database unchanged since the last boot (3 valid paths)" in second.agent
+    assert "reconciling" not in second.agent
+    # Nix writing its database (as any build does) makes the next boot look again.
+    expr = tmp_path / "guest.nix"
+    expr.write_text(_guest_expr(lower.paths["a"], "unchanged"))
+    machine.boot(lower, BUILD.format(expr=expr))
+    third = machine.boot(lower)
+    assert "reconciling the Nix database with the store (changed since the last boot:" in third.agent
+
+
+def test_changed_lower_invalidates_what_left_and_registers_what_came(
+    tmp_path: Path, lower: Lower, request: pytest.FixtureRequest
+) -> None:
+    machine = Machine(tmp_path / "m")
+    expr = tmp_path / "guest.nix"
+    expr.write_text(_guest_expr(lower.paths["b"], "changed"))
+    first = machine.boot(lower, BUILD.format(expr=expr))
+    built = next(line for line in first.lines if line.startswith("/nix/store/") and "guest-built" in line)
+    # The host rebuilds the lower: b (the guest build's dependency) and c (which refers
+    # to b) are gone, d is new, a stays.
+    salt = f"{request.node.name}-{os.getpid()}"
+    rebuilt = build_lower(
+        tmp_path / "lower2", {"a": "echo a > $out", "d": "echo ${a} d > $out"}, salt
+    )
+    assert rebuilt.paths["a"] == lower.paths["a"]
+    second = machine.boot(rebuilt, VERIFY)
+    assert second.returncode == 0, second.agent
+    gone = [lower.paths["b"], lower.paths["c"]]
+    valid = machine.valid()
+    assert not valid & {*gone, built}
+    assert {rebuilt.paths["a"], rebuilt.paths["d"]} <= valid
+    line = next(x for x in second.agent.splitlines() if "no longer in the store" in x)
+    assert "invalidated 2 store paths" in line, second.agent
+    dependents = next(x for x in second.agent.splitlines() if "whose dependencies left" in x)
+    assert os.path.basename(built) in dependents, dependents
+    assert verified_clean(second), second.out
+
+
+def test_guest_gc_does_not_hide_the_lower_for_good(tmp_path: Path, lower: Lower) -> None:
+    machine = Machine(tmp_path / "m")
+    gc = machine.boot(lower, "nix-collect-garbage $S $O -d 2>&1; echo gc-exit=$?")
+    assert "gc-exit=0" in gc.out, gc.out
+    assert not {lower.paths["a"], lower.paths["b"]} & machine.valid()
+    whiteouts = [p.name for p in (machine.rw / "store").iterdir() if p.is_char_device()]
+    assert os.path.basename(lower.paths["a"]) in whiteouts  # the GC did delete through the overlay
+    after = machine.boot(lower, f"cat {lower.paths['c']}\n" + VERIFY)
+    assert after.returncode == 0, after.agent
+    assert "whiteouts hiding registered lower store paths" in after.agent, after.agent
+    assert set(lower.paths.values()) <= machine.valid()
+    assert lower.paths["b"] in after.out  # c's content, seen through the overlay again
+    assert not any(p.is_char_device() for p in (machine.rw / "store").iterdir())
+    assert verified_clean(after), after.out
+
+
+def test_upper_copy_of_a_registered_lower_path_gives_way(tmp_path: Path, lower: Lower) -> None:
+    machine = Machine(tmp_path / "m")
+    machine.boot(lower)
+    name = os.path.basename(lower.paths["a"])
+    (machine.rw / "store" / name).write_text("a copy that shadows the lower one\n")
+    after = machine.boot(lower, f"cat $R/nix/store/{name}\n" + VERIFY)
+    assert "moved 1 upper copies of registered lower store paths to the trash" in after.agent
+    assert "a\n" in after.out and "shadows" not in after.out
+    assert verified_clean(after), after.out
+
+
+@pytest.mark.parametrize("damage", ["garbage", "newer-schema", "symlinked-db"])
+def test_unusable_database_is_moved_aside_untouched(
+    tmp_path: Path, lower: Lower, damage: str
+) -> None:
+    machine = Machine(tmp_path / "m")
+    expr = tmp_path / "guest.nix"
+    expr.write_text(_guest_expr(lower.paths["a"], f"aside-{damage}"))
+    first = machine.boot(lower, BUILD.format(expr=expr))
+    built = next(line for line in first.lines if line.startswith("/nix/store/") and "guest-built" in line)
+    db = machine.rw / "nix-state/db"
+    outside = tmp_path / "outside.sqlite"
+    outside.write_bytes(b"not the agent's to touch")
+    if damage == "garbage":
+        with open(db / "db.sqlite", "r+b") as f:
+            f.seek(0)
+            f.write(b"\0" * 4096)
+    elif damage == "newer-schema":
+        (db / "schema").write_text("11")
+    else:
+        (db / "db.sqlite").unlink()
+        (db / "db.sqlite").symlink_to(outside)
+    kept = (db / "db.sqlite").read_bytes() if damage != "symlinked-db" else b""
+    after = machine.boot(lower, VERIFY)
+    assert after.returncode == 0, after.agent
+    assert "the Nix state directory was unusable" in after.agent, after.agent
+    aside = [p for p in machine.rw.iterdir() if p.name.startswith("nix-state.aside-")]
+    assert len(aside) == 1
+    if damage == "symlinked-db":
+        assert (aside[0] / "db/db.sqlite").is_symlink()
+    else:
+        assert (aside[0] / "db/db.sqlite").read_bytes() == kept
+    assert outside.read_bytes() == b"not the agent's to touch"
+    assert (machine.rw / "store" / os.path.basename(built)).exists()  # the upper layer is whole
+    assert set(lower.paths.values()) <= machine.valid()
+    assert verified_clean(after), after.out
+
+
+def test_reset_overlay_resets_the_database_too(tmp_path: Path, lower: Lower) -> None:
+    machine = Machine(tmp_path / "m")
+    expr = tmp_path / "guest.nix"
+    expr.write_text(_guest_expr(lower.paths["a"], "reset"))
+    first = machine.boot(lower, BUILD.format(expr=expr))
+    built = next(line for line in first.lines if line.startswith("/nix/store/") and "guest-built" in line)
+    after = machine.boot(lower, VERIFY, extra="microvm.reset-overlay")
+    assert after.returncode == 0, after.agent
+    assert "moved 3 dir(s)" in after.agent, after.agent
+    assert built not in machine.valid()
+    assert set(lower.paths.values()) <= machine.valid()
+    assert verified_clean(after), after.out
+
+
+def test_state_dir_planted_as_a_symlink_is_refused(tmp_path: Path, lower: Lower) -> None:
+    machine = Machine(tmp_path / "m")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (machine.rw / "nix-state").symlink_to(outside)
+    after = machine.boot(lower)
+    assert after.returncode == 1
+    assert "nix-state is a symbolic link" in after.agent, after.agent
+    assert list(outside.iterdir()) == []
+
+
+def test_without_x_nix_db_nothing_changes(tmp_path: Path, lower: Lower) -> None:
+    machine = Machine(tmp_path / "m")
+    boot = machine.boot(lower, options="", reg_info=lower.reg_info)
+    assert boot.returncode == 0, boot.agent
+    assert "Nix" not in boot.agent
+    assert not (machine.rw / "nix-state").exists()
