@@ -405,13 +405,14 @@ def test_nix_db_initrd_carries_sqlite3(
     initrd, with nothing of the host's) opens a database; the plain initrd's cannot
     import sqlite3."""
     image = guest_images[flavor]
-    runs = {}
+    runs: dict[str, dict[str, Any]] = {}
+    members_of: dict[str, set[str]] = {}
     for name, initrd in (
         ("plain", image.initrd),
         ("nix-db", Path(image.info["initrd_nix_db"])),
     ):
         root = tmp_path / name
-        members = unpack_initrd(initrd, root)
+        members = members_of[name] = unpack_initrd(initrd, root)
         base = {m.rsplit("/", 1)[-1] for m in members}
         runs[name] = {
             "_sqlite3": sorted(b for b in base if b.startswith("_sqlite3") and b.endswith(".so")),
@@ -446,6 +447,10 @@ def test_nix_db_initrd_carries_sqlite3(
     assert plain["sqlite3 package"] == [], runs
     rc, out = plain["python"]
     assert rc == 1 and "ModuleNotFoundError: No module named 'sqlite3'" in out, runs
+    # x-nix-db adds sqlite3 and nothing else; nothing else is left out.
+    added = members_of["nix-db"] - members_of["plain"]
+    assert members_of["plain"] <= members_of["nix-db"], members_of["plain"] - members_of["nix-db"]
+    assert added and all("sqlite" in m for m in added), sorted(added)
 
 
 # --------------------------------------------------------------------------
