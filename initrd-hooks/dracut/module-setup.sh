@@ -32,16 +32,21 @@ install() {
 
     # The standard library minus what a boot never uses, and every file of the
     # guest-agent distribution and of its dependencies (click), wherever they
-    # are installed. dracut-install copies the libraries of extension modules.
+    # are installed; sqlite3 too for a store overlay with x-nix-db (the dracut
+    # setting guest_agent_nix_db=auto|yes|no, default auto: when
+    # /etc/guest-agent/mounts.json or the running kernel's command line asks for
+    # it; the lister says what it decided).
     local -a files
-    mapfile -t files < <("$py" "$moddir/list-files.py") || return 1
+    mapfile -t files < <("$py" "$moddir/list-files.py" --nix-db="${guest_agent_nix_db:-auto}" \
+        --config=/etc/guest-agent/mounts.json) || return 1
     ((${#files[@]})) || {
         derror "guest-agent: could not list the agent's Python files"
         return 1
     }
     inst_multiple "${files[@]}" || return 1
     # dracut-install resolves the libraries of executables only; extension
-    # modules (mode 644) need theirs listed (ldd prints the whole closure).
+    # modules (mode 644) need theirs listed (ldd prints the whole closure:
+    # _sqlite3 brings libsqlite3.so.0).
     local -a libs
     mapfile -t libs < <(printf '%s\n' "${files[@]}" | grep '\.so$' | xargs -r ldd 2> /dev/null \
         | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// && $2 ~ /^\(0x/ {print $1}' | sort -u)

@@ -9,6 +9,9 @@
   storeLower ? "/nix/.ro-store",
   overlayOptions ? [ ],
   resetPolicy ? "on-request",
+  # x-nix-db: the agent keeps Nix's state (/nix/var/nix) on the RW volume and
+  # reconciles its database with the lower store at every boot.
+  nixDatabase ? false,
 }:
 let
   optionsOf = x: if (x.options or [ ]) == [ ] then { } else { options = x.options; };
@@ -37,18 +40,24 @@ let
       in
       if opts == [ ] then { } else { options = opts; }
     );
+  overlayOpts = overlayOptions ++ (if nixDatabase then [ "x-nix-db" ] else [ ]);
 in
 {
   shares = map share shares;
   volumes = map volume volumes;
   storeOverlay =
     if writableStoreOverlay == null then
-      null
+      (
+        if nixDatabase then
+          throw "guest-agent: nixDatabase (x-nix-db) needs a store overlay: set writableStoreOverlay"
+        else
+          null
+      )
     else
       {
         lower = storeLower;
         rw = writableStoreOverlay;
       }
-      // (if overlayOptions == [ ] then { } else { options = overlayOptions; });
+      // (if overlayOpts == [ ] then { } else { options = overlayOpts; });
   resetOverlay = resetPolicy == "every-boot";
 }

@@ -8,6 +8,7 @@
 #   boot.initrd.guest-agent = {
 #     enable = true;
 #     fromMicrovm = true;   # take shares, volumes, writableStoreOverlay from microvm.*
+#     nixDatabase = true;   # optional: a Nix database that survives reboots (x-nix-db)
 #   };
 #
 # See docs/nixos.md for a complete microvm.nix guest.
@@ -111,6 +112,11 @@ let
   };
 
   hasMicrovm = options ? microvm;
+  # microvm.nix's switch for stage 2's `nix-store --load-db` of the closure.
+  hasRegisterClosure = lib.hasAttrByPath [
+    "microvm"
+    "registerClosure"
+  ] options;
   # microvm.nix's options, translated (used with fromMicrovm = true).
   microvmShares = map (s: {
     inherit (s) tag mountPoint;
@@ -146,8 +152,26 @@ let
       storeLower
       overlayOptions
       resetPolicy
+      nixDatabase
       ;
   };
+
+  # nixDatabase: the registration of the system's closure, as microvm.nix
+  # (store-disk.nix) and qemu-vm.nix make it: the same derivation, so the same
+  # store path. It cannot go into the JSON config: the config is in the initrd,
+  # the initrd in the system's closure (a cycle); it goes on the kernel command
+  # line, which is outside the closure.
+  regInfo = pkgs.closureInfo { rootPaths = [ config.system.build.toplevel ]; };
+  # The agent reconciles the database with the standard library's sqlite3, in
+  # the initrd: the agent's Python must have it (its closure, libsqlite3
+  # included, goes into the initrd with the agent). Checked at build time when
+  # the package says which Python it runs with (package.nix does).
+  agentPython = cfg.package.python or null;
+  canRunHostCode = pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform;
+  sqliteCheck = pkgs.runCommand "guest-agent-python-has-sqlite3" { } ''
+    ${agentPython.interpreter} -c 'import sqlite3; sqlite3.connect(":memory:").execute("create table t (x)")'
+    touch $out
+  '';
   configFile = pkgs.writeText "guest-agent-mounts.json" (builtins.toJSON agentConfig);
 
   managedMountPoints =
@@ -286,8 +310,35 @@ in
         When to wipe the overlay's upper layer: `on-request` (at the boot
         after `guest-agent reset-overlay` / `systemctl start
         guest-agent-reset-overlay`, or with `microvm.reset-overlay` on the
-        kernel command line), or at `every-boot` (Nix's database does not
-        survive a reboot unless the root is persistent).
+        kernel command line), or at `every-boot` (without nixDatabase,
+        Nix's database does not survive a reboot unless the root is
+        persistent; with it, a reset resets the database too).
+      '';
+    };
+
+    nixDatabase = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Keep the guest's Nix database across reboots and true to the lower
+        store: adds the agent option `x-nix-db` to the store overlay. Nix's
+        state directory `/nix/var/nix` then lives on the writable store volume
+        (`<writableStoreOverlay>/nix-state`) and is bind-mounted at
+        `/nix/var/nix`; at every boot `guest-agent mount-all`, in stage 1,
+        reconciles the database with the lower store and registers its
+        closure from `regInfo=` on the kernel command line, before anything
+        can open it. Needs writableStoreOverlay and Nix (`nix.enable`).
+
+        `microvm.registerClosure = false` goes with it: the agent now
+        registers the closure, and stage 2's `nix-store --load-db` would
+        overwrite the rows it keeps. With microvm.nix's guest module this
+        option sets it (`mkDefault`; `true` is refused by an assertion) and
+        puts `regInfo=` on `microvm.kernelParams` itself, since microvm.nix
+        drops it with registerClosure. (qemu-vm.nix has no such switch: its
+        stage 2 loads the registration anyway.)
+
+        The agent's Python must have sqlite3 (the default package's does):
+        checked at build time (`system.checks`).
       '';
     };
 
@@ -375,6 +426,34 @@ in
         };
       };
     }
+
+    (mkIf cfg.nixDatabase {
+      assertions = [
+        {
+          assertion = cfg.writableStoreOverlay != null;
+          message = "boot.initrd.guest-agent.nixDatabase needs a store overlay: set writableStoreOverlay (or microvm.writableStoreOverlay with fromMicrovm).";
+        }
+        {
+          assertion = config.nix.enable;
+          message = "boot.initrd.guest-agent.nixDatabase: the guest has no Nix (nix.enable = false).";
+        }
+        {
+          assertion = hasRegisterClosure -> !config.microvm.registerClosure;
+          message = "boot.initrd.guest-agent.nixDatabase: set microvm.registerClosure = false; the agent registers the closure at boot, and stage 2's nix-store --load-db would overwrite the rows it keeps.";
+        }
+      ];
+      system.checks = lib.optional (agentPython != null && canRunHostCode) sqliteCheck;
+      warnings = lib.optional (agentPython == null) "boot.initrd.guest-agent.nixDatabase: the package has no passthru.python, so nothing checks that its Python has sqlite3 (the agent needs it in the initrd).";
+    })
+
+    # With microvm.nix: no load-db in stage 2, regInfo= on the command line.
+    # (optionalAttrs, not mkIf: without microvm.nix the options do not exist.)
+    (lib.optionalAttrs hasRegisterClosure (
+      mkIf cfg.nixDatabase {
+        microvm.registerClosure = lib.mkDefault false;
+        microvm.kernelParams = lib.optional config.nix.enable "regInfo=${regInfo}/registration";
+      }
+    ))
 
     (mkIf cfg.fromMicrovm {
       boot.initrd.guest-agent = {

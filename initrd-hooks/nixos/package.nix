@@ -3,6 +3,7 @@
 #   pkgs.python3Packages.callPackage ./package.nix { }
 {
   lib,
+  python,
   buildPythonApplication,
   setuptools,
   click,
@@ -18,6 +19,11 @@ buildPythonApplication {
   # The test suite boots VMs and needs root; the module's users run it in CI.
   doCheck = false;
   pythonImportsCheck = [ "guest_agent" ];
+  # The interpreter the agent runs with, in the initrd too (its closure goes
+  # into the initrd with the agent's): the module's nixDatabase option checks
+  # at build time that it has sqlite3 (nixpkgs' python3 has; python3Minimal
+  # has not).
+  passthru = { inherit python; };
   meta = {
     description = "Boot-time mount agent for microVM guests";
     license = lib.licenses.mit;

@@ -312,6 +312,148 @@ def test_off_switch_skips_the_agent(guest: Callable[..., images.ImageVM], flavor
 
 
 # --------------------------------------------------------------------------
+# x-nix-db: the initrd carries sqlite3 for the agent's Nix database
+# --------------------------------------------------------------------------
+
+
+def initrd_archive(data: bytes) -> bytes:
+    """The concatenated cpio archives of an initrd, uncompressed (an early
+    uncompressed part such as microcode, then the compressed main part)."""
+    out, pos = bytearray(), 0
+    while pos < len(data):
+        if data[pos] == 0:  # padding between archives
+            pos += 1
+        elif data.startswith((b"070701", b"070702"), pos):
+            start = pos
+            while True:  # to the end of this archive (its TRAILER!!! entry)
+                namesize = int(data[pos + 94 : pos + 102], 16)
+                size = int(data[pos + 54 : pos + 62], 16)
+                name = data[pos + 110 : pos + 110 + namesize - 1]
+                pos = (pos + 110 + namesize + 3) & ~3
+                pos = (pos + size + 3) & ~3
+                if name == b"TRAILER!!!":
+                    break
+            out += data[start:pos]
+        elif data.startswith(b"\x28\xb5\x2f\xfd", pos):
+            done = subprocess.run(["zstd", "-dcq"], input=data[pos:], capture_output=True)
+            assert done.returncode == 0, done.stderr
+            return bytes(out + initrd_archive(done.stdout))
+        elif data.startswith(b"\x1f\x8b", pos):
+            import zlib
+
+            return bytes(out + initrd_archive(zlib.decompress(data[pos:], 16 + zlib.MAX_WBITS)))
+        elif data.startswith(b"\xfd7zXZ\x00", pos):
+            import lzma
+
+            return bytes(out + initrd_archive(lzma.decompress(data[pos:])))
+        else:
+            raise AssertionError(f"unknown initrd content at byte {pos}: {data[pos : pos + 8]!r}")
+    return bytes(out)
+
+
+def unpack_initrd(initrd: Path, dest: Path) -> set[str]:
+    """Unpack an initrd's directories, regular files and symlinks into dest (as the
+    kernel does: later entries win); return every member's path ("usr/bin/...")."""
+    data = initrd_archive(initrd.read_bytes())
+    names: set[str] = set()
+    links: dict[tuple[int, int, int], list[Path]] = {}  # hard links: the data comes last
+    pos = 0
+    while pos < len(data):
+        if data[pos] == 0:
+            pos += 1
+            continue
+        field = [int(data[pos + 6 + 8 * i : pos + 14 + 8 * i], 16) for i in range(13)]
+        # newc: ino mode uid gid nlink mtime filesize devmajor devminor rdev(2) namesize check
+        ino, mode, _, _, nlink, _, size, major, minor, _, _, namesize, _ = field
+        name = data[pos + 110 : pos + 110 + namesize - 1].decode()
+        pos = (pos + 110 + namesize + 3) & ~3
+        body = data[pos : pos + size]
+        pos = (pos + size + 3) & ~3
+        if name == "TRAILER!!!":
+            continue
+        name = name.removeprefix("./").lstrip("/")
+        if name in ("", "."):
+            continue
+        names.add(name)
+        target = dest / name
+        kind = mode & 0o170000
+        if kind == 0o040000:
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.is_symlink() or target.is_file():
+            target.unlink()
+        if kind == 0o120000:
+            target.symlink_to(body.decode())
+        elif kind == 0o100000:
+            group = links.setdefault((ino, major, minor), []) if nlink > 1 else [target]
+            if nlink > 1:
+                group.append(target)
+            for t in group:
+                t.write_bytes(body)
+                t.chmod(mode & 0o7777)
+    return names
+
+
+def test_nix_db_initrd_carries_sqlite3(
+    guest_images: dict[str, images.GuestImage], flavor: str, tmp_path: Path
+) -> None:
+    """The image's initrd and its twin made with x-nix-db in mounts.json (by
+    tools/build-guest-images, in the guest root, with the hook / module installed as
+    the docs say): only the twin has Python's sqlite3 package, its _sqlite3 module
+    and libsqlite3.so.0, and the Python inside it (run in a chroot of the unpacked
+    initrd, with nothing of the host's) opens a database; the plain initrd's cannot
+    import sqlite3."""
+    image = guest_images[flavor]
+    runs: dict[str, dict[str, Any]] = {}
+    members_of: dict[str, set[str]] = {}
+    for name, initrd in (
+        ("plain", image.initrd),
+        ("nix-db", Path(image.info["initrd_nix_db"])),
+    ):
+        root = tmp_path / name
+        members = members_of[name] = unpack_initrd(initrd, root)
+        base = {m.rsplit("/", 1)[-1] for m in members}
+        runs[name] = {
+            "_sqlite3": sorted(b for b in base if b.startswith("_sqlite3") and b.endswith(".so")),
+            "libsqlite3": sorted(b for b in base if b.startswith("libsqlite3.so.0")),
+            "sqlite3 package": sorted(m for m in members if m.endswith("/sqlite3/__init__.py")),
+            "guest_agent": any(m.endswith("guest_agent/cli.py") for m in members),
+        }
+        done = subprocess.run(
+            [
+                "chroot",
+                str(root),
+                "/usr/bin/python3",
+                "-c",
+                "import sqlite3; db = sqlite3.connect(':memory:');"
+                " db.execute('create table t (x)'); db.execute('insert into t values (42)');"
+                " print('sqlite', sqlite3.sqlite_version, db.execute('select x from t').fetchone()[0])",
+            ],
+            capture_output=True,
+            text=True,
+            env={"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "LANG": "C.UTF-8"},
+            check=False,
+        )
+        runs[name]["python"] = (done.returncode, done.stdout + done.stderr)
+    plain, nix_db = runs["plain"], runs["nix-db"]
+    assert plain["guest_agent"] and nix_db["guest_agent"], runs
+    assert len(nix_db["_sqlite3"]) == 1, runs
+    assert nix_db["libsqlite3"], runs
+    assert len(nix_db["sqlite3 package"]) == 1, runs
+    rc, out = nix_db["python"]
+    assert rc == 0 and out.startswith("sqlite 3.") and out.rstrip().endswith(" 42"), runs
+    assert plain["_sqlite3"] == [] and plain["libsqlite3"] == [], runs
+    assert plain["sqlite3 package"] == [], runs
+    rc, out = plain["python"]
+    assert rc == 1 and "ModuleNotFoundError: No module named 'sqlite3'" in out, runs
+    # x-nix-db adds sqlite3 and nothing else; nothing else is left out.
+    added = members_of["nix-db"] - members_of["plain"]
+    assert members_of["plain"] <= members_of["nix-db"], members_of["plain"] - members_of["nix-db"]
+    assert added and all("sqlite" in m for m in added), sorted(added)
+
+
+# --------------------------------------------------------------------------
 # Static checks of the integration files (no boot)
 # --------------------------------------------------------------------------
 
