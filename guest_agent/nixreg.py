@@ -61,6 +61,8 @@ def parse_registration(data: bytes) -> list[Entry]:
         lines = data.decode("ascii").split("\n")
     except UnicodeDecodeError:
         raise RegistrationError("not ASCII (a registration lists store paths)") from None
+    if lines and not lines[-1]:
+        lines.pop()  # the newline ending the last line
     entries: list[Entry] = []
     i, count = 0, len(lines)
 
@@ -86,8 +88,10 @@ def parse_registration(data: bytes) -> list[Entry]:
             raise RegistrationError(f"entry of {path} (line {line}): {e}") from None
         if deriver is not None:
             store_name(deriver)
-        if not 0 <= n_refs <= count - i:
+        if n_refs < 0:
             raise RegistrationError(f"entry of {path}: {n_refs} references")
+        if n_refs > count - i:
+            raise RegistrationError(f"ends in the middle of the entry of {path}")
         entries.append(
             Entry(
                 name, nar_hash, nar_size, deriver, tuple(store_name(take()) for _ in range(n_refs))

@@ -451,3 +451,88 @@ def _tell(outcome: nixdb.Outcome, say: Callable[[str], None]) -> None:
 def open_state(rw: int) -> int:
     """An fd of RW/nix-state (made if missing), for the bind mount at /nix/var/nix."""
     return open_dir(rw, NIX_STATE_DIR, create=True)
+
+
+def describe(rw: int) -> dict[str, object]:
+    """For `status`: the valid paths now, and what the last reconcile did (from its record).
+    Reads only; the count falls back to the record's when the database cannot be read."""
+    from guest_agent.reset import WrongType
+
+    try:
+        state = open_dir(rw, NIX_STATE_DIR, create=False)
+    except FileNotFoundError:
+        return {"state": "never", "valid_paths": None}
+    except (OSError, WrongType) as e:
+        return {"state": "unreadable", "valid_paths": None, "error": str(e)}
+    with closing(state):
+        record = read_record(state)
+        valid = _count_now(state)
+    gone, dependents = (record.get(k, "0").split() for k in ("gone", "dependents"))
+    stamp = record.get("time", "")
+    return {
+        "state": record.get("state", "never"),
+        "valid_paths": valid if valid is not None else _int(record.get("valid")),
+        "last_reconcile": (
+            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(stamp)))
+            if stamp.isdigit()
+            else None
+        ),
+        "registration": None if record.get("registration", "-") == "-" else record["registration"],
+        "invalidated": {
+            "gone": _int(gone[0] if gone else None) or 0,
+            "dependents": _int(dependents[0] if dependents else None) or 0,
+            "paths": gone[1:] + dependents[1:],
+        },
+        "moved_aside": None if record.get("aside", "-") == "-" else record["aside"],
+    }
+
+
+def _int(text: str | None) -> int | None:
+    return int(text) if text is not None and text.isdigit() else None
+
+
+def _count_now(state: int) -> int | None:
+    try:
+        import sqlite3
+
+        db = os.open(
+            DB_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=state
+        )
+    except (ImportError, OSError):
+        return None
+    with closing(db):
+        try:
+            nixdb._check_files(db)
+            path = f"/proc/self/fd/{db}/{nixdb.DB_FILE}"
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                return nixdb.count_valid(conn)
+            finally:
+                conn.close()
+        except (nixdb.Unusable, sqlite3.Error):
+            return None
+
+
+def describe_line(info: dict[str, object]) -> str:
+    """`status`'s words for `describe`'s dict."""
+    if info["state"] == "never":
+        return "Nix database: not reconciled yet"
+    if info["state"] == "unreadable":
+        return f"Nix database: state directory unreadable ({info.get('error')})"
+    text = f"Nix database: {info['valid_paths']} valid paths"
+    if info.get("last_reconcile"):
+        text += f", last reconciled {info['last_reconcile']}"
+        text += (
+            f" against {info['registration']}" if info.get("registration") else " (no registration)"
+        )
+    if info["state"] == "reconciling":
+        text += " (interrupted: the next boot reconciles again)"
+    invalidated = info.get("invalidated")
+    if isinstance(invalidated, dict) and (invalidated["gone"] or invalidated["dependents"]):
+        text += (
+            f"; it invalidated {invalidated['gone']} paths gone from the store and"
+            f" {invalidated['dependents']} that depended on them"
+        )
+    if info.get("moved_aside"):
+        text += f"; an unusable state directory was moved aside to RW/{info['moved_aside']}"
+    return text

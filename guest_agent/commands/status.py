@@ -12,11 +12,12 @@ from guest_agent.devices import Devices
 from guest_agent.handlers import handler_for
 from guest_agent.inputs import load, sources
 from guest_agent.mountinfo import MountTable
-from guest_agent.paths import PathError, landing, open_root, walk
+from guest_agent.paths import PathError, landing, open_root, reopen, walk
 from guest_agent.plan import plan
 from guest_agent.records import NamedTuple
 from guest_agent.report import Reporter
 from guest_agent.spec import Config, OverlaySpec
+from guest_agent.syscalls import closing
 
 
 class State:
@@ -37,6 +38,7 @@ class StatusRow(NamedTuple):
     state: str  # one of State's
     detail: str
     reset_pending: bool | None = None  # for the overlay only
+    nix_db: dict[str, Any] | None = None  # for an x-nix-db overlay (nixstate.describe)
 
     def as_json(self) -> dict[str, Any]:
         row: dict[str, Any] = {
@@ -50,6 +52,8 @@ class StatusRow(NamedTuple):
         }
         if self.reset_pending is not None:
             row["reset_pending"] = self.reset_pending
+        if self.nix_db is not None:
+            row["nix_db"] = self.nix_db
         return row
 
     @property
@@ -106,11 +110,14 @@ def mount_status(root: str, config: Config) -> list[StatusRow]:
                 detail = f"{current.fstype} {current.source}" + (
                     "" if ok else " (not what is configured)"
                 )
-            pending = None
+            pending = nix_db = None
             if spec is overlay and overlay is not None:  # a reset may be scheduled for it
                 pending = _reset_pending(root, overlay)
                 if pending:
                     detail += "; reset pending for the next boot"
+                if overlay.nix_db:
+                    nix_db = _nix_db(root, overlay)
+                    detail += "; " + _nix_line(nix_db)
             rows.append(
                 StatusRow(
                     spec.where,
@@ -121,9 +128,30 @@ def mount_status(root: str, config: Config) -> list[StatusRow]:
                     state,
                     detail,
                     pending,
+                    nix_db,
                 )
             )
     return rows
+
+
+def _nix_db(root: str, overlay: OverlaySpec) -> dict[str, Any]:
+    from guest_agent.nixstate import describe
+
+    try:
+        root_fd = open_root(root)
+        try:
+            with walk(root_fd, overlay.rw) as opened, closing(reopen(opened.fd)) as rw:
+                return describe(rw)
+        finally:
+            os.close(root_fd)
+    except (PathError, OSError) as e:
+        return {"state": "unreadable", "valid_paths": None, "error": str(e)}
+
+
+def _nix_line(info: dict[str, Any]) -> str:
+    from guest_agent.nixstate import describe_line
+
+    return describe_line(info)
 
 
 def _reset_pending(root: str, overlay: OverlaySpec) -> bool:

@@ -12,6 +12,7 @@ at a fraction of the cost.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sqlite3
@@ -74,7 +75,9 @@ class Lower:
     reg_info: str
 
 
-def build_lower(where: Path, names: dict[str, str], salt: str) -> Lower:
+def build_lower(
+    where: Path, names: dict[str, str], salt: str, *, with_derivations: bool = False
+) -> Lower:
     expr = where.with_suffix(".nix")
     # SALT keeps one test's paths apart from another's in the host store
     expr.write_text(_derivations({k: f"{v} # {salt}" for k, v in names.items()}))
@@ -83,6 +86,9 @@ def build_lower(where: Path, names: dict[str, str], salt: str) -> Lower:
         out = _nix("nix-build", NIX_OPTIONS, "--no-out-link", str(expr), "-A", name).strip()
         paths[name] = out
     closure = _nix("nix-store", "-qR", *paths.values()).split()
+    if with_derivations:
+        derivers = _nix("nix-store", "-qd", *paths.values()).split()
+        closure += _nix("nix-store", "-qR", *derivers).split()
     registration = _nix("nix-store", "--dump-db", *closure)
     info = where.parent / f"{where.name}-info" / "closure-info"
     info.mkdir(parents=True)
@@ -150,6 +156,8 @@ class Machine:
                 else mount -t tmpfs nix-var /nix/var/nix; fi
                 S=""
                 O=""
+                AGENT="{sys.executable} -m guest_agent"
+                CMDLINE={self.tmp}/cmdline
                 export NIX_CONFIG=$'{NIX_CONFIG}'
                 {after}
                 """
@@ -231,6 +239,16 @@ def test_built_path_survives_reboot_and_is_not_rebuilt(tmp_path: Path, lower: Lo
     assert "will be built" not in second.out and "building" not in second.out, second.out
     assert verified_clean(second), second.out
     assert built in machine.valid()
+
+    shown = machine.boot(lower, 'echo "<<<"; $AGENT status --root $R --cmdline $CMDLINE --json; echo ">>>"')
+    rows = json.loads(shown.out.split("<<<", 1)[1].split(">>>", 1)[0])
+    nix_db = next(row for row in rows if row["where"] == "/nix/store")["nix_db"]
+    assert nix_db["valid_paths"] == len(machine.valid()) == 5  # 3 lower + the build and its .drv
+    assert nix_db["state"] == "done"
+    assert nix_db["registration"] == lower.reg_info
+    assert nix_db["last_reconcile"].endswith("Z")
+    text = machine.boot(lower, "$AGENT status --root $R --cmdline $CMDLINE")
+    assert "Nix database: 5 valid paths, last reconciled" in text.out, text.out
 
 
 def test_unchanged_boot_skips_the_reconcile(tmp_path: Path, lower: Lower) -> None:
@@ -372,3 +390,46 @@ def test_without_x_nix_db_nothing_changes(tmp_path: Path, lower: Lower) -> None:
     assert boot.returncode == 0, boot.agent
     assert "Nix" not in boot.agent
     assert not (machine.rw / "nix-state").exists()
+
+
+def test_registering_writes_the_rows_nix_store_load_db_writes(tmp_path: Path) -> None:
+    lower = build_lower(
+        tmp_path / "lower",
+        {"a": "echo a > $out", "b": "echo ${a} > $out"},
+        f"load-db-{os.getpid()}",
+        with_derivations=True,
+    )
+    nix_root = tmp_path / "nix-root"
+    (nix_root / "nix/store").mkdir(parents=True)
+    subprocess.run(f"cp -a {lower.dir}/. {nix_root}/nix/store/", shell=True, check=True)
+    registration = (nix_root / lower.reg_info.removeprefix("/")).read_text()
+    subprocess.run(
+        ["nix-store", "--store", str(nix_root), "--load-db"], input=registration, text=True,
+        capture_output=True, check=True,
+    )  # fmt: skip
+    machine = Machine(tmp_path / "m")
+    assert machine.boot(lower).returncode == 0
+
+    def rows(conn: sqlite3.Connection) -> dict[str, set[tuple[object, ...]]]:
+        return {
+            "paths": set(conn.execute(
+                "select path, hash, deriver, narSize, ultimate, sigs, ca from ValidPaths")),
+            "refs": set(conn.execute(
+                "select a.path, b.path from Refs join ValidPaths a on a.id = referrer"
+                " join ValidPaths b on b.id = reference")),
+            "outputs": set(conn.execute(
+                "select v.path, d.id, d.path from DerivationOutputs d join ValidPaths v on v.id = drv")),
+            "schema": set(conn.execute("select type, name, sql from sqlite_master")),
+        }  # fmt: skip
+
+    nix_db = sqlite3.connect(f"file:{nix_root}/nix/var/nix/db/db.sqlite?mode=ro", uri=True)
+    with nix_db, machine.db() as ours:
+        theirs, mine = rows(nix_db), rows(ours)
+    assert len(theirs["paths"]) == 4 and len(theirs["outputs"]) == 2  # a, b and their .drv files
+    assert mine["paths"] == theirs["paths"]
+    assert mine["refs"] == theirs["refs"]
+    assert mine["outputs"] == theirs["outputs"]
+    # Same tables, indexes and trigger; sqlite_master keeps each statement's text as written.
+    norm = {(t, n, " ".join((sql or "").split()).lower()) for t, n, sql in theirs["schema"]}
+    assert {(t, n, " ".join((sql or "").split()).lower()) for t, n, sql in mine["schema"]} == norm
+    assert (machine.rw / "nix-state/db/schema").read_text() == "10"

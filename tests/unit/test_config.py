@@ -408,3 +408,70 @@ def test_reset_flag_later_layer_overrides(
 def test_empty_config_file_declares_nothing(text: str) -> None:
     # `--config /dev/null` (or an empty generated file) means: no file entries.
     assert parse_config_json(text, "/dev/null") == Parsed()
+
+
+# --- x-nix-db and regInfo ------------------------------------------------------
+
+REG = "/nix/store/961qnz9y0xfs5imx0w6arijmxk15la7c-closure-info/registration"
+
+
+def test_x_nix_db_and_reg_info_from_the_command_line() -> None:
+    parsed = parse_cmdline(
+        f"microvm.store-overlay=/nix/.ro-store:/nix/.rw-store:x-nix-db regInfo={REG}"
+    )
+    config, problems, _ = merge([parsed])
+    assert not problems
+    overlay = config.overlay
+    assert overlay is not None and overlay.nix_db and overlay.reg_info == REG
+    assert "x-nix-db" not in overlay.options.kernel  # the agent's option, never the kernel's
+
+
+def test_reg_info_without_x_nix_db_is_not_attached() -> None:
+    config, _, _ = merge(
+        [parse_cmdline(f"microvm.store-overlay=/nix/.ro-store:/nix/.rw-store regInfo={REG}")]
+    )
+    assert config.overlay is not None and config.overlay.reg_info is None
+    assert config.reg_info == REG
+
+
+def test_nix_db_and_reg_info_in_json_and_the_command_line_wins() -> None:
+    other = REG.replace("961q", "aaaa")
+    file_layer = parse_config_json(
+        json.dumps(
+            {
+                "storeOverlay": {"lower": "/nix/.ro-store", "rw": "/nix/.rw-store", "nixDb": True},
+                "regInfo": other,
+            }
+        ),
+        "/etc/ga.json",
+    )
+    assert not file_layer.problems
+    config, _, _ = merge([file_layer, parse_cmdline(f"regInfo={REG}")])
+    assert config.overlay is not None and config.overlay.nix_db
+    assert config.overlay.reg_info == REG
+    alone, _, _ = merge([file_layer])
+    assert alone.overlay is not None and alone.overlay.reg_info == other
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("regInfo=relative/registration", "is not an absolute path"),
+        ("regInfo=/etc/registration", "inside a path of /nix/store"),
+        ("regInfo=/nix/store/x/../../etc/passwd", "'..'"),
+    ],
+)
+def test_bad_reg_info_is_a_problem_naming_it(text: str, why: str) -> None:
+    parsed = parse_cmdline(text)
+    assert parsed.reg_info is None
+    assert len(parsed.problems) == 1 and why in str(parsed.problems[0])
+    assert str(parsed.problems[0]).startswith(text)
+
+
+def test_nix_db_must_be_a_bool_in_json() -> None:
+    parsed = parse_config_json(
+        '{"storeOverlay": {"lower": "/a", "rw": "/b", "nixDb": "yes"}}', "/etc/ga.json"
+    )
+    assert [str(p) for p in parsed.problems] == [
+        "/etc/ga.json: storeOverlay: nixDb: expected true or false"
+    ]
