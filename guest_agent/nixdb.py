@@ -134,12 +134,13 @@ def _connect(db_dir: int, *, create: bool) -> sqlite3.Connection:
     return conn
 
 
-def open_database(db_dir: int) -> sqlite3.Connection | None:
+def open_database(db_dir: int, *, check_integrity: bool = True) -> sqlite3.Connection | None:
     """The existing database, checked; None when there is none (a fresh state directory).
 
     Unusable: a schema version other than 10, a file that is not a regular
     file, a database SQLite cannot open, whose tables are not Nix's, or that
-    fails `pragma integrity_check`.
+    fails `pragma integrity_check` (run when CHECK_INTEGRITY: the caller skips
+    it for files unchanged since the agent last checked and wrote them).
     """
     import sqlite3
 
@@ -155,7 +156,9 @@ def open_database(db_dir: int) -> sqlite3.Connection | None:
         raise Unusable(f"schema version {version}, this agent knows {SCHEMA_VERSION}")
     conn = _connect(db_dir, create=False)
     try:
-        verdict = [row[0] for row in conn.execute("pragma integrity_check")]
+        verdict = ["ok"]
+        if check_integrity:
+            verdict = [row[0] for row in conn.execute("pragma integrity_check")]
         if verdict != ["ok"]:
             raise Unusable(f"integrity_check says {'; '.join(map(str, verdict[:3]))}")
         conn.execute(f"select {_COLUMNS} from ValidPaths limit 0")
@@ -228,8 +231,7 @@ def reconcile(
             names[row_id] = name
             if name == path or not present(name):
                 gone.append(row_id)
-        doomed = _with_referrers(conn, gone) if gone else []
-        conn.executemany("delete from ValidPaths where id = ?", ((i,) for i in doomed))
+        doomed = _invalidate(conn, gone) if gone else []
         gone_set = set(gone)
         for row_id in doomed:
             del ids[names[row_id]]
@@ -252,36 +254,27 @@ def reconcile(
     )
 
 
-def _with_referrers(conn: sqlite3.Connection, start: list[int]) -> list[int]:
-    """START and every path referring to them, transitively, each before what it refers to."""
-    referrers: dict[int, list[int]] = {}
-    for referrer, reference in conn.execute("select referrer, reference from Refs"):
-        if referrer != reference:  # self-references are dropped by Nix's trigger
-            referrers.setdefault(reference, []).append(referrer)
-    doomed = set(start)
-    queue = list(start)
-    while queue:
-        for referrer in referrers.get(queue.pop(), ()):
-            if referrer not in doomed:
-                doomed.add(referrer)
-                queue.append(referrer)
-    # Kahn's order: a path goes once no doomed path still refers to it.
-    waiting = {i: 0 for i in doomed}
-    refers_to: dict[int, list[int]] = {}
-    for reference, who in referrers.items():
-        if reference not in doomed:
-            continue
-        for referrer in who:
-            if referrer in doomed:
-                waiting[reference] += 1
-                refers_to.setdefault(referrer, []).append(reference)
-    order = [i for i, n in waiting.items() if n == 0]
-    for i in order:  # grows while it is walked
-        for reference in refers_to.get(i, ()):
-            waiting[reference] -= 1
-            if waiting[reference] == 0:
-                order.append(reference)
-    return order
+def _invalidate(conn: sqlite3.Connection, gone: list[int]) -> list[int]:
+    """Invalidate GONE and every path referring to them, transitively; return their ids.
+
+    Referrers first, as Nix's `on delete restrict` on Refs.reference demands: the
+    doomed paths' own references go first (every referrer of a doomed path is
+    doomed), then the rows, whose DerivationOutputs cascade.
+    """
+    conn.execute("create temp table if not exists Doomed (id integer primary key)")
+    conn.execute("delete from temp.Doomed")
+    conn.executemany("insert into temp.Doomed (id) values (?)", ((i,) for i in gone))
+    conn.execute(
+        "insert or ignore into temp.Doomed (id)"
+        " with recursive Up(id) as (select id from temp.Doomed"
+        "  union select Refs.referrer from Refs join Up on Refs.reference = Up.id)"
+        " select id from Up"
+    )
+    doomed = [row[0] for row in conn.execute("select id from temp.Doomed")]
+    conn.execute("delete from Refs where referrer in (select id from temp.Doomed)")
+    conn.execute("delete from ValidPaths where id in (select id from temp.Doomed)")
+    conn.execute("delete from temp.Doomed")
+    return doomed
 
 
 def _register(

@@ -16,6 +16,7 @@ from guest_agent.records import NamedTuple
 
 STORE_DIR = "/nix/store"
 _NIX_BASE32 = "0123456789abcdfghijklmnpqrsvwxyz"  # Nix's alphabet: no e, o, u, t
+_BASE32_SET = frozenset(_NIX_BASE32)
 _SHA256_BYTES = 32
 # Characters Nix allows in a store path name (after the 32-char hash and '-').
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+-._?=")
@@ -46,62 +47,66 @@ def store_name(path: str) -> str:
 def is_store_name(name: str) -> bool:
     """Whether NAME is a store path's base name: 32 base-32 chars, '-', a name."""
     return (
-        len(name) > 33
+        33 < len(name) <= 211
         and name[32] == "-"
-        and all(c in _NIX_BASE32 for c in name[:32])
+        and _BASE32_SET.issuperset(name[:32])
         and _NAME_CHARS.issuperset(name[33:])
-        and not name[33:].startswith(".")
-        and len(name) <= 211
+        and name[33] != "."
     )
 
 
 def parse_registration(data: bytes) -> list[Entry]:
-    """Every entry of a registration, in order (RegistrationError names the bad line)."""
+    """Every entry of a registration, in order (RegistrationError names the bad line).
+
+    Each entry's own path is checked as a store path (its name reaches the
+    filesystem); a reference is only a key, which must name a registered or
+    valid path for its entry to be added.
+    """
     try:
         lines = data.decode("ascii").split("\n")
     except UnicodeDecodeError:
         raise RegistrationError("not ASCII (a registration lists store paths)") from None
     if lines and not lines[-1]:
         lines.pop()  # the newline ending the last line
+    prefix = STORE_DIR + "/"
+    cut = len(prefix)
     entries: list[Entry] = []
     i, count = 0, len(lines)
-
-    def take() -> str:
-        nonlocal i
-        if i >= count:
-            raise RegistrationError(f"ends in the middle of an entry (line {i + 1})")
-        i += 1
-        return lines[i - 1]
-
     while i < count:
-        path = take()
+        path = lines[i]
         if not path:
+            i += 1
             continue  # Nix stops at an empty path line; blank lines between entries are harmless
+        if i + 4 >= count:
+            raise RegistrationError(f"ends in the middle of the entry of {path}")
         name = store_name(path)
-        line = i
+        text, size, deriver, n_text = lines[i + 1 : i + 5]
         try:
-            nar_hash = normalize_hash(take())
-            nar_size = int(take())
-            deriver = take() or None
-            n_refs = int(take())
+            nar_hash = normalize_hash(text)
+            nar_size = int(size)
+            n_refs = int(n_text)
         except ValueError as e:
-            raise RegistrationError(f"entry of {path} (line {line}): {e}") from None
-        if deriver is not None:
+            raise RegistrationError(f"entry of {path} (line {i + 1}): {e}") from None
+        if deriver:
             store_name(deriver)
         if n_refs < 0:
             raise RegistrationError(f"entry of {path}: {n_refs} references")
-        if n_refs > count - i:
+        start = i + 5
+        i = start + n_refs
+        if i > count:
             raise RegistrationError(f"ends in the middle of the entry of {path}")
-        entries.append(
-            Entry(
-                name, nar_hash, nar_size, deriver, tuple(store_name(take()) for _ in range(n_refs))
-            )
-        )
+        # A reference outside the store keeps its full text: it names no path, so the
+        # entry is left invalid (its reference is not in the store).
+        refs = tuple([r[cut:] if r.startswith(prefix) else r for r in lines[start:i]])
+        entries.append(Entry(name, nar_hash, nar_size, deriver or None, refs))
     return entries
 
 
 def normalize_hash(text: str) -> str:
     """A SHA-256 NAR hash in any of Nix's spellings, as `sha256:<base16>`."""
+    if len(text) == 64 and text.islower():  # --dump-db's bare base16: the common case
+        bytes.fromhex(text)  # ValueError unless hex
+        return "sha256:" + text
     algo, colon, digest = text.partition(":")
     if not colon:
         algo, dash, digest = text.partition("-")

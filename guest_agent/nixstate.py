@@ -322,6 +322,15 @@ def _changed(record: dict[str, str], now: str) -> str:
     return "changed since the last boot: " + (", ".join(changed) or "the record")
 
 
+def _db_unchanged(record: dict[str, str], now: str) -> bool:
+    """Whether the database's files are as the last finished reconcile left them (then it
+    was checked, and only the agent wrote it since)."""
+    if record.get("state") != "done":
+        return False
+    old = [p for p in record.get("fingerprint", "").split(" ") if p.startswith(nixdb.DB_FILE)]
+    return bool(old) and old == [p for p in now.split(" ") if p.startswith(nixdb.DB_FILE)]
+
+
 def _reconcile(
     layers: Layers,
     reg_info: str | None,
@@ -355,7 +364,7 @@ def _reconcile(
         import sqlite3  # only now: a boot with nothing to reconcile does not pay for it
 
         try:
-            conn = nixdb.open_database(db)
+            conn = nixdb.open_database(db, check_integrity=not _db_unchanged(record, before))
         except nixdb.Unusable as e:
             os.close(db)
             os.close(state)
