@@ -72,7 +72,7 @@ def test_a_dump_db_registration_parses() -> None:
         (f"{A}\n{BASE16}\n120\n\n2\n{B}\n", "ends in the middle"),
         (f"{A}\n{BASE16}\nbig\n\n0\n", "line"),
         (f"/tmp/x\n{BASE16}\n1\n\n0\n", "is not a path in /nix/store"),
-        (f"{A}\n{BASE16}\n1\n\n1\n/nix/store/../etc\n", "is not a path"),
+        (f"{A}\n{BASE16}\n1\n/tmp/x.drv\n0\n", "is not a path"),  # a deriver outside
         ("/nix/store/\xe9\n", "not ASCII"),
     ],
 )
@@ -100,3 +100,10 @@ def test_derivation_outputs_of_a_real_drv() -> None:
     assert derivation_outputs(two) == [("dev", "/nix/store/vp6r7d67wan5b7wim74xn6hx83al3i8m-b-dev")]
     with pytest.raises(ValueError):
         derivation_outputs(b"not a derivation")
+
+
+def test_a_reference_outside_the_store_names_no_path() -> None:
+    # References are keys: one that is no store path can never be valid, so the entry
+    # that has it stays invalid (nixdb), and nothing reaches the filesystem with it.
+    (entry,) = parse_registration(f"{A}\n{BASE16}\n1\n\n1\n/etc/passwd\n".encode())
+    assert entry.references == ("/etc/passwd",)
