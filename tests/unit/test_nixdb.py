@@ -1,0 +1,109 @@
+"""nixdb.reconcile on a real SQLite database of Nix's schema (no Nix needed here; the host
+tests compare the rows with `nix-store --load-db`'s)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from guest_agent import nixdb
+from guest_agent.nixreg import Entry
+
+H = "sha256:" + "0" * 64
+
+
+def name(tag: str) -> str:
+    return "0" * 31 + tag[0] + "-" + tag
+
+
+def entry(tag: str, *refs: str) -> Entry:
+    return Entry(name(tag), H, 1, None, tuple(name(r) for r in refs))
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> int:
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    yield fd  # type: ignore[misc]
+    os.close(fd)
+
+
+def valid(conn: object) -> set[str]:
+    return {row[0].rsplit("-", 1)[1] for row in conn.execute("select path from ValidPaths")}  # type: ignore[attr-defined]
+
+
+def test_invalidation_takes_every_referrer_and_survives_self_references(db: int) -> None:
+    conn = nixdb.create_database(db)
+    # c -> b -> a, d -> c, e alone; b refers to itself (Nix allows it)
+    reg = [entry("a"), entry("b", "a", "b"), entry("c", "b"), entry("d", "c"), entry("e")]
+    everything = {e.name for e in reg}
+    first = nixdb.reconcile(conn, everything.__contains__, reg, lambda n: None)
+    assert first.added == sorted(everything) and first.valid == 5
+    present = everything - {name("b")}
+    out = nixdb.reconcile(conn, present.__contains__, None, lambda n: None)
+    assert out.gone == [name("b")]
+    assert out.dependents == sorted([name("c"), name("d")])
+    assert valid(conn) == {"a", "e"}
+    (refs,) = conn.execute("select count(*) from Refs").fetchone()
+    assert refs == 0
+
+
+def test_registered_paths_whose_references_cannot_be_valid_stay_invalid(db: int) -> None:
+    conn = nixdb.create_database(db)
+    reg = [entry("a"), entry("b", "a"), entry("c", "b"), entry("x", "zzz")]
+    present = {name("b"), name("c"), name("x")}  # a is not in the store
+    out = nixdb.reconcile(conn, present.__contains__, reg, lambda n: None)
+    assert out.valid == 0
+    why = dict(out.not_added)
+    assert why[name("a")] == "not in the store"
+    assert "reference" in why[name("b")] and "reference" in why[name("c")]
+    assert "reference" in why[name("x")]
+
+
+def test_valid_rows_are_kept_except_for_replaced_copies(db: int) -> None:
+    conn = nixdb.create_database(db)
+    old = Entry(name("a"), "sha256:" + "1" * 64, 7, None, ())
+    nixdb.reconcile(conn, lambda n: True, [old], lambda n: None)
+    conn.execute("update ValidPaths set sigs = 'cache:sig', ultimate = 1")
+    new = [Entry(name("a"), H, 1, None, ())]
+    nixdb.reconcile(conn, lambda n: True, new, lambda n: None)
+    assert conn.execute("select hash, narSize, sigs, ultimate from ValidPaths").fetchone() == (
+        "sha256:" + "1" * 64, 7, "cache:sig", 1
+    )
+    nixdb.reconcile(conn, lambda n: True, new, lambda n: None, replaced={name("a")})
+    assert conn.execute("select hash, narSize, sigs from ValidPaths").fetchone() == (H, 1, "cache:sig")
+
+
+def test_a_failed_reconcile_changes_nothing(db: int) -> None:
+    conn = nixdb.create_database(db)
+    reg = [entry("a"), entry("b", "a")]
+    nixdb.reconcile(conn, lambda n: True, reg, lambda n: None)
+
+    def broken(n: str) -> bool:
+        raise OSError(5, "Input/output error")
+
+    with pytest.raises(OSError):
+        nixdb.reconcile(conn, broken, reg, lambda n: None)
+    assert valid(conn) == {"a", "b"}
+
+
+@pytest.mark.parametrize(
+    ("schema", "why"), [("11", "schema version 11"), ("ten", "not a version number")]
+)
+def test_unknown_schema_is_unusable(db: int, tmp_path: Path, schema: str, why: str) -> None:
+    nixdb.create_database(db).close()
+    (tmp_path / "schema").write_text(schema)
+    with pytest.raises(nixdb.Unusable, match=why):
+        nixdb.open_database(db)
+
+
+def test_database_files_must_be_plain_files(db: int, tmp_path: Path) -> None:
+    nixdb.create_database(db).close()
+    (tmp_path / "db.sqlite-journal").symlink_to("/etc/passwd")
+    with pytest.raises(nixdb.Unusable, match=r"db\.sqlite-journal is not a regular file"):
+        nixdb.open_database(db)
+
+
+def test_no_database_is_a_fresh_state(db: int) -> None:
+    assert nixdb.open_database(db) is None
