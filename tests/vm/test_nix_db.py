@@ -1,0 +1,117 @@
+"""Real Nix in booted guests over the /nix/store overlay (issue 10).
+
+The lower stores are built on the host with real Nix (nixstores.py); the
+guests run Debian 12's Nix 2.8 from the Nix variant of the initramfs.
+
+The control (issue 10, proof 6): WITHOUT ``x-nix-db`` the Nix database
+caveat of microvm.nix is reproduced. Boot 1: the agent mounts the store
+overlay, the guest registers the lower closure as NixOS's stage 2 does
+(``nix-store --load-db`` of ``regInfo=``) and builds a path depending on a
+lower path: valid. Boot 2 on the same disk: the same registration, and the
+built path is no longer valid, though its files are still in the upper layer.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import nixstores as ns
+import pytest
+import testbed as tb
+from agent import AgentRun, run_agent
+
+pytestmark = pytest.mark.vm
+
+MakeVM = Callable[..., tb.VM]
+OVERLAY = "microvm.store-overlay=/nix/.ro-store:/nix/.rw-store"
+RW_VOLUME = "microvm.volume=LABEL=rw-store:/nix/.rw-store:ext4"
+LOWER_BY = {
+    "9p": "microvm.share=ro-store:/nix/.ro-store",
+    "erofs": "microvm.volume=LABEL=nix-store:/nix/.ro-store:erofs",
+}
+BUILT = "$(cat /tmp/built)"
+
+
+@pytest.fixture(scope="session")
+def base_lower(testbed: tb.Testbed) -> ns.Lower:
+    return ns.base(testbed)
+
+
+def _upper_on_host(image: Path) -> list[str]:
+    """Names in RW/store on the disk image, read on the host without mounting it."""
+    out = subprocess.run(
+        ["debugfs", "-R", "ls /store", str(image)], capture_output=True, text=True, check=True
+    ).stdout
+    return sorted(
+        n for n in out.split() if not n.startswith("(") and n not in (".", "..") and not n.isdigit()
+    )
+
+
+def _steps(run: AgentRun) -> dict[str, ns.Step]:
+    found = ns.steps(run.boot.results)
+    print(f"{run.boot.duration:.1f}s boot; guest: {ns.guest_timings(found)}")
+    return found
+
+
+@pytest.mark.parametrize("lower_by", ["9p", "erofs"])
+def test_without_x_nix_db_a_reboot_forgets_what_the_guest_built(
+    make_nix_vm: MakeVM, base_lower: ns.Lower, tmp_path: Path, kernel: str, lower_by: str
+) -> None:
+    low = base_lower
+    dep, leaf = low.paths["dep"], low.paths["leaf"]
+    rw = tb.ext4_image(tmp_path / "rw.img", "128M", label="rw-store")
+    vm = make_nix_vm(
+        shares=[low.share()] if lower_by == "9p" else [],
+        disks=[*([low.disk()] if lower_by == "erofs" else []), tb.Disk(rw, serial="rw")],
+        cmdline=f"{LOWER_BY[lower_by]} {RW_VOLUME} {OVERLAY} {low.reg_info}",
+    )
+
+    # Boot 1: register the lower closure (NixOS stage 2), build on top of dep.
+    first = run_agent(
+        vm,
+        files=ns.build_files(dep),
+        after=ns.PREPARE
+        + ns.step("smoke", ns.SMOKE)
+        + ns.step("loaddb", ns.load_db())
+        + ns.step("build", f"{ns.build()} >/tmp/built && cat /tmp/built")
+        + ns.step("valid", ns.check_validity([BUILT, dep, leaf]))
+        + ns.step("refs", ns.references(BUILT))
+        + ns.step("verify", ns.verify()),
+    )
+    assert first.rc == 0, first
+    assert first.mounts["/nix/store"].fstype == "overlay", first
+    assert first.mounts["/nix/.ro-store"].fstype == lower_by, first
+    s1 = _steps(first)
+    # The Nix variant of the initramfs: real Nix, Python's sqlite3.
+    assert s1["smoke"].rc == 0 and s1["smoke"].lines[0] == "nix-store (Nix) 2.8.0", s1["smoke"]
+    assert s1["smoke"].lines[1].startswith("sqlite 3."), s1["smoke"]
+    assert s1["loaddb"].rc == 0, s1["loaddb"]
+    built = ns.built_path(s1["build"])
+    assert built.endswith("-nb-guest-built"), s1["build"]
+    assert ns.invalid_paths(s1["valid"]) == set(), s1["valid"]
+    assert ns.store_paths(s1["refs"]) == [dep], s1["refs"]  # dep is a real reference
+    v1 = ns.judge_verify(s1["verify"])
+    assert v1.clean, s1["verify"]
+    name = built.removeprefix("/nix/store/")
+    assert name in _upper_on_host(rw)  # built into the upper layer, on the disk
+
+    # Boot 2, same disk: the same registration, and the build is forgotten.
+    second = run_agent(
+        vm,
+        after=ns.PREPARE
+        + ns.step("loaddb", ns.load_db())
+        + ns.step("valid", ns.check_validity([built, dep, leaf]))
+        + ns.step("files", f"cat {built}/dep")
+        + ns.step("verify", ns.verify()),
+    )
+    assert second.rc == 0, second
+    s2 = _steps(second)
+    assert s2["loaddb"].rc == 0, s2["loaddb"]
+    # The caveat: the built path is not valid any more; the lower closure is.
+    assert ns.invalid_paths(s2["valid"]) == {built}, s2["valid"]
+    # Its files are still there, in the upper layer.
+    assert s2["files"].rc == 0 and s2["files"].lines == [dep], s2["files"]
+    assert name in _upper_on_host(rw)
+    assert ns.judge_verify(s2["verify"]).clean, s2["verify"]
