@@ -332,9 +332,7 @@ def _copy_out(paths: Sequence[str], dest: Path) -> None:
         subprocess.run(["cp", "-a", "-t", str(dest), *batch], check=True)
 
 
-def lower(
-    variant: str = "base", bulk_count: int = 0, testbed: tb.Testbed | None = None
-) -> Lower:
+def lower(variant: str = "base", bulk_count: int = 0, testbed: tb.Testbed | None = None) -> Lower:
     """The lower store of a variant ("base" or "rebuilt") with bulk_count bulk paths.
 
     Cached: built once per key (VERSION, NIX_EXPR, variant, bulk_count, Nix
@@ -342,7 +340,11 @@ def lower(
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}")
-    name = variant if not bulk_count else f"bulk-{bulk_count}" + ("-rebuilt" if variant != "base" else "")
+    name = (
+        variant
+        if not bulk_count
+        else f"bulk-{bulk_count}" + ("-rebuilt" if variant != "base" else "")
+    )
     cache = _cache_dir(testbed)
     root = cache / f"{name}-{_key(variant, bulk_count)}"
     with _locked(cache / f".{name}.lock"):
@@ -355,9 +357,7 @@ def lower(
             expr = tmp / "lower.nix"
             expr.write_text(NIX_EXPR)
             roles = _build_roles(expr, VARIANTS[variant])
-            base_roles = (
-                roles if variant == "base" else _build_roles(expr, VARIANTS["base"])
-            )
+            base_roles = roles if variant == "base" else _build_roles(expr, VARIANTS["base"])
             bulk = sorted(_add_bulk(bulk_count, tmp)) if bulk_count else []
             closure = nix("nix-store", "-qR", *roles.values()).split()
             valid = sorted(set(closure) | set(bulk))
@@ -419,13 +419,45 @@ def bulk(count: int, testbed: tb.Testbed | None = None, *, changed: bool = False
 
 
 # --------------------------------------------------------------------------
-# Guest side: shell snippets, and parsers of their output
+# Guest side: the VM, shell snippets, and parsers of their output
 # --------------------------------------------------------------------------
+
+#: How the guest mounts a lower: a 9p share tagged ro-store, or the erofs image.
+LOWER_MOUNTS = {
+    "9p": "microvm.share=ro-store:/nix/.ro-store",
+    "erofs": "microvm.volume=LABEL=nix-store:/nix/.ro-store:erofs",
+}
+
+
+def store_vm_args(
+    low: Lower, rw_image: Path, lower_by: str = "9p", overlay_options: str = ""
+) -> dict[str, object]:
+    """``make_nix_vm(**store_vm_args(...))``: lower (9p share or erofs disk), the
+    RW ext4 image (label ``rw-store``) and the command line of the store overlay,
+    with ``regInfo=``. overlay_options: e.g. ``"x-nix-db"``.
+    """
+    overlay = "microvm.store-overlay=/nix/.ro-store:/nix/.rw-store"
+    if overlay_options:
+        overlay += ":" + overlay_options
+    cmdline = " ".join(
+        (
+            LOWER_MOUNTS[lower_by],
+            "microvm.volume=LABEL=rw-store:/nix/.rw-store:ext4",
+            overlay,
+            low.reg_info,
+        )
+    )
+    return {
+        "shares": [low.share()] if lower_by == "9p" else [],
+        "disks": [*([low.disk()] if lower_by == "erofs" else []), tb.Disk(rw_image, serial="rw")],
+        "cmdline": cmdline,
+    }
+
 
 #: Prepare Nix in the guest once the agent ran (the Nix initramfs variant).
 #: /dev/pts is mounted by its /init already; this is idempotent.
 PREPARE = """\
-mountpoint -q /dev/pts || mount -t devpts -o gid=5,mode=620 devpts /dev/pts
+grep -q '^devpts /dev/pts ' /proc/mounts || mount -t devpts -o gid=5,mode=620 devpts /dev/pts
 mkdir -p /nix/var/nix/gcroots /nix/var/nix/profiles /nix/var/log/nix
 export HOME=/root USER=root TMPDIR=/tmp
 # The results channel is a tty (ttyS1): no pager (nix-store -q would start
@@ -436,8 +468,7 @@ unset NIX_REMOTE NIX_PATH
 
 #: nix-store --version and Python's sqlite3 (what x-nix-db needs in the guest).
 SMOKE = (
-    "nix-store --version; "
-    "python3 -c 'import sqlite3; print(\"sqlite\", sqlite3.sqlite_version)'"
+    "nix-store --version; python3 -c 'import sqlite3; print(\"sqlite\", sqlite3.sqlite_version)'"
 )
 
 #: Delete old profile generations and collect garbage.
@@ -454,7 +485,7 @@ def step(name: str, command: str) -> str:
         "_t0=$(cut -d' ' -f1 /proc/uptime)\n"
         f"{{ {command}\n}} 2>&1\n"
         "_rc=$?\n"
-        'echo "@@rc@@ $_rc $_t0 $(cut -d\' \' -f1 /proc/uptime)"\n'
+        "echo \"@@rc@@ $_rc $_t0 $(cut -d' ' -f1 /proc/uptime)\"\n"
     )
 
 

@@ -25,12 +25,6 @@ from agent import AgentRun, run_agent
 pytestmark = pytest.mark.vm
 
 MakeVM = Callable[..., tb.VM]
-OVERLAY = "microvm.store-overlay=/nix/.ro-store:/nix/.rw-store"
-RW_VOLUME = "microvm.volume=LABEL=rw-store:/nix/.rw-store:ext4"
-LOWER_BY = {
-    "9p": "microvm.share=ro-store:/nix/.ro-store",
-    "erofs": "microvm.volume=LABEL=nix-store:/nix/.ro-store:erofs",
-}
 BUILT = "$(cat /tmp/built)"
 
 
@@ -62,11 +56,7 @@ def test_without_x_nix_db_a_reboot_forgets_what_the_guest_built(
     low = base_lower
     dep, leaf = low.paths["dep"], low.paths["leaf"]
     rw = tb.ext4_image(tmp_path / "rw.img", "128M", label="rw-store")
-    vm = make_nix_vm(
-        shares=[low.share()] if lower_by == "9p" else [],
-        disks=[*([low.disk()] if lower_by == "erofs" else []), tb.Disk(rw, serial="rw")],
-        cmdline=f"{LOWER_BY[lower_by]} {RW_VOLUME} {OVERLAY} {low.reg_info}",
-    )
+    vm = make_nix_vm(**ns.store_vm_args(low, rw, lower_by))
 
     # Boot 1: register the lower closure (NixOS stage 2), build on top of dep.
     first = run_agent(
@@ -78,6 +68,7 @@ def test_without_x_nix_db_a_reboot_forgets_what_the_guest_built(
         + ns.step("build", f"{ns.build()} >/tmp/built && cat /tmp/built")
         + ns.step("valid", ns.check_validity([BUILT, dep, leaf]))
         + ns.step("refs", ns.references(BUILT))
+        + ns.step("drvrefs", ns.references(f"$(nix-store -q --deriver {BUILT})"))
         + ns.step("verify", ns.verify()),
     )
     assert first.rc == 0, first
@@ -92,6 +83,8 @@ def test_without_x_nix_db_a_reboot_forgets_what_the_guest_built(
     assert built.endswith("-nb-guest-built"), s1["build"]
     assert ns.invalid_paths(s1["valid"]) == set(), s1["valid"]
     assert ns.store_paths(s1["refs"]) == [dep], s1["refs"]  # dep is a real reference
+    # The build's .drv is registered too, with the lower path among its references.
+    assert dep in ns.store_paths(s1["drvrefs"]), s1["drvrefs"]
     v1 = ns.judge_verify(s1["verify"])
     assert v1.clean, s1["verify"]
     name = built.removeprefix("/nix/store/")
@@ -115,3 +108,4 @@ def test_without_x_nix_db_a_reboot_forgets_what_the_guest_built(
     assert s2["files"].rc == 0 and s2["files"].lines == [dep], s2["files"]
     assert name in _upper_on_host(rw)
     assert ns.judge_verify(s2["verify"]).clean, s2["verify"]
+    assert "not found" not in first.out + second.out, first  # every command is there
