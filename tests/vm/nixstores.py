@@ -601,6 +601,17 @@ def store_paths(result: Step) -> list[str]:
     return [x for x in result.lines if x.startswith(STORE + "/")]
 
 
+def db_query(sql: str, db: str = "/nix/var/nix/db/db.sqlite") -> str:
+    """Print the rows of a read-only SQL query on Nix's database (Python's sqlite3
+    in the guest), one line per row, columns separated by spaces."""
+    code = (
+        "import sqlite3, sys; "
+        "c = sqlite3.connect('file:' + sys.argv[1] + '?mode=ro', uri=True); "
+        "[print(*row) for row in c.execute(sys.argv[2])]"
+    )
+    return f'python3 -c "{code}" {db} "{sql}"'
+
+
 def verify(check_contents: bool = True) -> str:
     return "nix-store --verify" + (" --check-contents" if check_contents else "")
 

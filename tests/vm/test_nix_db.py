@@ -109,3 +109,82 @@ def test_without_x_nix_db_a_reboot_forgets_what_the_guest_built(
     assert name in _upper_on_host(rw)
     assert ns.judge_verify(s2["verify"]).clean, s2["verify"]
     assert "not found" not in first.out + second.out, first  # every command is there
+
+
+# --------------------------------------------------------------------------
+# The lower stores themselves (host side, no boot)
+# --------------------------------------------------------------------------
+
+
+def test_lower_stores_hold_their_closure_and_an_unregistered_registration(
+    testbed: tb.Testbed,
+) -> None:
+    base, rebuilt = ns.base(testbed), ns.rebuilt(testbed)
+    for low in (base, rebuilt):
+        entries = ns.parse_registration(low.registration_text())
+        assert sorted(e.path for e in entries) == list(low.valid)
+        # The registration is a store path of the lower, outside its own registration.
+        assert low.registration == f"{low.closure_info}/registration"
+        assert low.closure_info.endswith("-closure-info")
+        assert low.closure_info not in low.valid
+        on_disk = sorted(f"{ns.STORE}/{p.name}" for p in low.store.iterdir())
+        assert on_disk == sorted([*low.valid, low.closure_info])
+        assert tb.blkid(low.erofs, "TYPE") == "erofs"
+        # Real references: dep/new hold the path they reference.
+        refs = {e.path: e.references for e in entries}
+        for e in entries:
+            assert all(r in low.valid for r in e.references), e
+            assert len(e.hash) == 64 and e.nar_size > 0, e
+        assert refs[low.paths["keep"]] == (low.paths["leaf"],)
+    assert refs[rebuilt.paths["new"]] == (rebuilt.paths["keep"],)
+    base_refs = {e.path: e.references for e in ns.parse_registration(base.registration_text())}
+    assert base_refs[base.paths["dep"]] == (base.paths["leaf"],)
+    assert (
+        base.paths["leaf"] in base.host_path(base.paths["dep"]).joinpath("share/leaf").read_text()
+    )
+    # rebuilt: the dep is gone, new is new, the rest is the same.
+    assert rebuilt.gone == (base.paths["dep"],) and base.gone == ()
+    assert set(rebuilt.valid) == set(base.valid) - {base.paths["dep"]} | {rebuilt.paths["new"]}
+    assert rebuilt.closure_info != base.closure_info
+
+
+def test_bulk_lower_has_ten_thousand_valid_paths(testbed: tb.Testbed) -> None:
+    low = ns.bulk(10_000, testbed)
+    print(f"bulk(10000): {low.build_seconds:.1f}s")
+    assert len(low.valid) >= 10_000 and len(low.bulk) == 10_000
+    assert set(ns.base(testbed).valid) < set(low.valid)
+    changed = ns.bulk(10_000, testbed, changed=True)
+    assert changed.bulk == low.bulk and changed.gone == (low.paths["dep"],)
+    assert changed.paths["new"] in changed.valid
+    assert len(ns.parse_registration(low.registration_text())) == len(low.valid)
+
+
+def test_bulk_lower_registers_in_the_guest(
+    make_nix_vm: MakeVM, testbed: tb.Testbed, tmp_path: Path
+) -> None:
+    """The 10 000-path lower (erofs) loads with Nix in the guest; Python's sqlite3
+    reads the database Nix wrote."""
+    low = ns.bulk(10_000, testbed)
+    rw = tb.ext4_image(tmp_path / "rw.img", "128M", label="rw-store")
+    vm = make_nix_vm(**ns.store_vm_args(low, rw, "erofs"))
+    run = run_agent(
+        vm,
+        after=ns.PREPARE
+        + ns.step("loaddb", ns.load_db())
+        + ns.step("count", ns.db_query("select count(*) from ValidPaths"))
+        + ns.step("schema", "cat /nix/var/nix/db/schema; echo")
+        + ns.step(
+            "hash", ns.db_query(f"select hash from ValidPaths where path = '{low.paths['dep']}'")
+        )
+        + ns.step("verify", ns.verify(check_contents=False)),
+    )
+    assert run.rc == 0, run
+    found = _steps(run)
+    assert found["loaddb"].rc == 0, found["loaddb"]
+    assert found["count"].lines == [str(len(low.valid))], found["count"]
+    assert found["schema"].lines == [ns.SCHEMA], found["schema"]
+    dep = next(
+        e for e in ns.parse_registration(low.registration_text()) if e.path == low.paths["dep"]
+    )
+    assert found["hash"].lines == [f"sha256:{dep.hash}"], found["hash"]
+    assert ns.judge_verify(found["verify"]).clean, found["verify"]
