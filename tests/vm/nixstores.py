@@ -351,12 +351,12 @@ def lower(variant: str = "base", bulk_count: int = 0, testbed: tb.Testbed | None
         if (root / "lower.json").exists():
             return _load(root)
         start = time.monotonic()
-        check_host_nix()
         with tempfile.TemporaryDirectory(prefix="nixstores.", dir=cache) as tmp_s:
             tmp = Path(tmp_s)
             expr = tmp / "lower.nix"
             expr.write_text(NIX_EXPR)
             roles = _build_roles(expr, VARIANTS[variant])
+            check_host_nix()  # after a first command: a fresh host has no database before
             base_roles = roles if variant == "base" else _build_roles(expr, VARIANTS["base"])
             bulk = sorted(_add_bulk(bulk_count, tmp)) if bulk_count else []
             closure = nix("nix-store", "-qR", *roles.values()).split()
@@ -599,6 +599,15 @@ def store_paths(result: Step) -> list[str]:
     if result.rc != 0:
         raise AssertionError(f"nix-store query failed: {result}")
     return [x for x in result.lines if x.startswith(STORE + "/")]
+
+
+def gc_deleted(result: Step) -> set[str]:
+    """The store paths a GC step (GC) says it deleted."""
+    if result.rc != 0:
+        raise AssertionError(f"nix-collect-garbage failed: {result}")
+    return {
+        m.group(1) for x in result.lines if (m := re.match(r"deleting '(/nix/store/[^'/]+)'", x))
+    }
 
 
 def db_query(sql: str, db: str = "/nix/var/nix/db/db.sqlite") -> str:

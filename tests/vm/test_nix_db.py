@@ -97,7 +97,9 @@ def test_without_x_nix_db_a_reboot_forgets_what_the_guest_built(
         + ns.step("loaddb", ns.load_db())
         + ns.step("valid", ns.check_validity([built, dep, leaf]))
         + ns.step("files", f"cat {built}/dep")
-        + ns.step("verify", ns.verify()),
+        + ns.step("verify", ns.verify())
+        + ns.step("gc", ns.GC)
+        + ns.step("ls", "ls /nix/store"),
     )
     assert second.rc == 0, second
     s2 = _steps(second)
@@ -108,6 +110,13 @@ def test_without_x_nix_db_a_reboot_forgets_what_the_guest_built(
     assert s2["files"].rc == 0 and s2["files"].lines == [dep], s2["files"]
     assert name in _upper_on_host(rw)
     assert ns.judge_verify(s2["verify"]).clean, s2["verify"]
+    # A GC in the guest deletes the built path (on disk, not valid), the registration
+    # (never registered) and every lower path (valid, but no root): through the
+    # overlay, whiteouts in the upper layer.
+    deleted = ns.gc_deleted(s2["gc"])
+    assert {built, low.closure_info, dep, leaf} <= deleted, s2["gc"]
+    assert s2["ls"].rc == 0 and built.removeprefix("/nix/store/") not in s2["ls"].lines
+    assert dep.removeprefix("/nix/store/") not in s2["ls"].lines, s2["ls"]
     assert "not found" not in first.out + second.out, first  # every command is there
 
 
