@@ -43,6 +43,12 @@ Checked against the Nix in use (Debian 12's nix-bin 2.8.0, host and guest):
 * derivation builders run with ``PATH=/path-not-set``: ours set ``PATH`` so
   that ``/bin/sh`` finds ``mkdir`` (coreutils on the host, busybox in the
   guest).
+* ``nix-collect-garbage -d`` prints ``deleting '/nix/store/…'`` per path
+  (:func:`gc_deleted`): with no GC roots it deletes every lower path (valid,
+  unrooted), the registration's closure-info (never registered) and what
+  is on disk but not valid; through the overlay, each lower path becomes a
+  whiteout in the upper layer (a ``0,0`` character device, hard-linked to
+  the others by overlayfs);
 * ``nix-store --add`` of 50 000 small files in batches takes about 15 s on
   the host with ``fsync-metadata = false``.
 """

@@ -99,7 +99,8 @@ def test_without_x_nix_db_a_reboot_forgets_what_the_guest_built(
         + ns.step("files", f"cat {built}/dep")
         + ns.step("verify", ns.verify())
         + ns.step("gc", ns.GC)
-        + ns.step("ls", "ls /nix/store"),
+        + ns.step("ls", "ls /nix/store")
+        + ns.step("upper", "ls -l /nix/.rw-store/store"),
     )
     assert second.rc == 0, second
     s2 = _steps(second)
@@ -108,7 +109,6 @@ def test_without_x_nix_db_a_reboot_forgets_what_the_guest_built(
     assert ns.invalid_paths(s2["valid"]) == {built}, s2["valid"]
     # Its files are still there, in the upper layer.
     assert s2["files"].rc == 0 and s2["files"].lines == [dep], s2["files"]
-    assert name in _upper_on_host(rw)
     assert ns.judge_verify(s2["verify"]).clean, s2["verify"]
     # A GC in the guest deletes the built path (on disk, not valid), the registration
     # (never registered) and every lower path (valid, but no root): through the
@@ -117,6 +117,9 @@ def test_without_x_nix_db_a_reboot_forgets_what_the_guest_built(
     assert {built, low.closure_info, dep, leaf} <= deleted, s2["gc"]
     assert s2["ls"].rc == 0 and built.removeprefix("/nix/store/") not in s2["ls"].lines
     assert dep.removeprefix("/nix/store/") not in s2["ls"].lines, s2["ls"]
+    whiteouts = {x.split()[-1] for x in s2["upper"].lines if x.startswith("c")}
+    assert {p.removeprefix("/nix/store/") for p in (dep, leaf, low.closure_info)} <= whiteouts
+    assert name not in _upper_on_host(rw)
     assert "not found" not in first.out + second.out, first  # every command is there
 
 
