@@ -19,6 +19,31 @@ snippets (:data:`PREPARE`, :func:`load_db`, :func:`build`,
 results channel, and parsers of what comes back (:func:`steps`,
 :func:`built_path`, :func:`invalid_paths`, :func:`judge_verify`).
 
+A VM test of ``x-nix-db`` (issue 10, proof 2) would read::
+
+    low = nixstores.base(testbed)
+    rw = tb.ext4_image(tmp_path / "rw.img", "128M", label="rw-store")
+    vm = make_nix_vm(**nixstores.store_vm_args(low, rw, "9p", "x-nix-db"))
+    first = run_agent(
+        vm,
+        files=nixstores.build_files(low.paths["dep"]),
+        after=nixstores.PREPARE
+        + nixstores.step("build", f"{nixstores.build()} >/tmp/built && cat /tmp/built"),
+    )
+    built = nixstores.built_path(nixstores.steps(first.boot.results)["build"])
+    # The host rebuilt the lower: same disk, the rebuilt lower (dep gone, new new).
+    new = nixstores.rebuilt(testbed)
+    vm2 = make_nix_vm(**nixstores.store_vm_args(new, rw, "9p", "x-nix-db"))
+    second = run_agent(
+        vm2,
+        after=nixstores.PREPARE
+        + nixstores.step("valid", nixstores.check_validity([built, *new.gone, new.paths["new"]]))
+        + nixstores.step("verify", nixstores.verify()),
+    )
+    found = nixstores.steps(second.boot.results)
+    assert nixstores.invalid_paths(found["valid"]) == {built, *new.gone}
+    assert nixstores.judge_verify(found["verify"]).clean, found["verify"]
+
 Checked against the Nix in use (Debian 12's nix-bin 2.8.0, host and guest):
 
 * the database schema is 10 (``/nix/var/nix/db/schema``); its tables are
