@@ -7,6 +7,9 @@
 * ``initramfs``: the base initramfs for ``kernel``, built once per kernel and
   input hash (the project's wheel included), reused across sessions.
 * ``make_vm``: a factory of :class:`testbed.VM` objects for ``kernel``.
+* ``nix_initramfs`` / ``make_nix_vm``: the same with the Nix variant of the
+  initramfs (real Nix 2.8 and Python's sqlite3 in the guest; see
+  nixstores.py), for the Nix tests only.
 
 Base images are kept in ``$GA_TESTBED_CACHE/initramfs`` (three per kernel at
 most); with ``GA_TESTBED_INITRAMFS_TMP=1`` they are built in pytest's tmp
@@ -66,6 +69,24 @@ def initramfs_for(
     return get
 
 
+@pytest.fixture(scope="session")
+def nix_initramfs_for(
+    testbed: tb.Testbed, wheels: list[Path], tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[str], Path]:
+    """kernel -> the Nix variant of the initramfs (built at most once per session)."""
+    built: dict[str, Path] = {}
+    out_dir = None
+    if os.environ.get("GA_TESTBED_INITRAMFS_TMP"):
+        out_dir = tmp_path_factory.mktemp("initramfs-nix")
+
+    def get(kernel: str) -> Path:
+        if kernel not in built:
+            built[kernel] = tb.base_initramfs(testbed, kernel, wheels, out_dir, nix=True)
+        return built[kernel]
+
+    return get
+
+
 @pytest.fixture(params=tb.KERNELS, ids=[f"linux-{k}" for k in tb.KERNELS])
 def kernel(request: pytest.FixtureRequest) -> str:
     return str(request.param)
@@ -96,6 +117,43 @@ def make_vm(
             kernel=kernel,
             initramfs=initramfs,
             workdir=tmp_path / f"vm{count}",
+            **kw,
+        )
+
+    yield make
+
+
+@pytest.fixture
+def nix_initramfs(nix_initramfs_for: Callable[[str], Path], kernel: str) -> Path:
+    return nix_initramfs_for(kernel)
+
+
+@pytest.fixture
+def make_nix_vm(
+    testbed: tb.Testbed,
+    kernel: str,
+    nix_initramfs: Path,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> Iterator[Callable[..., tb.VM]]:
+    """make_nix_vm(**VM fields) -> VM booting the Nix variant of the initramfs.
+
+    1 GiB of guest memory by default: the initramfs is larger and Nix's evaluator
+    wants room.
+    """
+    count = 0
+
+    def make(**kw: Any) -> tb.VM:
+        nonlocal count
+        count += 1
+        kw.setdefault("label", request.node.name)
+        kw.setdefault("memory_mb", 1024)
+        kw.setdefault("timeout", 240.0)
+        return tb.VM(
+            testbed=testbed,
+            kernel=kernel,
+            initramfs=nix_initramfs,
+            workdir=tmp_path / f"nixvm{count}",
             **kw,
         )
 

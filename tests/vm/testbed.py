@@ -174,10 +174,29 @@ def _file_stamp(path: Path) -> str:
     return f"{path}:{st.st_size}:{st.st_mtime_ns}"
 
 
+#: What the Nix variant of the initramfs copies from the host (build-initramfs --nix).
+NIX_INPUTS = (
+    Path("/usr/bin/nix"),
+    Path("/usr/lib/nix/libnixstore.so"),
+    Path("/usr/lib/nix/libnixexpr.so"),
+    Path("/usr/lib/x86_64-linux-gnu/libsqlite3.so.0"),
+)
+
+
 def base_initramfs(
-    testbed: Testbed, kernel: str, wheels: Sequence[Path], out_dir: Path | None = None
+    testbed: Testbed,
+    kernel: str,
+    wheels: Sequence[Path],
+    out_dir: Path | None = None,
+    *,
+    nix: bool = False,
 ) -> Path:
-    """Build (or reuse) the base initramfs for kernel with these wheels."""
+    """Build (or reuse) the base initramfs for kernel with these wheels.
+
+    nix=True: the Nix variant (build-initramfs --nix: Debian's nix-bin, nix.conf,
+    /dev/pts, Python's sqlite3), cached apart from the base image; only the Nix
+    tests use it, the other boots keep the small base image.
+    """
     h = hashlib.sha256()
     h.update(BUILDER.read_bytes())
     h.update(testbed.release(kernel).encode())
@@ -185,7 +204,12 @@ def base_initramfs(
         h.update(_file_stamp(tool).encode())
     for w in sorted(wheels):
         h.update(_wheel_digest(w).encode())
+    if nix:
+        h.update(b"nix")
+        for tool in NIX_INPUTS:
+            h.update(_file_stamp(tool.resolve()).encode())
     key = h.hexdigest()[:16]
+    prefix = f"nix-{kernel}" if nix else f"base-{kernel}"
     if out_dir is None:
         out_dir = testbed.cache / "initramfs"
         try:
@@ -195,7 +219,7 @@ def base_initramfs(
         except OSError:
             out_dir = Path(tempfile.gettempdir()) / "guest-agent-testbed-initramfs"
             out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"base-{kernel}-{key}.cpio"
+    out = out_dir / f"{prefix}-{key}.cpio"
     if out.exists():
         return out
     cmd = [
@@ -210,9 +234,11 @@ def base_initramfs(
     ]
     for w in wheels:
         cmd += ["--wheel", str(w)]
+    if nix:
+        cmd.append("--nix")
     subprocess.run(cmd, check=True)
-    # Keep only the newest few images of this kernel.
-    old = sorted(out_dir.glob(f"base-{kernel}-*.cpio"), key=lambda p: p.stat().st_mtime)
+    # Keep only the newest few images of this kernel (and variant).
+    old = sorted(out_dir.glob(f"{prefix}-*.cpio"), key=lambda p: p.stat().st_mtime)
     for stale in old[:-3]:
         stale.unlink(missing_ok=True)
     return out
