@@ -114,7 +114,7 @@ def fingerprint(
         f"reginfo={reg_info or '-'}",
         "registration=" + (_stamp(reg_stat) if reg_stat else "-"),
     ]
-    for name in (nixdb.DB_FILE, nixdb.DB_FILE + "-wal"):
+    for name in (nixdb.DB_FILE, nixdb.DB_FILE + "-wal", nixdb.SCHEMA_FILE):
         try:
             parts.append(f"{name}=" + _stamp(os.stat(name, dir_fd=db, follow_symlinks=False)))
         except FileNotFoundError:

@@ -265,6 +265,11 @@ def test_unchanged_boot_skips_the_reconcile(tmp_path: Path, lower: Lower) -> Non
     machine.boot(lower, BUILD.format(expr=expr))
     third = machine.boot(lower)
     assert "reconciling the Nix database with the store (changed since the last boot:" in third.agent
+    # Any file of the database changing counts, the schema file too.
+    assert "unchanged" in machine.boot(lower).agent
+    (machine.rw / "nix-state/db/schema").write_text("11")
+    fifth = machine.boot(lower)
+    assert "the Nix state directory was unusable (schema version 11" in fifth.agent, fifth.agent
 
 
 def test_changed_lower_invalidates_what_left_and_registers_what_came(
