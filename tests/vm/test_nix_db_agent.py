@@ -175,10 +175,13 @@ def test_what_the_guest_built_stays_valid_and_the_database_follows_the_lower(
 # Where the power is cut in the boot that reconciles 10 000 valid paths with a changed
 # lower: when the agent prints a line (the guest runs on for a moment before qemu
 # dies), or a number of microseconds after it said it started reconciling.
+# Measured on both kernels: the record says "reconciling" some 300-500 ms after the
+# first line, and the transaction commits within about 1 s of it.
 CUTS = {
     "start": ("reconciling the Nix database", None),
-    "300ms": (None, 300_000),
-    "1500ms": (None, 1_500_000),
+    "500ms": (None, 500_000),
+    "800ms": (None, 800_000),
+    "1100ms": (None, 1_100_000),
     "invalidated": ("invalidated", None),
     "committed": ("Nix database: ", None),
     "recorded": ("at /nix/var/nix", None),
@@ -187,6 +190,9 @@ RECONCILING = "reconciling the Nix database"
 
 
 def _record_state(image: Path) -> str:
+    """The record's state on the cut disk, as the next mount will see it (debugfs does not
+    replay the journal: e2fsck does that first, as the kernel's mount would)."""
+    subprocess.run(["e2fsck", "-E", "journal_only", "-y", str(image)], capture_output=True, check=False)
     out = subprocess.run(
         ["debugfs", "-R", "cat /nix-state/guest-agent-reconcile", str(image)],
         capture_output=True,
@@ -200,7 +206,7 @@ def test_power_cuts_during_a_reconcile_converge(
     make_nix_vm: MakeVM, testbed: tb.Testbed, tmp_path: Path, kernel: str
 ) -> None:
     """A database of 10 000+ valid paths and a guest build, then a changed lower; the
-    reconcile is cut at six points, and after the next boot verify is clean and the
+    reconcile is cut at seven points, and after the next boot verify is clean and the
     database is what an uncut reconcile makes."""
     low = ns.bulk(10_000, testbed)
     changed = ns.bulk(10_000, testbed, changed=True)
