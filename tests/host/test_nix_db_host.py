@@ -51,18 +51,20 @@ def _nix(*args: str, stdin: str | None = None) -> str:
 def _derivations(names: dict[str, str]) -> str:
     """A Nix expression: an attribute set of derivations NAME = builder script (which may
     interpolate other names as ${name})."""
-    body = "\n".join(
-        f'  {name} = mk "{name}" "{script}";' for name, script in names.items()
-    )
-    return textwrap.dedent(
-        """\
+    body = "\n".join(f'  {name} = mk "{name}" "{script}";' for name, script in names.items())
+    return (
+        textwrap.dedent(
+            """\
         let
           mk = name: script: derivation {
             inherit name; system = "x86_64-linux"; builder = "/bin/sh"; args = ["-c" script];
           };
         in rec {
         """
-    ) + body + "\n}\n"
+        )
+        + body
+        + "\n}\n"
+    )
 
 
 @dataclass
@@ -128,6 +130,7 @@ class Machine:
         reg_info: str | None = "",
         extra: str = "",
         agent: str = "mount-all",
+        env: str = "",
     ) -> Boot:
         reg = lower.reg_info if reg_info == "" else reg_info
         cmdline = f"microvm.store-overlay=/nix/.ro-store:/nix/.rw-store:{options} {extra}"
@@ -146,7 +149,7 @@ class Machine:
                 mkdir -p $R/nix/var
                 mount -t tmpfs root-tmpfs $R/nix/var   # the guest's root: not persistent
                 cd {REPO}
-                {sys.executable} -m guest_agent {agent} --root $R --cmdline {self.tmp}/cmdline \\
+                {env} {sys.executable} -m guest_agent {agent} --root $R --cmdline {self.tmp}/cmdline \\
                     2>{self.tmp}/agent.err
                 echo "agent-exit=$?"
                 # Nix then sees the guest's store and state at their real places (a chroot
@@ -172,9 +175,7 @@ class Machine:
         )
         agent_err = (self.tmp / "agent.err").read_text()
         out = done.stdout + "".join(
-            line + "\n"
-            for line in done.stderr.splitlines()
-            if "build-users-group" not in line
+            line + "\n" for line in done.stderr.splitlines() if "build-users-group" not in line
         )
         code = int(out.split("agent-exit=", 1)[1].split()[0])
         return Boot(code, agent_err, out, out.splitlines())
@@ -223,7 +224,9 @@ def test_built_path_survives_reboot_and_is_not_rebuilt(tmp_path: Path, lower: Lo
     first = machine.boot(lower, BUILD.format(expr=expr))
     assert first.returncode == 0, first.agent
     assert "build-exit=0" in first.out, first.out
-    built = next(line for line in first.lines if line.startswith("/nix/store/") and "guest-built" in line)
+    built = next(
+        line for line in first.lines if line.startswith("/nix/store/") and "guest-built" in line
+    )
     assert "reconciling the Nix database" in first.agent
     assert "3 registered now" in first.agent, first.agent
 
@@ -240,7 +243,9 @@ def test_built_path_survives_reboot_and_is_not_rebuilt(tmp_path: Path, lower: Lo
     assert verified_clean(second), second.out
     assert built in machine.valid()
 
-    shown = machine.boot(lower, 'echo "<<<"; $AGENT status --root $R --cmdline $CMDLINE --json; echo ">>>"')
+    shown = machine.boot(
+        lower, 'echo "<<<"; $AGENT status --root $R --cmdline $CMDLINE --json; echo ">>>"'
+    )
     rows = json.loads(shown.out.split("<<<", 1)[1].split(">>>", 1)[0])
     nix_db = next(row for row in rows if row["where"] == "/nix/store")["nix_db"]
     assert nix_db["valid_paths"] == len(machine.valid()) == 5  # 3 lower + the build and its .drv
@@ -264,7 +269,9 @@ def test_unchanged_boot_skips_the_reconcile(tmp_path: Path, lower: Lower) -> Non
     expr.write_text(_guest_expr(lower.paths["a"], "unchanged"))
     machine.boot(lower, BUILD.format(expr=expr))
     third = machine.boot(lower)
-    assert "reconciling the Nix database with the store (changed since the last boot:" in third.agent
+    assert (
+        "reconciling the Nix database with the store (changed since the last boot:" in third.agent
+    )
     # Any file of the database changing counts, the schema file too.
     assert "unchanged" in machine.boot(lower).agent
     (machine.rw / "nix-state/db/schema").write_text("11")
@@ -279,7 +286,9 @@ def test_changed_lower_invalidates_what_left_and_registers_what_came(
     expr = tmp_path / "guest.nix"
     expr.write_text(_guest_expr(lower.paths["b"], "changed"))
     first = machine.boot(lower, BUILD.format(expr=expr))
-    built = next(line for line in first.lines if line.startswith("/nix/store/") and "guest-built" in line)
+    built = next(
+        line for line in first.lines if line.startswith("/nix/store/") and "guest-built" in line
+    )
     # The host rebuilds the lower: b (the guest build's dependency) and c (which refers
     # to b) are gone, d is new, a stays.
     salt = f"{request.node.name}-{os.getpid()}"
@@ -335,7 +344,9 @@ def test_unusable_database_is_moved_aside_untouched(
     expr = tmp_path / "guest.nix"
     expr.write_text(_guest_expr(lower.paths["a"], f"aside-{damage}"))
     first = machine.boot(lower, BUILD.format(expr=expr))
-    built = next(line for line in first.lines if line.startswith("/nix/store/") and "guest-built" in line)
+    built = next(
+        line for line in first.lines if line.startswith("/nix/store/") and "guest-built" in line
+    )
     db = machine.rw / "nix-state/db"
     outside = tmp_path / "outside.sqlite"
     outside.write_bytes(b"not the agent's to touch")
@@ -369,7 +380,9 @@ def test_reset_overlay_resets_the_database_too(tmp_path: Path, lower: Lower) -> 
     expr = tmp_path / "guest.nix"
     expr.write_text(_guest_expr(lower.paths["a"], "reset"))
     first = machine.boot(lower, BUILD.format(expr=expr))
-    built = next(line for line in first.lines if line.startswith("/nix/store/") and "guest-built" in line)
+    built = next(
+        line for line in first.lines if line.startswith("/nix/store/") and "guest-built" in line
+    )
     after = machine.boot(lower, VERIFY, extra="microvm.reset-overlay")
     assert after.returncode == 0, after.agent
     assert "moved 3 dir(s)" in after.agent, after.agent
@@ -438,3 +451,23 @@ def test_registering_writes_the_rows_nix_store_load_db_writes(tmp_path: Path) ->
     norm = {(t, n, " ".join((sql or "").split()).lower()) for t, n, sql in theirs["schema"]}
     assert {(t, n, " ".join((sql or "").split()).lower()) for t, n, sql in mine["schema"]} == norm
     assert (machine.rw / "nix-state/db/schema").read_text() == "10"
+
+
+def test_without_sqlite3_the_overlay_mounts_and_the_error_says_why(
+    tmp_path: Path, lower: Lower
+) -> None:
+    no_sqlite = tmp_path / "no-sqlite"
+    (no_sqlite / "sqlite3").mkdir(parents=True)
+    (no_sqlite / "sqlite3/__init__.py").write_text(
+        "raise ImportError(\"No module named '_sqlite3'\")\n"
+    )
+    machine = Machine(tmp_path / "m")
+    boot = machine.boot(
+        lower, "mountpoint -q $R/nix/store && echo store-mounted", env=f"PYTHONPATH={no_sqlite}"
+    )
+    assert boot.returncode == 1, boot.agent
+    (line,) = [x for x in boot.agent.splitlines() if x.startswith("error:")]
+    assert "Nix database not reconciled: Python's sqlite3 module is missing here" in line
+    assert "/nix/var/nix is not mounted" in line
+    assert "store-mounted" in boot.out
+    assert "Traceback" not in boot.agent
