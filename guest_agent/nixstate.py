@@ -38,6 +38,7 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from guest_agent.mountinfo import Mount, MountTable
     from guest_agent.nixreg import Entry
 
 DB_DIR = "db"
@@ -545,3 +546,14 @@ def describe_line(info: dict[str, object]) -> str:
     if info.get("moved_aside"):
         text += f"; an unusable state directory was moved aside to RW/{info['moved_aside']}"
     return text
+
+
+def state_mounts(table: MountTable, rw: int) -> list[Mount]:
+    """The mounts showing RW/nix-state (the bind at /nix/var/nix): same filesystem, and a
+    root that ends in /nix-state. A reset must not delete a database in use."""
+    try:
+        st = os.stat(NIX_STATE_DIR, dir_fd=rw, follow_symlinks=False)
+    except OSError:
+        return []
+    dev = (os.major(st.st_dev), os.minor(st.st_dev))
+    return [m for m in table.mounts if m.devnum == dev and m.root.endswith("/" + NIX_STATE_DIR)]

@@ -153,6 +153,20 @@ def _wipe(rw: int, where: str, overlay: OverlaySpec, reporter: Reporter) -> None
                     )
                 )
                 return
+        if overlay.nix_db:
+            from guest_agent.nixstate import state_mounts
+
+            busy = state_mounts(MountTable.read(), rw)
+            if busy:
+                reporter.problem(
+                    Problem(
+                        RESET,
+                        f"the Nix state directory {overlay.rw}/nix-state is mounted at"
+                        f" {busy[0].mount_point}: nothing was wiped",
+                        f"unmount {busy[0].mount_point} first",
+                    )
+                )
+                return
         moved = overlay_reset.move_aside(rw, nix_db=overlay.nix_db)
         trash = overlay_reset.open_trash(rw)
         if trash is not None:

@@ -471,3 +471,22 @@ def test_without_sqlite3_the_overlay_mounts_and_the_error_says_why(
     assert "/nix/var/nix is not mounted" in line
     assert "store-mounted" in boot.out
     assert "Traceback" not in boot.agent
+
+
+def test_reset_overlay_refuses_while_the_database_is_mounted(tmp_path: Path, lower: Lower) -> None:
+    machine = Machine(tmp_path / "m")
+    boot = machine.boot(
+        lower,
+        "umount /nix/store /nix/var/nix $R/nix/store\n"
+        "$AGENT reset-overlay --root $R --cmdline $CMDLINE 2>&1; echo reset1=$?\n"
+        "umount $R/nix/var/nix\n"
+        "$AGENT reset-overlay --root $R --cmdline $CMDLINE 2>&1; echo reset2=$?\n",
+    )
+    first, second = boot.out.split("reset1=")
+    assert first.rstrip().endswith(
+        "nix-state is mounted at " + str(machine.root / "nix/var/nix") + ": nothing was wiped"
+        " (hint: unmount " + str(machine.root / "nix/var/nix") + " first)"
+    ), boot.out
+    assert second.startswith("1"), boot.out
+    assert "wiped the /nix/store upper layer" in second and "reset2=0" in second, boot.out
+    assert not (machine.rw / "nix-state").exists()
