@@ -13,7 +13,14 @@ import os
 from guest_agent.mountinfo import MOUNTINFO, MountTable
 from guest_agent.paths import PathError, host_path, open_root, resolve_in_root, walk
 from guest_agent.results import Failure, Result, Status, refused
-from guest_agent.syscalls import MountError, MountRequest, open_in_root
+from guest_agent.syscalls import (
+    RESOLVE_IN_ROOT,
+    RESOLVE_NO_MAGICLINKS,
+    MountError,
+    MountRequest,
+    closing,
+    openat2,
+)
 from guest_agent.syscalls import mount as kernel_mount
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
@@ -149,6 +156,23 @@ class Context:
             shown = f"{shown}, rw" if shown else "rw"
         self.reporter.info(f"mounted {fstype} {label} at {spec.where} ({shown})")
         return Result(spec.where, spec.source, Status.MOUNTED, fstype, source, options)
+
+
+def open_in_root(root: str, path: str) -> int | None:
+    """An O_PATH fd of the directory PATH, resolved by the kernel as if ROOT were `/`.
+
+    openat2(RESOLVE_IN_ROOT) (Linux >= 5.6) makes the lookup and the mount one
+    atomic choice: a symlink swapped in after our own resolution still cannot
+    lead outside ROOT. None when the kernel lacks openat2. Raises OSError.
+    """
+    flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+    with closing(os.open(root, flags)) as root_fd:
+        try:
+            return openat2(root_fd, path, flags, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+        except OSError as e:
+            if e.errno == errno.ENOSYS:
+                return None
+            raise
 
 
 def read_only_default(implied: bool, options: Options) -> tuple[str, ...]:
