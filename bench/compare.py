@@ -168,7 +168,48 @@ def guest_package(tree: Path, where: str, stage: Path) -> dict[str, bytes]:
     }
 
 
-def guest_script(points: list[str], rounds: int) -> str:
+PROFILE_SCRIPT = r"""
+# Diagnostics (--profile, after the timed rounds): where each side's time goes.
+for what in before after; do
+    for i in 1 2 3; do
+        PYTHONPATH=/opt/ga-$what python3 -X importtime /usr/bin/guest-agent mount-all 2>/tmp/imp >/dev/null
+        echo "@@importtime $what $i@@"; grep 'import time' /tmp/imp; echo "@@end@@"
+        unmount_all
+    done
+    PYTHONPATH=/opt/ga-$what python3 -c '
+import gc, sys, time
+spent, start = [0.0, 0], [0.0]
+def cb(phase, info):
+    if phase == "start":
+        start[0] = time.perf_counter()
+    else:
+        spent[0] += time.perf_counter() - start[0]
+        spent[1] += 1
+gc.callbacks.append(cb)
+sys.argv = ["guest-agent", "mount-all"]
+from guest_agent.main import run
+try:
+    run()
+except SystemExit:
+    pass
+sys.stderr.write("@@gc %d collections %.1f ms@@\n" % (spent[1], spent[0] * 1000))
+' 2>&1 >/dev/null | grep '^@@gc'
+    unmount_all
+    PYTHONPATH=/opt/ga-$what python3 -m cProfile -o /tmp/prof-$what /usr/bin/guest-agent mount-all >/dev/null 2>&1
+    unmount_all
+    echo "@@profile $what@@"
+    python3 -c "
+import pstats
+s = pstats.Stats('/tmp/prof-$what')
+s.sort_stats('cumulative').print_stats('guest_agent', 60)
+s.sort_stats('tottime').print_stats(40)
+" | sed -e 's#/usr/lib/python3[^ ]*/##g' -e 's#/opt/ga-[a-z]*/##g' | grep -v '^ *$\|Ordered by\|List reduced'
+    echo "@@end@@"
+done
+"""
+
+
+def guest_script(points: list[str], rounds: int, profile: bool = False) -> str:
     pts = " ".join(points)
     return rf"""
 before() {{ PYTHONPATH=/opt/ga-before guest-agent mount-all >/tmp/before.log 2>&1; }}
@@ -210,11 +251,13 @@ while [ $i -lt {rounds} ]; do
     done
     i=$((i + 1))
 done
-"""
+""" + (PROFILE_SCRIPT if profile else "")
 
 
-def guest_boot(env: Env, kernel: str, rounds: int, files: dict[str, bytes]) -> dict[str, Any]:
-    from boot_path import _mounts_section, agent_cmdline, agent_plan, make_vm
+def guest_boot(
+    env: Env, kernel: str, rounds: int, files: dict[str, bytes], profile: bool = False
+) -> dict[str, Any]:
+    from boot_path import _mounts_section, _section, agent_cmdline, agent_plan, make_vm
 
     work = env.workdir / f"compare-{kernel}"
     work.mkdir(parents=True, exist_ok=True)
@@ -223,7 +266,7 @@ def guest_boot(env: Env, kernel: str, rounds: int, files: dict[str, bytes]) -> d
     vm = make_vm(env, kernel, "compare", work, cmdline, rounds)
     log(f"guest boot path on {kernel}: one boot, {rounds} rounds")
     points = [where for *_, where, _ in reversed(plan)]
-    r = boot_checked(vm, guest_script(points, rounds), files=files)
+    r = boot_checked(vm, guest_script(points, rounds, profile), files=files)
     t = Timings.parse(r.results)
     reference = _mounts_section(r.results, "cold-installed")
     labels = ["warm-before", "warm-after"] + [
@@ -255,6 +298,16 @@ def guest_boot(env: Env, kernel: str, rounds: int, files: dict[str, bytes]) -> d
         "differing_mounts": differing,
         "which": lines,
         "boot_seconds": r.duration,
+        "profile": {
+            f"{kind} {w}" + (f" {i}" if kind == "importtime" else ""): _section(
+                r.results, f"{kind} {w}" + (f" {i}" if kind == "importtime" else "")
+            )
+            for w in SIDES
+            for kind in ("importtime", "profile")
+            for i in (1, 2, 3)
+        }
+        if profile
+        else {},
     }
 
 
@@ -370,6 +423,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--startup-reps", type=int, default=31, help="host rounds (default 31)")
     ap.add_argument("--no-host", action="store_true", help="skip the host start-up part")
     ap.add_argument("--workdir", type=Path, default=None, help="scratch dir (default: temp)")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the rounds, -X importtime and cProfile each side in the guest (in --json)",
+    )
     ap.add_argument("--json", type=Path, default=None, help="write the raw results here")
     ap.add_argument(
         "--from-json", type=Path, default=None, help="only print the table and section of a run"
@@ -420,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
                 **guest_package(REPO_ROOT, "/opt/ga-after", stage),
             }
             for kernel in kernels:
-                res["guest"][kernel] = guest_boot(env, kernel, args.rounds, files)
+                res["guest"][kernel] = guest_boot(env, kernel, args.rounds, files, args.profile)
                 save()
     finally:
         git("worktree", "remove", "--force", str(before_tree))
