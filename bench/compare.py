@@ -176,6 +176,7 @@ for what in before after; do
         echo "@@importtime $what $i@@"; grep 'import time' /tmp/imp; echo "@@end@@"
         unmount_all
     done
+    echo "@@gc $what@@"
     PYTHONPATH=/opt/ga-$what python3 -c '
 import gc, sys, time
 spent, start = [0.0, 0], [0.0]
@@ -192,8 +193,9 @@ try:
     run()
 except SystemExit:
     pass
-sys.stderr.write("@@gc %d collections %.1f ms@@\n" % (spent[1], spent[0] * 1000))
-' 2>&1 >/dev/null | grep '^@@gc'
+sys.stderr.write("@@gc: %d collections, %.1f ms\n" % (spent[1], spent[0] * 1000))
+' 2>&1 >/dev/null | grep '^@@gc:'
+    echo "@@end@@"
     unmount_all
     PYTHONPATH=/opt/ga-$what python3 -m cProfile -o /tmp/prof-$what /usr/bin/guest-agent mount-all >/dev/null 2>&1
     unmount_all
@@ -303,7 +305,7 @@ def guest_boot(
                 r.results, f"{kind} {w}" + (f" {i}" if kind == "importtime" else "")
             )
             for w in SIDES
-            for kind in ("importtime", "profile")
+            for kind in ("importtime", "profile", "gc")
             for i in (1, 2, 3)
         }
         if profile
