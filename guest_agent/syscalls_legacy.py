@@ -35,4 +35,3 @@ def mount_legacy(req: MountRequest) -> None:
         mount2(req.source, req.target, req.fstype, flags, ",".join(data))
     except OSError as e:
         raise MountError(e.errno or 0, "mount") from None
-

@@ -53,10 +53,12 @@ def test_dry_run_looks_for_no_device(tmp_path: Path) -> None:
 
 
 def test_mount_log_undo_unmounts_newest_first(monkeypatch: object) -> None:
+    import guest_agent.handlers.base as base
     import guest_agent.mountlog as mountlog
 
     undone: list[str] = []
-    monkeypatch.setattr(mountlog, "umount", lambda target, lazy=False: undone.append(target))  # type: ignore[attr-defined]
+    monkeypatch.setattr(base, "umount", lambda target, lazy=False: undone.append(target))  # type: ignore[attr-defined]
+    assert mountlog.MountLog is base.MountLog
     with mountlog.MountLog() as log:
         log.mounted("/r/a")
         log.mounted("/r/b")
