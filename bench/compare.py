@@ -31,8 +31,13 @@ measured in the same run, alternating, so that the host's load falls on both:
    (/proc/self/mountinfo, the 9p/virtiofs/ext4/overlay lines) after every run is
    compared with the first one's.
 
-Prints a table; the raw numbers go to --json. No assertions on times: this is a
-measurement, not a test (pytest does not collect bench/).
+Prints a table; the raw numbers go to --json (bench/compare.json by default:
+`python3 bench/run.py --from-json bench/results.json` then renders its section of
+docs/benchmarks.md, between the method and the findings of bench/compare.md, so
+regenerating the file keeps it). --profile adds, after the timed rounds, each
+side's `-X importtime`, GC time and cProfile in the guest (in --json only). No
+assertions on times: this is a measurement, not a test (pytest does not collect
+bench/).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import REPO_ROOT, Env, Timings, boot_checked, log, median, ms, tb
+from report import compare_section
 
 GUEST_PYTHON = Path("/usr/bin/python3.11")
 SIDES = ("before", "after")
@@ -353,68 +359,6 @@ def table(res: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def _range(v: list[float], unit: str = "ms") -> str:
-    if not v:
-        return "–"
-    if unit == "x":
-        return f"{min(v):.2f}× – {max(v):.2f}×"
-    return f"{ms(min(v))} – {ms(max(v))}"
-
-
-def section(res: dict[str, Any]) -> str:
-    """The Markdown section for docs/benchmarks.md (numbers only; findings are written by hand)."""
-    b, a = res["before"], res["after"]
-    load = " ".join(f"{x:.2f}" for x in res["load"])
-    out = [
-        f"Run of {res['started']} (`bench/compare.py`, HEAD `{res['head']}`): BEFORE = `{b}`, "
-        f"AFTER = `{a}` (the agent's tree at HEAD); host with {res['cpus']} CPUs shared with "
-        f"other jobs (load {load} at the start).",
-        "",
-        "| | BEFORE | AFTER | AFTER / BEFORE (medians) | per-round AFTER / BEFORE: median, range | runs |",
-        "|---|---|---|---|---|---|",
-    ]
-    h = res.get("host")
-    if h:
-        m, r = h["medians"], h["runs"]
-        rr = [x / y for x, y in zip(r["after"], r["before"], strict=True)]
-        out.append(
-            f"| host start-up, whole process (`-m guest_agent mount-all --dry-run`) | "
-            f"{ms(m['before'])} | {ms(m['after'])} | **{h['ratio']:.2f}×** | "
-            f"{h['ratio_per_round']:.2f}×, {_range(rr, 'x')} | {h['reps']} |"
-        )
-        out.append(
-            f"| host start-up above a bare interpreter ({ms(m['bare'])}) | "
-            f"{ms(h['above_bare']['before'])} | {ms(h['above_bare']['after'])} | "
-            f"{h['ratio_above_bare']:.2f}× | | |"
-        )
-    for k, g in res.get("guest", {}).items():
-        m, r = g["medians"], g["runs"]
-        out.append(
-            f"| guest `mount-all`, warm, {k} | {ms(m['before'])} ({_range(r['before'])}) | "
-            f"{ms(m['after'])} ({_range(r['after'])}) | **{g['ratio']:.2f}×** | "
-            f"{g['ratio_per_round']:.2f}×, {_range(g['ratios'], 'x')} | {g['rounds']} |"
-        )
-    out.append("")
-    notes = []
-    if h:
-        notes.append(
-            f"host: both dry runs print the same 11 mounts: **{'yes' if h['same_plan'] else 'no'}**"
-        )
-    for k, g in res.get("guest", {}).items():
-        m = g["medians"]
-        rr = [x / y for x, y in zip(g["runs"]["installed"], g["runs"]["after"], strict=True)]
-        notes.append(
-            f"guest {k} (`{g['release']}`): every run left the same 11 mounts as the first "
-            f"(`/proc/self/mountinfo` compared after each): **{'yes' if g['same_mounts'] else 'no'}**; "
-            f"failed runs: {len(g['failures'])}; the installed agent (AFTER, no PYTHONPATH) "
-            f"{ms(m['installed'])}, installed / AFTER per round {median(rr):.2f}× (same code: "
-            f"the noise floor); cold first run {ms(g['cold_installed'][0]) if g['cold_installed'] else '–'}; "
-            f"null interval {ms(g['null'])}; the boot took {g['boot_seconds']:.0f} s"
-        )
-    out += [f"- {n}" for n in notes]
-    return "\n".join(out) + "\n"
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -430,7 +374,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="after the rounds, -X importtime and cProfile each side in the guest (in --json)",
     )
-    ap.add_argument("--json", type=Path, default=None, help="write the raw results here")
+    ap.add_argument(
+        "--json",
+        type=Path,
+        default=REPO_ROOT / "bench" / "compare.json",
+        help="write the raw results here (default bench/compare.json, which bench/report.py "
+        "renders into docs/benchmarks.md with bench/compare.md; give another path for a trial)",
+    )
     ap.add_argument(
         "--from-json", type=Path, default=None, help="only print the table and section of a run"
     )
@@ -438,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_json:
         done = json.loads(args.from_json.read_text())
         print(table(done))
-        print(section(done))
+        print(compare_section(done))
         return 0
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="guest-agent-compare-"))
@@ -488,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     res["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %z")
     save()
     print(table(res))
-    print(section(res))
+    print(compare_section(res))
     return 0
 
 
