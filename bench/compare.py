@@ -262,8 +262,25 @@ done
 """ + (PROFILE_SCRIPT if profile else "")
 
 
+def with_icount(vm: tb.VM, shift: int) -> None:
+    """Run VM's qemu with `-icount shift=SHIFT`: the guest's clock then advances by 2**SHIFT ns
+    per instruction executed (and follows the host's only while the guest is idle), so a
+    CPU-bound interval measures the instructions it took, not the host's load."""
+    command = vm.qemu_command
+
+    def qemu_command(*args: Any, **kwargs: Any) -> list[str]:
+        return [*command(*args, **kwargs), "-icount", f"shift={shift},sleep=on"]
+
+    vm.qemu_command = qemu_command  # type: ignore[method-assign]
+
+
 def guest_boot(
-    env: Env, kernel: str, rounds: int, files: dict[str, bytes], profile: bool = False
+    env: Env,
+    kernel: str,
+    rounds: int,
+    files: dict[str, bytes],
+    profile: bool = False,
+    icount: int | None = None,
 ) -> dict[str, Any]:
     from boot_path import _mounts_section, _section, agent_cmdline, agent_plan, make_vm
 
@@ -272,6 +289,8 @@ def guest_boot(
     cmdline = agent_cmdline()
     plan = agent_plan(cmdline)
     vm = make_vm(env, kernel, "compare", work, cmdline, rounds)
+    if icount is not None:
+        with_icount(vm, icount)
     log(f"guest boot path on {kernel}: one boot, {rounds} rounds")
     points = [where for *_, where, _ in reversed(plan)]
     r = boot_checked(vm, guest_script(points, rounds, profile), files=files)
@@ -306,6 +325,7 @@ def guest_boot(
         "differing_mounts": differing,
         "which": lines,
         "boot_seconds": r.duration,
+        "icount": icount,
         "profile": {
             f"{kind} {w}" + (f" {i}" if kind == "importtime" else ""): _section(
                 r.results, f"{kind} {w}" + (f" {i}" if kind == "importtime" else "")
@@ -370,6 +390,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-host", action="store_true", help="skip the host start-up part")
     ap.add_argument("--workdir", type=Path, default=None, help="scratch dir (default: temp)")
     ap.add_argument(
+        "--icount",
+        type=int,
+        default=None,
+        metavar="SHIFT",
+        help="run the guests with qemu -icount shift=SHIFT (guest time counts instructions)",
+    )
+    ap.add_argument(
         "--profile",
         action="store_true",
         help="after the rounds, -X importtime and cProfile each side in the guest (in --json)",
@@ -430,7 +457,9 @@ def main(argv: list[str] | None = None) -> int:
                 **guest_package(REPO_ROOT, "/opt/ga-after", stage),
             }
             for kernel in kernels:
-                res["guest"][kernel] = guest_boot(env, kernel, args.rounds, files, args.profile)
+                res["guest"][kernel] = guest_boot(
+                    env, kernel, args.rounds, files, args.profile, args.icount
+                )
                 save()
     finally:
         git("worktree", "remove", "--force", str(before_tree))
