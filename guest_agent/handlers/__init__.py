@@ -19,7 +19,11 @@ made that a later one hides is reported.
 
 from __future__ import annotations
 
-from guest_agent.paths import PathError, resolve_as_far_as_exists
+import os
+import posixpath
+import stat
+
+from guest_agent.paths import PathError, host_path, resolve_as_far_as_exists
 from guest_agent.plan import order_by_resolved
 from guest_agent.results import Failure, Result, Status
 from guest_agent.spec import OverlaySpec, Problem, PseudoSpec, ShareSpec, VolumeSpec
@@ -73,7 +77,13 @@ class Runner:
 
     def _by_resolved_target(self, steps: list[Step]) -> list[Step]:
         """Order mounts by where their mount points resolve inside the root now (a symlink
-        such as /home -> var/home puts /home/alice beneath /var/home), not as written."""
+        such as /home -> var/home puts /home/alice beneath /var/home), not as written.
+
+        Mount points with no symbolic link on the way resolve as written: when none
+        has one (the usual boot), the plan stands without walking each of them."""
+        seen: dict[str, bool] = {}
+        if not any(self._may_move(step.where, seen) for step in steps):
+            return steps
         root_fd = self.ctx.root_fd()
         resolved = {}
         for step in steps:
@@ -84,6 +94,30 @@ class Runner:
         if all(resolved.get(s.where, s.where) == s.where for s in steps):
             return steps
         return order_by_resolved(steps, resolved)
+
+    def _may_move(self, where: str, seen: dict[str, bool]) -> bool:
+        """Whether WHERE may resolve elsewhere than written: it is not normalised, or a
+        symbolic link (or what lstat cannot look at) is on its existing part. SEEN caches
+        each prefix's answer (True: a link or unknown; False: a directory)."""
+        if posixpath.normpath(where) != where:
+            return True
+        prefix = ""
+        for name in where.split("/")[1:]:
+            prefix += "/" + name
+            moved = seen.get(prefix)
+            if moved is None:
+                try:
+                    mode = os.lstat(host_path(self.ctx.root, prefix)).st_mode
+                except FileNotFoundError:
+                    return False  # the rest is taken as written
+                except OSError:
+                    mode = None  # let the walk tell
+                if mode is not None and not stat.S_ISDIR(mode) and not stat.S_ISLNK(mode):
+                    return False  # not a directory: the step itself reports it
+                moved = seen[prefix] = mode is None or stat.S_ISLNK(mode)
+            if moved:
+                return True
+        return False
 
     def _present(self, step: Step) -> bool:
         """Whether STEP's tag or disk can be used right now (no waiting)."""
