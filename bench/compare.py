@@ -409,13 +409,19 @@ def main(argv: list[str] | None = None) -> int:
         "renders into docs/benchmarks.md with bench/compare.md; give another path for a trial)",
     )
     ap.add_argument(
+        "--append",
+        action="store_true",
+        help="add this run to those already in --json (the report renders each in turn)",
+    )
+    ap.add_argument(
         "--from-json", type=Path, default=None, help="only print the table and section of a run"
     )
     args = ap.parse_args(argv)
     if args.from_json:
-        done = json.loads(args.from_json.read_text())
-        print(table(done))
-        print(compare_section(done))
+        loaded = json.loads(args.from_json.read_text())
+        for done in loaded if isinstance(loaded, list) else [loaded]:
+            print(table(done))
+            print(compare_section(done))
         return 0
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="guest-agent-compare-"))
@@ -436,9 +442,14 @@ def main(argv: list[str] | None = None) -> int:
         "guest": {},
     }
 
+    earlier: list[Any] = []
+    if args.append and args.json.exists():
+        old = json.loads(args.json.read_text())
+        earlier = old if isinstance(old, list) else [old]
+
     def save() -> None:
-        if args.json:
-            args.json.write_text(json.dumps(res, indent=1, default=str) + "\n")
+        done = [*earlier, res] if args.append else res
+        args.json.write_text(json.dumps(done, indent=1, default=str) + "\n")
 
     before_tree = Path(tempfile.mkdtemp(prefix="ga-before-")) / "tree"
     git("worktree", "add", "--detach", str(before_tree), before_commit)

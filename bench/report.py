@@ -129,7 +129,7 @@ def render(r: dict[str, Any]) -> str:
     if compared is None and COMPARE_JSON.exists():
         compared = json.loads(COMPARE_JSON.read_text())
     if compared:
-        _compare(w, compared)
+        _compare(w, compared if isinstance(compared, list) else [compared])
     for k, kr in kernels.items():
         if kr.get("boot"):
             _boot(w, k, kr["boot"])
@@ -144,15 +144,17 @@ def render(r: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def _compare(w: Any, res: dict[str, Any]) -> None:
+def _compare(w: Any, runs: list[dict[str, Any]]) -> None:
     """The before/after section: bench/compare.md (method, then findings, split at
-    COMPARE_MARK) around the tables of the run in bench/compare.json."""
+    COMPARE_MARK) around the tables of the runs in bench/compare.json (one run, or a
+    list of them: `bench/compare.py --append`)."""
     w("## Before and after the restructure (issue 9)\n")
     text = COMPARE_TEXT.read_text() if COMPARE_TEXT.exists() else ""
     method, _, findings = text.partition(COMPARE_MARK)
     if method.strip():
         w(method.strip() + "\n")
-    w(compare_section(res))
+    for res in runs:
+        w(compare_section(res))
     if findings.strip():
         w(findings.strip() + "\n")
 
@@ -170,10 +172,18 @@ def compare_section(res: dict[str, Any]) -> str:
     findings are bench/compare.md's, written by hand)."""
     b, a = res["before"], res["after"]
     load = " ".join(f"{x:.2f}" for x in res["load"])
+    icount = next((g.get("icount") for g in res.get("guest", {}).values()), None)
     out = [
         f"Run of {res['started']} (`bench/compare.py`, HEAD `{res['head']}`): BEFORE = `{b}`, "
         f"AFTER = `{a}` (the agent's tree at HEAD); host with {res['cpus']} CPUs shared with "
-        f"other jobs (load {load} at the start).",
+        f"other jobs (load {load} at the start)"
+        + (
+            f"; the guests ran under qemu `-icount shift={icount}`: their clock counts "
+            f"instructions ({1 << icount} ns each) while they run, so the guest rows measure "
+            "work, not the host's load."
+            if icount is not None
+            else "; guests on the host's clock (qemu's default)."
+        ),
         "",
         "| | BEFORE | AFTER | AFTER / BEFORE (medians) | per-round AFTER / BEFORE: median, range | runs |",
         "|---|---|---|---|---|---|",
