@@ -31,8 +31,13 @@ measured in the same run, alternating, so that the host's load falls on both:
    (/proc/self/mountinfo, the 9p/virtiofs/ext4/overlay lines) after every run is
    compared with the first one's.
 
-Prints a table; the raw numbers go to --json. No assertions on times: this is a
-measurement, not a test (pytest does not collect bench/).
+Prints a table; the raw numbers go to --json (bench/compare.json by default:
+`python3 bench/run.py --from-json bench/results.json` then renders its section of
+docs/benchmarks.md, between the method and the findings of bench/compare.md, so
+regenerating the file keeps it). --profile adds, after the timed rounds, each
+side's `-X importtime`, GC time and cProfile in the guest (in --json only). No
+assertions on times: this is a measurement, not a test (pytest does not collect
+bench/).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import REPO_ROOT, Env, Timings, boot_checked, log, median, ms, tb
+from report import compare_section
 
 GUEST_PYTHON = Path("/usr/bin/python3.11")
 SIDES = ("before", "after")
@@ -168,7 +174,50 @@ def guest_package(tree: Path, where: str, stage: Path) -> dict[str, bytes]:
     }
 
 
-def guest_script(points: list[str], rounds: int) -> str:
+PROFILE_SCRIPT = r"""
+# Diagnostics (--profile, after the timed rounds): where each side's time goes.
+for what in before after; do
+    for i in 1 2 3; do
+        PYTHONPATH=/opt/ga-$what python3 -X importtime /usr/bin/guest-agent mount-all 2>/tmp/imp >/dev/null
+        echo "@@importtime $what $i@@"; grep 'import time' /tmp/imp; echo "@@end@@"
+        unmount_all
+    done
+    echo "@@gc $what@@"
+    PYTHONPATH=/opt/ga-$what python3 -c '
+import gc, sys, time
+spent, start = [0.0, 0], [0.0]
+def cb(phase, info):
+    if phase == "start":
+        start[0] = time.perf_counter()
+    else:
+        spent[0] += time.perf_counter() - start[0]
+        spent[1] += 1
+gc.callbacks.append(cb)
+sys.argv = ["guest-agent", "mount-all"]
+from guest_agent.main import run
+try:
+    run()
+except SystemExit:
+    pass
+sys.stderr.write("@@gc: %d collections, %.1f ms\n" % (spent[1], spent[0] * 1000))
+' 2>&1 >/dev/null | grep '^@@gc:'
+    echo "@@end@@"
+    unmount_all
+    PYTHONPATH=/opt/ga-$what python3 -m cProfile -o /tmp/prof-$what /usr/bin/guest-agent mount-all >/dev/null 2>&1
+    unmount_all
+    echo "@@profile $what@@"
+    python3 -c "
+import pstats
+s = pstats.Stats('/tmp/prof-$what')
+s.sort_stats('cumulative').print_stats('guest_agent', 60)
+s.sort_stats('tottime').print_stats(40)
+" | sed -e 's#/usr/lib/python3[^ ]*/##g' -e 's#/opt/ga-[a-z]*/##g' | grep -v '^ *$\|Ordered by\|List reduced'
+    echo "@@end@@"
+done
+"""
+
+
+def guest_script(points: list[str], rounds: int, profile: bool = False) -> str:
     pts = " ".join(points)
     return rf"""
 before() {{ PYTHONPATH=/opt/ga-before guest-agent mount-all >/tmp/before.log 2>&1; }}
@@ -210,20 +259,41 @@ while [ $i -lt {rounds} ]; do
     done
     i=$((i + 1))
 done
-"""
+""" + (PROFILE_SCRIPT if profile else "")
 
 
-def guest_boot(env: Env, kernel: str, rounds: int, files: dict[str, bytes]) -> dict[str, Any]:
-    from boot_path import _mounts_section, agent_cmdline, agent_plan, make_vm
+def with_icount(vm: tb.VM, shift: int) -> None:
+    """Run VM's qemu with `-icount shift=SHIFT`: the guest's clock then advances by 2**SHIFT ns
+    per instruction executed (and follows the host's only while the guest is idle), so a
+    CPU-bound interval measures the instructions it took, not the host's load."""
+    command = vm.qemu_command
+
+    def qemu_command(*args: Any, **kwargs: Any) -> list[str]:
+        return [*command(*args, **kwargs), "-icount", f"shift={shift},sleep=on"]
+
+    vm.qemu_command = qemu_command  # type: ignore[method-assign]
+
+
+def guest_boot(
+    env: Env,
+    kernel: str,
+    rounds: int,
+    files: dict[str, bytes],
+    profile: bool = False,
+    icount: int | None = None,
+) -> dict[str, Any]:
+    from boot_path import _mounts_section, _section, agent_cmdline, agent_plan, make_vm
 
     work = env.workdir / f"compare-{kernel}"
     work.mkdir(parents=True, exist_ok=True)
     cmdline = agent_cmdline()
     plan = agent_plan(cmdline)
     vm = make_vm(env, kernel, "compare", work, cmdline, rounds)
+    if icount is not None:
+        with_icount(vm, icount)
     log(f"guest boot path on {kernel}: one boot, {rounds} rounds")
     points = [where for *_, where, _ in reversed(plan)]
-    r = boot_checked(vm, guest_script(points, rounds), files=files)
+    r = boot_checked(vm, guest_script(points, rounds, profile), files=files)
     t = Timings.parse(r.results)
     reference = _mounts_section(r.results, "cold-installed")
     labels = ["warm-before", "warm-after"] + [
@@ -255,6 +325,17 @@ def guest_boot(env: Env, kernel: str, rounds: int, files: dict[str, bytes]) -> d
         "differing_mounts": differing,
         "which": lines,
         "boot_seconds": r.duration,
+        "icount": icount,
+        "profile": {
+            f"{kind} {w}" + (f" {i}" if kind == "importtime" else ""): _section(
+                r.results, f"{kind} {w}" + (f" {i}" if kind == "importtime" else "")
+            )
+            for w in SIDES
+            for kind in ("importtime", "profile", "gc")
+            for i in (1, 2, 3)
+        }
+        if profile
+        else {},
     }
 
 
@@ -298,68 +379,6 @@ def table(res: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def _range(v: list[float], unit: str = "ms") -> str:
-    if not v:
-        return "–"
-    if unit == "x":
-        return f"{min(v):.2f}× – {max(v):.2f}×"
-    return f"{ms(min(v))} – {ms(max(v))}"
-
-
-def section(res: dict[str, Any]) -> str:
-    """The Markdown section for docs/benchmarks.md (numbers only; findings are written by hand)."""
-    b, a = res["before"], res["after"]
-    load = " ".join(f"{x:.2f}" for x in res["load"])
-    out = [
-        f"Run of {res['started']} (`bench/compare.py`, HEAD `{res['head']}`): BEFORE = `{b}`, "
-        f"AFTER = `{a}` (the agent's tree at HEAD); host with {res['cpus']} CPUs shared with "
-        f"other jobs (load {load} at the start).",
-        "",
-        "| | BEFORE | AFTER | AFTER / BEFORE (medians) | per-round AFTER / BEFORE: median, range | runs |",
-        "|---|---|---|---|---|---|",
-    ]
-    h = res.get("host")
-    if h:
-        m, r = h["medians"], h["runs"]
-        rr = [x / y for x, y in zip(r["after"], r["before"], strict=True)]
-        out.append(
-            f"| host start-up, whole process (`-m guest_agent mount-all --dry-run`) | "
-            f"{ms(m['before'])} | {ms(m['after'])} | **{h['ratio']:.2f}×** | "
-            f"{h['ratio_per_round']:.2f}×, {_range(rr, 'x')} | {h['reps']} |"
-        )
-        out.append(
-            f"| host start-up above a bare interpreter ({ms(m['bare'])}) | "
-            f"{ms(h['above_bare']['before'])} | {ms(h['above_bare']['after'])} | "
-            f"{h['ratio_above_bare']:.2f}× | | |"
-        )
-    for k, g in res.get("guest", {}).items():
-        m, r = g["medians"], g["runs"]
-        out.append(
-            f"| guest `mount-all`, warm, {k} | {ms(m['before'])} ({_range(r['before'])}) | "
-            f"{ms(m['after'])} ({_range(r['after'])}) | **{g['ratio']:.2f}×** | "
-            f"{g['ratio_per_round']:.2f}×, {_range(g['ratios'], 'x')} | {g['rounds']} |"
-        )
-    out.append("")
-    notes = []
-    if h:
-        notes.append(
-            f"host: both dry runs print the same 11 mounts: **{'yes' if h['same_plan'] else 'no'}**"
-        )
-    for k, g in res.get("guest", {}).items():
-        m = g["medians"]
-        rr = [x / y for x, y in zip(g["runs"]["installed"], g["runs"]["after"], strict=True)]
-        notes.append(
-            f"guest {k} (`{g['release']}`): every run left the same 11 mounts as the first "
-            f"(`/proc/self/mountinfo` compared after each): **{'yes' if g['same_mounts'] else 'no'}**; "
-            f"failed runs: {len(g['failures'])}; the installed agent (AFTER, no PYTHONPATH) "
-            f"{ms(m['installed'])}, installed / AFTER per round {median(rr):.2f}× (same code: "
-            f"the noise floor); cold first run {ms(g['cold_installed'][0]) if g['cold_installed'] else '–'}; "
-            f"null interval {ms(g['null'])}; the boot took {g['boot_seconds']:.0f} s"
-        )
-    out += [f"- {n}" for n in notes]
-    return "\n".join(out) + "\n"
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -370,15 +389,39 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--startup-reps", type=int, default=31, help="host rounds (default 31)")
     ap.add_argument("--no-host", action="store_true", help="skip the host start-up part")
     ap.add_argument("--workdir", type=Path, default=None, help="scratch dir (default: temp)")
-    ap.add_argument("--json", type=Path, default=None, help="write the raw results here")
+    ap.add_argument(
+        "--icount",
+        type=int,
+        default=None,
+        metavar="SHIFT",
+        help="run the guests with qemu -icount shift=SHIFT (guest time counts instructions)",
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the rounds, -X importtime and cProfile each side in the guest (in --json)",
+    )
+    ap.add_argument(
+        "--json",
+        type=Path,
+        default=REPO_ROOT / "bench" / "compare.json",
+        help="write the raw results here (default bench/compare.json, which bench/report.py "
+        "renders into docs/benchmarks.md with bench/compare.md; give another path for a trial)",
+    )
+    ap.add_argument(
+        "--append",
+        action="store_true",
+        help="add this run to those already in --json (the report renders each in turn)",
+    )
     ap.add_argument(
         "--from-json", type=Path, default=None, help="only print the table and section of a run"
     )
     args = ap.parse_args(argv)
     if args.from_json:
-        done = json.loads(args.from_json.read_text())
-        print(table(done))
-        print(section(done))
+        loaded = json.loads(args.from_json.read_text())
+        for done in loaded if isinstance(loaded, list) else [loaded]:
+            print(table(done))
+            print(compare_section(done))
         return 0
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="guest-agent-compare-"))
@@ -399,9 +442,14 @@ def main(argv: list[str] | None = None) -> int:
         "guest": {},
     }
 
+    earlier: list[Any] = []
+    if args.append and args.json.exists():
+        old = json.loads(args.json.read_text())
+        earlier = old if isinstance(old, list) else [old]
+
     def save() -> None:
-        if args.json:
-            args.json.write_text(json.dumps(res, indent=1, default=str) + "\n")
+        done = [*earlier, res] if args.append else res
+        args.json.write_text(json.dumps(done, indent=1, default=str) + "\n")
 
     before_tree = Path(tempfile.mkdtemp(prefix="ga-before-")) / "tree"
     git("worktree", "add", "--detach", str(before_tree), before_commit)
@@ -420,7 +468,9 @@ def main(argv: list[str] | None = None) -> int:
                 **guest_package(REPO_ROOT, "/opt/ga-after", stage),
             }
             for kernel in kernels:
-                res["guest"][kernel] = guest_boot(env, kernel, args.rounds, files)
+                res["guest"][kernel] = guest_boot(
+                    env, kernel, args.rounds, files, args.profile, args.icount
+                )
                 save()
     finally:
         git("worktree", "remove", "--force", str(before_tree))
@@ -428,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     res["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %z")
     save()
     print(table(res))
-    print(section(res))
+    print(compare_section(res))
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,11 @@ def _range(v: list[float]) -> str:
 
 def _ok(cond: bool | None) -> str:
     return "–" if cond is None else ("**met**" if cond else "**missed**")
+
+
+COMPARE_JSON = Path(__file__).with_name("compare.json")  # bench/compare.py --json
+COMPARE_TEXT = Path(__file__).with_name("compare.md")
+COMPARE_MARK = "<!-- the run: tables rendered from bench/compare.json -->"
 
 
 def render(r: dict[str, Any]) -> str:
@@ -119,6 +125,11 @@ def render(r: dict[str, Any]) -> str:
     analysis = Path(__file__).with_name("analysis.md")
     if analysis.exists():
         w(analysis.read_text().rstrip() + "\n")
+    compared = r.get("compare")
+    if compared is None and COMPARE_JSON.exists():
+        compared = json.loads(COMPARE_JSON.read_text())
+    if compared:
+        _compare(w, compared if isinstance(compared, list) else [compared])
     for k, kr in kernels.items():
         if kr.get("boot"):
             _boot(w, k, kr["boot"])
@@ -130,6 +141,92 @@ def render(r: dict[str, Any]) -> str:
     for k, kr in kernels.items():
         if kr.get("throughput"):
             _throughput(w, k, kr["throughput"])
+    return "\n".join(out) + "\n"
+
+
+def _compare(w: Any, runs: list[dict[str, Any]]) -> None:
+    """The before/after section: bench/compare.md (method, then findings, split at
+    COMPARE_MARK) around the tables of the runs in bench/compare.json (one run, or a
+    list of them: `bench/compare.py --append`)."""
+    w("## Before and after the restructure (issue 9)\n")
+    text = COMPARE_TEXT.read_text() if COMPARE_TEXT.exists() else ""
+    method, _, findings = text.partition(COMPARE_MARK)
+    if method.strip():
+        w(method.strip() + "\n")
+    for res in runs:
+        w(compare_section(res))
+    if findings.strip():
+        w(findings.strip() + "\n")
+
+
+def _span(v: list[float], unit: str = "ms") -> str:
+    if not v:
+        return "–"
+    if unit == "x":
+        return f"{min(v):.2f}× – {max(v):.2f}×"
+    return f"{_ms(min(v))} – {_ms(max(v))}"
+
+
+def compare_section(res: dict[str, Any]) -> str:
+    """The tables and notes of one bench/compare.py run (numbers only: the method and the
+    findings are bench/compare.md's, written by hand)."""
+    b, a = res["before"], res["after"]
+    load = " ".join(f"{x:.2f}" for x in res["load"])
+    icount = next((g.get("icount") for g in res.get("guest", {}).values()), None)
+    out = [
+        f"Run of {res['started']} (`bench/compare.py`, HEAD `{res['head']}`): BEFORE = `{b}`, "
+        f"AFTER = `{a}` (the agent's tree at HEAD); host with {res['cpus']} CPUs shared with "
+        f"other jobs (load {load} at the start)"
+        + (
+            f"; the guests ran under qemu `-icount shift={icount}`: their clock counts "
+            f"instructions ({1 << icount} ns each) while they run, so the guest rows measure "
+            "work, not the host's load."
+            if icount is not None
+            else "; guests on the host's clock (qemu's default)."
+        ),
+        "",
+        "| | BEFORE | AFTER | AFTER / BEFORE (medians) | per-round AFTER / BEFORE: median, range | runs |",
+        "|---|---|---|---|---|---|",
+    ]
+    h = res.get("host")
+    if h:
+        m, r = h["medians"], h["runs"]
+        rr = [x / y for x, y in zip(r["after"], r["before"], strict=True)]
+        out.append(
+            f"| host start-up, whole process (`-m guest_agent mount-all --dry-run`) | "
+            f"{_ms(m['before'])} | {_ms(m['after'])} | **{h['ratio']:.2f}×** | "
+            f"{h['ratio_per_round']:.2f}×, {_span(rr, 'x')} | {h['reps']} |"
+        )
+        out.append(
+            f"| host start-up above a bare interpreter ({_ms(m['bare'])}) | "
+            f"{_ms(h['above_bare']['before'])} | {_ms(h['above_bare']['after'])} | "
+            f"{h['ratio_above_bare']:.2f}× | | |"
+        )
+    for k, g in res.get("guest", {}).items():
+        m, r = g["medians"], g["runs"]
+        out.append(
+            f"| guest `mount-all`, warm, {k} | {_ms(m['before'])} ({_span(r['before'])}) | "
+            f"{_ms(m['after'])} ({_span(r['after'])}) | **{g['ratio']:.2f}×** | "
+            f"{g['ratio_per_round']:.2f}×, {_span(g['ratios'], 'x')} | {g['rounds']} |"
+        )
+    out.append("")
+    notes = []
+    if h:
+        notes.append(
+            f"host: both dry runs print the same 11 mounts: **{'yes' if h['same_plan'] else 'no'}**"
+        )
+    for k, g in res.get("guest", {}).items():
+        m = g["medians"]
+        rr = [x / y for x, y in zip(g["runs"]["installed"], g["runs"]["after"], strict=True)]
+        notes.append(
+            f"guest {k} (`{g['release']}`): every run left the same 11 mounts as the first "
+            f"(`/proc/self/mountinfo` compared after each): **{'yes' if g['same_mounts'] else 'no'}**; "
+            f"failed runs: {len(g['failures'])}; the installed agent (AFTER, no PYTHONPATH) "
+            f"{_ms(m['installed'])}, installed / AFTER per round {median(rr):.2f}× (same code: "
+            f"the noise floor); cold first run {_ms(g['cold_installed'][0]) if g['cold_installed'] else '–'}; "
+            f"null interval {_ms(g['null'])}; the boot took {g['boot_seconds']:.0f} s"
+        )
+    out += [f"- {n}" for n in notes]
     return "\n".join(out) + "\n"
 
 

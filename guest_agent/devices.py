@@ -6,6 +6,10 @@ first time, `coldplug()` opens the uevent socket (register before check, as
 Kata's agent does) and loads the drivers of the virtio devices present. What
 discovery saw (sysfs scans, superblocks) is kept until something may have
 changed it: a uevent, a wait, a module load, a format (`forget`).
+
+The module loader (guest_agent.kmod and its index) is made only when something
+has to be loaded: a warm boot, whose drivers and filesystems are all there,
+never imports it (see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -29,6 +33,16 @@ if TYPE_CHECKING:
     from guest_agent.uevent import UeventMonitor
 
     T = TypeVar("T")
+
+
+def registered_filesystems(proc: str = "/proc") -> frozenset[str]:
+    """The filesystem types the kernel knows now (/proc/filesystems: "nodev\tsysfs",
+    "\text4"), as ModuleLoader.filesystems reads them; empty when it cannot be read."""
+    try:
+        with open(os.path.join(proc, "filesystems")) as f:
+            return frozenset(line.split()[-1] for line in f.read().splitlines() if line.split())
+    except OSError:
+        return frozenset()
 
 
 class _Seen:
@@ -83,13 +97,22 @@ class Devices:
         from guest_agent.uevent import UeventMonitor
 
         self._monitor = UeventMonitor().open()
-        for error in self.modules().coldplug_virtio():
+        from guest_agent.coldplug import coldplug_virtio
+
+        # As ModuleLoader.coldplug_virtio, but the loader is made only for a driverless device.
+        for error in coldplug_virtio(self._load, self.sysfs):
             if self.reporter is not None:
                 self.reporter.info(f"warning: {error}")
+
+    def _load(self, alias: str) -> str | None:
+        return self.modules().load(alias)
 
     def need_filesystem(self, fstype: str) -> None:
         """Make sure the kernel supports FSTYPE (loading its module); Failure if it cannot."""
         if fstype in self._seen.filesystems:
+            return
+        if fstype in registered_filesystems():
+            self._seen.filesystems.add(fstype)  # nothing loaded: nothing seen has changed
             return
         error = self.modules().ensure_filesystem(fstype)
         self.forget()  # a module load can add devices (and virtiofs tags)

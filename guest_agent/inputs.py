@@ -11,7 +11,6 @@ import os
 
 from guest_agent.config import DEFAULT_CMDLINE, DEFAULT_CONFIG
 from guest_agent.mountinfo import major_minor
-from guest_agent.records import NamedTuple
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
@@ -22,11 +21,17 @@ CONFIG_LIMIT = 4 << 20  # bytes: inputs larger than this are refused, never read
 CMDLINE_LIMIT = 64 << 10
 
 
-class Sources(NamedTuple):
-    root: str  # real path of the target root
-    config: str
-    config_given: bool
-    cmdline: str
+class Sources:
+    """Where the inputs are. A plain class, not a record: one fewer `namedtuple` to build
+    (its `eval`) on every boot."""
+
+    __slots__ = ("cmdline", "config", "config_given", "root")
+
+    def __init__(self, root: str, config: str, config_given: bool, cmdline: str) -> None:
+        self.root = root  # real path of the target root
+        self.config = config
+        self.config_given = config_given
+        self.cmdline = cmdline
 
 
 def sources(root: str = "/", config: str | None = None, cmdline: str = DEFAULT_CMDLINE) -> Sources:

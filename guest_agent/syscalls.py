@@ -1,9 +1,12 @@
 """The agent's one door to the kernel's system calls: ctypes, errors raised as OSError.
 
 `syscall()` calls one by number and raises OSError(errno, strerror, filename)
-when it fails; the thin wrappers below (the mount API, openat2, umount2,
+when it fails; the thin wrappers below (the mount API, openat2,
 finit_module/init_module) are built on it; `closing` closes an fd when a block
-ends. `mount()` and `umount()` turn the kernel's refusal into MountError.
+ends. `mount()` and `umount()` turn the kernel's refusal into MountError. The
+old mount interface, mount(2) and umount2(2) through libc, is
+guest_agent.syscalls_legacy, imported only when used: a boot that mounts with
+the new API and unmounts nothing never imports it.
 
 The new mount API (fsopen/fsconfig/fsmount/move_mount, Linux >= 5.2) is used
 first because the kernel then tells *why* it refused (read from the fs context
@@ -36,8 +39,8 @@ _MOVE_MOUNT_F_EMPTY_PATH = 0x4
 _MOVE_MOUNT_T_EMPTY_PATH = 0x40
 _AT_FDCWD = -100
 _SYS_OPENAT2 = 437
-_RESOLVE_NO_MAGICLINKS = 0x02
-_RESOLVE_IN_ROOT = 0x10
+RESOLVE_NO_MAGICLINKS = 0x02  # openat2's resolve flags
+RESOLVE_IN_ROOT = 0x10
 # (init_module, finit_module): older than the unified table, so numbered per architecture.
 _MODULE_SYSCALLS = {
     "x86_64": (175, 313),
@@ -73,9 +76,7 @@ SB_FLAGS = {"sync": 0x10, "dirsync": 0x80, "lazytime": 0x2000000, "mand": 0x40}
 NO_OPS = frozenset(
     {"async", "nolazytime", "nomand", "loud", "silent", "norelatime", "nostrictatime"}
 )
-_MS_RDONLY = 0x1
-_MS_BIND = 0x1000
-BIND = "bind"  # MountRequest.fstype of a bind mount
+BIND = "bind"  # MountRequest.fstype of a bind mount (syscalls_legacy.bind)
 _MNT_DETACH = 0x2
 
 
@@ -113,7 +114,7 @@ def libc() -> ctypes.CDLL:
     return _libc
 
 
-def _checked(result: int, filename: str | None) -> int:
+def checked(result: int, filename: str | None) -> int:
     """RESULT of a C call that sets errno; OSError(errno, strerror, FILENAME) when negative."""
     if result < 0:
         import ctypes
@@ -134,7 +135,7 @@ def syscall(nr: int, *args: int | bytes | None, filename: str | None = None) -> 
     lib = libc()
     c_args = [ctypes.c_long(a) if isinstance(a, int) else a for a in (nr, *args)]
     ctypes.set_errno(0)
-    return _checked(int(lib.syscall(*c_args)), filename)
+    return checked(int(lib.syscall(*c_args)), filename)
 
 
 class closing:
@@ -179,16 +180,6 @@ def openat2(dir_fd: int, path: str, flags: int, resolve: int) -> int:
     how = (ctypes.c_uint64 * 3)(flags, 0, resolve)  # struct open_how {flags, mode, resolve}
     address, size = ctypes.addressof(how), ctypes.sizeof(how)
     return syscall(_SYS_OPENAT2, dir_fd, os.fsencode(path), address, size, filename=path)
-
-
-def mount2(source: str, target: str, fstype: str, flags: int, data: str) -> None:
-    """mount(2), through libc (its number differs between architectures)."""
-    fs = os.fsencode
-    _checked(libc().mount(fs(source), fs(target), fs(fstype), flags, fs(data)), target)
-
-
-def umount2(target: str, flags: int = 0) -> None:
-    _checked(libc().umount2(os.fsencode(target), flags), target)
 
 
 def _module_syscall(which: int) -> int:
@@ -254,12 +245,16 @@ def _drain_messages(fd: int) -> str:
 
 def mount(request: MountRequest) -> None:
     if request.fstype == BIND:
-        _bind(request)
+        from guest_agent.syscalls_legacy import bind
+
+        bind(request)
         return
     try:
         _mount_new_api(request)
     except _NoNewApi:
-        _mount_legacy(request)
+        from guest_agent.syscalls_legacy import mount_legacy
+
+        mount_legacy(request)
 
 
 class _NoNewApi(Exception):
@@ -310,43 +305,10 @@ def _mount_new_api(req: MountRequest) -> None:
             raise MountError(e.errno or 0, "move_mount") from None
 
 
-def _bind(req: MountRequest) -> None:
-    """A bind mount of the directory SOURCE (a /proc/self/fd/N of a directory we hold)."""
-    target = req.target if req.target_fd is None else f"/proc/self/fd/{req.target_fd}"
-    try:
-        mount2(req.source, target, "", _MS_BIND, "")
-    except OSError as e:
-        raise MountError(e.errno or 0, "mount") from None
-
-
-def _mount_legacy(req: MountRequest) -> None:
-    _, flags, sb_flags, data = split_options(req.options)
-    for flag in sb_flags:
-        flags |= _MS_RDONLY if flag == "ro" else SB_FLAGS[flag]
-    try:
-        mount2(req.source, req.target, req.fstype, flags, ",".join(data))
-    except OSError as e:
-        raise MountError(e.errno or 0, "mount") from None
-
-
-def open_in_root(root: str, path: str) -> int | None:
-    """An O_PATH fd of the directory PATH, resolved by the kernel as if ROOT were `/`.
-
-    openat2(RESOLVE_IN_ROOT) (Linux >= 5.6) makes the lookup and the mount one
-    atomic choice: a symlink swapped in after our own resolution still cannot
-    lead outside ROOT. None when the kernel lacks openat2. Raises OSError.
-    """
-    flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
-    with closing(os.open(root, flags)) as root_fd:
-        try:
-            return openat2(root_fd, path, flags, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
-        except OSError as e:
-            if e.errno == errno.ENOSYS:
-                return None
-            raise
-
-
 def umount(target: str, *, lazy: bool = False) -> None:
+    """umount2(2) (guest_agent.syscalls_legacy); MountError if the kernel refuses."""
+    from guest_agent.syscalls_legacy import umount2
+
     try:
         umount2(target, _MNT_DETACH if lazy else 0)
     except OSError as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from handler_fakes import FakeDevices, Run
 
 from guest_agent.config import merge, parse_cmdline
@@ -53,11 +54,53 @@ def test_dry_run_looks_for_no_device(tmp_path: Path) -> None:
 
 
 def test_mount_log_undo_unmounts_newest_first(monkeypatch: object) -> None:
+    import guest_agent.handlers.base as base
     import guest_agent.mountlog as mountlog
 
     undone: list[str] = []
-    monkeypatch.setattr(mountlog, "umount", lambda target, lazy=False: undone.append(target))  # type: ignore[attr-defined]
+    monkeypatch.setattr(base, "umount", lambda target, lazy=False: undone.append(target))  # type: ignore[attr-defined]
+    assert mountlog.MountLog is base.MountLog
     with mountlog.MountLog() as log:
         log.mounted("/r/a")
         log.mounted("/r/b")
     assert undone == ["/r/b", "/r/a"]
+
+
+def test_a_symlink_in_the_root_orders_by_where_mount_points_resolve(tmp_path: Path) -> None:
+    run = Run(tmp_path)
+    (run.root / "var/home").mkdir(parents=True)
+    (run.root / "home").symlink_to("var/home")
+    steps = steps_of("microvm.volume=tmpfs:/home/alice:tmpfs microvm.volume=tmpfs:/var/home:tmpfs")
+    assert [s.where for s in steps] == ["/home/alice", "/var/home"]
+    results = Runner(run.ctx).run(steps)
+    assert [(r.where, r.status) for r in results] == [
+        ("/var/home", Status.MOUNTED),
+        ("/home/alice", Status.MOUNTED),
+    ]
+    assert [r.target for r in run.mount.requests] == [
+        run.host("/var/home"),
+        run.host("/var/home/alice"),
+    ]
+
+
+def test_without_a_symlink_on_the_way_no_mount_point_is_walked_for_the_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import guest_agent.handlers as handlers
+
+    def walked(_root_fd: int, where: str) -> str:
+        raise AssertionError(f"walked {where}")
+
+    monkeypatch.setattr(handlers, "resolve_as_far_as_exists", walked)
+    run = Run(tmp_path)
+    (run.root / "var/lib").mkdir(parents=True)
+    (run.root / "file").write_text("")
+    steps = steps_of(
+        "microvm.volume=tmpfs:/var/lib/a:tmpfs microvm.volume=tmpfs:/missing/b:tmpfs "
+        "microvm.volume=tmpfs:/file/c:tmpfs:nofail microvm.volume=tmpfs:/var:tmpfs"
+    )
+    results = Runner(run.ctx).run(steps)
+    assert [r.where for r in results] == [s.where for s in steps]
+    (run.root / "link").symlink_to("var")
+    with pytest.raises(AssertionError, match=r"^walked "):
+        Runner(run.ctx).run(steps_of("microvm.volume=tmpfs:/link/x:tmpfs"))

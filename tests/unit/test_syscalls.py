@@ -1,4 +1,5 @@
-"""The one syscall layer: syscall() raising OSError, the thin wrappers, closing, MountError."""
+"""The one syscall layer: syscall() raising OSError, the thin wrappers, closing, MountError
+(and the old mount interface, syscalls_legacy)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from guest_agent import syscalls
+from guest_agent import syscalls, syscalls_legacy
 from guest_agent.syscalls import MountError, closing, syscall
 
 NO_SUCH_SYSCALL = 100_000  # above every architecture's table: ENOSYS everywhere
@@ -77,7 +78,7 @@ def test_wrapper_names_the_path(tmp_path: Path) -> None:
     assert raised.value.errno in (errno.EBADF, errno.ENOSYS)
     assert raised.value.filename == "relative"
     with pytest.raises(OSError) as not_mounted:
-        syscalls.umount2(str(tmp_path))
+        syscalls_legacy.umount2(str(tmp_path))
     assert not_mounted.value.errno in (errno.EINVAL, errno.EPERM)
     assert not_mounted.value.filename == str(tmp_path)
 
