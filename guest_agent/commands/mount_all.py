@@ -19,7 +19,8 @@ def mount_all(
 ) -> int:
     """Discover, plan and mount everything; build the overlay; apply a pending reset."""
     from guest_agent.devices import Devices
-    from guest_agent.handlers.base import Context, MountLog
+    from guest_agent.handlers.base import Context
+    from guest_agent.mountlog import MountLog
     from guest_agent.plan import plan
     from guest_agent.report import KMSG, Reporter
     from guest_agent.spec import Problem
@@ -41,7 +42,7 @@ def mount_all(
                     {"ok": False, "mounts": [], "problems": [str(p) for p in reporter.problems]}
                 )
             return exit_code(reporter)
-    from guest_agent.handlers import Runner
+    from guest_agent.runner import Runner
 
     try:
         with (

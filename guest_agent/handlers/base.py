@@ -1,15 +1,8 @@
-"""What every handler works with: the `Context` of a run, its `MountLog`, and the
-`Handler` interface.
+"""What every handler works with: the `Context` of a run, and the `Handler` interface.
 
 The context holds the target root (paths resolved inside it by fd), the mount
 table, the devices, the mount log and the mount function (injected: tests
 record the mounts instead of making them, as kmod's tests inject its syscalls).
-
-The mount log is what this run mounted: the in-root WHEREs in place and the host
-paths mounted here. `reset-overlay` mounts what RW lives on and leaves mounts as
-it found them: `with MountLog() as log:` unmounts, newest first, what the block
-mounted; `mount-all` keeps its mounts (no `with`). (It lives here, not in a module
-of its own, to spare the boot path an import; `guest_agent.mountlog` re-exports it.)
 """
 
 from __future__ import annotations
@@ -27,7 +20,6 @@ from guest_agent.syscalls import (
     MountRequest,
     closing,
     openat2,
-    umount,
 )
 from guest_agent.syscalls import mount as kernel_mount
 
@@ -38,6 +30,7 @@ if TYPE_CHECKING:
 
     from guest_agent.devices import Devices
     from guest_agent.mountinfo import Mount
+    from guest_agent.mountlog import MountLog
     from guest_agent.paths import Opened
     from guest_agent.plan import Step
     from guest_agent.report import Reporter
@@ -55,51 +48,6 @@ if TYPE_CHECKING:
 
         def matches(self, spec: MountSpec, current: Mount, devices: Devices) -> bool:
             """Whether CURRENT, mounted at SPEC's WHERE, is what SPEC asks for."""
-
-
-class MountLog:
-    def __init__(self) -> None:
-        self._wheres: set[str] = set()  # WHEREs in place: mounted now, before, or would be
-        self._hosts: list[str] = []  # host paths this run mounted, in order
-        self._placed: list[tuple[MountSpec, str]] = []  # each spec mounted, and where
-
-    def __enter__(self) -> MountLog:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.undo()
-
-    def in_place(self, where: str) -> bool:
-        return where in self._wheres
-
-    def add_where(self, where: str) -> None:
-        self._wheres.add(where)
-
-    def mounted(self, host: str) -> None:
-        """HOST was mounted by this run."""
-        self._hosts.append(host)
-
-    def unmounted(self, host: str) -> None:
-        """HOST, mounted by this run, was unmounted again."""
-        self._hosts.remove(host)
-
-    def last_host(self) -> str | None:
-        return self._hosts[-1] if self._hosts else None
-
-    def place(self, spec: MountSpec, host: str) -> None:
-        self._placed.append((spec, host))
-
-    def placed(self) -> list[tuple[MountSpec, str]]:
-        return list(self._placed)
-
-    def undo(self) -> None:
-        """Unmount what this run mounted, newest first."""
-        for target in reversed(self._hosts):
-            try:
-                umount(target)
-            except MountError:
-                umount(target, lazy=True)
-        self._hosts.clear()
 
 
 class Context:

@@ -54,12 +54,10 @@ def test_dry_run_looks_for_no_device(tmp_path: Path) -> None:
 
 
 def test_mount_log_undo_unmounts_newest_first(monkeypatch: object) -> None:
-    import guest_agent.handlers.base as base
     import guest_agent.mountlog as mountlog
 
     undone: list[str] = []
-    monkeypatch.setattr(base, "umount", lambda target, lazy=False: undone.append(target))  # type: ignore[attr-defined]
-    assert mountlog.MountLog is base.MountLog
+    monkeypatch.setattr(mountlog, "umount", lambda target, lazy=False: undone.append(target))  # type: ignore[attr-defined]
     with mountlog.MountLog() as log:
         log.mounted("/r/a")
         log.mounted("/r/b")
@@ -86,12 +84,12 @@ def test_a_symlink_in_the_root_orders_by_where_mount_points_resolve(tmp_path: Pa
 def test_without_a_symlink_on_the_way_no_mount_point_is_walked_for_the_order(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import guest_agent.handlers as handlers
+    import guest_agent.runner as runner_module
 
     def walked(_root_fd: int, where: str) -> str:
         raise AssertionError(f"walked {where}")
 
-    monkeypatch.setattr(handlers, "resolve_as_far_as_exists", walked)
+    monkeypatch.setattr(runner_module, "resolve_as_far_as_exists", walked)
     run = Run(tmp_path)
     (run.root / "var/lib").mkdir(parents=True)
     (run.root / "file").write_text("")
