@@ -84,7 +84,7 @@ class Outcome(NamedTuple):
     valid: int  # valid paths after the reconcile
 
 
-def _check_files(db_dir: int) -> bool:
+def check_files(db_dir: int) -> bool:
     """Whether the database file exists; Unusable when one of its files is not a plain file."""
     exists = False
     for name in _DB_FILES:
@@ -145,7 +145,7 @@ def open_database(db_dir: int, *, check_integrity: bool = True) -> sqlite3.Conne
     import sqlite3
 
     version = read_schema(db_dir)
-    exists = _check_files(db_dir)
+    exists = check_files(db_dir)
     if not exists:
         if version not in (None, SCHEMA_VERSION):
             raise Unusable(f"schema version {version} but no database")
@@ -183,11 +183,11 @@ def create_database(db_dir: int) -> sqlite3.Connection:
     conn = _connect(db_dir, create=True)
     conn.execute("pragma journal_mode = wal")
     conn.executescript(_SCHEMA_SQL)
-    _write_small_file(db_dir, SCHEMA_FILE, f"{SCHEMA_VERSION}".encode())
+    write_small_file(db_dir, SCHEMA_FILE, f"{SCHEMA_VERSION}".encode())
     return conn
 
 
-def _write_small_file(dir_fd: int, name: str, data: bytes) -> None:
+def write_small_file(dir_fd: int, name: str, data: bytes) -> None:
     """Replace NAME in DIR_FD with DATA, atomically and durably (never through a link)."""
     tmp = f".{name}.guest-agent-tmp"
     try:

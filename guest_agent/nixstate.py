@@ -17,20 +17,20 @@ The record says `state reconciling` before step 1 and `state done` after step
 4: a power cut in between makes the next boot do it all again, and each step
 is idempotent (SQLite's transaction makes 2-3 all or nothing). A database the
 agent does not understand is moved aside whole, never repaired or deleted.
-See docs/nix-db.md.
+Step 1 is nixupper.py, steps 2-3 nixdb.py, the record nixrecord.py; this module
+runs them in order on the layers' fds. See docs/nix-db.md.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 import time
 
-from guest_agent import nixdb
+from guest_agent import nixdb, nixrecord, nixupper
 from guest_agent.nixreg import STORE_DIR, RegistrationError, parse_registration, store_name
 from guest_agent.records import NamedTuple
-from guest_agent.reset import TRASH, open_dir
+from guest_agent.reset import open_dir
 from guest_agent.spec import NIX_STATE_DIR
 from guest_agent.syscalls import closing
 
@@ -41,14 +41,11 @@ if TYPE_CHECKING:
     from guest_agent.mountinfo import Mount, MountTable
     from guest_agent.nixreg import Entry
 
-DB_DIR = "db"
-RECORD = "guest-agent-reconcile"
+DB_DIR = nixrecord.DB_DIR
 ASIDE_PREFIX = "nix-state.aside-"
 MAX_REGISTRATION = 256 << 20
 MAX_DERIVATION = 16 << 20
-MAX_RECORD = 1 << 20
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-_OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
 
 
 NixStateError = nixdb.NixDbError  # the reconcile could not run: why
@@ -71,59 +68,6 @@ class Layers:
         self.lower = lower
         self.rw = rw
         self.upper = upper
-
-
-# --- the record ----------------------------------------------------------------------
-
-
-def read_record(state: int) -> dict[str, str]:
-    """The last reconcile's record (key → value); {} when missing or not a plain file."""
-    try:
-        fd = os.open(RECORD, _READ_FLAGS, dir_fd=state)
-    except OSError:
-        return {}
-    with closing(fd):
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return {}
-        data = os.read(fd, MAX_RECORD)
-    record = {}
-    for line in data.decode("utf-8", "replace").splitlines():
-        key, _, value = line.partition(" ")
-        record[key] = value
-    return record
-
-
-def write_record(state: int, record: dict[str, str]) -> None:
-    text = "".join(f"{key} {value}\n" for key, value in record.items())
-    nixdb._write_small_file(state, RECORD, text.encode("utf-8", "surrogateescape"))
-
-
-def _stamp(st: os.stat_result) -> str:
-    # No ctime: mounting the overlay sets xattrs on the upper directory (its uuid), which
-    # changes its ctime at every boot; adding or removing a store path changes its mtime.
-    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
-
-
-def fingerprint(
-    layers: Layers, reg_info: str | None, reg_stat: os.stat_result | None, db: int
-) -> str:
-    """What must stay the same for a reconcile to be skipped: the lower and upper store
-    directories, the registration file, and the database's files."""
-    parts = [
-        "lower=" + _stamp(os.fstat(layers.lower)),
-        "upper=" + _stamp(os.fstat(layers.upper)),
-        f"reginfo={reg_info or '-'}",
-        "registration=" + (_stamp(reg_stat) if reg_stat else "-"),
-    ]
-    for name in (nixdb.DB_FILE, nixdb.DB_FILE + "-wal", nixdb.SCHEMA_FILE):
-        try:
-            parts.append(f"{name}=" + _stamp(os.stat(name, dir_fd=db, follow_symlinks=False)))
-        except FileNotFoundError:
-            parts.append(f"{name}=-")
-    return " ".join(parts)
-
-
-# --- the registration ------------------------------------------------------------------
 
 
 def open_registration(lower: int, reg_info: str) -> tuple[int, str]:
@@ -163,90 +107,6 @@ def read_registration(fd: int) -> list[Entry]:
     return parse_registration(b"".join(chunks))
 
 
-# --- step 1: the upper layer -----------------------------------------------------------
-
-
-class Upper(NamedTuple):
-    visible: set[str]  # names the upper layer shows (not whiteouts)
-    whiteouts: set[str]
-
-
-def _is_whiteout(st: os.stat_result) -> bool:
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
-
-
-def scan_upper(upper: int) -> Upper:
-    visible, whiteouts = set(), set()
-    with os.scandir(upper) as entries:
-        for entry in entries:
-            # d_type tells all but character devices; only those need a stat (0/0: a whiteout)
-            if entry.is_dir(follow_symlinks=False) or entry.is_file(follow_symlinks=False):
-                visible.add(entry.name)
-            elif not entry.is_symlink() and _is_whiteout(entry.stat(follow_symlinks=False)):
-                whiteouts.add(entry.name)
-            else:
-                visible.add(entry.name)
-    return Upper(visible, whiteouts)
-
-
-def clean_upper(
-    layers: Layers, found: Upper, lower_names: set[str], registered: set[str]
-) -> tuple[list[str], list[str]]:
-    """Remove whiteouts over REGISTERED names and move upper copies of registered names the
-    lower holds into the trash; return (whiteouts removed, copies moved). FOUND is updated."""
-    removed = []
-    for name in sorted(found.whiteouts & registered):
-        st = os.stat(name, dir_fd=layers.upper, follow_symlinks=False)
-        if _is_whiteout(st):  # checked again on the entry itself: unlink never follows
-            os.unlink(name, dir_fd=layers.upper)
-            found.whiteouts.discard(name)
-            removed.append(name)
-    copies = sorted(found.visible & registered & lower_names)
-    if copies:
-        _to_trash(layers, copies)
-        found.visible.difference_update(copies)
-    for attr in _OPAQUE_XATTRS:  # an opaque upper store would hide the whole lower
-        try:
-            os.removexattr(f"/proc/self/fd/{layers.upper}", attr)
-            removed.append(f"(opaque marker {attr} of the upper layer)")
-        except OSError:
-            pass
-    if removed or copies:
-        os.fsync(layers.upper)
-    return removed, copies
-
-
-def _to_trash(layers: Layers, names: list[str]) -> None:
-    """Move NAMES of the upper layer into RW's trash (deleted in the background after the
-    mount); when the trash cannot be used, delete them here."""
-    from guest_agent import reset
-
-    stamp = f"{time.time_ns()}"
-    try:
-        trash: int | None = open_dir(layers.rw, TRASH, create=True)
-    except (OSError, reset.WrongType):
-        trash = None
-    try:
-        for name in names:
-            if trash is not None:
-                try:
-                    os.rename(
-                        name, f"{stamp}-copy-{name}", src_dir_fd=layers.upper, dst_dir_fd=trash
-                    )
-                    continue
-                except OSError as e:
-                    if e.errno not in (errno.EXDEV, errno.ENOSPC):
-                        raise
-            reset.delete_tree(layers.upper, name)
-    finally:
-        if trash is not None:
-            os.fsync(trash)
-            os.close(trash)
-
-
-# --- the state directory ---------------------------------------------------------------
-
-
 def move_aside(rw: int) -> str:
     """Rename RW/nix-state out of the way (kept, never deleted); return its new name."""
     name = ASIDE_PREFIX + time.strftime("%Y%m%dT%H%M%S", time.gmtime())
@@ -275,7 +135,7 @@ def _open_state(rw: int) -> tuple[int, int]:
         raise nixdb.Unusable(f"{DB_DIR}: {e}") from None
 
 
-def _read_derivation(layers: Layers, upper: Upper) -> Callable[[str], bytes | None]:
+def _read_derivation(layers: Layers, upper: nixupper.Upper) -> Callable[[str], bytes | None]:
     def read(name: str) -> bytes | None:
         layer = layers.upper if name in upper.visible else layers.lower
         try:
@@ -311,27 +171,6 @@ def _why(e: Exception) -> str:
     return (e.strerror or str(e)) if isinstance(e, OSError) else str(e)
 
 
-def _changed(record: dict[str, str], now: str) -> str:
-    """Why a full reconcile runs, from the last record and the fingerprint NOW."""
-    if record.get("state") == "reconciling":
-        return "the last one was interrupted"
-    if "fingerprint" not in record:
-        return "no earlier reconcile"
-    old = dict(p.split("=", 1) for p in record["fingerprint"].split(" ") if "=" in p)
-    new = dict(p.split("=", 1) for p in now.split(" ") if "=" in p)
-    changed = [k for k in new if old.get(k) != new[k]]
-    return "changed since the last boot: " + (", ".join(changed) or "the record")
-
-
-def _db_unchanged(record: dict[str, str], now: str) -> bool:
-    """Whether the database's files are as the last finished reconcile left them (then it
-    was checked, and only the agent wrote it since)."""
-    if record.get("state") != "done":
-        return False
-    old = [p for p in record.get("fingerprint", "").split(" ") if p.startswith(nixdb.DB_FILE)]
-    return bool(old) and old == [p for p in now.split(" ") if p.startswith(nixdb.DB_FILE)]
-
-
 def _reconcile(
     layers: Layers,
     reg_info: str | None,
@@ -347,14 +186,14 @@ def _reconcile(
         aside = _aside(layers.rw, e, say)
         state, db = _open_state(layers.rw)
     try:
-        record = read_record(state)
-        before = fingerprint(layers, reg_info, reg_stat, db)
+        record = nixrecord.read_record(state)
+        before = nixrecord.fingerprint(layers, reg_info, reg_stat, db)
         if record.get("state") == "done" and record.get("fingerprint") == before and aside is None:
             say(
                 f"Nix database unchanged since the last boot ({record.get('valid', '?')} valid paths)"
             )
             return Report(True, [], [], None, None)
-        say(f"reconciling the Nix database with the store ({_changed(record, before)})")
+        say(f"reconciling the Nix database with the store ({nixrecord.changed(record, before)})")
         entries = None
         if reg_fd >= 0:
             try:
@@ -365,7 +204,9 @@ def _reconcile(
         import sqlite3  # only now: a boot with nothing to reconcile does not pay for it
 
         try:
-            conn = nixdb.open_database(db, check_integrity=not _db_unchanged(record, before))
+            conn = nixdb.open_database(
+                db, check_integrity=not nixrecord.db_unchanged(record, before)
+            )
         except nixdb.Unusable as e:
             os.close(db)
             os.close(state)
@@ -376,13 +217,13 @@ def _reconcile(
         try:
             if conn is None:
                 conn = nixdb.create_database(db)
-            write_record(state, {**record, "state": "reconciling"})
+            nixrecord.write_record(state, {**record, "state": "reconciling"})
             registered = {e.name for e in entries} if entries is not None else set()
             if closure_info:
                 registered.add(closure_info)
             lower_names = set(os.listdir(layers.lower))
-            upper = scan_upper(layers.upper)
-            whiteouts, copies = clean_upper(layers, upper, lower_names, registered)
+            upper = nixupper.scan_upper(layers.upper)
+            whiteouts, copies = nixupper.clean_upper(layers, upper, lower_names, registered)
             if whiteouts:
                 say(
                     f"removed {len(whiteouts)} whiteouts hiding registered lower store paths: {_some(whiteouts)}"
@@ -405,8 +246,8 @@ def _reconcile(
             if conn is not None:
                 conn.close()
         _tell(outcome, say)
-        after = fingerprint(layers, reg_info, reg_stat, db)
-        write_record(
+        after = nixrecord.fingerprint(layers, reg_info, reg_stat, db)
+        nixrecord.write_record(
             state,
             {
                 "state": "done",
@@ -461,91 +302,6 @@ def _tell(outcome: nixdb.Outcome, say: Callable[[str], None]) -> None:
 def open_state(rw: int) -> int:
     """An fd of RW/nix-state (made if missing), for the bind mount at /nix/var/nix."""
     return open_dir(rw, NIX_STATE_DIR, create=True)
-
-
-def describe(rw: int) -> dict[str, object]:
-    """For `status`: the valid paths now, and what the last reconcile did (from its record).
-    Reads only; the count falls back to the record's when the database cannot be read."""
-    from guest_agent.reset import WrongType
-
-    try:
-        state = open_dir(rw, NIX_STATE_DIR, create=False)
-    except FileNotFoundError:
-        return {"state": "never", "valid_paths": None}
-    except (OSError, WrongType) as e:
-        return {"state": "unreadable", "valid_paths": None, "error": str(e)}
-    with closing(state):
-        record = read_record(state)
-        valid = _count_now(state)
-    gone, dependents = (record.get(k, "0").split() for k in ("gone", "dependents"))
-    stamp = record.get("time", "")
-    return {
-        "state": record.get("state", "never"),
-        "valid_paths": valid if valid is not None else _int(record.get("valid")),
-        "last_reconcile": (
-            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(stamp)))
-            if stamp.isdigit()
-            else None
-        ),
-        "registration": None if record.get("registration", "-") == "-" else record["registration"],
-        "invalidated": {
-            "gone": _int(gone[0] if gone else None) or 0,
-            "dependents": _int(dependents[0] if dependents else None) or 0,
-            "paths": gone[1:] + dependents[1:],
-        },
-        "moved_aside": None if record.get("aside", "-") == "-" else record["aside"],
-    }
-
-
-def _int(text: str | None) -> int | None:
-    return int(text) if text is not None and text.isdigit() else None
-
-
-def _count_now(state: int) -> int | None:
-    try:
-        import sqlite3
-
-        db = os.open(
-            DB_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=state
-        )
-    except (ImportError, OSError):
-        return None
-    with closing(db):
-        try:
-            nixdb._check_files(db)
-            path = f"/proc/self/fd/{db}/{nixdb.DB_FILE}"
-            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-            try:
-                return nixdb.count_valid(conn)
-            finally:
-                conn.close()
-        except (nixdb.Unusable, sqlite3.Error):
-            return None
-
-
-def describe_line(info: dict[str, object]) -> str:
-    """`status`'s words for `describe`'s dict."""
-    if info["state"] == "never":
-        return "Nix database: not reconciled yet"
-    if info["state"] == "unreadable":
-        return f"Nix database: state directory unreadable ({info.get('error')})"
-    text = f"Nix database: {info['valid_paths']} valid paths"
-    if info.get("last_reconcile"):
-        text += f", last reconciled {info['last_reconcile']}"
-        text += (
-            f" against {info['registration']}" if info.get("registration") else " (no registration)"
-        )
-    if info["state"] == "reconciling":
-        text += " (interrupted: the next boot reconciles again)"
-    invalidated = info.get("invalidated")
-    if isinstance(invalidated, dict) and (invalidated["gone"] or invalidated["dependents"]):
-        text += (
-            f"; it invalidated {invalidated['gone']} paths gone from the store and"
-            f" {invalidated['dependents']} that depended on them"
-        )
-    if info.get("moved_aside"):
-        text += f"; an unusable state directory was moved aside to RW/{info['moved_aside']}"
-    return text
 
 
 def state_mounts(table: MountTable, rw: int) -> list[Mount]:

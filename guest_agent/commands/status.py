@@ -38,7 +38,7 @@ class StatusRow(NamedTuple):
     state: str  # one of State's
     detail: str
     reset_pending: bool | None = None  # for the overlay only
-    nix_db: dict[str, Any] | None = None  # for an x-nix-db overlay (nixstate.describe)
+    nix_db: dict[str, Any] | None = None  # for an x-nix-db overlay (nixrecord.describe)
 
     def as_json(self) -> dict[str, Any]:
         row: dict[str, Any] = {
@@ -135,7 +135,7 @@ def mount_status(root: str, config: Config) -> list[StatusRow]:
 
 
 def _nix_db(root: str, overlay: OverlaySpec) -> dict[str, Any]:
-    from guest_agent.nixstate import describe
+    from guest_agent.nixrecord import describe
 
     try:
         root_fd = open_root(root)
@@ -149,7 +149,7 @@ def _nix_db(root: str, overlay: OverlaySpec) -> dict[str, Any]:
 
 
 def _nix_line(info: dict[str, Any]) -> str:
-    from guest_agent.nixstate import describe_line
+    from guest_agent.nixrecord import describe_line
 
     return describe_line(info)
 

@@ -1,0 +1,180 @@
+"""x-nix-db's record of the last reconcile (RW/nix-state/guest-agent-reconcile), the
+fingerprint that lets an unchanged boot skip the reconcile, and what `status` shows.
+
+The record is plain `key value` lines, replaced atomically. It lives on RW, so it
+is a stranger's data too: read with O_NOFOLLOW, at most 1 MiB; a wrong record can
+only make the next boot reconcile again.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+
+from guest_agent import nixdb
+from guest_agent.reset import open_dir
+from guest_agent.spec import NIX_STATE_DIR
+from guest_agent.syscalls import closing
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from guest_agent.nixstate import Layers
+
+RECORD = "guest-agent-reconcile"
+DB_DIR = "db"
+MAX_RECORD = 1 << 20
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def read_record(state: int) -> dict[str, str]:
+    """The last reconcile's record (key → value); {} when missing or not a plain file."""
+    try:
+        fd = os.open(RECORD, _READ_FLAGS, dir_fd=state)
+    except OSError:
+        return {}
+    with closing(fd):
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return {}
+        data = os.read(fd, MAX_RECORD)
+    record = {}
+    for line in data.decode("utf-8", "replace").splitlines():
+        key, _, value = line.partition(" ")
+        record[key] = value
+    return record
+
+
+def write_record(state: int, record: dict[str, str]) -> None:
+    text = "".join(f"{key} {value}\n" for key, value in record.items())
+    nixdb.write_small_file(state, RECORD, text.encode("utf-8", "surrogateescape"))
+
+
+def _stamp(st: os.stat_result) -> str:
+    # No ctime: mounting the overlay sets xattrs on the upper directory (its uuid), which
+    # changes its ctime at every boot; adding or removing a store path changes its mtime.
+    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def fingerprint(
+    layers: Layers, reg_info: str | None, reg_stat: os.stat_result | None, db: int
+) -> str:
+    """What must stay the same for a reconcile to be skipped: the lower and upper store
+    directories, the registration file, and the database's files."""
+    parts = [
+        "lower=" + _stamp(os.fstat(layers.lower)),
+        "upper=" + _stamp(os.fstat(layers.upper)),
+        f"reginfo={reg_info or '-'}",
+        "registration=" + (_stamp(reg_stat) if reg_stat else "-"),
+    ]
+    for name in (nixdb.DB_FILE, nixdb.DB_FILE + "-wal", nixdb.SCHEMA_FILE):
+        try:
+            parts.append(f"{name}=" + _stamp(os.stat(name, dir_fd=db, follow_symlinks=False)))
+        except FileNotFoundError:
+            parts.append(f"{name}=-")
+    return " ".join(parts)
+
+
+def changed(record: dict[str, str], now: str) -> str:
+    """Why a full reconcile runs, from the last record and the fingerprint NOW."""
+    if record.get("state") == "reconciling":
+        return "the last one was interrupted"
+    if "fingerprint" not in record:
+        return "no earlier reconcile"
+    old = dict(p.split("=", 1) for p in record["fingerprint"].split(" ") if "=" in p)
+    new = dict(p.split("=", 1) for p in now.split(" ") if "=" in p)
+    changed = [k for k in new if old.get(k) != new[k]]
+    return "changed since the last boot: " + (", ".join(changed) or "the record")
+
+
+def db_unchanged(record: dict[str, str], now: str) -> bool:
+    """Whether the database's files are as the last finished reconcile left them (then it
+    was checked, and only the agent wrote it since)."""
+    if record.get("state") != "done":
+        return False
+    old = [p for p in record.get("fingerprint", "").split(" ") if p.startswith(nixdb.DB_FILE)]
+    return bool(old) and old == [p for p in now.split(" ") if p.startswith(nixdb.DB_FILE)]
+
+
+def describe(rw: int) -> dict[str, object]:
+    """For `status`: the valid paths now, and what the last reconcile did (from its record).
+    Reads only; the count falls back to the record's when the database cannot be read."""
+    from guest_agent.reset import WrongType
+
+    try:
+        state = open_dir(rw, NIX_STATE_DIR, create=False)
+    except FileNotFoundError:
+        return {"state": "never", "valid_paths": None}
+    except (OSError, WrongType) as e:
+        return {"state": "unreadable", "valid_paths": None, "error": str(e)}
+    with closing(state):
+        record = read_record(state)
+        valid = _count_now(state)
+    gone, dependents = (record.get(k, "0").split() for k in ("gone", "dependents"))
+    stamp = record.get("time", "")
+    return {
+        "state": record.get("state", "never"),
+        "valid_paths": valid if valid is not None else _int(record.get("valid")),
+        "last_reconcile": (
+            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(stamp)))
+            if stamp.isdigit()
+            else None
+        ),
+        "registration": None if record.get("registration", "-") == "-" else record["registration"],
+        "invalidated": {
+            "gone": _int(gone[0] if gone else None) or 0,
+            "dependents": _int(dependents[0] if dependents else None) or 0,
+            "paths": gone[1:] + dependents[1:],
+        },
+        "moved_aside": None if record.get("aside", "-") == "-" else record["aside"],
+    }
+
+
+def _int(text: str | None) -> int | None:
+    return int(text) if text is not None and text.isdigit() else None
+
+
+def _count_now(state: int) -> int | None:
+    try:
+        import sqlite3
+
+        db = os.open(
+            DB_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=state
+        )
+    except (ImportError, OSError):
+        return None
+    with closing(db):
+        try:
+            nixdb.check_files(db)
+            path = f"/proc/self/fd/{db}/{nixdb.DB_FILE}"
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                return nixdb.count_valid(conn)
+            finally:
+                conn.close()
+        except (nixdb.Unusable, sqlite3.Error):
+            return None
+
+
+def describe_line(info: dict[str, object]) -> str:
+    """`status`'s words for `describe`'s dict."""
+    if info["state"] == "never":
+        return "Nix database: not reconciled yet"
+    if info["state"] == "unreadable":
+        return f"Nix database: state directory unreadable ({info.get('error')})"
+    text = f"Nix database: {info['valid_paths']} valid paths"
+    if info.get("last_reconcile"):
+        text += f", last reconciled {info['last_reconcile']}"
+        text += (
+            f" against {info['registration']}" if info.get("registration") else " (no registration)"
+        )
+    if info["state"] == "reconciling":
+        text += " (interrupted: the next boot reconciles again)"
+    invalidated = info.get("invalidated")
+    if isinstance(invalidated, dict) and (invalidated["gone"] or invalidated["dependents"]):
+        text += (
+            f"; it invalidated {invalidated['gone']} paths gone from the store and"
+            f" {invalidated['dependents']} that depended on them"
+        )
+    if info.get("moved_aside"):
+        text += f"; an unusable state directory was moved aside to RW/{info['moved_aside']}"
+    return text
