@@ -180,6 +180,15 @@ class Machine:
         code = int(out.split("agent-exit=", 1)[1].split()[0])
         return Boot(code, agent_err, out, out.splitlines())
 
+    def build(self, lower: Lower, dep: str, salt: str) -> tuple[Boot, str]:
+        """Boot and build, in the guest, a path that depends on DEP; the boot and the path."""
+        expr = self.tmp / f"guest-{salt}.nix"
+        expr.write_text(_guest_expr(dep, salt))
+        boot = self.boot(lower, BUILD.format(expr=expr))
+        assert boot.returncode == 0 and "build-exit=0" in boot.out, boot.out
+        built = next(x for x in boot.lines if x.startswith("/nix/store/") and "guest-built" in x)
+        return boot, built
+
     def db(self) -> sqlite3.Connection:
         return sqlite3.connect(f"file:{self.rw}/nix-state/db/db.sqlite?mode=ro", uri=True)
 
@@ -219,21 +228,14 @@ def lower(tmp_path: Path, request: pytest.FixtureRequest) -> Lower:
 
 def test_built_path_survives_reboot_and_is_not_rebuilt(tmp_path: Path, lower: Lower) -> None:
     machine = Machine(tmp_path / "m")
-    expr = tmp_path / "guest.nix"
-    expr.write_text(_guest_expr(lower.paths["b"], "survives"))
-    first = machine.boot(lower, BUILD.format(expr=expr))
-    assert first.returncode == 0, first.agent
-    assert "build-exit=0" in first.out, first.out
-    built = next(
-        line for line in first.lines if line.startswith("/nix/store/") and "guest-built" in line
-    )
+    first, built = machine.build(lower, lower.paths["b"], "survives")
     assert "reconciling the Nix database" in first.agent
     assert "3 registered now" in first.agent, first.agent
 
     second = machine.boot(
         lower,
         f"nix-store $S --check-validity {built} && echo still-valid\n"
-        + BUILD.format(expr=expr)
+        + BUILD.format(expr=machine.tmp / "guest-survives.nix")
         + "\n"
         + VERIFY,
     )
@@ -265,9 +267,7 @@ def test_unchanged_boot_skips_the_reconcile(tmp_path: Path, lower: Lower) -> Non
     assert "Nix database unchanged since the last boot (3 valid paths)" in second.agent
     assert "reconciling" not in second.agent
     # Nix writing its database (as any build does) makes the next boot look again.
-    expr = tmp_path / "guest.nix"
-    expr.write_text(_guest_expr(lower.paths["a"], "unchanged"))
-    machine.boot(lower, BUILD.format(expr=expr))
+    machine.build(lower, lower.paths["a"], "unchanged")
     third = machine.boot(lower)
     assert (
         "reconciling the Nix database with the store (changed since the last boot:" in third.agent
@@ -283,12 +283,7 @@ def test_changed_lower_invalidates_what_left_and_registers_what_came(
     tmp_path: Path, lower: Lower, request: pytest.FixtureRequest
 ) -> None:
     machine = Machine(tmp_path / "m")
-    expr = tmp_path / "guest.nix"
-    expr.write_text(_guest_expr(lower.paths["b"], "changed"))
-    first = machine.boot(lower, BUILD.format(expr=expr))
-    built = next(
-        line for line in first.lines if line.startswith("/nix/store/") and "guest-built" in line
-    )
+    _, built = machine.build(lower, lower.paths["b"], "changed")
     # The host rebuilds the lower: b (the guest build's dependency) and c (which refers
     # to b) are gone, d is new, a stays.
     salt = f"{request.node.name}-{os.getpid()}"
@@ -341,12 +336,7 @@ def test_unusable_database_is_moved_aside_untouched(
     tmp_path: Path, lower: Lower, damage: str
 ) -> None:
     machine = Machine(tmp_path / "m")
-    expr = tmp_path / "guest.nix"
-    expr.write_text(_guest_expr(lower.paths["a"], f"aside-{damage}"))
-    first = machine.boot(lower, BUILD.format(expr=expr))
-    built = next(
-        line for line in first.lines if line.startswith("/nix/store/") and "guest-built" in line
-    )
+    _, built = machine.build(lower, lower.paths["a"], f"aside-{damage}")
     db = machine.rw / "nix-state/db"
     outside = tmp_path / "outside.sqlite"
     outside.write_bytes(b"not the agent's to touch")
@@ -377,12 +367,7 @@ def test_unusable_database_is_moved_aside_untouched(
 
 def test_reset_overlay_resets_the_database_too(tmp_path: Path, lower: Lower) -> None:
     machine = Machine(tmp_path / "m")
-    expr = tmp_path / "guest.nix"
-    expr.write_text(_guest_expr(lower.paths["a"], "reset"))
-    first = machine.boot(lower, BUILD.format(expr=expr))
-    built = next(
-        line for line in first.lines if line.startswith("/nix/store/") and "guest-built" in line
-    )
+    _, built = machine.build(lower, lower.paths["a"], "reset")
     after = machine.boot(lower, VERIFY, extra="microvm.reset-overlay")
     assert after.returncode == 0, after.agent
     assert "moved 3 dir(s)" in after.agent, after.agent

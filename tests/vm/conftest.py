@@ -51,22 +51,33 @@ def wheels(testbed: tb.Testbed, tmp_path_factory: pytest.TempPathFactory) -> lis
     return tb.build_wheels(tmp_path_factory.mktemp("wheels"))
 
 
+def _initramfs_getter(
+    testbed: tb.Testbed,
+    wheels: list[Path],
+    tmp_path_factory: pytest.TempPathFactory,
+    *,
+    nix: bool,
+) -> Callable[[str], Path]:
+    """kernel -> an initramfs (the base one, or its Nix variant), built at most once."""
+    built: dict[str, Path] = {}
+    out_dir = None
+    if os.environ.get("GA_TESTBED_INITRAMFS_TMP"):
+        out_dir = tmp_path_factory.mktemp("initramfs-nix" if nix else "initramfs")
+
+    def get(kernel: str) -> Path:
+        if kernel not in built:
+            built[kernel] = tb.base_initramfs(testbed, kernel, wheels, out_dir, nix=nix)
+        return built[kernel]
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def initramfs_for(
     testbed: tb.Testbed, wheels: list[Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Callable[[str], Path]:
     """kernel -> base initramfs path (built at most once per session)."""
-    built: dict[str, Path] = {}
-    out_dir = None
-    if os.environ.get("GA_TESTBED_INITRAMFS_TMP"):
-        out_dir = tmp_path_factory.mktemp("initramfs")
-
-    def get(kernel: str) -> Path:
-        if kernel not in built:
-            built[kernel] = tb.base_initramfs(testbed, kernel, wheels, out_dir)
-        return built[kernel]
-
-    return get
+    return _initramfs_getter(testbed, wheels, tmp_path_factory, nix=False)
 
 
 @pytest.fixture(scope="session")
@@ -74,17 +85,7 @@ def nix_initramfs_for(
     testbed: tb.Testbed, wheels: list[Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Callable[[str], Path]:
     """kernel -> the Nix variant of the initramfs (built at most once per session)."""
-    built: dict[str, Path] = {}
-    out_dir = None
-    if os.environ.get("GA_TESTBED_INITRAMFS_TMP"):
-        out_dir = tmp_path_factory.mktemp("initramfs-nix")
-
-    def get(kernel: str) -> Path:
-        if kernel not in built:
-            built[kernel] = tb.base_initramfs(testbed, kernel, wheels, out_dir, nix=True)
-        return built[kernel]
-
-    return get
+    return _initramfs_getter(testbed, wheels, tmp_path_factory, nix=True)
 
 
 @pytest.fixture(params=tb.KERNELS, ids=[f"linux-{k}" for k in tb.KERNELS])
