@@ -57,6 +57,11 @@ let
       {
         imports = [ extra ];
         microvm.shares = lib.mkForce [ homeVirtiofs ];
+        # the store disk is labelled nix-store (erofs): another label here
+        microvm.volumes = lib.mkForce [
+          (rwVolume // { label = "rw-store"; })
+          scratchVolume
+        ];
       }
     );
 in

@@ -18,13 +18,14 @@ let
   agentModule = ../../initrd-hooks/nixos/module.nix;
 
   evalCase =
-    case:
+    case: extra:
     lib.evalModules {
       class = "nixos";
       modules = [
         ./stub-nixos.nix
         agentModule
         case.module
+        extra
       ]
       ++ lib.optionals (case.microvm or true) [
         (microvm + "/options.nix")
@@ -50,11 +51,14 @@ let
   report1 =
     case:
     let
-      ev = evalCase case;
+      ev = evalCase case { };
+      # The same configuration with the agent's module left out of
+      # fileSystems: what microvm.nix alone declares.
+      baseline = evalCase case { boot.initrd.guest-agent.takeOverMounts = lib.mkForce false; };
       config = checked ev.config;
       cfg = config.boot.initrd.guest-agent;
       utils = utilsOf ev;
-      fs = lib.mapAttrs (_: f: {
+      fsReport = fileSystems: lib.mapAttrs (_: f: {
         inherit (f)
           mountPoint
           device
@@ -65,14 +69,15 @@ let
           ;
         # what stage 1 mounts (nixos/lib/utils.nix fsNeededForBoot)
         inInitrd = utils.fsNeededForBoot f;
-      }) config.fileSystems;
+      }) fileSystems;
       svc = config.boot.initrd.systemd.services.guest-agent or null;
     in
     {
       warnings = config.warnings;
       mountsJson = config.environment.etc."guest-agent/mounts.json".source.text;
       mountsJsonPath = toString config.environment.etc."guest-agent/mounts.json".source;
-      fileSystems = fs;
+      fileSystems = fsReport config.fileSystems;
+      baselineFileSystems = fsReport (checked baseline.config).fileSystems;
       options = {
         inherit (cfg)
           shares
