@@ -210,6 +210,19 @@ let
     ++ map (v: v.mountPoint) cfg.volumes
     ++ lib.optional (cfg.writableStoreOverlay != null) "/nix/store";
 
+  # What takeOverMounts touches: with microvm.nix's module, only the mount
+  # points it declares as fileSystems (mounts.nix: shares, volumes with a
+  # mount point, /nix/store with an overlay, the store disk under it); an
+  # entry made here for another would have no device. Without it, all.
+  microvmMountPoints =
+    map (s: s.mountPoint) (config.microvm.shares or [ ])
+    ++ lib.filter (mp: mp != null) (map (v: v.mountPoint) (config.microvm.volumes or [ ]))
+    ++ lib.optionals ((config.microvm.writableStoreOverlay or null) != null) (
+      [ "/nix/store" ] ++ lib.optional microvmStoreOnDisk "/nix/.ro-store"
+    );
+  takeOverPoints =
+    if hasMicrovm then lib.filter (mp: lib.elem mp microvmMountPoints) managedMountPoints else managedMountPoints;
+
   # NixOS's stage 1 mounts a file system when neededForBoot is set or when
   # its mount point is one of utils.pathsNeededForBoot ("/nix/store"
   # among them; nixos/lib/utils.nix fsNeededForBoot): for those,
@@ -549,7 +562,7 @@ in
     })
 
     (mkIf cfg.takeOverMounts {
-      fileSystems = lib.genAttrs managedMountPoints (
+      fileSystems = lib.genAttrs takeOverPoints (
         mp:
         {
           neededForBoot = lib.mkForce false;

@@ -77,6 +77,23 @@ in
   disk-erofs-systemd.module = onDisk { boot.initrd.systemd.enable = true; };
   # squashfs store disk (what store-disk.nix picks with flushL1DataCache = "always")
   disk-squashfs.module = onDisk { security.virtualisation.flushL1DataCache = "always"; };
+  # a volume of the agent's own, which microvm.nix does not declare: no
+  # fileSystems entry is made for it
+  extra-volume.module = guest {
+    boot.initrd.guest-agent.volumes = [
+      {
+        label = "nix-store";
+        mountPoint = "/nix/.rw-store";
+        fsType = "ext4";
+      }
+      {
+        serial = "data";
+        mountPoint = "/data";
+        fsType = "ext4";
+        autoFormat = true;
+      }
+    ];
+  };
   # the reset and failure policies
   policies-scripted.module = guest {
     boot.initrd.guest-agent.resetPolicy = "every-boot";

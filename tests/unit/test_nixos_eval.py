@@ -36,7 +36,7 @@ SHARE_CASES = ["share-scripted", "share-systemd", "policies-scripted", "policies
 DISK_CASES = ["disk-erofs-scripted", "disk-erofs-systemd", "disk-squashfs", "nixdb-disk"]
 TAKEOVER_CASES = SHARE_CASES + DISK_CASES
 MICROVM_CASES = [*TAKEOVER_CASES, "share-no-takeover"]
-ALL_CASES = [*MICROVM_CASES, "manual"]
+ALL_CASES = [*MICROVM_CASES, "extra-volume", "manual"]
 SYSTEMD_CASES = ["share-systemd", "policies-systemd", "disk-erofs-systemd", "nixdb-disk"]
 SCRIPTED_CASES = [c for c in ALL_CASES if c not in SYSTEMD_CASES]
 # nixos/lib/utils.nix: stage 1 mounts these whatever neededForBoot says
@@ -251,6 +251,32 @@ def test_no_take_over_keeps_microvm_nix_values(
     assert fs["/scratch"]["neededForBoot"] is False
     # The agent's config is unchanged by it.
     assert report["mountsJson"] == reports["share-scripted"]["mountsJson"]
+
+
+def test_a_volume_microvm_nix_does_not_declare(
+    reports: dict[str, Any], plans: dict[str, Any]
+) -> None:
+    """The agent's own volume list (here: by label, and a serial volume at
+    /data): no fileSystems entry appears for /data (it would have no device),
+    /scratch, no longer the agent's, stays microvm.nix's, the rest is taken
+    over."""
+    report = reports["extra-volume"]
+    fs, base = report["fileSystems"], report["baselineFileSystems"]
+    assert "/data" not in fs and "/data" not in base
+    assert fs["/scratch"] == base["/scratch"]
+    assert fs["/nix/.rw-store"]["neededForBoot"] is False
+    assert fs["/nix/.ro-store"]["neededForBoot"] is False
+    assert "/nix/store" not in fs
+    got = {m["where"]: (m["fstype"], m["source"]) for m in plans["extra-volume"]["mounts"]}
+    assert set(got) == {"/nix/.ro-store", "/home", "/nix/.rw-store", "/data", "/nix/store"}
+    data = json.loads(report["mountsJson"])["volumes"][1]
+    assert data == {
+        "serial": "data",
+        "mountPoint": "/data",
+        "fsType": "ext4",
+        "readOnly": False,
+        "options": ["x-makefs"],
+    }
 
 
 def test_manual_config_without_microvm(reports: dict[str, Any], plans: dict[str, Any]) -> None:
