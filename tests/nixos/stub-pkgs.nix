@@ -14,7 +14,7 @@ let
     name: attrs:
     let
       hash = builtins.substring 0 32 (
-        builtins.hashString "sha256" (name + builtins.toJSON (attrs.text or ""))
+        builtins.hashString "sha256" (name + builtins.toJSON (attrs.key or attrs.text or ""))
       );
       self =
         {
@@ -53,7 +53,13 @@ let
     runtimeShell = "/nix/store/00000000000000000000000000000000-bash/bin/bash";
     runCommand = name: env: text: fakeDrv name { inherit env text; };
     runCommandLocal = pkgs.runCommand;
-    closureInfo = { rootPaths }: fakeDrv "closure-info" { inherit rootPaths; };
+    # named by its roots: the same roots, the same path (as with nixpkgs')
+    closureInfo =
+      { rootPaths }:
+      fakeDrv "closure-info" {
+        inherit rootPaths;
+        key = map toString rootPaths;
+      };
     writeClosure = paths: fakeDrv "closure" { inherit paths; };
     coreutils = fakeDrv "coreutils-9.5" { };
     systemd = fakeDrv "systemd-256" { };
