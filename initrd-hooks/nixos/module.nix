@@ -220,8 +220,22 @@ let
     ++ lib.optionals ((config.microvm.writableStoreOverlay or null) != null) (
       [ "/nix/store" ] ++ lib.optional microvmStoreOnDisk "/nix/.ro-store"
     );
+  # Without an overlay, mounts.nix bind-mounts the host store share onto
+  # /nix/store, in stage 1 (a path stage 1 always mounts): the share stays
+  # stage 1's too, or the bind would find it empty. The agent finds it
+  # mounted (already-mounted).
+  stage1KeepsHostStore =
+    hasMicrovm
+    && !microvmStoreOnDisk
+    && (config.microvm.writableStoreOverlay or null) == null
+    && microvmStoreLower != "/nix/store";
   takeOverPoints =
-    if hasMicrovm then lib.filter (mp: lib.elem mp microvmMountPoints) managedMountPoints else managedMountPoints;
+    if hasMicrovm then
+      lib.filter (
+        mp: lib.elem mp microvmMountPoints && !(stage1KeepsHostStore && mp == microvmStoreLower)
+      ) managedMountPoints
+    else
+      managedMountPoints;
 
   # NixOS's stage 1 mounts a file system when neededForBoot is set or when
   # its mount point is one of utils.pathsNeededForBoot ("/nix/store"

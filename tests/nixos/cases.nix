@@ -77,6 +77,13 @@ in
   disk-erofs-systemd.module = onDisk { boot.initrd.systemd.enable = true; };
   # squashfs store disk (what store-disk.nix picks with flushL1DataCache = "always")
   disk-squashfs.module = onDisk { security.virtualisation.flushL1DataCache = "always"; };
+  # no overlay: microvm.nix bind-mounts the host store share on /nix/store
+  share-no-overlay.module = guest (
+    { lib, ... }:
+    {
+      microvm.writableStoreOverlay = lib.mkForce null;
+    }
+  );
   # a volume of the agent's own, which microvm.nix does not declare: no
   # fileSystems entry is made for it
   extra-volume.module = guest {

@@ -36,11 +36,21 @@ SHARE_CASES = ["share-scripted", "share-systemd", "policies-scripted", "policies
 DISK_CASES = ["disk-erofs-scripted", "disk-erofs-systemd", "disk-squashfs", "nixdb-disk"]
 TAKEOVER_CASES = SHARE_CASES + DISK_CASES
 MICROVM_CASES = [*TAKEOVER_CASES, "share-no-takeover"]
-ALL_CASES = [*MICROVM_CASES, "extra-volume", "manual"]
+ALL_CASES = [*MICROVM_CASES, "share-no-overlay", "extra-volume", "manual"]
 SYSTEMD_CASES = ["share-systemd", "policies-systemd", "disk-erofs-systemd", "nixdb-disk"]
 SCRIPTED_CASES = [c for c in ALL_CASES if c not in SYSTEMD_CASES]
 # nixos/lib/utils.nix: stage 1 mounts these whatever neededForBoot says
-PATHS_NEEDED_FOR_BOOT = {"/", "/nix", "/nix/store", "/var", "/var/log", "/var/lib", "/var/lib/nixos", "/etc", "/usr"}
+PATHS_NEEDED_FOR_BOOT = {
+    "/",
+    "/nix",
+    "/nix/store",
+    "/var",
+    "/var/log",
+    "/var/lib",
+    "/var/lib/nixos",
+    "/etc",
+    "/usr",
+}
 
 
 def nix_eval(attr: str) -> subprocess.CompletedProcess[str]:
@@ -251,6 +261,28 @@ def test_no_take_over_keeps_microvm_nix_values(
     assert fs["/scratch"]["neededForBoot"] is False
     # The agent's config is unchanged by it.
     assert report["mountsJson"] == reports["share-scripted"]["mountsJson"]
+
+
+def test_no_overlay_leaves_the_host_store_to_stage_1(
+    reports: dict[str, Any], plans: dict[str, Any]
+) -> None:
+    """Without writableStoreOverlay microvm.nix bind-mounts the host store
+    share onto /nix/store in stage 1 (a path stage 1 always mounts): the
+    share stays stage 1's, or the bind would find an empty directory; the
+    agent plans it too (and finds it mounted at boot), the rest is taken over."""
+    report, plan = reports["share-no-overlay"], plans["share-no-overlay"]
+    fs, base = report["fileSystems"], report["baselineFileSystems"]
+    assert base["/nix/store"]["options"] == ["ro", "bind"]
+    assert base["/nix/store"]["device"] == "/nix/.ro-store"
+    for mp in ("/", "/nix/store", "/nix/.ro-store"):
+        assert fs[mp] == base[mp], mp
+        assert fs[mp]["inInitrd"] is True, mp
+    for mp in ("/home", "/nix/.rw-store", "/scratch"):
+        assert fs[mp]["neededForBoot"] is False and fs[mp]["inInitrd"] is False, mp
+    assert json.loads(report["mountsJson"])["storeOverlay"] is None
+    planned = sorted(agent_mount(m, plan["root"]) for m in plan["mounts"])
+    declared = sorted(microvm_mount(f) for mp, f in base.items() if mp not in ("/", "/nix/store"))
+    assert planned == declared
 
 
 def test_a_volume_microvm_nix_does_not_declare(
