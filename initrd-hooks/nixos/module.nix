@@ -349,8 +349,11 @@ in
       description = ''
         Let the agent, not stage 1's fstab handling, mount the managed mount
         points: sets `fileSystems.<mountPoint>.neededForBoot = false` for
-        each (microvm.nix declares them as fileSystems). Stage 2 then finds
-        them mounted. Only for mount points that have a fileSystems entry.
+        each that microvm.nix declares as fileSystems (for each managed
+        mount point without microvm.nix), and disables `/nix/store`'s entry
+        (stage 1 mounts it whatever neededForBoot says). Without a store
+        overlay the host store share stays stage 1's (microvm.nix binds it
+        onto /nix/store there). Stage 2 then finds them mounted.
       '';
     };
 
