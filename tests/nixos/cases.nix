@@ -177,6 +177,18 @@ in
       }
     );
   };
+  fail-mount-point-twice = {
+    fails = true;
+    module = guest {
+      boot.initrd.guest-agent.volumes = [
+        {
+          label = "nix-store";
+          mountPoint = "/home";
+          fsType = "ext4";
+        }
+      ];
+    };
+  };
   fail-no-microvm = {
     fails = true;
     microvm = false;

@@ -454,6 +454,10 @@ def test_nix_database(name: str, reports: dict[str, Any], plans: dict[str, Any])
             "boot.initrd.guest-agent.shares: the tag ro-store is used by more than one share",
         ),
         (
+            "fail-mount-point-twice",
+            "boot.initrd.guest-agent: more than one share or volume is mounted at /home.",
+        ),
+        (
             "fail-no-microvm",
             "boot.initrd.guest-agent.fromMicrovm needs microvm.nix's guest module",
         ),
