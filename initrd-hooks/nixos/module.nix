@@ -158,7 +158,8 @@ let
       let
         hostStore = lib.filter (s: s.source == "/nix/store") (config.microvm.shares or [ ]);
       in
-      if hostStore == [ ] then cfg.storeLower else (lib.head hostStore).mountPoint;
+      # (storeLower's own default when no share serves the host's store)
+      if hostStore == [ ] then "/nix/.ro-store" else (lib.head hostStore).mountPoint;
   microvmVolumes = microvmStoreDisk ++ lib.imap0 (i: v: {
     label = v.label or null;
     uuid = null;
