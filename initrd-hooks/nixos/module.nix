@@ -127,8 +127,40 @@ let
   # microvm.nix attaches volumes as vdb, vdc, ... after the store disk (vda) or
   # from vda when the store is shared; a label or serial is preferred.
   letters = lib.stringToCharacters "abcdefghijklmnopqrstuvwxyz";
-  volumeOffset = if (config.microvm.storeOnDisk or false) then 1 else 0;
-  microvmVolumes = lib.imap0 (i: v: {
+  microvmStoreOnDisk = config.microvm.storeOnDisk or false;
+  volumeOffset = if microvmStoreOnDisk then 1 else 0;
+  # The store disk (storeOnDisk) under the overlay: microvm.nix's mounts.nix
+  # mounts it at /nix/.ro-store, by its label (erofs, made with -L nix-store)
+  # or as /dev/vda (squashfs). The agent mounts it with the rest, before the
+  # overlay it is the lower of.
+  microvmStoreDisk = lib.optional (microvmStoreOnDisk && config.microvm.writableStoreOverlay != null) (
+    let
+      erofs = config.microvm.storeDiskType == "erofs";
+    in
+    {
+      label = if erofs then "nix-store" else null;
+      uuid = null;
+      serial = null;
+      device = if erofs then null else "/dev/vda";
+      mountPoint = "/nix/.ro-store";
+      fsType = config.microvm.storeDiskType;
+      readOnly = true;
+      autoFormat = false;
+      options = [ ];
+    }
+  );
+  # The overlay's lower, as mounts.nix has it: the store disk's mount point,
+  # or the mount point of the share whose source is the host's /nix/store.
+  microvmStoreLower =
+    if microvmStoreOnDisk then
+      "/nix/.ro-store"
+    else
+      let
+        hostStore = lib.filter (s: s.source == "/nix/store") (config.microvm.shares or [ ]);
+      in
+      # (storeLower's own default when no share serves the host's store)
+      if hostStore == [ ] then "/nix/.ro-store" else (lib.head hostStore).mountPoint;
+  microvmVolumes = microvmStoreDisk ++ lib.imap0 (i: v: {
     label = v.label or null;
     uuid = null;
     serial = v.serial or null;
@@ -178,6 +210,70 @@ let
     map (s: s.mountPoint) cfg.shares
     ++ map (v: v.mountPoint) cfg.volumes
     ++ lib.optional (cfg.writableStoreOverlay != null) "/nix/store";
+
+  # What takeOverMounts touches: with microvm.nix's module, only the mount
+  # points it declares as fileSystems (mounts.nix: shares, volumes with a
+  # mount point, /nix/store with an overlay, the store disk under it); an
+  # entry made here for another would have no device. Without it, all.
+  microvmMountPoints =
+    map (s: s.mountPoint) (config.microvm.shares or [ ])
+    ++ lib.filter (mp: mp != null) (map (v: v.mountPoint) (config.microvm.volumes or [ ]))
+    ++ lib.optionals ((config.microvm.writableStoreOverlay or null) != null) (
+      [ "/nix/store" ] ++ lib.optional microvmStoreOnDisk "/nix/.ro-store"
+    );
+  # Without an overlay, mounts.nix bind-mounts the host store share onto
+  # /nix/store, in stage 1 (a path stage 1 always mounts): the share stays
+  # stage 1's too, or the bind would find it empty. The agent finds it
+  # mounted (already-mounted).
+  stage1KeepsHostStore =
+    hasMicrovm
+    && !microvmStoreOnDisk
+    && (config.microvm.writableStoreOverlay or null) == null
+    && microvmStoreLower != "/nix/store";
+  takeOverPoints =
+    if hasMicrovm then
+      lib.filter (
+        mp: lib.elem mp microvmMountPoints && !(stage1KeepsHostStore && mp == microvmStoreLower)
+      ) managedMountPoints
+    else
+      managedMountPoints;
+
+  # NixOS's stage 1 mounts a file system when neededForBoot is set or when
+  # its mount point is one of utils.pathsNeededForBoot ("/nix/store"
+  # among them; nixos/lib/utils.nix fsNeededForBoot): for those,
+  # neededForBoot = false is not enough, the entry must go (its `enable`).
+  pathsNeededForBoot =
+    utils.pathsNeededForBoot or [
+      "/"
+      "/nix"
+      "/nix/store"
+      "/var"
+      "/var/log"
+      "/var/lib"
+      "/var/lib/nixos"
+      "/etc"
+      "/usr"
+    ];
+  fsHasEnable = (options.fileSystems.type.getSubOptions [ ]) ? enable;
+
+  # The share an overlay upper directory lives on (the longest mount point
+  # that holds it), if it is a share.
+  shareHolding =
+    dir:
+    let
+      holding = lib.filter (s: s.mountPoint == dir || lib.hasPrefix "${s.mountPoint}/" dir) cfg.shares;
+      holdingVolumes = lib.filter (
+        v: v.mountPoint == dir || lib.hasPrefix "${v.mountPoint}/" dir
+      ) cfg.volumes;
+      longest = lib.foldl' (
+        a: s: if a == null || lib.stringLength s.mountPoint > lib.stringLength a.mountPoint then s else a
+      ) null (holding ++ holdingVolumes);
+    in
+    if longest != null && longest ? tag then longest else null;
+  upperShare = if cfg.writableStoreOverlay == null then null else shareHolding cfg.writableStoreOverlay;
+  duplicates = xs: lib.unique (lib.filter (x: lib.count (y: y == x) xs > 1) xs);
+  tagsTwice = duplicates (map (s: s.tag) cfg.shares);
+  mountPointsTwice = duplicates (map (s: s.mountPoint) cfg.shares ++ map (v: v.mountPoint) cfg.volumes);
 
   agent = "${cfg.package}/bin/guest-agent";
   args = lib.escapeShellArgs cfg.extraArgs;
@@ -254,8 +350,11 @@ in
       description = ''
         Let the agent, not stage 1's fstab handling, mount the managed mount
         points: sets `fileSystems.<mountPoint>.neededForBoot = false` for
-        each (microvm.nix declares them as fileSystems). Stage 2 then finds
-        them mounted. Only for mount points that have a fileSystems entry.
+        each that microvm.nix declares as fileSystems (for each managed
+        mount point without microvm.nix), and disables `/nix/store`'s entry
+        (stage 1 mounts it whatever neededForBoot says). Without a store
+        overlay the host store share stays stage 1's (microvm.nix binds it
+        onto /nix/store there). Stage 2 then finds them mounted.
       '';
     };
 
@@ -393,6 +492,22 @@ in
           ) cfg.volumes;
           message = "boot.initrd.guest-agent.volumes: give exactly one of label, uuid, serial, device.";
         }
+        {
+          assertion = tagsTwice == [ ];
+          message = "boot.initrd.guest-agent.shares: the tag ${lib.concatStringsSep ", " tagsTwice} is used by more than one share (a virtio tag names one device).";
+        }
+        {
+          assertion = mountPointsTwice == [ ];
+          message = "boot.initrd.guest-agent: more than one share or volume is mounted at ${lib.concatStringsSep ", " mountPointsTwice}.";
+        }
+        {
+          assertion = upperShare == null || upperShare.proto != "9p";
+          message = "boot.initrd.guest-agent.writableStoreOverlay: ${toString cfg.writableStoreOverlay} is on the 9p share ${upperShare.tag or ""}; overlayfs cannot use 9p as its upper layer (use a volume, or a virtiofs share).";
+        }
+        {
+          assertion = cfg.takeOverMounts -> fsHasEnable || !lib.any (mp: lib.elem mp pathsNeededForBoot && config.fileSystems ? ${mp}) managedMountPoints;
+          message = "boot.initrd.guest-agent.takeOverMounts: this NixOS has no fileSystems.<name>.enable, so stage 1 would mount ${lib.concatStringsSep ", " (lib.filter (mp: lib.elem mp pathsNeededForBoot) managedMountPoints)} itself (neededForBoot = false does not stop it there).";
+        }
       ];
 
       boot.initrd.availableKernelModules = cfg.kernelModules;
@@ -460,13 +575,20 @@ in
         shares = lib.mkDefault microvmShares;
         volumes = lib.mkDefault microvmVolumes;
         writableStoreOverlay = lib.mkDefault (config.microvm.writableStoreOverlay or null);
+        storeLower = lib.mkDefault microvmStoreLower;
       };
     })
 
     (mkIf cfg.takeOverMounts {
-      fileSystems = lib.genAttrs managedMountPoints (_: {
-        neededForBoot = lib.mkForce false;
-      });
+      fileSystems = lib.genAttrs takeOverPoints (
+        mp:
+        {
+          neededForBoot = lib.mkForce false;
+        }
+        // lib.optionalAttrs (fsHasEnable && lib.elem mp pathsNeededForBoot) {
+          enable = lib.mkForce false;
+        }
+      );
     })
 
     (mkIf (!config.boot.initrd.systemd.enable) {
