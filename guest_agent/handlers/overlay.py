@@ -13,19 +13,16 @@ import os
 
 from guest_agent import reset as overlay_reset
 from guest_agent.handlers.layers import check_overlap, in_use, overlay_users, wrong_type
-from guest_agent.paths import PathError, host_path, reopen
+from guest_agent.paths import host_path, reopen
 from guest_agent.plan import upper_on_9p
 from guest_agent.results import Failure, Result, Status, occupied, refused
 from guest_agent.spec import (
-    NIX_STATE_DIR,
-    NIX_STATE_MOUNT_POINT,
     UPPER_DIR,
     WORK_DIR,
     OverlaySpec,
-    Problem,
     Proto,
 )
-from guest_agent.syscalls import BIND, MountError, MountRequest, closing, umount
+from guest_agent.syscalls import MountError, MountRequest, closing, umount
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
@@ -143,7 +140,11 @@ def _mount_on(
             lower_fd, store_fd, work_fd = (f"/proc/self/fd/{fd}" for fd in (lower.fd, store, work))
             options = overlay_options(lower_fd, store_fd, work_fd, spec.options, userxattr)
             ctx.devices.need_filesystem("overlay")
-            state_host = _nix_state(ctx, spec, lower, rw, store) if spec.nix_db else None
+            state_host = None
+            if spec.nix_db:  # its module only when the option is used
+                from guest_agent.handlers.nix_state import mount_nix_state
+
+                state_host = mount_nix_state(ctx, spec, lower, rw, store)
             try:
                 ctx.do_mount(MountRequest("overlay", "overlay", host, options))
             except MountError as e:
@@ -169,53 +170,6 @@ def _mount_on(
         + ")"
     )
     return Result(spec.where, spec.source, Status.MOUNTED, "overlay", "overlay", shown)
-
-
-def _nix_state(ctx: Context, spec: OverlaySpec, lower: Opened, rw: int, store: int) -> str | None:
-    """x-nix-db: reconcile Nix's database on RW with the layers (before the overlay is
-    mounted: the upper layer is cleaned first), then bind-mount RW/nix-state at
-    /nix/var/nix. A failure is reported and leaves /nix/var/nix alone; the overlay
-    is still mounted. Returns the host path of the bind mount."""
-    from guest_agent import nixstate
-
-    try:
-        with closing(reopen(lower.fd)) as lower_fd:
-            nixstate.reconcile(
-                nixstate.Layers(lower_fd, rw, store), spec.reg_info, ctx.reporter.info
-            )
-        target = ctx.target(NIX_STATE_MOUNT_POINT)
-        current = ctx.existing(target)
-        if current is not None:
-            raise Failure(
-                f"{NIX_STATE_MOUNT_POINT} is already a mount point ({current.fstype} {current.source})"
-            )
-        with closing(nixstate.open_state(rw)) as state:
-            ctx.do_mount(MountRequest(BIND, f"/proc/self/fd/{state}", target))
-    except ImportError as e:
-        why = f"Python's sqlite3 module is missing here ({e})"
-        hint = "the initrd must carry _sqlite3 and libsqlite3 (see docs/nix-db.md)"
-    except overlay_reset.WrongType as e:
-        why, hint = f"{spec.rw}/{e}", f"remove {spec.rw}/{e.name} by hand if it is not yours"
-    except nixstate.NixStateError as e:
-        why, hint = str(e), None
-    except Failure as e:
-        why, hint = e.reason, e.hint
-    except MountError as e:
-        why, hint = f"the bind mount was refused: {e}", None
-    except (OSError, PathError) as e:
-        why = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) else str(e)
-        hint = None
-    else:
-        ctx.reporter.info(f"mounted {spec.rw}/{NIX_STATE_DIR} at {NIX_STATE_MOUNT_POINT}")
-        return target
-    ctx.reporter.problem(
-        Problem(
-            spec.source,
-            f"Nix database not reconciled: {why}; {NIX_STATE_MOUNT_POINT} is not mounted",
-            hint,
-        )
-    )
-    return None
 
 
 def _upper_needs_userxattr(ctx: Context, spec: OverlaySpec, rw: str) -> bool:

@@ -131,6 +131,7 @@ class Machine:
         extra: str = "",
         agent: str = "mount-all",
         env: str = "",
+        var: str = "rw",
     ) -> Boot:
         reg = lower.reg_info if reg_info == "" else reg_info
         cmdline = f"microvm.store-overlay=/nix/.ro-store:/nix/.rw-store:{options} {extra}"
@@ -147,7 +148,7 @@ class Machine:
                 mount -o remount,bind,ro $R/nix/.ro-store
                 mount --bind {self.rw} $R/nix/.rw-store
                 mkdir -p $R/nix/var
-                mount -t tmpfs root-tmpfs $R/nix/var   # the guest's root: not persistent
+                mount -t tmpfs -o {var} root-tmpfs $R/nix/var   # the guest's root: not persistent
                 cd {REPO}
                 {env} {sys.executable} -m guest_agent {agent} --root $R --cmdline {self.tmp}/cmdline \\
                     2>{self.tmp}/agent.err
@@ -475,3 +476,17 @@ def test_reset_overlay_refuses_while_the_database_is_mounted(tmp_path: Path, low
     assert second.startswith("1"), boot.out
     assert "wiped the /nix/store upper layer" in second and "reset2=0" in second, boot.out
     assert not (machine.rw / "nix-state").exists()
+
+
+def test_a_read_only_root_without_the_mount_point_is_named(tmp_path: Path, lower: Lower) -> None:
+    machine = Machine(tmp_path / "m")
+    boot = machine.boot(lower, "mountpoint -q $R/nix/store && echo store-mounted", var="ro")
+    assert boot.returncode == 1, boot.agent
+    (line,) = [x for x in boot.agent.splitlines() if x.startswith("error:")]
+    assert (
+        "the Nix database was reconciled, but /nix/.rw-store/nix-state could not be mounted at"
+        " /nix/var/nix: cannot create /nix/var/nix: Read-only file system" in line
+    ), line
+    assert "(hint: a read-only root needs the mount point /nix/var/nix in its image" in line
+    assert "Nix database: 3 valid paths, 3 registered now" in boot.agent
+    assert "store-mounted" in boot.out

@@ -453,6 +453,33 @@ def test_nix_db_initrd_carries_sqlite3(
     assert added and all("sqlite" in m for m in added), sorted(added)
 
 
+def test_nix_db_boots_with_the_twin_initrd(
+    guest: Callable[..., images.ImageVM],
+    guest_images: dict[str, images.GuestImage],
+    flavor: str,
+) -> None:
+    """The twin initrd (x-nix-db in mounts.json) boots with x-nix-db on the command line:
+    the agent, in the initrd, makes Nix's database on RW with Python's sqlite3 and
+    bind-mounts RW/nix-state at /nix/var/nix, which the real system then has; status
+    shows it. The image has no /nix/var/nix: `rw` mounts its root read-write in the
+    initrd so that the agent can make the mount point (on a read-only root the agent
+    says it needs one, tests/host/test_nix_db_host.py)."""
+    vm = guest(STORE_CMDLINE + ":x-nix-db")
+    vm.initramfs = Path(guest_images[flavor].info["initrd_nix_db"])
+    r = vm.run(script(), extra_cmdline="rw")
+    facts = facts_of(r)
+    assert_all_mounted(facts, flavor)
+    agent_ran_in_initrd(r, flavor)
+    state = facts["mounts"]["/nix/var/nix"]
+    assert state["fstype"] == "ext4" and state["source"] == "/dev/vdb", state
+    console = r.console
+    made = console.find("Nix database: 0 valid paths, 0 registered now")
+    assert 0 <= made < console.find(SWITCH_MARK[flavor]), r  # in the initrd
+    rows = json.loads(facts["status"]["out"])
+    nix_db = next(row for row in rows if row["where"] == "/nix/store")["nix_db"]
+    assert nix_db["state"] == "done" and nix_db["valid_paths"] == 0, nix_db
+
+
 # --------------------------------------------------------------------------
 # Static checks of the integration files (no boot)
 # --------------------------------------------------------------------------
