@@ -245,7 +245,16 @@ class ModuleLoader:
     # -- coldplug -------------------------------------------------------------
 
     def coldplug_virtio(self) -> list[str]:
-        """Load drivers for driverless virtio devices (guest_agent.coldplug)."""
+        """Load drivers for driverless virtio devices (guest_agent.coldplug); first
+        `virtio_mmio` when the command line describes devices for it
+        (`virtio_mmio.device=`, firecracker's way): they exist only once it is loaded."""
         from guest_agent.coldplug import coldplug_virtio
 
-        return coldplug_virtio(self.load, self.sysfs)
+        errors: list[str] = []
+        if not os.path.isdir(os.path.join(self.sysfs, "module", "virtio_mmio")) and any(
+            opt.startswith("device=") for opt in self.options("virtio_mmio")
+        ):
+            err = self.load("virtio_mmio")
+            if err:
+                errors.append(err)
+        return errors + coldplug_virtio(self.load, self.sysfs)

@@ -696,3 +696,23 @@ def test_real_module_syscalls_with_parameters_reject_bogus_input() -> None:
     with pytest.raises(OSError) as bad_image:
         LINUX.init_module(b"not an ELF image", b"x=1")
     assert bad_image.value.errno != 0
+
+
+def test_cmdline_mmio_devices_load_virtio_mmio_first(tree: Any, rec: Recorder) -> None:
+    """firecracker describes its devices on the command line: no platform device exists
+    until virtio_mmio is loaded with those words, so coldplug loads it first."""
+    tree.create_file("/proc/cmdline", contents="virtio_mmio.device=4K@0xd0000000:5 ro")
+    loader = ModuleLoader(MODDIR, syscalls=rec)
+    assert loader.coldplug_virtio() == []
+    assert rec.params == {"ELF virtio_mmio": b"device=4K@0xd0000000:5"}
+
+
+def test_no_cmdline_mmio_devices_no_virtio_mmio(tree: Any, rec: Recorder) -> None:
+    tree.create_file("/proc/cmdline", contents="virtio_mmio.other=1 console=ttyS0")
+    assert ModuleLoader(MODDIR, syscalls=rec).coldplug_virtio() == []
+    assert rec.loaded == []
+    tree.create_file("/sys/module/virtio_mmio/parameters/device")  # built in (or loaded)
+    tree.remove_object("/proc/cmdline")
+    tree.create_file("/proc/cmdline", contents="virtio_mmio.device=4K@0xd0000000:5")
+    assert ModuleLoader(MODDIR, syscalls=rec).coldplug_virtio() == []
+    assert rec.loaded == []
