@@ -17,7 +17,8 @@ Devices are attached the way microvm.nix's qemu runner does:
 With ``machine="microvm"`` (qemu's microvm machine, as microvm.nix's qemu
 runner without PCI, firecracker and stratovirt do) the same devices go on
 virtio-mmio: ``virtio-9p-device``, ``vhost-user-fs-device``,
-``virtio-blk-device``. That machine has one ISA serial port; the results
+``virtio-blk-device``; with ``machine="microvm,pcie=on"`` (microvm.nix's qemu
+runner when a share needs PCI) they are the ``-pci`` ones behind its PCIe bridge. That machine has one ISA serial port; the results
 channel is a second ``isa-serial`` device (ttyS1, as on q35), and the kernel
 gets ``tsc_early_khz=`` with the host's TSC rate (no HPET or ACPI PM timer
 there: a failed TSC calibration against the PIT hangs about half the boots).
@@ -69,13 +70,23 @@ BOOT_LOG: list[tuple[str, str, float]] = []
 #: qemu device names per transport: PCI (q35) and virtio-mmio (microvm).
 DEVICES = {
     "pci": {"9p": "virtio-9p-pci", "virtiofs": "vhost-user-fs-pci", "blk": "virtio-blk-pci"},
-    "mmio": {"9p": "virtio-9p-device", "virtiofs": "vhost-user-fs-device", "blk": "virtio-blk-device"},
+    "mmio": {
+        "9p": "virtio-9p-device",
+        "virtiofs": "vhost-user-fs-device",
+        "blk": "virtio-blk-device",
+    },
 }
 
 
+def is_microvm(machine: str) -> bool:
+    """qemu's microvm machine type ("microvm" or "microvm,OPTIONS")."""
+    return machine.split(",", 1)[0] == "microvm"
+
+
 def transport(machine: str) -> Literal["pci", "mmio"]:
-    """The virtio transport of a qemu machine type ("microvm,..." → mmio)."""
-    return "mmio" if machine.split(",", 1)[0] == "microvm" else "pci"
+    """The virtio transport of a qemu machine type: mmio on microvm unless it has its PCIe
+    host bridge ("microvm,pcie=on", microvm.nix's qemu runner when a share needs PCI)."""
+    return "mmio" if is_microvm(machine) and "pcie=on" not in machine.split(",") else "pci"
 
 
 def host_tsc_khz() -> int | None:
@@ -498,7 +509,7 @@ class VM:
         # no_timer_check: under TCG on a loaded host the kernel's IO-APIC timer check can
         # time out and panic ("IO-APIC + timer doesn't work!"); VMs skip it routinely.
         base = "console=ttyS0 panic=-1 oops=panic no_timer_check"
-        if self.transport == "mmio":
+        if is_microvm(self.machine):
             khz = host_tsc_khz()
             if khz:  # microvm: no HPET/PM timer to calibrate the TSC against under TCG
                 base += f" tsc_early_khz={khz}"
@@ -526,7 +537,7 @@ class VM:
         cmd += ["-append", self.kernel_cmdline(extra_cmdline)]
         cmd += ["-chardev", f"file,id=console,path={console}", "-serial", "chardev:console"]
         cmd += ["-chardev", f"file,id=results,path={results}"]
-        if self.transport == "mmio":  # one ISA serial port built in: add the second
+        if is_microvm(self.machine):  # one ISA serial port built in: add the second
             cmd += ["-device", "isa-serial,chardev=results,index=1"]
         else:
             cmd += ["-serial", "chardev:results"]
