@@ -3,7 +3,9 @@
 Resolves names and aliases with the indexes depmod writes, read once and
 lazily (guest_agent.modindex), loads dependencies first and soft dependencies
 around, and hands each file to the kernel (guest_agent.modimage, which
-decompresses when the kernel cannot). Coldplug is guest_agent.coldplug. Never
+decompresses when the kernel cannot), with the MODULE.PARAM=VALUE words of
+/proc/cmdline for that module as its parameters, as modprobe passes them
+(read once, when the first module is loaded). Coldplug is guest_agent.coldplug. Never
 spawns a process. A module that cannot be loaded raises ModuleError (`require`,
 `require_filesystem`); `load`, `ensure_filesystem` and `coldplug_virtio` catch it
 and return its message (None, or an empty list, on success).
@@ -14,7 +16,7 @@ from __future__ import annotations
 import errno
 import os
 
-from guest_agent.modimage import errtext, hand_over
+from guest_agent.modimage import LINUX, errtext, hand_over
 from guest_agent.modindex import (
     ModuleError,
     ModuleIndex,
@@ -22,6 +24,7 @@ from guest_agent.modindex import (
     default_modules_dir,
     module_name,
     normalize,
+    parse_cmdline_options,
     parse_proc_filesystems,
     parse_proc_modules,
 )
@@ -50,18 +53,25 @@ class ModuleLoader:
         proc: str = "/proc",
         syscalls: ModuleSyscalls | None = None,
     ) -> None:
-        if syscalls is None:
-            from guest_agent import syscalls as linux
-
-            syscalls = linux
         self.modules_dir = modules_dir or default_modules_dir()
         self.sysfs = sysfs
         self.proc = proc
-        self.syscalls: ModuleSyscalls = syscalls
+        self.syscalls: ModuleSyscalls = LINUX if syscalls is None else syscalls
         self._index: ModuleIndex | None = None
         self._loaded: set[str] = set()  # loaded by us (sysfs may lag, or be fake)
         self._failed: dict[str, str] = {}  # module → error, so one failure is reported once
         self._soft_pending: set[str] = set()  # guards soft dependency cycles
+        self._options: dict[str, list[str]] | None = None  # /proc/cmdline's, read once
+
+    def options(self, mod: str) -> list[str]:
+        """The parameters /proc/cmdline gives module MOD (MOD.PARAM=VALUE words)."""
+        if self._options is None:
+            try:
+                with open(os.path.join(self.proc, "cmdline"), errors="replace") as f:
+                    self._options = parse_cmdline_options(f.read())
+            except OSError:  # no /proc: no parameters, as modprobe
+                self._options = {}
+        return self._options.get(normalize(mod), [])
 
     # -- index ----------------------------------------------------------------
 
@@ -187,7 +197,8 @@ class ModuleLoader:
             raise ModuleError(mod, f"{path}: {errtext(e.errno or errno.EIO)}") from None
         with closing(fd):
             try:
-                hand_over(self.syscalls, fd, path)
+                params = " ".join(self.options(mod)).encode()
+                hand_over(self.syscalls, fd, path, params)
             except OSError as e:  # only the system calls raise OSError here
                 err = e.errno or errno.EIO
                 if err != errno.EEXIST:
@@ -234,7 +245,16 @@ class ModuleLoader:
     # -- coldplug -------------------------------------------------------------
 
     def coldplug_virtio(self) -> list[str]:
-        """Load drivers for driverless virtio devices (guest_agent.coldplug)."""
+        """Load drivers for driverless virtio devices (guest_agent.coldplug); first
+        `virtio_mmio` when the command line describes devices for it
+        (`virtio_mmio.device=`, firecracker's way): they exist only once it is loaded."""
         from guest_agent.coldplug import coldplug_virtio
 
-        return coldplug_virtio(self.load, self.sysfs)
+        errors: list[str] = []
+        if not os.path.isdir(os.path.join(self.sysfs, "module", "virtio_mmio")) and any(
+            opt.startswith("device=") for opt in self.options("virtio_mmio")
+        ):
+            err = self.load("virtio_mmio")
+            if err:
+                errors.append(err)
+        return errors + coldplug_virtio(self.load, self.sysfs)

@@ -3,7 +3,8 @@
 finit_module(2) takes an uncompressed .ko, and a .ko.zst where the kernel
 decompresses (5.17+); .ko.xz and .ko.gz, and .ko.zst for an older kernel, are
 decompressed here and passed with init_module(2) (lzma, gzip and zstd imported
-only then). Used by guest_agent.kmod.
+only then), with the module's parameters (the kernel command line's, see
+guest_agent.kmod). Used by guest_agent.kmod.
 """
 
 from __future__ import annotations
@@ -18,15 +19,32 @@ if TYPE_CHECKING:
     from typing import Protocol
 
     class ModuleSyscalls(Protocol):
-        """The two kernel entry points, raising OSError (guest_agent.syscalls; tests inject
-        fakes)."""
+        """The two kernel entry points with a parameter string, raising OSError
+        (`LINUX`; tests inject fakes)."""
 
-        def finit_module(self, fd: int, flags: int) -> None: ...
+        def finit_module(self, fd: int, flags: int, params: bytes = b"") -> None: ...
 
-        def init_module(self, image: bytes) -> None: ...
+        def init_module(self, image: bytes, params: bytes = b"") -> None: ...
 
 
 MODULE_INIT_COMPRESSED_FILE = 4  # finit_module flag: the kernel decompresses (5.17+)
+
+
+class _Linux:
+    """finit_module(2) and init_module(2) with a parameter string ("p=v q=\"a b\"")."""
+
+    def finit_module(self, fd: int, flags: int, params: bytes = b"") -> None:
+        from guest_agent.syscalls import _module_syscall, syscall
+
+        syscall(_module_syscall(1), fd, params, flags)
+
+    def init_module(self, image: bytes, params: bytes = b"") -> None:
+        from guest_agent.syscalls import _module_syscall, syscall
+
+        syscall(_module_syscall(0), image, len(image), params)
+
+
+LINUX = _Linux()
 
 
 def errtext(err: int) -> str:
@@ -34,20 +52,20 @@ def errtext(err: int) -> str:
     return f"{errno.errorcode.get(err, str(err))}: {os.strerror(err)}"
 
 
-def hand_over(syscalls: ModuleSyscalls, fd: int, path: str) -> None:
-    """finit_module, or init_module of the image decompressed here; OSError from the
-    kernel, ModuleError when the file cannot be decompressed."""
+def hand_over(syscalls: ModuleSyscalls, fd: int, path: str, params: bytes = b"") -> None:
+    """finit_module, or init_module of the image decompressed here, with PARAMS; OSError
+    from the kernel, ModuleError when the file cannot be decompressed."""
     if path.endswith((".ko.xz", ".ko.gz")):
-        syscalls.init_module(_decompress(fd, path))
+        syscalls.init_module(_decompress(fd, path), params)
     elif not path.endswith(".ko.zst"):
-        syscalls.finit_module(fd, 0)
+        syscalls.finit_module(fd, 0, params)
     else:
         try:
-            syscalls.finit_module(fd, MODULE_INIT_COMPRESSED_FILE)
+            syscalls.finit_module(fd, MODULE_INIT_COMPRESSED_FILE, params)
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOEXEC):
                 raise
-            syscalls.init_module(_zstd_decompress(fd, path, e.errno))
+            syscalls.init_module(_zstd_decompress(fd, path, e.errno), params)
 
 
 def _decompress(fd: int, path: str) -> bytes:

@@ -104,6 +104,26 @@ def virtio_devices(sysfs: str = "/sys") -> list[tuple[str, int, str | None]]:
     return out
 
 
+def virtio_transport(path: str) -> str | None:
+    """The transport of the virtio device at sysfs PATH (a virtioN directory, a link to one,
+    or anything below one, such as a block device's): "pci", "mmio" (virtio-mmio devices are
+    platform devices: ACPI LNRO0005, device tree "virtio,mmio", virtio_mmio.device=), or
+    the name of another bus its parent sits on ("ccw"); None when not found."""
+    real = os.path.realpath(path)
+    parts = real.split(os.sep)
+    for i in range(len(parts) - 1, 0, -1):
+        if _is_virtio_component(parts[i]):
+            parent = os.sep.join(parts[:i])
+            break
+    else:
+        return None
+    try:
+        bus = os.path.basename(os.readlink(os.path.join(parent, "subsystem")))
+    except OSError:
+        return None
+    return "mmio" if bus == "platform" else bus
+
+
 def virtiofs_tags_readable(sysfs: str = "/sys") -> bool:
     """True when the kernel publishes virtiofs tags (>= 6.9, virtiofs loaded)."""
     return os.path.isdir(os.path.join(sysfs, "fs/virtiofs"))

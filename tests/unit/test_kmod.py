@@ -99,6 +99,7 @@ class Recorder:
         self.calls: list[tuple[str, str, int]] = []  # (syscall, image, flags)
         self.errors: dict[str, int] = {}  # image → errno to return
         self.on_load: dict[str, Callable[[], None]] = {}
+        self.params: dict[str, bytes] = {}  # image → the parameter string it was given
 
     def _done(self, image: str) -> None:
         err = self.errors.get(image, 0)
@@ -108,14 +109,16 @@ class Recorder:
         if image in self.on_load:
             self.on_load[image]()
 
-    def finit_module(self, fd: int, flags: int) -> None:
+    def finit_module(self, fd: int, flags: int, params: bytes = b"") -> None:
         os.lseek(fd, 0, os.SEEK_SET)
         image = os.read(fd, 1 << 16).decode()
         self.calls.append(("finit_module", image, flags))
+        self.params[image] = params
         self._done(image)
 
-    def init_module(self, image: bytes) -> None:
+    def init_module(self, image: bytes, params: bytes = b"") -> None:
         self.calls.append(("init_module", image.decode(), 0))
+        self.params[image.decode()] = params
         self._done(image.decode())
 
 
@@ -596,3 +599,120 @@ def test_corrupt_archive_is_a_module_error(loader: ModuleLoader) -> None:
         _decompress(fd, path)
     assert bad.value.module == "corrupt"
     assert bad.value.reason.startswith(f"{path}: cannot decompress: ")
+
+
+# --- module parameters from the kernel command line -------------------------------
+
+#: A command line and what kmod 30's `modprobe --show-depends` printed for it (a
+#: depmod'ed directory of Debian 12's virtio_mmio.ko and virtio_blk.ko, the line
+#: bind-mounted over /proc/cmdline in a mount namespace): the parameters modprobe
+#: passes, in order. One difference is deliberate: kmod 30 also passed
+#: `virtio_blk.poll_queues=1`, which follows `--`; the kernel gives the words after
+#: `--` to init, so they are no kernel (or module) parameters, and the agent drops them.
+#: modprobe passes quotes as written, the agent only where a value holds whitespace:
+#: compared as the kernel splits a parameter string (next_arg), they are the same.
+PARAM_CMDLINE = (
+    'console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 virtio-mmio.device="4K@0xd0001000:6"'
+    ' virtio_blk.foo="a b" "virtio_blk.bar=c d" virtio_blk.flag virtio_blk.queue_depth=64'
+    " x=virtio_blk.z .virtio_blk=2 virtio_blk.a.b=3 -- virtio_blk.poll_queues=1\n"
+)
+MODPROBE_SHOW_DEPENDS = {
+    "virtio_mmio": 'device=4K@0xd0000000:5 device="4K@0xd0001000:6"',
+    "virtio_blk": 'foo="a b" bar="c d" flag queue_depth=64',  # kmod 30: … poll_queues=1
+}
+
+
+def as_kernel_reads(params: str | bytes) -> list[str]:
+    from guest_agent.config import split_cmdline
+
+    return list(split_cmdline(params.decode() if isinstance(params, bytes) else params))
+
+
+def test_parse_cmdline_options_as_modprobe() -> None:
+    from guest_agent.modindex import parse_cmdline_options
+
+    opts = parse_cmdline_options(PARAM_CMDLINE)
+    assert {mod: as_kernel_reads(" ".join(o)) for mod, o in opts.items()} == {
+        mod: as_kernel_reads(line) for mod, line in MODPROBE_SHOW_DEPENDS.items()
+    }
+    assert opts["virtio_blk"] == ['foo="a b"', 'bar="c d"', "flag", "queue_depth=64"]
+    assert parse_cmdline_options("") == {}
+    assert parse_cmdline_options("root=/dev/vda ro quiet loglevel=3 a=b.c") == {}
+    # dashes in the module name are underscores; a parameter name keeps its own spelling
+    # (the kernel's parameq treats them alike there)
+    assert parse_cmdline_options("virtio-blk.queue-depth=8 9pnet.debug=0x1") == {
+        "virtio_blk": ["queue-depth=8"],
+        "9pnet": ["debug=0x1"],
+    }
+    # an empty value stays given (the kernel sets the parameter to ""), a tab is whitespace
+    assert parse_cmdline_options('m.p= m.q="a\tb" m.r=""') == {"m": ["p=", 'q="a\tb"', "r="]}
+
+
+def test_module_loaded_with_its_cmdline_parameters(tree: Any, rec: Recorder) -> None:
+    tree.create_file("/proc/cmdline", contents=PARAM_CMDLINE)
+    loader = ModuleLoader(MODDIR, syscalls=rec)
+    assert loader.load("virtio-mmio") is None  # finit_module
+    assert loader.load("virtiofs") is None  # .gz: init_module, with fuse first
+    assert loader.load("virtio_blk") is None
+    assert {image: as_kernel_reads(params) for image, params in rec.params.items()} == {
+        "ELF virtio_mmio": as_kernel_reads(MODPROBE_SHOW_DEPENDS["virtio_mmio"]),
+        "ELF fuse": [],
+        "ELF virtiofs": [],
+        "ELF virtio_blk": as_kernel_reads(MODPROBE_SHOW_DEPENDS["virtio_blk"]),
+    }
+    assert rec.params["ELF virtio_blk"] == b'foo="a b" bar="c d" flag queue_depth=64'
+
+
+def test_dependencies_get_their_own_parameters(tree: Any, rec: Recorder) -> None:
+    tree.create_file("/proc/cmdline", contents="9pnet.debug=1 netfs.x=2 9p.y=3 erofs.z=4")
+    loader = ModuleLoader(MODDIR, syscalls=rec)
+    assert loader.load("9p") is None
+    assert loader.load("erofs") is None  # .zst: finit_module with the kernel decompressing
+    assert rec.params == {
+        "ELF netfs": b"x=2",
+        "ELF 9pnet": b"debug=1",
+        "ELF 9p": b"y=3",
+        "ELF erofs": b"z=4",
+    }
+
+
+def test_cmdline_read_once_and_its_absence_is_no_error(tree: Any, rec: Recorder) -> None:
+    loader = ModuleLoader(MODDIR, syscalls=rec)  # the fake tree has no /proc/cmdline
+    assert loader.load("virtio_blk") is None
+    tree.create_file("/proc/cmdline", contents="virtio_mmio.device=4K@0xd0000000:5")
+    assert loader.load("virtio_mmio") is None  # read once, at the first load: still none
+    assert rec.params == {"ELF virtio_blk": b"", "ELF virtio_mmio": b""}
+
+
+@pytest.mark.root
+@needs_root
+def test_real_module_syscalls_with_parameters_reject_bogus_input() -> None:
+    """modimage.LINUX (the loader's calls, with a parameter string) reaches the kernel."""
+    from guest_agent.modimage import LINUX
+
+    with pytest.raises(OSError) as bad_fd:
+        LINUX.finit_module(-1, 0, b"device=4K@0xd0000000:5")
+    assert bad_fd.value.errno in (errno.EBADF, errno.ENOSYS, errno.EPERM)
+    with pytest.raises(OSError) as bad_image:
+        LINUX.init_module(b"not an ELF image", b"x=1")
+    assert bad_image.value.errno != 0
+
+
+def test_cmdline_mmio_devices_load_virtio_mmio_first(tree: Any, rec: Recorder) -> None:
+    """firecracker describes its devices on the command line: no platform device exists
+    until virtio_mmio is loaded with those words, so coldplug loads it first."""
+    tree.create_file("/proc/cmdline", contents="virtio_mmio.device=4K@0xd0000000:5 ro")
+    loader = ModuleLoader(MODDIR, syscalls=rec)
+    assert loader.coldplug_virtio() == []
+    assert rec.params == {"ELF virtio_mmio": b"device=4K@0xd0000000:5"}
+
+
+def test_no_cmdline_mmio_devices_no_virtio_mmio(tree: Any, rec: Recorder) -> None:
+    tree.create_file("/proc/cmdline", contents="virtio_mmio.other=1 console=ttyS0")
+    assert ModuleLoader(MODDIR, syscalls=rec).coldplug_virtio() == []
+    assert rec.loaded == []
+    tree.create_file("/sys/module/virtio_mmio/parameters/device")  # built in (or loaded)
+    tree.remove_object("/proc/cmdline")
+    tree.create_file("/proc/cmdline", contents="virtio_mmio.device=4K@0xd0000000:5")
+    assert ModuleLoader(MODDIR, syscalls=rec).coldplug_virtio() == []
+    assert rec.loaded == []

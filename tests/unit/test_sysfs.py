@@ -16,6 +16,7 @@ from guest_agent.sysfs import (
     scan_block_devices,
     scan_shares,
     virtio_devices,
+    virtio_transport,
     virtiofs_tags_readable,
 )
 
@@ -205,3 +206,39 @@ def test_block_device_with_unreadable_dev_is_skipped(disks: Any) -> None:
     fs = disks
     fs.remove_object(f"{PCI}/0000:00:02.0/virtio1/block/vda/vda2/dev")
     assert "vda2" not in {d.name for d in scan_block_devices()}
+
+
+# --- transports ---------------------------------------------------------------------
+
+MMIO = "/sys/devices/platform"
+
+
+def test_virtio_transport_pci_mmio_and_unknown(fs: Any) -> None:
+    """As qemu's q35 (virtio-pci) and microvm (virtio-mmio as ACPI LNRO0005 platform
+    devices) machines lay them out; shares by their /sys/bus/virtio link, disks from below."""
+    fs.create_dir("/sys/bus/pci")
+    fs.create_dir("/sys/bus/platform")
+    fs.create_dir("/sys/bus/ccw")
+    virtio_dev(fs, 0, 2, 9, "9pnet_virtio", mount_tag=b"ro-store\x00")
+    fs.create_symlink(f"{PCI}/0000:00:02.0/subsystem", "../../../bus/pci")
+    for n, devid in ((1, 2), (2, 26)):
+        path = f"{MMIO}/LNRO0005:0{n}/virtio{n}"
+        fs.create_file(f"{path}/device", contents=f"0x{devid:04x}\n")
+        fs.create_symlink(f"{MMIO}/LNRO0005:0{n}/subsystem", "../../../bus/platform")
+        fs.create_symlink(f"/sys/bus/virtio/devices/virtio{n}", f"../../..{path[4:]}")
+    block(fs, f"{MMIO}/LNRO0005:01/virtio1/block", "vda", "254:0", 8, serial="store")
+    block(fs, f"{MMIO}/LNRO0005:01/virtio1/block/vda", "vda1", "254:1", 4, partition=1)
+    css = "/sys/devices/css0/0.0.0000/0.0.0000"  # s390: virtio-ccw
+    fs.create_dir(f"{css}/virtio3")
+    fs.create_symlink(f"{css}/subsystem", "../../../bus/ccw")
+    fs.create_dir(f"{PCI}/0000:00:05.0/virtio4")  # a parent without a subsystem link
+
+    assert virtio_transport("/sys/bus/virtio/devices/virtio0") == "pci"
+    assert virtio_transport("/sys/bus/virtio/devices/virtio1") == "mmio"
+    assert virtio_transport("/sys/bus/virtio/devices/virtio2") == "mmio"
+    assert virtio_transport("/sys/class/block/vda") == "mmio"
+    assert virtio_transport("/sys/class/block/vda1") == "mmio"
+    assert virtio_transport(f"{css}/virtio3") == "ccw"
+    assert virtio_transport(f"{PCI}/0000:00:05.0/virtio4") is None
+    assert virtio_transport("/sys/devices/virtual/block/loop0") is None
+    assert virtio_transport("/sys/bus/virtio/devices/virtio9") is None  # no such device

@@ -14,6 +14,15 @@ Devices are attached the way microvm.nix's qemu runner does:
   ``memory-backend-memfd``;
 * volumes: ``-drive ...,if=none`` + ``virtio-blk-pci,serial=...``.
 
+With ``machine="microvm"`` (qemu's microvm machine, as microvm.nix's qemu
+runner without PCI, firecracker and stratovirt do) the same devices go on
+virtio-mmio: ``virtio-9p-device``, ``vhost-user-fs-device``,
+``virtio-blk-device``; with ``machine="microvm,pcie=on"`` (microvm.nix's qemu
+runner when a share needs PCI) they are the ``-pci`` ones behind its PCIe bridge. That machine has one ISA serial port; the results
+channel is a second ``isa-serial`` device (ttyS1, as on q35), and the kernel
+gets ``tsc_early_khz=`` with the host's TSC rate (no HPET or ACPI PM timer
+there: a failed TSC calibration against the PIT hangs about half the boots).
+
 Example::
 
     vm = VM(testbed, "6.1", initramfs, workdir,
@@ -56,6 +65,38 @@ SETUP_HINT = "run `sudo tools/setup-testbed` (as root, on Debian 12) to set up t
 #: Every boot made in this process: (label, kernel, seconds). The pytest
 #: plugin in conftest.py prints a summary.
 BOOT_LOG: list[tuple[str, str, float]] = []
+
+
+#: qemu device names per transport: PCI (q35) and virtio-mmio (microvm).
+DEVICES = {
+    "pci": {"9p": "virtio-9p-pci", "virtiofs": "vhost-user-fs-pci", "blk": "virtio-blk-pci"},
+    "mmio": {
+        "9p": "virtio-9p-device",
+        "virtiofs": "vhost-user-fs-device",
+        "blk": "virtio-blk-device",
+    },
+}
+
+
+def is_microvm(machine: str) -> bool:
+    """qemu's microvm machine type ("microvm" or "microvm,OPTIONS")."""
+    return machine.split(",", 1)[0] == "microvm"
+
+
+def transport(machine: str) -> Literal["pci", "mmio"]:
+    """The virtio transport of a qemu machine type: mmio on microvm unless it has its PCIe
+    host bridge ("microvm,pcie=on", microvm.nix's qemu runner when a share needs PCI)."""
+    return "mmio" if is_microvm(machine) and "pcie=on" not in machine.split(",") else "pci"
+
+
+def host_tsc_khz() -> int | None:
+    """The host's TSC rate in kHz ("cpu MHz" of /proc/cpuinfo), which TCG guests see."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    m = re.search(r"^cpu MHz\s*:\s*([0-9.]+)", text, re.M)
+    return round(float(m.group(1)) * 1000) if m else None
 
 
 class TestbedError(RuntimeError):
@@ -468,7 +509,15 @@ class VM:
         # no_timer_check: under TCG on a loaded host the kernel's IO-APIC timer check can
         # time out and panic ("IO-APIC + timer doesn't work!"); VMs skip it routinely.
         base = "console=ttyS0 panic=-1 oops=panic no_timer_check"
+        if is_microvm(self.machine):
+            khz = host_tsc_khz()
+            if khz:  # microvm: no HPET/PM timer to calibrate the TSC against under TCG
+                base += f" tsc_early_khz={khz}"
         return " ".join(s for s in (base, self.cmdline, extra) if s)
+
+    @property
+    def transport(self) -> Literal["pci", "mmio"]:
+        return transport(self.machine)
 
     def qemu_command(
         self,
@@ -487,7 +536,12 @@ class VM:
         cmd += ["-kernel", str(self.testbed.boot_image(self.kernel)), "-initrd", str(initrd)]
         cmd += ["-append", self.kernel_cmdline(extra_cmdline)]
         cmd += ["-chardev", f"file,id=console,path={console}", "-serial", "chardev:console"]
-        cmd += ["-chardev", f"file,id=results,path={results}", "-serial", "chardev:results"]
+        cmd += ["-chardev", f"file,id=results,path={results}"]
+        if is_microvm(self.machine):  # one ISA serial port built in: add the second
+            cmd += ["-device", "isa-serial,chardev=results,index=1"]
+        else:
+            cmd += ["-serial", "chardev:results"]
+        names = DEVICES[self.transport]
         vfs = iter(sockets)
         for i, share in enumerate(self.shares):
             if share.proto == "9p":
@@ -498,14 +552,14 @@ class VM:
                     "-fsdev",
                     fsdev,
                     "-device",
-                    f"virtio-9p-pci,fsdev=fs{i},mount_tag={share.tag}",
+                    f"{names['9p']},fsdev=fs{i},mount_tag={share.tag}",
                 ]
             elif share.proto == "virtiofs":
                 cmd += [
                     "-chardev",
                     f"socket,id=vfs{i},path={next(vfs)}",
                     "-device",
-                    f"vhost-user-fs-pci,chardev=vfs{i},tag={share.tag}",
+                    f"{names['virtiofs']},chardev=vfs{i},tag={share.tag}",
                 ]
             else:
                 raise ValueError(f"unknown share protocol {share.proto!r}")
@@ -513,7 +567,7 @@ class VM:
             drive = f"file={disk.image},format=raw,if=none,id=d{i}"
             if disk.readonly:
                 drive += ",readonly=on"
-            dev = f"virtio-blk-pci,drive=d{i}"
+            dev = f"{names['blk']},drive=d{i}"
             if disk.serial is not None:
                 dev += f",serial={disk.serial}"
             cmd += ["-drive", drive, "-device", dev]
