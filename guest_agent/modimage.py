@@ -31,17 +31,17 @@ MODULE_INIT_COMPRESSED_FILE = 4  # finit_module flag: the kernel decompresses (5
 
 
 class _Linux:
-    """finit_module(2) and init_module(2) with a parameter string ("p=v q=\"a b\"")."""
+    """The real entry points (guest_agent.syscalls), for `ModuleSyscalls`."""
 
     def finit_module(self, fd: int, flags: int, params: bytes = b"") -> None:
-        from guest_agent.syscalls import _module_syscall, syscall
+        from guest_agent.syscalls import finit_module
 
-        syscall(_module_syscall(1), fd, params, flags)
+        finit_module(fd, flags, params)
 
     def init_module(self, image: bytes, params: bytes = b"") -> None:
-        from guest_agent.syscalls import _module_syscall, syscall
+        from guest_agent.syscalls import init_module
 
-        syscall(_module_syscall(0), image, len(image), params)
+        init_module(image, params)
 
 
 LINUX = _Linux()

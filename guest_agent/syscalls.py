@@ -189,12 +189,13 @@ def _module_syscall(which: int) -> int:
     return numbers[which]
 
 
-def finit_module(fd: int, flags: int) -> None:
-    syscall(_module_syscall(1), fd, b"", flags)
+def finit_module(fd: int, flags: int, params: bytes = b"") -> None:
+    """finit_module(2) with a parameter string ("p=v q=\"a b\"")."""
+    syscall(_module_syscall(1), fd, params, flags)
 
 
-def init_module(image: bytes) -> None:
-    syscall(_module_syscall(0), image, len(image), b"")
+def init_module(image: bytes, params: bytes = b"") -> None:
+    syscall(_module_syscall(0), image, len(image), params)
 
 
 def split_options(options: tuple[str, ...]) -> tuple[int, int, list[str], list[str]]:
