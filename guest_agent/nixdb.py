@@ -17,7 +17,17 @@ import os
 import stat
 import time
 
-from guest_agent.nixreg import STORE_DIR, Entry, derivation_outputs
+from guest_agent.nixfiles import (  # noqa: F401 (re-exported: the database's own names)
+    DB_FILE,
+    DB_FILES,
+    SCHEMA_FILE,
+    STORE_DIR,
+    NixDbError,
+    Unusable,
+    check_files,
+    write_small_file,
+)
+from guest_agent.nixreg import Entry, Registration, derivation_outputs
 from guest_agent.records import NamedTuple
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
@@ -26,9 +36,6 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Collection
 
 SCHEMA_VERSION = 10
-DB_FILE = "db.sqlite"
-SCHEMA_FILE = "schema"
-_DB_FILES = (DB_FILE, DB_FILE + "-wal", DB_FILE + "-shm", DB_FILE + "-journal")
 _MAX_SCHEMA_FILE = 64
 # Nix's schema.sql (libstore) for schema 10, as Nix itself creates it.
 _SCHEMA_SQL = """
@@ -68,34 +75,12 @@ create index if not exists IndexDerivationOutputs on DerivationOutputs(path);
 _COLUMNS = "id, path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca"
 
 
-class NixDbError(Exception):
-    """The Nix database could not be reconciled: why."""
-
-
-class Unusable(NixDbError):
-    """The database cannot be used as it is (why): it is to be moved aside, untouched."""
-
-
 class Outcome(NamedTuple):
     gone: list[str]  # valid paths absent from the store, invalidated
     dependents: list[str]  # invalidated because something they reference is gone
     added: list[str]  # registered paths made valid
     not_added: list[tuple[str, str]]  # (name, why) registered paths left invalid
     valid: int  # valid paths after the reconcile
-
-
-def check_files(db_dir: int) -> bool:
-    """Whether the database file exists; Unusable when one of its files is not a plain file."""
-    exists = False
-    for name in _DB_FILES:
-        try:
-            st = os.stat(name, dir_fd=db_dir, follow_symlinks=False)
-        except FileNotFoundError:
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            raise Unusable(f"{name} is not a regular file")
-        exists = exists or name == DB_FILE
-    return exists
 
 
 def read_schema(db_dir: int) -> int | None:
@@ -175,7 +160,7 @@ def open_database(db_dir: int, *, check_integrity: bool = True) -> sqlite3.Conne
 
 def create_database(db_dir: int) -> sqlite3.Connection:
     """A fresh, empty database of schema 10 (WAL, as Nix uses it), and its schema file."""
-    for name in _DB_FILES:
+    for name in DB_FILES:
         try:
             os.unlink(name, dir_fd=db_dir)  # leftovers of an interrupted creation
         except FileNotFoundError:
@@ -187,35 +172,19 @@ def create_database(db_dir: int) -> sqlite3.Connection:
     return conn
 
 
-def write_small_file(dir_fd: int, name: str, data: bytes) -> None:
-    """Replace NAME in DIR_FD with DATA, atomically and durably (never through a link)."""
-    tmp = f".{name}.guest-agent-tmp"
-    try:
-        os.unlink(tmp, dir_fd=dir_fd)
-    except FileNotFoundError:
-        pass
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(tmp, flags, 0o644, dir_fd=dir_fd)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    os.fsync(dir_fd)
-
-
 def reconcile(
     conn: sqlite3.Connection,
     present: Callable[[str], bool],
-    registration: list[Entry] | None,
+    registration: Registration | list[Entry] | None,
     read_derivation: Callable[[str], bytes | None],
     replaced: Collection[str] = (),
 ) -> Outcome:
     """Invalidate what the store lost, then register what the registration adds, in one
     transaction.
 
-    PRESENT(name) tells whether the store (the merged view) holds a path.
+    PRESENT(name) tells whether the store (the merged view) holds a path. Of a
+    `Registration`, only the entries not valid (or REPLACED) are parsed in full; a
+    malformed one raises RegistrationError, after the rollback.
     REPLACED names paths whose upper copy gave way to the lower's: a valid row of
     one of those takes the registration's hash and size (the content on view now).
     """
@@ -235,9 +204,14 @@ def reconcile(
         gone_set = set(gone)
         for row_id in doomed:
             del ids[names[row_id]]
+        if isinstance(registration, Registration):
+            keep = set(replaced)
+            entries = registration.entries(skip={n for n in ids if n not in keep})
+        else:
+            entries = registration or []
         added, not_added = (
-            _register(conn, ids, present, registration, read_derivation, replaced)
-            if registration
+            _register(conn, ids, present, entries, read_derivation, replaced)
+            if entries
             else ([], [])
         )
         (valid,) = conn.execute("select count(*) from ValidPaths").fetchone()

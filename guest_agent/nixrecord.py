@@ -12,7 +12,7 @@ import os
 import stat
 import time
 
-from guest_agent import nixdb
+from guest_agent import nixfiles
 from guest_agent.reset import open_dir
 from guest_agent.spec import NIX_STATE_DIR
 from guest_agent.syscalls import closing
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from guest_agent.nixstate import Layers
 
 RECORD = "guest-agent-reconcile"
-DB_DIR = "db"
+DB_DIR = nixfiles.DB_DIR
 MAX_RECORD = 1 << 20
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
@@ -46,7 +46,7 @@ def read_record(state: int) -> dict[str, str]:
 
 def write_record(state: int, record: dict[str, str]) -> None:
     text = "".join(f"{key} {value}\n" for key, value in record.items())
-    nixdb.write_small_file(state, RECORD, text.encode("utf-8", "surrogateescape"))
+    nixfiles.write_small_file(state, RECORD, text.encode("utf-8", "surrogateescape"))
 
 
 def _stamp(st: os.stat_result) -> str:
@@ -66,7 +66,7 @@ def fingerprint(
         f"reginfo={reg_info or '-'}",
         "registration=" + (_stamp(reg_stat) if reg_stat else "-"),
     ]
-    for name in (nixdb.DB_FILE, nixdb.DB_FILE + "-wal", nixdb.SCHEMA_FILE):
+    for name in (nixfiles.DB_FILE, nixfiles.DB_FILE + "-wal", nixfiles.SCHEMA_FILE):
         try:
             parts.append(f"{name}=" + _stamp(os.stat(name, dir_fd=db, follow_symlinks=False)))
         except FileNotFoundError:
@@ -91,8 +91,8 @@ def db_unchanged(record: dict[str, str], now: str) -> bool:
     was checked, and only the agent wrote it since)."""
     if record.get("state") != "done":
         return False
-    old = [p for p in record.get("fingerprint", "").split(" ") if p.startswith(nixdb.DB_FILE)]
-    return bool(old) and old == [p for p in now.split(" ") if p.startswith(nixdb.DB_FILE)]
+    old = [p for p in record.get("fingerprint", "").split(" ") if p.startswith(nixfiles.DB_FILE)]
+    return bool(old) and old == [p for p in now.split(" ") if p.startswith(nixfiles.DB_FILE)]
 
 
 def describe(rw: int) -> dict[str, object]:
@@ -137,6 +137,8 @@ def _count_now(state: int) -> int | None:
     try:
         import sqlite3
 
+        from guest_agent import nixdb
+
         db = os.open(
             DB_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=state
         )
@@ -144,14 +146,14 @@ def _count_now(state: int) -> int | None:
         return None
     with closing(db):
         try:
-            nixdb.check_files(db)
-            path = f"/proc/self/fd/{db}/{nixdb.DB_FILE}"
+            nixfiles.check_files(db)
+            path = f"/proc/self/fd/{db}/{nixfiles.DB_FILE}"
             conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
             try:
                 return nixdb.count_valid(conn)
             finally:
                 conn.close()
-        except (nixdb.Unusable, sqlite3.Error):
+        except (nixfiles.Unusable, sqlite3.Error):
             return None
 
 

@@ -27,8 +27,8 @@ import os
 import stat
 import time
 
-from guest_agent import nixdb, nixrecord, nixupper
-from guest_agent.nixreg import STORE_DIR, RegistrationError, parse_registration, store_name
+from guest_agent import nixfiles, nixrecord, nixupper
+from guest_agent.nixfiles import STORE_DIR, RegistrationError, store_name
 from guest_agent.records import NamedTuple
 from guest_agent.reset import open_dir
 from guest_agent.spec import NIX_STATE_DIR
@@ -39,7 +39,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from guest_agent.mountinfo import Mount, MountTable
-    from guest_agent.nixreg import Entry
+    from guest_agent.nixdb import Outcome
+    from guest_agent.nixreg import Registration
 
 DB_DIR = nixrecord.DB_DIR
 ASIDE_PREFIX = "nix-state.aside-"
@@ -48,7 +49,7 @@ MAX_DERIVATION = 16 << 20
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
-NixStateError = nixdb.NixDbError  # the reconcile could not run: why
+NixStateError = nixfiles.NixDbError  # the reconcile could not run: why
 
 
 class Report(NamedTuple):
@@ -57,7 +58,7 @@ class Report(NamedTuple):
     skipped: bool  # nothing changed since the last reconcile
     whiteouts: list[str]
     copies: list[str]
-    outcome: nixdb.Outcome | None
+    outcome: Outcome | None
     aside: str | None  # where an unusable state directory was moved
 
 
@@ -91,7 +92,7 @@ def open_registration(lower: int, reg_info: str) -> tuple[int, str]:
     return fd, name
 
 
-def read_registration(fd: int) -> list[Entry]:
+def read_registration(fd: int) -> Registration:
     size = os.fstat(fd).st_size
     if size > MAX_REGISTRATION:
         raise RegistrationError(f"larger than {MAX_REGISTRATION >> 20} MiB")
@@ -104,7 +105,9 @@ def read_registration(fd: int) -> list[Entry]:
         size -= len(chunk)
         if size < -MAX_REGISTRATION:
             raise RegistrationError(f"larger than {MAX_REGISTRATION >> 20} MiB")
-    return parse_registration(b"".join(chunks))
+    from guest_agent.nixreg import Registration
+
+    return Registration(b"".join(chunks))
 
 
 def move_aside(rw: int) -> str:
@@ -132,7 +135,7 @@ def _open_state(rw: int) -> tuple[int, int]:
         return state, open_dir(state, DB_DIR, create=True)
     except (OSError, WrongType) as e:
         os.close(state)
-        raise nixdb.Unusable(f"{DB_DIR}: {e}") from None
+        raise nixfiles.Unusable(f"{DB_DIR}: {e}") from None
 
 
 def _read_derivation(layers: Layers, upper: nixupper.Upper) -> Callable[[str], bytes | None]:
@@ -182,7 +185,7 @@ def _reconcile(
     reg_stat = os.fstat(reg_fd) if reg_fd >= 0 else None
     try:
         state, db = _open_state(layers.rw)
-    except nixdb.Unusable as e:
+    except nixfiles.Unusable as e:
         aside = _aside(layers.rw, e, say)
         state, db = _open_state(layers.rw)
     try:
@@ -194,20 +197,22 @@ def _reconcile(
             )
             return Report(True, [], [], None, None)
         say(f"reconciling the Nix database with the store ({nixrecord.changed(record, before)})")
-        entries = None
+        registration = None
         if reg_fd >= 0:
             try:
-                entries = read_registration(reg_fd)
+                registration = read_registration(reg_fd)
             except (OSError, RegistrationError) as e:
                 say(f"warning: registration {reg_info} unusable ({_why(e)}): nothing is registered")
                 closure_info = None
         import sqlite3  # only now: a boot with nothing to reconcile does not pay for it
 
+        from guest_agent import nixdb
+
         try:
             conn = nixdb.open_database(
                 db, check_integrity=not nixrecord.db_unchanged(record, before)
             )
-        except nixdb.Unusable as e:
+        except nixfiles.Unusable as e:
             os.close(db)
             os.close(state)
             state = db = -1
@@ -218,7 +223,7 @@ def _reconcile(
             if conn is None:
                 conn = nixdb.create_database(db)
             nixrecord.write_record(state, {**record, "state": "reconciling"})
-            registered = {e.name for e in entries} if entries is not None else set()
+            registered = set(registration.names) if registration is not None else set()
             if closure_info:
                 registered.add(closure_info)
             lower_names = set(os.listdir(layers.lower))
@@ -239,7 +244,11 @@ def _reconcile(
                 )
 
             read = _read_derivation(layers, upper)
-            outcome = nixdb.reconcile(conn, present, entries, read, set(copies))
+            try:
+                outcome = nixdb.reconcile(conn, present, registration, read, set(copies))
+            except RegistrationError as e:  # an entry it had to parse in full is malformed
+                say(f"warning: registration {reg_info} unusable ({e}): nothing is registered")
+                outcome = nixdb.reconcile(conn, present, None, read, set(copies))
         except sqlite3.Error as e:
             raise NixStateError(f"SQLite says {e}") from None
         finally:
@@ -283,7 +292,7 @@ def _some(names: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _tell(outcome: nixdb.Outcome, say: Callable[[str], None]) -> None:
+def _tell(outcome: Outcome, say: Callable[[str], None]) -> None:
     if outcome.gone:
         say(
             f"invalidated {len(outcome.gone)} store paths no longer in the store: {_some(outcome.gone)}"

@@ -15,14 +15,18 @@ from guest_agent.syscalls import BIND, MountError, MountRequest, closing
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
     from guest_agent.handlers.base import Context
+    from guest_agent.mountinfo import MountTable
     from guest_agent.paths import Opened
 
 
-def mount_nix_state(ctx: Context, spec: OverlaySpec, lower: Opened, rw: int, store: int) -> str | None:
+def mount_nix_state(
+    ctx: Context, spec: OverlaySpec, lower: Opened, rw: int, store: int, table: MountTable
+) -> str | None:
     """x-nix-db: reconcile Nix's database on RW with the layers (before the overlay is
     mounted: the upper layer is cleaned first), then bind-mount RW/nix-state at
     /nix/var/nix. A failure is reported and leaves /nix/var/nix alone; the overlay
-    is still mounted. Returns the host path of the bind mount."""
+    is still mounted. TABLE is the mount table as the overlay's step read it (nothing
+    was mounted since). Returns the host path of the bind mount."""
     why = _reconcile_database(ctx, spec, lower, rw, store)
     if why is not None:
         ctx.reporter.problem(
@@ -35,7 +39,7 @@ def mount_nix_state(ctx: Context, spec: OverlaySpec, lower: Opened, rw: int, sto
         return None
     try:
         target = ctx.target(NIX_STATE_MOUNT_POINT)
-        current = ctx.existing(target)
+        current = table.visible_at(target)
         if current is not None:
             raise Failure(f"it is already a mount point ({current.fstype} {current.source})")
         from guest_agent.nixstate import open_state

@@ -144,7 +144,7 @@ def _mount_on(
             if spec.nix_db:  # its module only when the option is used
                 from guest_agent.handlers.nix_state import mount_nix_state
 
-                state_host = mount_nix_state(ctx, spec, lower, rw, store)
+                state_host = mount_nix_state(ctx, spec, lower, rw, store, table)
             try:
                 ctx.do_mount(MountRequest("overlay", "overlay", host, options))
             except MountError as e:

@@ -69,10 +69,17 @@ def test_valid_rows_are_kept_except_for_replaced_copies(db: int) -> None:
     new = [Entry(name("a"), H, 1, None, ())]
     nixdb.reconcile(conn, lambda n: True, new, lambda n: None)
     assert conn.execute("select hash, narSize, sigs, ultimate from ValidPaths").fetchone() == (
-        "sha256:" + "1" * 64, 7, "cache:sig", 1
+        "sha256:" + "1" * 64,
+        7,
+        "cache:sig",
+        1,
     )
     nixdb.reconcile(conn, lambda n: True, new, lambda n: None, replaced={name("a")})
-    assert conn.execute("select hash, narSize, sigs from ValidPaths").fetchone() == (H, 1, "cache:sig")
+    assert conn.execute("select hash, narSize, sigs from ValidPaths").fetchone() == (
+        H,
+        1,
+        "cache:sig",
+    )
 
 
 def test_a_failed_reconcile_changes_nothing(db: int) -> None:
@@ -107,3 +114,39 @@ def test_database_files_must_be_plain_files(db: int, tmp_path: Path) -> None:
 
 def test_no_database_is_a_fresh_state(db: int) -> None:
     assert nixdb.open_database(db) is None
+
+
+def test_a_boot_with_nothing_changed_imports_no_sqlite(tmp_path: Path) -> None:
+    """The fast path (fingerprint unchanged) is a few stats: nothing of SQLite, the
+    registration parser or the database code is imported (each is paid on every boot)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    ci = "0" * 31 + "c-closure-info"
+    (tmp_path / "lower" / ci).mkdir(parents=True)
+    (tmp_path / "lower" / name("a")).write_text("a\n")
+    (tmp_path / "lower" / ci / "registration").write_text(
+        f"/nix/store/{name('a')}\n{'0' * 64}\n1\n\n0\n"
+    )
+    (tmp_path / "rw" / "store").mkdir(parents=True)
+    program = textwrap.dedent(
+        f"""
+        import os, sys
+        from guest_agent import nixstate
+        fds = [os.open(p, os.O_RDONLY | os.O_DIRECTORY) for p in
+               ("{tmp_path}/lower", "{tmp_path}/rw", "{tmp_path}/rw/store")]
+        report = nixstate.reconcile(nixstate.Layers(*fds), "/nix/store/{ci}/registration", print)
+        print("skipped" if report.skipped else "reconciled")
+        print(sorted(m for m in ("sqlite3", "guest_agent.nixdb", "guest_agent.nixreg") if m in sys.modules))
+        """
+    )
+    runs = [
+        subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True)
+        for _ in range(2)
+    ]
+    first, second = (r.stdout.splitlines() for r in runs)
+    assert first[-2:] == ["reconciled", "['guest_agent.nixdb', 'guest_agent.nixreg', 'sqlite3']"], (
+        first
+    )
+    assert second[-2:] == ["skipped", "[]"], second

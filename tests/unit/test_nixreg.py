@@ -26,7 +26,14 @@ B_DRV = "/nix/store/2vw8k4yxc59c9334ppz8slanrgcbg57v-probe-b.drv"
 
 @pytest.mark.parametrize(
     "spelling",
-    [BASE16, f"sha256:{BASE16}", f"sha256:{BASE32}", BASE32, f"sha256-{BASE64}", f"sha256:{BASE64}"],
+    [
+        BASE16,
+        f"sha256:{BASE16}",
+        f"sha256:{BASE32}",
+        BASE32,
+        f"sha256-{BASE64}",
+        f"sha256:{BASE64}",
+    ],
 )
 def test_every_spelling_of_a_nar_hash_is_stored_as_nix_stores_it(spelling: str) -> None:
     assert normalize_hash(spelling) == f"sha256:{BASE16}"
@@ -55,10 +62,7 @@ def test_base32_round_trip(raw: bytes) -> None:
 
 
 def test_a_dump_db_registration_parses() -> None:
-    text = (
-        f"{B}\n{BASE16}\n168\n{B_DRV}\n1\n{A}\n"
-        f"{A}\nsha256:{BASE32}\n120\n\n0\n"
-    )
+    text = f"{B}\n{BASE16}\n168\n{B_DRV}\n1\n{A}\n{A}\nsha256:{BASE32}\n120\n\n0\n"
     entries = parse_registration(text.encode())
     assert [e.name for e in entries] == [B[11:], A[11:]]
     assert entries[0].references == (A[11:],)
@@ -107,3 +111,15 @@ def test_a_reference_outside_the_store_names_no_path() -> None:
     # that has it stays invalid (nixdb), and nothing reaches the filesystem with it.
     (entry,) = parse_registration(f"{A}\n{BASE16}\n1\n\n1\n/etc/passwd\n".encode())
     assert entry.references == ("/etc/passwd",)
+
+
+def test_a_registration_parses_in_full_only_what_is_asked_for() -> None:
+    from guest_agent.nixreg import Registration
+
+    text = f"{B}\nnot-a-hash\n168\n{B_DRV}\n1\n{A}\n{A}\n{BASE16}\n120\n\n0\n"
+    registration = Registration(text.encode())
+    assert list(registration.names) == [B[11:], A[11:]]
+    (a,) = registration.entries(skip={B[11:]})  # B's bad hash is never looked at
+    assert a.name == A[11:] and a.nar_hash == f"sha256:{BASE16}"
+    with pytest.raises(RegistrationError, match="not-a-hash"):
+        registration.entries()
