@@ -20,11 +20,15 @@ rotates from round to round:
   a  baseline: the overlay without x-nix-db (an RW dir kept across runs);
   b  x-nix-db, unchanged lower: RW state reconciled with this lower before
      ("Nix database unchanged since the last boot");
-  c  x-nix-db, changed lower: a fresh copy (cp -a, untimed) of the state
-     reconciled with the base lower, mounted with the changed lower (a full
-     reconcile: one path invalidated, one registered);
+  c  x-nix-db, changed lower, database changed too: a fresh copy (cp -a,
+     untimed) of the state reconciled with the base lower, mounted with the
+     changed lower (a full reconcile: one path invalidated, one registered;
+     the copy's new inodes make the database files differ from the record, as
+     Nix writing it would, so `pragma integrity_check` runs as well);
   d  x-nix-db, first registration: an empty RW dir (the agent creates the
-     database and registers every path);
+     database and registers every path); then, on the same RW dir:
+  c0 x-nix-db, changed lower, database untouched since the agent's reconcile
+     (a host rebuild while the guest did not use Nix: no integrity check);
 
 and right after (a), with that overlay bound at /nix/store and a tmpfs at
 /nix/var/nix (what NixOS's stage 2 does without x-nix-db):
@@ -32,9 +36,10 @@ and right after (a), with that overlay bound at /nix/store and a tmpfs at
   e  nix-store --load-db < the registration (through the overlay);
   f  nix-store --verify (no --check-contents) of that database.
 
-The differences (b)-(a), (c)-(a), (d)-(a) are taken within a round, then the
-median over rounds. After the rounds, one (b) and one (c) run under cProfile
-(where the time goes). Nothing here is collected by pytest.
+The differences (b)-(a), (c)-(a), (c0)-(a), (d)-(a) are taken within a round,
+then the median over rounds. After the rounds, one (b) and one (c) run under
+cProfile, and the pieces of a reconcile are timed one by one without a
+profiler (bench/where.py in the guest: WHERE below). Nothing here is collected by pytest.
 """
 
 from __future__ import annotations
@@ -54,11 +59,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "vm"))
 import nixstores as ns
 from common import PRELUDE, REPO_ROOT, Timings, log, median, tb
 
-VARIANTS = ("a", "b", "c", "d")
+VARIANTS = ("a", "b", "c", "d", "c0")
 ORDERS = ("a b c d", "b c d a", "c d a b", "d a b c")
 EXPECT = {
     "b": "Nix database unchanged since the last boot",
     "c": "reconciling the Nix database",
+    "c0": "reconciling the Nix database",
     "d": "registered now",
 }
 BEGIN = "<!-- nix_db.py: begin -->"
@@ -118,7 +124,8 @@ run() {{
         a) setup base rw-plain && agent a plain && nixdb ;;
         b) setup base rw-base && agent b base ;;
         c) cp -a /s/rw-base /s/rw-c && sync && setup changed rw-c && agent c changed ;;
-        d) mkdir /s/rw-d && setup base rw-d && agent d base ;;
+        d) mkdir /s/rw-d && setup base rw-d && agent d base && teardown &&
+            setup changed rw-d && agent c0 changed ;;
     esac
     _rc=$?
     teardown
@@ -160,7 +167,62 @@ s.sort_stats('tottime').print_stats(20)
 setup base rw-base && profile b base
 cp -a /s/rw-base /s/rw-c && sync && setup changed rw-c && profile c changed
 rm -rf /s/rw-c
+# Where the time goes, without a profiler: the pieces of a reconcile of the changed lower
+# (its registration, the lower's names, the database copied from rw-base), caches dropped.
+for i in 1 2 3; do
+    cp -a /s/rw-base /s/rw-c && sync && dropcaches
+    python3 /bench/where.py /m/changed/{changed_reg.removeprefix("/nix/store/")} \
+        /m/changed /s/rw-c/nix-state/db/db.sqlite
+    rm -rf /s/rw-c
+done
 """
+
+
+#: The pieces of a reconcile, timed one by one in the guest (see guest_script).
+WHERE = r"""
+import os, sys, time
+t = time.perf_counter
+T0 = t()
+import sqlite3
+from guest_agent import nixreg
+T1 = t()
+data = open(sys.argv[1], "rb").read()
+T2 = t()
+lines = data.decode("ascii").split("\n")
+T3 = t()
+entries = nixreg.parse_registration(data)
+T4 = t()
+names = set(os.listdir(sys.argv[2]))
+T5 = t()
+conn = sqlite3.connect("file:" + sys.argv[3] + "?mode=rw", uri=True, isolation_level=None)
+conn.execute("pragma foreign_keys = 1")
+T6 = t()
+ok = conn.execute("pragma integrity_check").fetchall()
+T7 = t()
+rows = dict((p, i) for i, p in conn.execute("select id, path from ValidPaths"))
+T8 = t()
+new = [e for e in entries if "/nix/store/" + e.name not in rows and e.name in names]
+T9 = t()
+for label, a, b in (
+    ("import", T0, T1), ("read", T1, T2), ("split", T2, T3), ("parse", T3, T4),
+    ("listdir", T4, T5), ("connect", T5, T6), ("integrity", T6, T7),
+    ("select", T7, T8), ("diff", T8, T9),
+):
+    print(f"@@W {label} {b - a:.6f}")
+print(f"@@W-info entries={len(entries)} names={len(names)} rows={len(rows)} new={len(new)} {ok}")
+"""
+WHERE_LABELS = (
+    "import",
+    "read",
+    "split",
+    "parse",
+    "listdir",
+    "connect",
+    "integrity",
+    "select",
+    "diff",
+)
+_W_LINE = re.compile(r"^@@W (\w+) ([\d.]+)$", re.M)
 
 
 def _sections(text: str, prefix: str) -> dict[str, list[str]]:
@@ -190,12 +252,16 @@ def run_one(
     log(f"x-nix-db on {kernel}, {size} paths ({len(base.valid)} valid): {rounds} rounds")
     start = time.monotonic()
     r = vm.boot(
-        PRELUDE + ns.PREPARE + guest_script(base.registration, changed.registration, rounds)
+        PRELUDE + ns.PREPARE + guest_script(base.registration, changed.registration, rounds),
+        files={"bench/where.py": WHERE},
     )
     if r.exit_code != 0 or r.timed_out:
         raise RuntimeError(f"benchmark guest failed:\n{r}")
     scratch.unlink()
     t = Timings.parse(r.results)
+    where: dict[str, list[float]] = {}
+    for m in _W_LINE.finditer(r.results):
+        where.setdefault(m.group(1), []).append(float(m.group(2)))
     logs = _sections(r.results, "log")
     checks = {
         v: sum(EXPECT[v] in x for x in logs.get(v, [])) == len(logs.get(v, [])) == rounds
@@ -205,7 +271,9 @@ def run_one(
     for v, xs in runs.items():
         if len(xs) != rounds:
             raise RuntimeError(f"{v}: {len(xs)} timed runs, not {rounds}:\n{r.results[-4000:]}")
-    diffs = {v: [x - a for x, a in zip(runs[v], runs["a"], strict=True)] for v in ("b", "c", "d")}
+    diffs = {
+        v: [x - a for x, a in zip(runs[v], runs["a"], strict=True)] for v in ("b", "c", "c0", "d")
+    }
     verify_clean = all(
         all(line.strip() in ns.VERIFY_PROGRESS for line in x.splitlines() if line.strip())
         for x in logs.get("f", [])
@@ -233,6 +301,9 @@ def run_one(
             "x", [""]
         )[0],
         "profiles": {k: v[0] for k, v in _sections(r.results, "profile").items()},
+        "where": where,
+        "where_medians": {k: median(v) for k, v in where.items()},
+        "where_info": re.findall(r"^@@W-info (.*)$", r.results, re.M),
         "boot_seconds": r.duration,
     }
 
@@ -265,7 +336,11 @@ def render(results: list[dict[str, Any]]) -> str:
         "guest, caches dropped before it. Per round, in rotating order: (a) the overlay "
         "without x-nix-db, (b) x-nix-db with the lower unchanged since the last reconcile, "
         "(c) x-nix-db with a changed lower (a copy of the state reconciled with the base "
-        "lower: a full reconcile), (d) x-nix-db on an empty RW (first registration); after "
+        "lower: a full reconcile; the copy's new inodes also make the database count as "
+        "written since, as after any Nix command in the guest, so `pragma integrity_check` "
+        "runs too), (d) x-nix-db on an empty RW (first registration), then on that RW "
+        "(c0) x-nix-db with the changed lower and the database untouched since (no "
+        "integrity check: a host rebuild while the guest did not use Nix); after "
         "(a), with its overlay at /nix/store and a tmpfs at /nix/var/nix: (e) `nix-store "
         "--load-db < registration` (what NixOS's stage 2 does) and (f) `nix-store --verify`. "
         "Differences are taken within a round, then the median over the rounds (min–max in "
@@ -278,15 +353,17 @@ def render(results: list[dict[str, Any]]) -> str:
         out.append("")
         out.append(
             "| valid paths | rounds | (a) baseline | (b)−(a) unchanged | (c)−(a) changed lower "
+            "| (c0)−(a) changed lower, db untouched "
             "| (d)−(a) first registration | (e) `--load-db` | (f) `--verify` |"
         )
-        out.append("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        out.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in rows:
             m, d, dd = r["medians"], r["diff_medians"], r["diffs"]
             out.append(
                 f"| {r['valid_paths']:,} | {r['rounds']} | {_ms(m['a'])} "
                 f"| {_ms(d['b'])} ({_spread(dd['b'])}) "
                 f"| {_s(d['c'])} ({_spread(dd['c'], 1.0 * 1000)} ms) "
+                f"| {_s(d['c0'])} ({_spread(dd['c0'])} ms) "
                 f"| {_s(d['d'])} | {_s(m['e'])} | {_s(m['f'])} |"
             )
         out.append("")
@@ -299,10 +376,26 @@ def render(results: list[dict[str, Any]]) -> str:
                     f"(c) {hi // 1000}k/{lo // 1000}k: {c_hi / c_lo:.1f}× "
                     f"(linear: {hi // lo}×; paths ×{by[hi]['valid_paths'] / by[lo]['valid_paths']:.1f})"
                 )
+                c0_lo, c0_hi = by[lo]["diff_medians"]["c0"], by[hi]["diff_medians"]["c0"]
+                growth.append(f"(c0) {c0_hi / c0_lo:.1f}×")
                 e_lo, e_hi = by[lo]["medians"]["e"], by[hi]["medians"]["e"]
-                growth.append(f"(e) {hi // 1000}k/{lo // 1000}k: {e_hi / e_lo:.1f}×")
+                growth.append(f"(e) {e_hi / e_lo:.1f}×")
         if growth:
             out.append("Growth: " + "; ".join(growth) + ".")
+            out.append("")
+        pieces = [k for k in WHERE_LABELS if any(k in r.get("where_medians", {}) for r in rows)]
+        if pieces:
+            out.append(
+                "Pieces of a reconcile of the changed lower, timed one by one in the guest "
+                "without a profiler (caches dropped; median of 3, ms): "
+                + "; ".join(
+                    f"{r['valid_paths']:,}: "
+                    + ", ".join(f"{k} {r['where_medians'][k] * 1000:.0f}" for k in pieces)
+                    for r in rows
+                    if r.get("where_medians")
+                )
+                + "."
+            )
             out.append("")
         bad = [
             f"{r['size']}: {', '.join(v for v, ok in r['checks'].items() if not ok)}"
@@ -310,7 +403,7 @@ def render(results: list[dict[str, Any]]) -> str:
             if not all(r["checks"].values()) or r["failures"] or not r["verify_clean"]
         ]
         out.append(
-            "Checks: every (b) printed “unchanged”, every (c) “reconciling”, every (d) "
+            "Checks: every (b) printed “unchanged”, every (c), (c0) “reconciling”, every (d) "
             "“registered now”, every run exited 0, every verify was clean"
             + (": yes." if not bad else f": NO ({'; '.join(bad)}).")
         )
