@@ -57,7 +57,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "vm"))
 
 import nixstores as ns
-from common import PRELUDE, REPO_ROOT, Timings, log, median, tb
+import testbed as tb
+from common import PRELUDE, REPO_ROOT, Timings, log, median
 
 VARIANTS = ("a", "b", "c", "d", "c0")
 ORDERS = ("a b c d", "b c d a", "c d a b", "d a b c")
@@ -71,7 +72,7 @@ BEGIN = "<!-- nix_db.py: begin -->"
 END = "<!-- nix_db.py: end -->"
 
 
-def guest_script(reg: str, changed_reg: str, rounds: int) -> str:
+def guest_script(reg: str, changed_reg: str, rounds: int, pairs: int) -> str:
     overlay = "microvm.store-overlay=/nix/.ro-store:/nix/.rw-store"
     return rf"""
 [ -d /sys/bus/pci/drivers/virtio-pci ] || modprobe virtio_pci
@@ -147,6 +148,19 @@ while [ $i -lt {rounds} ]; do
     esac
     for v in $order; do run $v || echo "@@failed $v"; done
     i=$((i + 1))
+done
+# (b) against (a) again, alone: PAIRS more pairs, alternating which goes first.
+j=0
+while [ $j -lt {pairs} ]; do
+    if [ $((j % 2)) -eq 0 ]; then order="a b"; else order="b a"; fi
+    for v in $order; do
+        case $v in
+            a) setup base rw-plain && agent pa plain ;;
+            b) setup base rw-base && agent pb base ;;
+        esac
+        teardown
+    done
+    j=$((j + 1))
 done
 echo "@@sizes@@"; du -sk /s/rw-base/nix-state/db; ls -l /s/rw-base/nix-state/db; echo "@@end@@"
 # Where the time goes: (b) and (c) under cProfile.
@@ -233,7 +247,13 @@ def _sections(text: str, prefix: str) -> dict[str, list[str]]:
 
 
 def run_one(
-    testbed: tb.Testbed, initramfs: Path, kernel: str, size: int, rounds: int, work: Path
+    testbed: tb.Testbed,
+    initramfs: Path,
+    kernel: str,
+    size: int,
+    rounds: int,
+    pairs: int,
+    work: Path,
 ) -> dict[str, Any]:
     base = ns.bulk(size, testbed)
     changed = ns.bulk(size, testbed, changed=True)
@@ -252,7 +272,7 @@ def run_one(
     log(f"x-nix-db on {kernel}, {size} paths ({len(base.valid)} valid): {rounds} rounds")
     start = time.monotonic()
     r = vm.boot(
-        PRELUDE + ns.PREPARE + guest_script(base.registration, changed.registration, rounds),
+        PRELUDE + ns.PREPARE + guest_script(base.registration, changed.registration, rounds, pairs),
         files={"bench/where.py": WHERE},
     )
     if r.exit_code != 0 or r.timed_out:
@@ -274,6 +294,8 @@ def run_one(
     diffs = {
         v: [x - a for x, a in zip(runs[v], runs["a"], strict=True)] for v in ("b", "c", "c0", "d")
     }
+    pair_diffs = [b - a for a, b in zip(t.seconds("pa"), t.seconds("pb"), strict=True)]
+    checks["pb"] = len(pair_diffs) == pairs and all(EXPECT["b"] in x for x in logs.get("pb", []))
     verify_clean = all(
         all(line.strip() in ns.VERIFY_PROGRESS for line in x.splitlines() if line.strip())
         for x in logs.get("f", [])
@@ -291,6 +313,9 @@ def run_one(
         "medians": {v: median(xs) for v, xs in runs.items()},
         "diffs": diffs,
         "diff_medians": {v: median(xs) for v, xs in diffs.items()},
+        "pairs": {"a": t.seconds("pa"), "b": t.seconds("pb")},
+        "pair_diffs": pair_diffs,
+        "pair_diff_median": median(pair_diffs),
         "checks": checks,
         "verify_clean": verify_clean,
         "failures": t.failures(),
@@ -352,16 +377,19 @@ def render(results: list[dict[str, Any]]) -> str:
         out.append(f"### Linux {kernel}")
         out.append("")
         out.append(
-            "| valid paths | rounds | (a) baseline | (b)−(a) unchanged | (c)−(a) changed lower "
+            "| valid paths | rounds | (a) baseline | (b)−(a) unchanged "
+            "| (b)−(a), extra pairs | (c)−(a) changed lower "
             "| (c0)−(a) changed lower, db untouched "
             "| (d)−(a) first registration | (e) `--load-db` | (f) `--verify` |"
         )
-        out.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        out.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in rows:
             m, d, dd = r["medians"], r["diff_medians"], r["diffs"]
             out.append(
                 f"| {r['valid_paths']:,} | {r['rounds']} | {_ms(m['a'])} "
                 f"| {_ms(d['b'])} ({_spread(dd['b'])}) "
+                f"| {_ms(r['pair_diff_median'])} ({_spread(r['pair_diffs'])}; "
+                f"{len(r['pair_diffs'])} pairs) "
                 f"| {_s(d['c'])} ({_spread(dd['c'], 1.0 * 1000)} ms) "
                 f"| {_s(d['c0'])} ({_spread(dd['c0'])} ms) "
                 f"| {_s(d['d'])} | {_s(m['e'])} | {_s(m['f'])} |"
@@ -419,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kernels", default="6.12,6.1")
     ap.add_argument("--sizes", default="1000,10000,50000")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--pairs", type=int, default=20, help="extra (a)/(b) pairs")
     ap.add_argument("--json", type=Path, default=REPO_ROOT / "bench" / "nix_db.json")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--from-json", type=Path, default=None, help="only print the Markdown")
@@ -436,7 +465,15 @@ def main(argv: list[str] | None = None) -> int:
         initramfs = tb.base_initramfs(testbed, kernel, wheels, nix=True)
         for size in sizes:
             results.append(
-                run_one(testbed, initramfs, kernel, size, args.rounds, workdir / f"{kernel}-{size}")
+                run_one(
+                    testbed,
+                    initramfs,
+                    kernel,
+                    size,
+                    args.rounds,
+                    args.pairs,
+                    workdir / f"{kernel}-{size}",
+                )
             )
             args.json.write_text(
                 json.dumps(
