@@ -239,6 +239,198 @@ WHERE_LABELS = (
 _W_LINE = re.compile(r"^@@W (\w+) ([\d.]+)$", re.M)
 
 
+def growth_script(sizes: list[int], regs: dict[int, tuple[str, str]], rounds: int) -> str:
+    """One boot, every size side by side: (a) and a (c) per size in rotating order, then the
+    pieces of each size's reconcile (bench/where.py), alternating sizes. Lowers: /dev/vda,
+    vdb (base, changed of the first size), vdc, vdd… ; the scratch disk last."""
+    overlay = "microvm.store-overlay=/nix/.ro-store:/nix/.rw-store"
+    disks = "abcdefghijklmnop"
+    mounts, prep, where = [], [], []
+    for k, n in enumerate(sizes):
+        base_reg, changed_reg = regs[n]
+        mounts += [
+            f"mkdir -p /m/base{n} /m/changed{n}",
+            f"mount -t erofs -o ro /dev/vd{disks[2 * k]} /m/base{n} || exit 1",
+            f"mount -t erofs -o ro /dev/vd{disks[2 * k + 1]} /m/changed{n} || exit 1",
+            f'echo "{overlay}:x-nix-db regInfo={base_reg}" >/bench/base{n}.cmdline',
+            f'echo "{overlay}:x-nix-db regInfo={changed_reg}" >/bench/changed{n}.cmdline',
+        ]
+        prep.append(f"mkdir -p /s/rw-base{n}; setup base{n} rw-base{n} && agent first{n} base{n}")
+        prep.append("teardown")
+        creg = changed_reg.removeprefix("/nix/store/")
+        where.append(
+            f"w{n}() {{ cp -a /s/rw-base{n} /s/rw-c && sync && dropcaches && "
+            f"echo @@where {n}@@ && python3 /bench/where.py /m/changed{n}/{creg} /m/changed{n} "
+            f"/s/rw-c/nix-state/db/db.sqlite; echo @@end@@; rm -rf /s/rw-c; }}"
+        )
+    labels = ["a", *(f"c{n}" for n in sizes)]
+    orders = [" ".join(labels[i:] + labels[:i]) for i in range(len(labels))]
+    cases = "\n".join(f'        {i}) order="{o}" ;;' for i, o in enumerate(orders))
+    runs = "\n".join(
+        f"        c{n}) cp -a /s/rw-base{n} /s/rw-c && sync && setup changed{n} rw-c && "
+        f"agent c{n} changed{n} ;;"
+        for n in sizes
+    )
+    first = sizes[0]
+    nl = "\n"
+    return rf"""
+last=/dev/vd{disks[2 * len(sizes)]}
+[ -d /sys/bus/pci/drivers/virtio-pci ] || modprobe virtio_pci
+modprobe -a virtio_blk erofs ext4 overlay 2>/dev/null
+n=0; while [ ! -b $last ] && [ $n -lt 1000 ]; do usleep 10000; n=$((n + 1)); done
+mkdir -p /s /r /bench
+{nl.join(mounts)}
+mount -t ext4 $last /s || exit 1
+echo "{overlay} regInfo={regs[first][0]}" >/bench/plain.cmdline
+mkdir -p /s/rw-plain
+setup() {{
+    mkdir -p /r/nix/.ro-store /r/nix/.rw-store
+    mount --bind /m/$1 /r/nix/.ro-store && mount --bind /s/$2 /r/nix/.rw-store
+}}
+teardown() {{
+    for m in $(awk '$2 ~ "^/r/" {{print $2}}' /proc/mounts | tac); do
+        umount "$m" || echo "umount $m failed"
+    done
+    sync
+}}
+ga() {{ guest-agent mount-all --root /r --cmdline /bench/$1.cmdline >/tmp/log 2>&1; }}
+agent() {{
+    dropcaches
+    timeit $1 ga $2
+    _rc=$?
+    echo "@@log $1@@"; head -c 600 /tmp/log; echo "@@end@@"
+    return $_rc
+}}
+{nl.join(where)}
+setup base{first} rw-plain && agent warm plain; teardown
+{nl.join(prep)}
+run() {{
+    case $1 in
+        a) setup base{first} rw-plain && agent a plain ;;
+{runs}
+    esac
+    _rc=$?
+    teardown
+    rm -rf /s/rw-c
+    return $_rc
+}}
+i=0
+while [ $i -lt {rounds} ]; do
+    case $((i % {len(orders)})) in
+{cases}
+    esac
+    for v in $order; do run $v || echo "@@failed $v"; done
+    if [ $((i % 2)) -eq 0 ]; then ws="{" ".join(map(str, sizes))}"
+    else ws="{" ".join(map(str, reversed(sizes)))}"; fi
+    for n in $ws; do w$n; done
+    i=$((i + 1))
+done
+"""
+
+
+def run_growth(
+    testbed: tb.Testbed, initramfs: Path, kernel: str, sizes: list[int], rounds: int, work: Path
+) -> dict[str, Any]:
+    lowers = {n: (ns.bulk(n, testbed), ns.bulk(n, testbed, changed=True)) for n in sizes}
+    work.mkdir(parents=True, exist_ok=True)
+    scratch = tb.ext4_image(work / "scratch.img", "4G", label="scratch")
+    disks = [
+        tb.Disk(low.erofs, serial=f"{v}{n}", readonly=True)
+        for n in sizes
+        for v, low in zip(("b", "c"), lowers[n], strict=True)
+    ]
+    vm = tb.VM(
+        testbed=testbed,
+        kernel=kernel,
+        initramfs=initramfs,
+        workdir=work / "vm",
+        disks=[*disks, tb.Disk(scratch, serial="scratch")],
+        memory_mb=1024,
+        timeout=900 + rounds * sum(sizes) * 0.002,
+        label="bench-nix-db-growth",
+    )
+    regs = {n: (b.registration, c.registration) for n, (b, c) in lowers.items()}
+    log(f"x-nix-db growth on {kernel}, sizes {sizes} side by side: {rounds} rounds")
+    start = time.monotonic()
+    r = vm.boot(PRELUDE + growth_script(sizes, regs, rounds), files={"bench/where.py": WHERE})
+    if r.exit_code != 0 or r.timed_out:
+        raise RuntimeError(f"benchmark guest failed:\n{r}")
+    scratch.unlink()
+    t = Timings.parse(r.results)
+    a = t.seconds("a")
+    out: dict[str, Any] = {"kernel": kernel, "rounds": rounds, "a": a, "sizes": {}}
+    logs = _sections(r.results, "log")
+    for n in sizes:
+        c = t.seconds(f"c{n}")
+        if len(c) != rounds or len(a) != rounds:
+            raise RuntimeError(f"c{n}: {len(c)} runs:\n{r.results[-4000:]}")
+        diffs = [x - y for x, y in zip(c, a, strict=True)]
+        where: dict[str, list[float]] = {}
+        for body in _sections(r.results, "where").get(str(n), []):
+            for m in _W_LINE.finditer(body):
+                where.setdefault(m.group(1), []).append(float(m.group(2)))
+        out["sizes"][str(n)] = {
+            "valid_paths": len(lowers[n][0].valid),
+            "c": c,
+            "diffs": diffs,
+            "diff_median": median(diffs),
+            "checked": all(EXPECT["c"] in x for x in logs.get(f"c{n}", []))
+            and len(logs.get(f"c{n}", [])) == rounds,
+            "where": where,
+            "where_medians": {k: median(v) for k, v in where.items()},
+        }
+    out["failures"] = t.failures()
+    out["boot_seconds"] = r.duration
+    log(
+        f"  {time.monotonic() - start:.0f}s; (c)-(a) "
+        + ", ".join(f"{n}: {out['sizes'][str(n)]['diff_median']:.3f}s" for n in sizes)
+    )
+    return out
+
+
+def render_growth(growth: list[dict[str, Any]]) -> str:
+    out = [
+        "### Growth, sizes side by side",
+        "",
+        "A second boot per kernel attaches every size's lowers at once and, per round, runs "
+        "(a) and (c) of each size in rotating order, then the pieces of each size's "
+        "reconcile (median of the rounds, ms; `bench/where.py`): the ratios between sizes "
+        "come from the same minutes of the same guest, so the host's load weighs on every "
+        "size alike.",
+        "",
+    ]
+    for g in growth:
+        sizes = sorted(g["sizes"], key=int)
+        out.append(f"Linux {g['kernel']}, {g['rounds']} rounds:")
+        out.append("")
+        out.append(
+            "| valid paths | (c)−(a) | × previous size (linear) | "
+            + " | ".join(WHERE_LABELS)
+            + " |"
+        )
+        out.append("|---:|---:|---:|" + "---:|" * len(WHERE_LABELS))
+        prev = None
+        for n in sizes:
+            z = g["sizes"][n]
+            ratio = (
+                f"{z['diff_median'] / prev[1]['diff_median']:.1f}× "
+                f"({z['valid_paths'] / prev[1]['valid_paths']:.0f}×)"
+                if prev
+                else "–"
+            )
+            cells = " | ".join(
+                f"{z['where_medians'][k] * 1000:.0f}" if k in z["where_medians"] else "–"
+                for k in WHERE_LABELS
+            )
+            out.append(
+                f"| {z['valid_paths']:,} | {_s(z['diff_median'])} "
+                f"({_spread(z['diffs'])} ms) | {ratio} | {cells} |"
+            )
+            prev = (n, z)
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
 def _sections(text: str, prefix: str) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for m in re.finditer(rf"^@@{prefix} (\w+)@@\n(.*?)^@@end@@", text, re.S | re.M):
@@ -350,7 +542,7 @@ def _spread(xs: list[float], scale: float = 1000.0) -> str:
     return f"{min(xs) * scale:.0f}–{max(xs) * scale:.0f}" if xs else "–"
 
 
-def render(results: list[dict[str, Any]]) -> str:
+def render(results: list[dict[str, Any]], growth: list[dict[str, Any]]) -> str:
     out = [BEGIN, "## x-nix-db: the reconcile on the boot path (issue 10)", ""]
     out.append(
         "Generated by `bench/nix_db.py` (raw results in `bench/nix_db.json`); method in its "
@@ -396,20 +588,20 @@ def render(results: list[dict[str, Any]]) -> str:
             )
         out.append("")
         by = {r["size"]: r for r in rows}
-        growth = []
+        notes = []
         for lo, hi in ((1000, 10_000), (10_000, 50_000)):
             if lo in by and hi in by:
                 c_lo, c_hi = by[lo]["diff_medians"]["c"], by[hi]["diff_medians"]["c"]
-                growth.append(
+                notes.append(
                     f"(c) {hi // 1000}k/{lo // 1000}k: {c_hi / c_lo:.1f}× "
                     f"(linear: {hi // lo}×; paths ×{by[hi]['valid_paths'] / by[lo]['valid_paths']:.1f})"
                 )
                 c0_lo, c0_hi = by[lo]["diff_medians"]["c0"], by[hi]["diff_medians"]["c0"]
-                growth.append(f"(c0) {c0_hi / c0_lo:.1f}×")
+                notes.append(f"(c0) {c0_hi / c0_lo:.1f}×")
                 e_lo, e_hi = by[lo]["medians"]["e"], by[hi]["medians"]["e"]
-                growth.append(f"(e) {e_hi / e_lo:.1f}×")
-        if growth:
-            out.append("Growth: " + "; ".join(growth) + ".")
+                notes.append(f"(e) {e_hi / e_lo:.1f}×")
+        if notes:
+            out.append("Growth: " + "; ".join(notes) + ".")
             out.append("")
         pieces = [k for k in WHERE_LABELS if any(k in r.get("where_medians", {}) for r in rows)]
         if pieces:
@@ -436,6 +628,8 @@ def render(results: list[dict[str, Any]]) -> str:
             + (": yes." if not bad else f": NO ({'; '.join(bad)}).")
         )
         out.append("")
+    if growth:
+        out.append(render_growth(growth))
     out.append(END)
     return "\n".join(out) + "\n"
 
@@ -451,18 +645,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=REPO_ROOT / "bench" / "nix_db.json")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--from-json", type=Path, default=None, help="only print the Markdown")
+    ap.add_argument(
+        "--growth", action="store_true", help="only the sizes-side-by-side boot per kernel"
+    )
     args = ap.parse_args(argv)
     if args.from_json:
-        print(render(json.loads(args.from_json.read_text())["results"]), end="")
+        raw = json.loads(args.from_json.read_text())
+        print(render(raw["results"], raw.get("growth", [])), end="")
         return 0
     testbed = tb.Testbed.from_env()
     testbed.check()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="ga-bench-nixdb."))
     wheels = tb.build_wheels(workdir / "wheels")
     results: list[dict[str, Any]] = []
+    growth: list[dict[str, Any]] = []
     sizes = [int(x) for x in args.sizes.split(",") if x]
     for kernel in [k for k in args.kernels.split(",") if k]:
         initramfs = tb.base_initramfs(testbed, kernel, wheels, nix=True)
+        if args.growth:
+            growth.append(
+                run_growth(
+                    testbed, initramfs, kernel, sizes, args.rounds, workdir / f"growth-{kernel}"
+                )
+            )
+            args.json.write_text(json.dumps({"growth": growth}, indent=1) + "\n")
+            continue
         for size in sizes:
             results.append(
                 run_one(
@@ -485,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 + "\n"
             )
-    print(render(results), end="")
+    print(render(results, growth), end="")
     log(f"wrote {args.json}")
     return 0
 
