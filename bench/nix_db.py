@@ -3,7 +3,12 @@
 
     python3 bench/nix_db.py                       # 6.12 then 6.1; 1 000, 10 000, 50 000
     python3 bench/nix_db.py --kernels 6.12 --sizes 1000 --rounds 2 --json /tmp/n.json
+    python3 bench/nix_db.py --growth --rounds 5   # every size side by side, one boot per kernel
     python3 bench/nix_db.py --from-json bench/nix_db.json   # only print the Markdown
+
+The Markdown goes between the marker comments of its section in docs/benchmarks.md
+(by hand: bench/report.py does not know it); `--json` holds "results" or "growth",
+bench/nix_db.json both (merged by hand).
 
 One guest boot (the Nix variant of the test initramfs, TCG) per kernel and size.
 The lower stores are nixstores.bulk(n) (the base) and nixstores.bulk(n,
@@ -39,7 +44,9 @@ and right after (a), with that overlay bound at /nix/store and a tmpfs at
 The differences (b)-(a), (c)-(a), (c0)-(a), (d)-(a) are taken within a round,
 then the median over rounds. After the rounds, one (b) and one (c) run under
 cProfile, and the pieces of a reconcile are timed one by one without a
-profiler (bench/where.py in the guest: WHERE below). Nothing here is collected by pytest.
+profiler (bench/where.py in the guest: WHERE below). With --pairs N, N more
+(a)/(b) pairs alone close the boot. --growth instead boots once per kernel with
+every size's lowers attached and alternates (a) and each size's (c) (growth_script). Nothing here is collected by pytest.
 """
 
 from __future__ import annotations
@@ -561,7 +568,9 @@ def render(results: list[dict[str, Any]], growth: list[dict[str, Any]]) -> str:
         "(a), with its overlay at /nix/store and a tmpfs at /nix/var/nix: (e) `nix-store "
         "--load-db < registration` (what NixOS's stage 2 does) and (f) `nix-store --verify`. "
         "Differences are taken within a round, then the median over the rounds (min–max in "
-        "brackets)."
+        "brackets). *Extra pairs*: after the rounds, (a) and (b) alone, N more pairs, "
+        "alternating which goes first (the target for (b) is tens of ms, within the noise "
+        "of one round)."
     )
     out.append("")
     for kernel in dict.fromkeys(r["kernel"] for r in results):
