@@ -28,6 +28,8 @@ def _ok(cond: bool | None) -> str:
 COMPARE_JSON = Path(__file__).with_name("compare.json")  # bench/compare.py --json
 COMPARE_TEXT = Path(__file__).with_name("compare.md")
 COMPARE_MARK = "<!-- the run: tables rendered from bench/compare.json -->"
+NIX_DB_JSON = Path(__file__).with_name("nix_db.json")  # bench/nix_db.py --json
+NIX_DB_TEXT = Path(__file__).with_name("nix_db.md")  # its verdict, written by hand
 
 
 def render(r: dict[str, Any]) -> str:
@@ -141,7 +143,21 @@ def render(r: dict[str, Any]) -> str:
     for k, kr in kernels.items():
         if kr.get("throughput"):
             _throughput(w, k, kr["throughput"])
+    if NIX_DB_JSON.exists():
+        _nix_db(w, json.loads(NIX_DB_JSON.read_text()))
     return "\n".join(out) + "\n"
+
+
+def _nix_db(w: Any, raw: dict[str, Any]) -> None:
+    """The x-nix-db section: bench/nix_db.py's tables (between its markers) from
+    bench/nix_db.json, then the verdict, bench/nix_db.md."""
+    from nix_db import BEGIN, END, render
+
+    w(BEGIN)
+    w(render(raw["results"], raw.get("growth", [])).rstrip() + "\n")
+    w(END + "\n")
+    if NIX_DB_TEXT.exists():
+        w(NIX_DB_TEXT.read_text().rstrip() + "\n")
 
 
 def _compare(w: Any, runs: list[dict[str, Any]]) -> None:
