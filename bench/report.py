@@ -155,6 +155,11 @@ def _nix_db(w: Any, raw: dict[str, Any]) -> None:
 
     w(BEGIN)
     w(render(raw["results"], raw.get("growth", [])).rstrip() + "\n")
+    for later in raw.get("later", []):  # runs of a later agent, same method
+        w(f"### A later run: agent at `{later['agent']}` ({later['date']}), {later['note']}\n")
+        tables = render(later["results"], [])
+        tables = tables[tables.index("### Linux") :].replace("### Linux", "#### Linux")
+        w(tables.rstrip() + "\n")
     w(END + "\n")
     if NIX_DB_TEXT.exists():
         w(NIX_DB_TEXT.read_text().rstrip() + "\n")
