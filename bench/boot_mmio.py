@@ -34,10 +34,11 @@ from boot_path import (
     VIRTIOFS_SHARES,
     agent_cmdline,
     agent_plan,
+    cold_boots,
     cold_script,
     shell_script,
 )
-from common import Env, Timings, boot_checked, log, median, tb
+from common import Env, log, median, tb
 
 MACHINES = ("q35", "microvm")
 
@@ -80,24 +81,7 @@ def run(env: Env, kernel: str, machine: str, boots: int) -> dict[str, Any]:
     cmdline = agent_cmdline()
     cold = cold_script_for(machine, shell_script(agent_plan(cmdline)))
     vm = make_vm(env, kernel, machine, work, cmdline)
-    out: dict[str, list[float]] = {"agent": [], "shell": []}
-    durations: list[float] = []
-    for i in range(2 * boots):
-        who = "agent" if i % 2 == 0 else "shell"
-        cmd = (
-            "guest-agent mount-all >/tmp/log 2>&1"
-            if who == "agent"
-            else "sh /bench/cold.sh >/tmp/log 2>&1"
-        )
-        r = boot_checked(
-            vm,
-            f"timeit cold sh -c '{cmd}' || {{ cat /tmp/log; exit 1; }}\n"
-            "[ $(grep -cE ' (9p|virtiofs|ext4|overlay) ' /proc/self/mountinfo) -eq 11 ] || exit 1\n",
-            files={"bench/cold.sh": cold},
-        )
-        out[who] += Timings.parse(r.results).seconds("cold")
-        durations.append(r.duration)
-        log(f"{kernel} {machine} {who}: {out[who][-1]:.2f} s (boot {r.duration:.1f} s)")
+    out, durations = cold_boots(vm, cold, boots, f"{kernel} {machine}")
     return {
         "kernel": kernel,
         "machine": machine,

@@ -205,8 +205,16 @@ def run_cold(vm: tb.VM, script: str, boots: int) -> dict[str, list[float]]:
     alternate as the one that goes first (one sample per boot). The shell loads the
     modules itself with busybox `modprobe -a` (the agent coldplugs them) and retries
     share mounts until their channel is there."""
-    cold = cold_script(script)
+    return cold_boots(vm, cold_script(script), boots)[0]
+
+
+def cold_boots(
+    vm: tb.VM, cold: str, boots: int, label: str = ""
+) -> tuple[dict[str, list[float]], list[float]]:
+    """BOOTS cold boots each of the agent and of the shell script COLD, alternating: the
+    seconds of each side, and every boot's duration (logged under LABEL when given)."""
     out: dict[str, list[float]] = {"agent": [], "shell": []}
+    durations: list[float] = []
     for i in range(2 * boots):
         who = "agent" if i % 2 == 0 else "shell"
         cmd = (
@@ -221,7 +229,10 @@ def run_cold(vm: tb.VM, script: str, boots: int) -> dict[str, list[float]]:
             files={"bench/cold.sh": cold},
         )
         out[who] += Timings.parse(r.results).seconds("cold")
-    return out
+        durations.append(r.duration)
+        if label:
+            log(f"{label} {who}: {out[who][-1]:.2f} s (boot {r.duration:.1f} s)")
+    return out, durations
 
 
 def make_vm(env: Env, kernel: str, name: str, work: Path, cmdline: str, rounds: int) -> tb.VM:
