@@ -244,6 +244,8 @@ def _reconcile(
                 )
 
             read = _read_derivation(layers, upper)
+            names = len(registration.names) if registration is not None else 0
+            say(f"checking the valid paths against the store and {names} registered paths")
             try:
                 outcome = nixdb.reconcile(conn, present, registration, read, set(copies))
             except RegistrationError as e:  # an entry it had to parse in full is malformed
