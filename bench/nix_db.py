@@ -75,6 +75,22 @@ EXPECT = {
     "c0": "reconciling the Nix database",
     "d": "registered now",
 }
+#: Shell functions of both guest scripts: `setup LOWER RWDIR` binds a lower and an RW dir
+#: into the root /r, `teardown` unmounts everything under it, `ga NAME` runs the agent
+#: with /bench/NAME.cmdline.
+GUEST_FUNCTIONS = r"""
+setup() {
+    mkdir -p /r/nix/.ro-store /r/nix/.rw-store
+    mount --bind /m/$1 /r/nix/.ro-store && mount --bind /s/$2 /r/nix/.rw-store
+}
+teardown() {
+    for m in $(awk '$2 ~ "^/r/" {print $2}' /proc/mounts | tac); do
+        umount "$m" || echo "umount $m failed"
+    done
+    sync
+}
+ga() { guest-agent mount-all --root /r --cmdline /bench/$1.cmdline >/tmp/log 2>&1; }
+"""
 BEGIN = "<!-- nix_db.py: begin -->"
 END = "<!-- nix_db.py: end -->"
 
@@ -94,19 +110,7 @@ echo "{overlay} regInfo=$REG" >/bench/plain.cmdline
 echo "{overlay}:x-nix-db regInfo=$REG" >/bench/base.cmdline
 echo "{overlay}:x-nix-db regInfo={changed_reg}" >/bench/changed.cmdline
 mkdir -p /s/rw-plain
-# setup LOWER RWDIR: the root /r with the lower and the RW dir bound in
-setup() {{
-    mkdir -p /r/nix/.ro-store /r/nix/.rw-store
-    mount --bind /m/$1 /r/nix/.ro-store && mount --bind /s/$2 /r/nix/.rw-store
-}}
-teardown() {{
-    for m in $(awk '$2 ~ "^/r/" {{print $2}}' /proc/mounts | tac); do
-        umount "$m" || echo "umount $m failed"
-    done
-    sync
-}}
-ga() {{ guest-agent mount-all --root /r --cmdline /bench/$1.cmdline >/tmp/log 2>&1; }}
-loaddb() {{ nix-store --load-db <$REG >/tmp/e.log 2>&1; }}
+{GUEST_FUNCTIONS}loaddb() {{ nix-store --load-db <$REG >/tmp/e.log 2>&1; }}
 verify() {{ nix-store --verify >/tmp/f.log 2>&1; }}
 # agent LABEL CMDLINE(plain|base|changed): one timed mount-all, then its output
 agent() {{
@@ -290,18 +294,7 @@ mkdir -p /s /r /bench
 mount -t ext4 $last /s || exit 1
 echo "{overlay} regInfo={regs[first][0]}" >/bench/plain.cmdline
 mkdir -p /s/rw-plain
-setup() {{
-    mkdir -p /r/nix/.ro-store /r/nix/.rw-store
-    mount --bind /m/$1 /r/nix/.ro-store && mount --bind /s/$2 /r/nix/.rw-store
-}}
-teardown() {{
-    for m in $(awk '$2 ~ "^/r/" {{print $2}}' /proc/mounts | tac); do
-        umount "$m" || echo "umount $m failed"
-    done
-    sync
-}}
-ga() {{ guest-agent mount-all --root /r --cmdline /bench/$1.cmdline >/tmp/log 2>&1; }}
-agent() {{
+{GUEST_FUNCTIONS}agent() {{
     dropcaches
     timeit $1 ga $2
     _rc=$?
