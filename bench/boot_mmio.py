@@ -30,13 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from boot_path import (
     COLD_MODULES,
-    NINEP_SHARES,
-    VIRTIOFS_SHARES,
     agent_cmdline,
     agent_plan,
     cold_boots,
     cold_script,
     shell_script,
+)
+from boot_path import (
+    make_vm as boot_path_vm,
 )
 from common import Env, log, median, tb
 
@@ -56,23 +57,8 @@ def cold_script_for(machine: str, script: str) -> str:
 
 
 def make_vm(env: Env, kernel: str, machine: str, work: Path, cmdline: str) -> tb.VM:
-    shares = []
-    for tag in ["ro-store", *NINEP_SHARES, *VIRTIOFS_SHARES]:
-        d = work / "shares" / tag
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "hello").write_text(f"{tag}\n")
-        proto = "virtiofs" if tag in VIRTIOFS_SHARES else "9p"
-        shares.append(tb.Share(tag, d, proto, readonly=(tag == "ro-store")))
-    rw = tb.ext4_image(work / "rw-store.img", "256M", label="rw-store")
-    return env.vm(
-        kernel,
-        f"cold-{machine}",
-        machine=machine,
-        shares=shares,
-        disks=[tb.Disk(rw, serial="rw")],
-        cmdline=cmdline,
-        timeout=300,
-    )
+    """boot_path's guest on MACHINE."""
+    return boot_path_vm(env, kernel, f"cold-{machine}", work, cmdline, 0, machine=machine)
 
 
 def run(env: Env, kernel: str, machine: str, boots: int) -> dict[str, Any]:

@@ -235,9 +235,11 @@ def cold_boots(
     return out, durations
 
 
-def make_vm(env: Env, kernel: str, name: str, work: Path, cmdline: str, rounds: int) -> tb.VM:
+def make_vm(
+    env: Env, kernel: str, name: str, work: Path, cmdline: str, rounds: int, **vm: Any
+) -> tb.VM:
     """The benchmark's guest: the 8 shares and ro-store (each with a file), the ext4 store
-    volume labelled rw-store."""
+    volume labelled rw-store; VM: more VM fields (e.g. machine=)."""
     shares = []
     for tag in ["ro-store", *NINEP_SHARES, *VIRTIOFS_SHARES]:
         d = work / "shares" / tag
@@ -253,6 +255,7 @@ def make_vm(env: Env, kernel: str, name: str, work: Path, cmdline: str, rounds: 
         disks=[tb.Disk(rw, serial="rw")],
         cmdline=cmdline,
         timeout=300 + 60 * rounds,
+        **vm,
     )
 
 
