@@ -14,7 +14,6 @@ LNRO0005 platform devices' modalias.
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -71,15 +70,6 @@ def _assert_agent_loaded(vm: tb.VM, run: AgentRun, modules: tuple[str, ...]) -> 
     assert "virtio_pci" not in after, after  # no PCI on this machine
 
 
-def _upper_on_host(image: Path) -> list[str]:
-    out = subprocess.run(
-        ["debugfs", "-R", "ls /store", str(image)], capture_output=True, text=True, check=True
-    ).stdout
-    return sorted(
-        n for n in out.split() if not n.startswith("(") and n not in (".", "..") and not n.isdigit()
-    )
-
-
 def _discovered(text: str) -> list[dict[str, object]]:
     listed = json.loads(text)
     assert isinstance(listed, list)
@@ -131,7 +121,7 @@ def test_block_only_firecracker_style(make_vm: MakeVM, tmp_path: Path, testbed: 
         ("/dev/vda", "mmio", "ro-store"),
         ("/dev/vdb", "mmio", "nix-rw"),
     }, listed
-    assert _upper_on_host(rw) == ["def-built"]
+    assert tb.ext4_names(rw) == ["def-built"]
 
     second = run_agent(vm, after="ls /nix/store; cat /nix/store/def-built")  # a reboot
     assert second.rc == 0, second

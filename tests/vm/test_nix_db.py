@@ -13,7 +13,6 @@ built path is no longer valid, though its files are still in the upper layer.
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,16 +30,6 @@ BUILT = "$(cat /tmp/built)"
 @pytest.fixture(scope="session")
 def base_lower(testbed: tb.Testbed) -> ns.Lower:
     return ns.base(testbed)
-
-
-def _upper_on_host(image: Path) -> list[str]:
-    """Names in RW/store on the disk image, read on the host without mounting it."""
-    out = subprocess.run(
-        ["debugfs", "-R", "ls /store", str(image)], capture_output=True, text=True, check=True
-    ).stdout
-    return sorted(
-        n for n in out.split() if not n.startswith("(") and n not in (".", "..") and not n.isdigit()
-    )
 
 
 def _steps(run: AgentRun) -> dict[str, ns.Step]:
@@ -88,7 +77,7 @@ def test_without_x_nix_db_a_reboot_forgets_what_the_guest_built(
     v1 = ns.judge_verify(s1["verify"])
     assert v1.clean, s1["verify"]
     name = built.removeprefix("/nix/store/")
-    assert name in _upper_on_host(rw)  # built into the upper layer, on the disk
+    assert name in tb.ext4_names(rw)  # built into the upper layer, on the disk
 
     # Boot 2, same disk: the same registration, and the build is forgotten.
     second = run_agent(
@@ -119,7 +108,7 @@ def test_without_x_nix_db_a_reboot_forgets_what_the_guest_built(
     assert dep.removeprefix("/nix/store/") not in s2["ls"].lines, s2["ls"]
     whiteouts = {x.split()[-1] for x in s2["upper"].lines if x.startswith("c")}
     assert {p.removeprefix("/nix/store/") for p in (dep, leaf, low.closure_info)} <= whiteouts
-    assert name not in _upper_on_host(rw)
+    assert name not in tb.ext4_names(rw)
     assert "not found" not in first.out + second.out, first  # every command is there
 
 

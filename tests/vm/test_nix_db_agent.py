@@ -36,16 +36,6 @@ def _name(path: str) -> str:
     return path.removeprefix(ns.STORE + "/")
 
 
-def _upper_on_host(image: Path, where: str = "/store") -> list[str]:
-    """Names in RW/store (or WHERE) on the disk image, read on the host without mounting it."""
-    out = subprocess.run(
-        ["debugfs", "-R", f"ls {where}", str(image)], capture_output=True, text=True, check=True
-    ).stdout
-    return sorted(
-        n for n in out.split() if not n.startswith("(") and n not in (".", "..") and not n.isdigit()
-    )
-
-
 def _boot(vm: tb.VM, after: str = "", **kw: object) -> tuple[AgentRun, dict[str, ns.Step]]:
     run = run_agent(vm, after=ns.PREPARE + after, **kw)  # type: ignore[arg-type]
     found = ns.steps(run.boot.results)
@@ -86,7 +76,7 @@ def test_what_the_guest_built_stays_valid_and_the_database_follows_the_lower(
     built = ns.built_path(s1["build"])
     drv = s1["drv"].lines[-1]
     assert ns.invalid_paths(s1["valid"]) == set(), s1["valid"]
-    assert "nix-state" in _upper_on_host(rw, "/")
+    assert "nix-state" in tb.ext4_names(rw, "/")
 
     # Boot 2 (proof 1): still valid, a rebuild builds nothing, verify is clean.
     second, s2 = _boot(
@@ -124,7 +114,7 @@ def test_what_the_guest_built_stays_valid_and_the_database_follows_the_lower(
     assert _name(built) in dependents and _name(drv) in dependents, dependents
     assert ns.invalid_paths(s3["valid"]) == {built, drv, dep}, s3["valid"]
     assert ns.judge_verify(s3["verify"]).clean, s3["verify"]
-    assert _name(built) in _upper_on_host(rw)  # its files are left alone
+    assert _name(built) in tb.ext4_names(rw)  # its files are left alone
 
     # Boot 4 (proof 3): a guest GC deletes the unrooted lower paths through the overlay.
     fourth, s4 = _boot(vm2, ns.step("gc", ns.GC))
@@ -146,7 +136,7 @@ def test_what_the_guest_built_stays_valid_and_the_database_follows_the_lower(
     assert ns.judge_verify(s5["verify"]).clean, s5["verify"]
 
     # Boot 6 (proof 5): a newer schema is moved aside untouched; then a corrupt database.
-    upper_before = _upper_on_host(rw)
+    upper_before = tb.ext4_names(rw)
     sixth, s6 = _boot(
         vm2,
         ns.step("valid", ns.check_validity(rebuilt.valid))
@@ -161,11 +151,11 @@ def test_what_the_guest_built_stays_valid_and_the_database_follows_the_lower(
     assert "moved it aside to RW/nix-state.aside-" in aside
     assert ns.invalid_paths(s6["valid"]) == set(), s6["valid"]
     assert ns.judge_verify(s6["verify"]).clean, s6["verify"]
-    assert _upper_on_host(rw) == upper_before  # the upper layer is not touched for it
+    assert tb.ext4_names(rw) == upper_before  # the upper layer is not touched for it
     seventh, s7 = _boot(vm2, ns.step("verify", ns.verify()))
     assert seventh.rc == 0, seventh
     _line(seventh, "the Nix state directory was unusable")
-    asides = [n for n in _upper_on_host(rw, "/") if n.startswith("nix-state.aside-")]
+    asides = [n for n in tb.ext4_names(rw, "/") if n.startswith("nix-state.aside-")]
     assert len(asides) == 2, asides
     assert ns.judge_verify(s7["verify"]).clean, s7["verify"]
 

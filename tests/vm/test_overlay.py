@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,14 +35,6 @@ def _store_vm(make_vm: MakeVM, tmp_path: Path, **kw: object) -> tb.VM:
     )
 
 
-def _upper_on_host(image: Path) -> list[str]:
-    """Names in RW/store on the disk image, read on the host without mounting it."""
-    out = subprocess.run(
-        ["debugfs", "-R", "ls /store", str(image)], capture_output=True, text=True, check=True
-    ).stdout
-    return sorted(n for n in out.split() if not n.startswith("(") and n not in (".", "..") and not n.isdigit())
-
-
 def test_store_overlay_persists_across_reboot(make_vm: MakeVM, tmp_path: Path) -> None:
     vm = _store_vm(make_vm, tmp_path)
     first = run_agent(
@@ -64,7 +55,7 @@ def test_store_overlay_persists_across_reboot(make_vm: MakeVM, tmp_path: Path) -
         "bbb-lower-2",
         "ccc-lower-3",
     ]
-    assert "ddd-built-4" in _upper_on_host(tmp_path / "rw.img")
+    assert "ddd-built-4" in tb.ext4_names(tmp_path / "rw.img")
 
     second = run_agent(vm, after="ls /nix/store; cat /nix/store/ddd-built-4")
     assert second.rc == 0, second
@@ -85,7 +76,7 @@ def test_reset_flag_empties_the_upper_layer(make_vm: MakeVM, tmp_path: Path) -> 
     third = run_agent(vm, after="echo again > /nix/store/eee; ls /nix/store")
     assert third.rc == 0, third
     assert third.out.split() == ["aaa-lower-1", "bbb-lower-2", "ccc-lower-3", "eee"], third
-    assert _upper_on_host(tmp_path / "rw.img") == ["eee"]
+    assert tb.ext4_names(tmp_path / "rw.img") == ["eee"]
 
 
 def test_reset_overlay_while_mounted_is_scheduled_once(make_vm: MakeVM, tmp_path: Path) -> None:

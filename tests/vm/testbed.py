@@ -781,3 +781,14 @@ def blkid(path: Path, tag: str) -> str:
     return subprocess.run(
         ["blkid", "-o", "value", "-s", tag, str(path)], capture_output=True, text=True, check=False
     ).stdout.strip()
+
+
+def ext4_names(image: Path, directory: str = "/store") -> list[str]:
+    """The names in DIRECTORY of the ext4 image IMAGE, read on the host with debugfs
+    without mounting it (a whiteout or a file alike; `.` and `..` left out)."""
+    out = subprocess.run(
+        ["debugfs", "-R", f"ls {directory}", str(image)], capture_output=True, text=True, check=True
+    ).stdout
+    return sorted(
+        n for n in out.split() if not n.startswith("(") and n not in (".", "..") and not n.isdigit()
+    )
