@@ -162,7 +162,7 @@ def reconcile(layers: Layers, reg_info: str | None, say: Callable[[str], None]) 
         try:
             reg_fd, closure_info = open_registration(layers.lower, reg_info)
         except (OSError, RegistrationError) as e:
-            say(f"warning: registration {reg_info} unusable ({_why(e)}): nothing is registered")
+            _no_registration(reg_info, e, say)
     try:
         return _reconcile(layers, reg_info, reg_fd, closure_info, say)
     finally:
@@ -170,8 +170,9 @@ def reconcile(layers: Layers, reg_info: str | None, say: Callable[[str], None]) 
             os.close(reg_fd)
 
 
-def _why(e: Exception) -> str:
-    return (e.strerror or str(e)) if isinstance(e, OSError) else str(e)
+def _no_registration(reg_info: str | None, e: Exception, say: Callable[[str], None]) -> None:
+    why = (e.strerror or str(e)) if isinstance(e, OSError) else str(e)
+    say(f"warning: registration {reg_info} unusable ({why}): nothing is registered")
 
 
 def _reconcile(
@@ -202,7 +203,7 @@ def _reconcile(
             try:
                 registration = read_registration(reg_fd)
             except (OSError, RegistrationError) as e:
-                say(f"warning: registration {reg_info} unusable ({_why(e)}): nothing is registered")
+                _no_registration(reg_info, e, say)
                 closure_info = None
         import sqlite3  # only now: a boot with nothing to reconcile does not pay for it
 
@@ -249,7 +250,7 @@ def _reconcile(
             try:
                 outcome = nixdb.reconcile(conn, present, registration, read, set(copies))
             except RegistrationError as e:  # an entry it had to parse in full is malformed
-                say(f"warning: registration {reg_info} unusable ({e}): nothing is registered")
+                _no_registration(reg_info, e, say)
                 outcome = nixdb.reconcile(conn, present, None, read, set(copies))
         except sqlite3.Error as e:
             raise NixStateError(f"SQLite says {e}") from None

@@ -1,8 +1,8 @@
 """x-nix-db's step 1, on the upper layer before the overlay is mounted: whiteouts over
 registered store paths removed, upper copies of registered lower paths moved to the trash.
 
-Every name comes from the registration (checked as a store path's name) and is
-reached relative to the fd of RW/store; nothing is followed.
+Every name acted on comes from listing RW/store (one path component, whatever the
+registration says) and is reached relative to its fd; nothing is followed.
 """
 
 from __future__ import annotations

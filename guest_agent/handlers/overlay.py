@@ -16,12 +16,7 @@ from guest_agent.handlers.layers import check_overlap, in_use, overlay_users, wr
 from guest_agent.paths import host_path, reopen
 from guest_agent.plan import upper_on_9p
 from guest_agent.results import Failure, Result, Status, occupied, refused
-from guest_agent.spec import (
-    UPPER_DIR,
-    WORK_DIR,
-    OverlaySpec,
-    Proto,
-)
+from guest_agent.spec import UPPER_DIR, WORK_DIR, OverlaySpec, Proto
 from guest_agent.syscalls import MountError, MountRequest, closing, umount
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
