@@ -62,6 +62,7 @@ class ModuleLoader:
         self._failed: dict[str, str] = {}  # module → error, so one failure is reported once
         self._soft_pending: set[str] = set()  # guards soft dependency cycles
         self._options: dict[str, list[str]] | None = None  # /proc/cmdline's, read once
+        self._proc_loaded: frozenset[str] | None = None  # /proc/modules, read once
 
     def options(self, mod: str) -> list[str]:
         """The parameters /proc/cmdline gives module MOD (MOD.PARAM=VALUE words)."""
@@ -93,11 +94,18 @@ class ModuleLoader:
             return True
         if self.has_modules and mod in self.index().builtin:
             return True
-        try:
-            with open(os.path.join(self.proc, "modules")) as f:
-                return mod in parse_proc_modules(f.read())
-        except OSError:
-            return False
+        return mod in self._proc_modules()
+
+    def _proc_modules(self) -> frozenset[str]:
+        """/proc/modules, read once: what loads later is in `_loaded`, or is loaded by
+        someone else meanwhile (our load of it then meets EEXIST, which is no error)."""
+        if self._proc_loaded is None:
+            try:
+                with open(os.path.join(self.proc, "modules")) as f:
+                    self._proc_loaded = parse_proc_modules(f.read())
+            except OSError:
+                self._proc_loaded = frozenset()
+        return self._proc_loaded
 
     def filesystems(self) -> frozenset[str]:
         try:

@@ -254,36 +254,65 @@ class ModuleNotFound(ModuleError):
         super().__init__(module, reason, f"module {module} not found: {reason}")
 
 
-class ModuleIndex(NamedTuple):
-    deps: dict[str, DepEntry]
-    aliases: AliasTable
-    builtin: frozenset[str]
-    builtin_aliases: dict[str, list[str]]
-    softdeps: dict[str, tuple[list[str], list[str]]]
+class ModuleIndex:
+    """The indexes of one modules directory, each file read and parsed at its first use
+    (a missing or unreadable file reads as empty): a boot that resolves only modules.alias
+    entries never parses the kernel's modules.builtin.modinfo, the largest of them."""
+
+    def __init__(self, modules_dir: str) -> None:
+        self.modules_dir = modules_dir
+        self._deps: dict[str, DepEntry] | None = None
+        self._aliases: AliasTable | None = None
+        self._builtin: frozenset[str] | None = None
+        self._builtin_aliases: dict[str, list[str]] | None = None
+        self._softdeps: dict[str, tuple[list[str], list[str]]] | None = None
 
     @classmethod
     def read(cls, modules_dir: str) -> ModuleIndex:
-        """The indexes in MODULES_DIR; a missing or unreadable file reads as empty."""
+        return cls(modules_dir)
+
+    def _text(self, name: str) -> str:
         try:
-            with open(os.path.join(modules_dir, "modules.builtin.modinfo"), "rb") as f:
-                modinfo = f.read()
+            path = os.path.join(self.modules_dir, name)
+            with open(path, encoding="utf-8", errors="replace") as f:
+                return f.read()
         except OSError:
-            modinfo = b""
+            return ""
 
-        def read(name: str) -> str:
+    @property
+    def deps(self) -> dict[str, DepEntry]:
+        if self._deps is None:
+            self._deps = parse_modules_dep(self._text("modules.dep"))
+        return self._deps
+
+    @property
+    def aliases(self) -> AliasTable:
+        if self._aliases is None:
+            self._aliases = parse_modules_alias(self._text("modules.alias"))
+        return self._aliases
+
+    @property
+    def builtin(self) -> frozenset[str]:
+        if self._builtin is None:
+            self._builtin = parse_modules_builtin(self._text("modules.builtin"))
+        return self._builtin
+
+    @property
+    def builtin_aliases(self) -> dict[str, list[str]]:
+        if self._builtin_aliases is None:
             try:
-                with open(os.path.join(modules_dir, name), encoding="utf-8", errors="replace") as f:
-                    return f.read()
+                with open(os.path.join(self.modules_dir, "modules.builtin.modinfo"), "rb") as f:
+                    modinfo = f.read()
             except OSError:
-                return ""
+                modinfo = b""
+            self._builtin_aliases = parse_builtin_modinfo(modinfo)
+        return self._builtin_aliases
 
-        return cls(
-            parse_modules_dep(read("modules.dep")),
-            parse_modules_alias(read("modules.alias")),
-            parse_modules_builtin(read("modules.builtin")),
-            parse_builtin_modinfo(modinfo),
-            parse_modules_softdep(read("modules.softdep")),
-        )
+    @property
+    def softdeps(self) -> dict[str, tuple[list[str], list[str]]]:
+        if self._softdeps is None:
+            self._softdeps = parse_modules_softdep(self._text("modules.softdep"))
+        return self._softdeps
 
     def lookup(self, name_or_alias: str) -> list[str]:
         """The modules for a name or alias, in modprobe's order: a module of that name,

@@ -51,18 +51,18 @@ def parse_mountinfo(text: str) -> list[Mount]:
         if not sep or len(fields) < 6 or len(tail) < 3:
             continue
         try:
-            major, minor = (int(n) for n in fields[2].split(":"))
+            major, minor = fields[2].split(":")
             mounts.append(
-                Mount(
-                    mount_id=int(fields[0]),
-                    parent_id=int(fields[1]),
-                    devnum=(major, minor),
-                    root=_unescape(fields[3]),
-                    mount_point=_unescape(fields[4]),
-                    mount_options=tuple(fields[5].split(",")),
-                    fstype=tail[0],
-                    source=_unescape(tail[1]),
-                    super_options=tuple(tail[2].split(",")),
+                Mount(  # positional: the records' fast path (a boot reads the table often)
+                    int(fields[0]),  # mount_id
+                    int(fields[1]),  # parent_id
+                    (int(major), int(minor)),  # devnum
+                    _unescape(fields[3]),  # root
+                    _unescape(fields[4]),  # mount_point
+                    tuple(fields[5].split(",")),  # mount_options
+                    tail[0],  # fstype
+                    _unescape(tail[1]),  # source
+                    tuple(tail[2].split(",")),  # super_options
                 )
             )
         except ValueError:
