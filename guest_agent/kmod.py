@@ -92,7 +92,7 @@ class ModuleLoader:
         mod = normalize(name)
         if mod in self._loaded or os.path.isdir(os.path.join(self.sysfs, "module", mod)):
             return True
-        if self.has_modules and mod in self.index().builtin:
+        if self.has_modules and self.index().is_builtin(mod):
             return True
         return mod in self._proc_modules()
 
@@ -164,12 +164,12 @@ class ModuleLoader:
             return
         if mod in self._failed:
             raise ModuleError(mod, self._failed[mod])
-        entry = self.index().deps.get(mod)
+        entry = self.index().dep(mod)
         if entry is None:
             raise ModuleError(mod, f"not in {self.modules_dir}/modules.dep")
         if mod in chain:
             raise ModuleError(mod, f"dependency cycle in modules.dep ({' → '.join((*chain, mod))})")
-        pre, post = self.index().softdeps.get(mod, ([], []))
+        pre, post = self.index().softdeps(mod)
         if mod in self._soft_pending:
             pre, post = [], []
         self._soft_pending.add(mod)
@@ -181,7 +181,7 @@ class ModuleLoader:
             if dep_mod in self._loaded or self.is_available(dep_mod):
                 continue
             try:
-                if dep_mod in self.index().deps:
+                if self.index().dep(dep_mod) is not None:
                     self._load_module(dep_mod, (*chain, mod))
                 else:  # not indexed under its own name: load the file as listed
                     self._insert(dep_mod, dep)

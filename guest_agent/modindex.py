@@ -16,6 +16,10 @@ import os
 
 from guest_agent.records import NamedTuple
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from guest_agent.modbin import BinIndex
+
 _MODULE_SUFFIXES = (".ko.xz", ".ko.gz", ".ko.zst", ".ko")
 _GLOB_CHARS = frozenset("*?[")
 
@@ -53,15 +57,22 @@ class DepEntry(NamedTuple):
     deps: tuple[str, ...]  # paths, in modules.dep order (the deepest dependency last)
 
 
+def parse_dep_line(line: str) -> DepEntry | None:
+    """One modules.dep line ("path: dep dep ..."; also a modules.dep.bin value), or None."""
+    path, sep, rest = line.partition(":")
+    path = path.strip()
+    if not sep or not path or path.startswith("#"):
+        return None
+    return DepEntry(path, tuple(rest.split()))
+
+
 def parse_modules_dep(text: str) -> dict[str, DepEntry]:
-    """modules.dep ("path: dep dep ...") → module name → DepEntry."""
+    """modules.dep → module name → DepEntry."""
     out: dict[str, DepEntry] = {}
     for line in text.splitlines():
-        path, sep, rest = line.partition(":")
-        path = path.strip()
-        if not sep or not path or path.startswith("#"):
-            continue
-        out.setdefault(module_name(path), DepEntry(path, tuple(rest.split())))
+        entry = parse_dep_line(line)
+        if entry is not None:
+            out.setdefault(module_name(entry.path), entry)
     return out
 
 
@@ -255,12 +266,15 @@ class ModuleNotFound(ModuleError):
 
 
 class ModuleIndex:
-    """The indexes of one modules directory, each file read and parsed at its first use
-    (a missing or unreadable file reads as empty): a boot that resolves only modules.alias
-    entries never parses the kernel's modules.builtin.modinfo, the largest of them."""
+    """The indexes of one modules directory, each read at its first use: depmod's binary
+    index when there is a valid one (guest_agent.modbin: a lookup touches a few trie nodes),
+    else the text file, parsed whole (a missing or unreadable file reads as empty). A boot
+    that resolves only module names and modules.alias entries never reads the built-ins'
+    aliases."""
 
     def __init__(self, modules_dir: str) -> None:
         self.modules_dir = modules_dir
+        self._bin: dict[str, BinIndex | None] = {}
         self._deps: dict[str, DepEntry] | None = None
         self._aliases: AliasTable | None = None
         self._builtin: frozenset[str] | None = None
@@ -271,6 +285,25 @@ class ModuleIndex:
     def read(cls, modules_dir: str) -> ModuleIndex:
         return cls(modules_dir)
 
+    def _binary(self, name: str) -> BinIndex | None:
+        if name not in self._bin:
+            from guest_agent.modbin import BinIndex
+
+            self._bin[name] = BinIndex.open(os.path.join(self.modules_dir, name))
+        return self._bin[name]
+
+    def _search(self, name: str, key: str, wild: bool = False) -> list[str] | None:
+        """KEY's values in binary index NAME; None when there is no usable one (the index
+        is then dropped, and the text read instead from now on)."""
+        index = self._binary(name)
+        if index is None:
+            return None
+        try:
+            return index.search_wild(key) if wild else index.search(key)
+        except (IndexError, ValueError, RecursionError):  # a damaged trie: read the text
+            self._bin[name] = None
+            return None
+
     def _text(self, name: str) -> str:
         try:
             path = os.path.join(self.modules_dir, name)
@@ -279,26 +312,38 @@ class ModuleIndex:
         except OSError:
             return ""
 
-    @property
-    def deps(self) -> dict[str, DepEntry]:
+    def dep(self, mod: str) -> DepEntry | None:
+        """modules.dep's entry of module MOD (a normalised name), or None."""
+        found = self._search("modules.dep.bin", mod)
+        if found is not None:
+            return parse_dep_line(found[0]) if found else None
         if self._deps is None:
             self._deps = parse_modules_dep(self._text("modules.dep"))
-        return self._deps
+        return self._deps.get(mod)
 
-    @property
-    def aliases(self) -> AliasTable:
-        if self._aliases is None:
-            self._aliases = parse_modules_alias(self._text("modules.alias"))
-        return self._aliases
-
-    @property
-    def builtin(self) -> frozenset[str]:
+    def is_builtin(self, mod: str) -> bool:
+        found = self._search("modules.builtin.bin", mod)
+        if found is not None:
+            return bool(found)
         if self._builtin is None:
             self._builtin = parse_modules_builtin(self._text("modules.builtin"))
-        return self._builtin
+        return mod in self._builtin
 
-    @property
-    def builtin_aliases(self) -> dict[str, list[str]]:
+    def aliased(self, alias: str) -> list[str]:
+        """Modules whose modules.alias pattern ALIAS matches."""
+        found = self._search("modules.alias.bin", normalize_alias(alias), wild=True)
+        if found is not None:
+            return found
+        if self._aliases is None:
+            self._aliases = parse_modules_alias(self._text("modules.alias"))
+        return self._aliases.lookup(alias)
+
+    def builtin_aliased(self, alias: str) -> list[str]:
+        """Built-in modules with alias ALIAS (the kernel's modules.builtin.modinfo)."""
+        key = normalize_alias(alias)
+        found = self._search("modules.builtin.alias.bin", key, wild=True)
+        if found is not None:
+            return found
         if self._builtin_aliases is None:
             try:
                 with open(os.path.join(self.modules_dir, "modules.builtin.modinfo"), "rb") as f:
@@ -306,23 +351,21 @@ class ModuleIndex:
             except OSError:
                 modinfo = b""
             self._builtin_aliases = parse_builtin_modinfo(modinfo)
-        return self._builtin_aliases
+        return list(self._builtin_aliases.get(key, []))
 
-    @property
-    def softdeps(self) -> dict[str, tuple[list[str], list[str]]]:
+    def softdeps(self, mod: str) -> tuple[list[str], list[str]]:
+        """(pre, post) soft dependencies of MOD (modules.softdep: a few lines, no binary)."""
         if self._softdeps is None:
             self._softdeps = parse_modules_softdep(self._text("modules.softdep"))
-        return self._softdeps
+        return self._softdeps.get(mod, ([], []))
 
     def lookup(self, name_or_alias: str) -> list[str]:
         """The modules for a name or alias, in modprobe's order: a module of that name,
         else modules.alias, else the built-in aliases; [] if none."""
         mod = normalize(name_or_alias)
-        if mod in self.deps:
+        if self.dep(mod) is not None:
             return [mod]
-        return self.aliases.lookup(name_or_alias) or list(
-            self.builtin_aliases.get(normalize_alias(name_or_alias), [])
-        )
+        return self.aliased(name_or_alias) or self.builtin_aliased(name_or_alias)
 
 
 def default_modules_dir() -> str:
