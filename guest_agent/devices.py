@@ -1,9 +1,11 @@
 """Finding devices, and waiting for them: the uevent monitor, driver loading, discovery.
 
 Find first, then mount: handlers ask `Devices` for a share's transport or a
-disk's device node and mount it themselves. Before looking for anything the
-first time, `coldplug()` opens the uevent socket (register before check, as
-Kata's agent does) and loads the drivers of the virtio devices present. What
+disk's device node and mount it themselves. The first time a look finds nothing,
+`coldplug()` opens the uevent socket and loads the drivers of the virtio devices
+present, and the look is made again: register before the check that decides to
+wait, as Kata's agent does, so no device can appear unnoticed in between. A warm
+boot, whose devices are all there, never opens the socket. What
 discovery saw (sysfs scans, superblocks) is kept until something may have
 changed it: a uevent, a wait, a module load, a format (`forget`).
 
@@ -141,10 +143,19 @@ class Devices:
             self.modules().load(event.env["MODALIAS"])
         return time.monotonic() < deadline
 
-    def wait(self, look: Callable[[], T | None], deadline: float) -> T | None:
-        """LOOK until it finds something, waiting for a uevent between looks; None at DEADLINE."""
-        while True:
+    def look(self, look: Callable[[], T | None]) -> T | None:
+        """LOOK now; when it finds nothing, coldplug (the first time) and LOOK again."""
+        found = look()
+        if found is None and not self._coldplugged:
+            self.coldplug()
             found = look()
+        return found
+
+    def wait(self, look: Callable[[], T | None], deadline: float) -> T | None:
+        """LOOK until it finds something, waiting for a uevent between looks (after a
+        coldplug, the first time); None at DEADLINE."""
+        while True:
+            found = self.look(look)
             if found is not None:
                 return found
             if not self.wait_event(deadline):

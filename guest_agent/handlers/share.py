@@ -49,8 +49,7 @@ def share_options(proto: str, options: Options, read_only: bool) -> tuple[str, .
 class ShareHandler:
     def present(self, spec: MountSpec, ctx: Context) -> bool:
         assert isinstance(spec, ShareSpec)
-        ctx.devices.coldplug()
-        return ctx.devices.locate_share(spec)[0] is not None
+        return ctx.devices.look(lambda: ctx.devices.locate_share(spec)[0]) is not None
 
     def _prepare(self, step: Step, ctx: Context) -> tuple[ShareSpec, str, bool, Result | None]:
         """The checks before mounting (or not): the target, what is there, the 9p channel."""
@@ -93,7 +92,6 @@ class ShareHandler:
         if done is not None:
             return done
         devices = ctx.devices
-        devices.coldplug()
 
         def attempt() -> Result | None:
             found, blind = devices.locate_share(spec)

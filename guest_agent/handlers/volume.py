@@ -35,9 +35,8 @@ def same_fstype(wanted: str, found: str) -> bool:
 class VolumeHandler:
     def present(self, spec: MountSpec, ctx: Context) -> bool:
         assert isinstance(spec, VolumeSpec)
-        ctx.devices.coldplug()
         try:
-            return ctx.devices.find_disk(spec) is not None
+            return ctx.devices.look(lambda: ctx.devices.find_disk(spec)) is not None
         except Failure:
             return True  # run it now: its own step reports the problem
 
@@ -59,7 +58,6 @@ class VolumeHandler:
         assert isinstance(spec, VolumeSpec)
         host = ctx.target(spec.where)
         devices = ctx.devices
-        devices.coldplug()
         device = devices.wait(lambda: devices.find_disk(spec), devices.deadline(spec.options))
         if device is None:
             raise _timeout(spec, devices)

@@ -46,9 +46,16 @@ class FakeDevices:
     def deadline(self, options: Any) -> float:
         return 0.0
 
+    def look(self, look: Callable[[], Any]) -> Any:
+        found = look()
+        if found is None and not self.coldplugged:
+            self.coldplug()
+            found = look()
+        return found
+
     def wait(self, look: Callable[[], Any], deadline: float) -> Any:
         for _ in range(self.events + 1):
-            found = look()
+            found = self.look(look)
             if found is not None:
                 return found
             self.waits += 1

@@ -137,14 +137,26 @@ def test_disks_seen_for_a_timeout(scans: Scans) -> None:
     ]
 
 
-def test_wait_looks_again_only_while_events_come(scans: Scans) -> None:
+def test_wait_looks_again_only_while_events_come(
+    scans: Scans, monkeypatch: pytest.MonkeyPatch
+) -> None:
     devices = Devices()
+    coldplugs: list[int] = []
+
+    def coldplug() -> None:  # no uevent socket, no driver loading here
+        coldplugs.append(1)
+        devices._coldplugged = True
+
+    monkeypatch.setattr(devices, "coldplug", coldplug)
     looks: list[int] = []
 
     def look() -> str | None:
         looks.append(1)
         return None
 
-    assert devices.wait(look, devices.start - 1) is None  # past the deadline: one look
-    assert looks == [1]
     assert devices.wait(lambda: "found", devices.start + 10) == "found"
+    assert coldplugs == []  # found at once: no coldplug
+    assert devices.wait(look, devices.start - 1) is None  # past the deadline:
+    assert looks == [1, 1] and coldplugs == [1]  # a look, the coldplug, one more look
+    assert devices.wait(look, devices.start - 1) is None
+    assert looks == [1, 1, 1] and coldplugs == [1]  # coldplugged once only

@@ -27,11 +27,13 @@ def test_handler_for_a_share() -> None:
     assert handler_for(share("home:/home")) is HANDLER
 
 
-def test_present_asks_devices_after_coldplug(tmp_path: Path) -> None:
+def test_present_looks_first_and_coldplugs_only_for_a_missing_tag(tmp_path: Path) -> None:
     run = Run(tmp_path, FakeDevices({"home": ("virtiofs", False)}))
     assert HANDLER.present(share("home:/home"), run.ctx)
+    assert run.devices.coldplugged == 0  # there: no uevent socket, no driver scan
     assert not HANDLER.present(share("other:/o"), run.ctx)
-    assert run.devices.coldplugged == 2
+    assert not HANDLER.present(share("third:/t"), run.ctx)
+    assert run.devices.coldplugged == 1  # missing: coldplug once, then look again
 
 
 def test_mount_9p_with_defaults(tmp_path: Path) -> None:
@@ -126,12 +128,12 @@ def test_blind_virtiofs_retries_until_the_mount_works(tmp_path: Path) -> None:
 
 
 def test_blind_virtiofs_gives_up_at_the_deadline(tmp_path: Path) -> None:
-    mount = RecordingMount(
-        MountError(errno.EINVAL, "fsconfig"), MountError(errno.EINVAL, "fsconfig")
-    )
+    # one try per look: the first, the one after the coldplug, the one after the uevent
+    mount = RecordingMount(*[MountError(errno.EINVAL, "fsconfig")] * 3)
     run = Run(tmp_path, FakeDevices({"home": ("virtiofs", True)}, events=1), mount)
     with pytest.raises(Failure, match=r"^no virtio share tagged 'home' appeared within 10 s"):
         HANDLER.mount(step(share("home:/home")), run.ctx)
+    assert len(mount.requests) == 3
 
 
 def test_refusal_of_a_listed_tag_is_not_retried(tmp_path: Path) -> None:
