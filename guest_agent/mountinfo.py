@@ -70,6 +70,23 @@ def parse_mountinfo(text: str) -> list[Mount]:
     return mounts
 
 
+_last_read: dict[str, tuple[str, list[Mount]]] = {}  # path -> (text, its mounts)
+
+
+def _parse_since_last(path: str, text: str) -> list[Mount]:
+    """parse_mountinfo(TEXT), parsing only what was added since PATH was last read when the
+    last text is a prefix of this one: a new mount adds its line at the end, and a run reads
+    the table before and after each of its mounts (the lines themselves are never reused
+    unless byte-identical)."""
+    last = _last_read.get(path)
+    if last is not None and text.startswith(last[0]) and last[0].endswith("\n"):
+        mounts = last[1] + parse_mountinfo(text[len(last[0]) :])
+    else:
+        mounts = parse_mountinfo(text)
+    _last_read[path] = (text, mounts)
+    return list(mounts)
+
+
 class MountTable:
     """A snapshot of the mount table; `top` is what a path shows now (the last mount there)."""
 
@@ -83,8 +100,9 @@ class MountTable:
 
     @classmethod
     def read(cls, path: str = MOUNTINFO) -> MountTable:
+        """The table as PATH shows it now (read afresh each time; see `_parse_since_last`)."""
         with open(path, encoding="utf-8", errors="surrogateescape") as f:
-            return cls(parse_mountinfo(f.read()))
+            return cls(_parse_since_last(path, f.read()))
 
     def at(self, mount_point: str) -> Mount | None:
         return self._top.get(mount_point.rstrip("/") or "/")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from guest_agent.mountinfo import Mount, MountTable, parse_mountinfo
 
@@ -240,3 +243,35 @@ def test_real_mountinfo_walks() -> None:
         top = t.top_at(mount.mount_point)
         if top is not None and top.mount_id == mount.mount_id:
             assert t.hidden_by(mount) is None
+
+
+def test_a_read_after_new_mounts_parses_only_their_lines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading again after mounts were added gives what a fresh parse gives; only the added
+    lines are parsed, and a table that changed otherwise is parsed whole."""
+    import guest_agent.mountinfo as mi
+
+    base = "22 1 0:21 / / rw - tmpfs rootfs rw\n23 22 0:22 / /proc rw,nosuid - proc proc rw\n"
+    added = "40 22 0:41 / /mnt/a rw - 9p a rw,trans=virtio\n"
+    path = tmp_path / "mountinfo"
+    parsed: list[str] = []
+    real = mi.parse_mountinfo
+    monkeypatch.setattr(mi, "parse_mountinfo", lambda text: parsed.append(text) or real(text))
+
+    def read(text: str) -> list:
+        path.write_text(text)
+        table = mi.MountTable.read(str(path))
+        assert table.mounts == real(text)
+        return table.mounts
+
+    read(base)
+    assert [m.mount_point for m in read(base + added)] == ["/", "/proc", "/mnt/a"]
+    assert parsed == [base, added]  # the second read parsed the new line only
+    read(base + added)
+    assert parsed[-1] == ""  # nothing new
+    changed = base.replace("/proc", "/proc2") + added
+    assert [m.mount_point for m in read(changed)] == ["/", "/proc2", "/mnt/a"]
+    assert parsed[-1] == changed  # a line changed: parsed whole
+    assert [m.mount_point for m in read(base)] == ["/", "/proc"]  # a mount went away
+    assert parsed[-1] == base
