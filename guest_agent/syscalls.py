@@ -101,6 +101,8 @@ class MountRequest(NamedTuple):
 
 
 _libc: ctypes.CDLL | None = None
+_syscall: ctypes._NamedFuncPointer | None = None
+_NO_ARGS = (0, 0, 0, 0, 0, 0)  # syscall(2) reads six arguments; the kernel ignores unused ones
 
 
 def libc() -> ctypes.CDLL:
@@ -110,8 +112,23 @@ def libc() -> ctypes.CDLL:
         import ctypes
 
         _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.syscall.restype = ctypes.c_long
     return _libc
+
+
+def _raw_syscall() -> ctypes._NamedFuncPointer:
+    """libc's syscall(2) with its prototype set once: NR as a long, six arguments as
+    pointer-sized values (an int is passed as a 64-bit value, negative ones too; bytes as
+    a pointer to their buffer; None as NULL), the result as a long. Converting in C, once
+    per call, costs less than building argument objects in Python (bench/analysis.md)."""
+    global _syscall
+    if _syscall is None:
+        import ctypes
+
+        fn = libc()["syscall"]  # a function object of its own: libc().syscall stays untyped
+        fn.restype = ctypes.c_long
+        fn.argtypes = (ctypes.c_long, *(ctypes.c_void_p,) * len(_NO_ARGS))
+        _syscall = fn
+    return _syscall
 
 
 def checked(result: int, filename: str | None) -> int:
@@ -125,17 +142,10 @@ def checked(result: int, filename: str | None) -> int:
 
 
 def syscall(nr: int, *args: int | bytes | None, filename: str | None = None) -> int:
-    """syscall(2) NR with ARGS; its result, or OSError(errno, strerror, FILENAME).
-
-    Integers are passed as C longs (syscall(2) reads its variadic arguments as
-    longs), bytes as pointers to their buffer, None as NULL.
-    """
-    import ctypes
-
-    lib = libc()
-    c_args = [ctypes.c_long(a) if isinstance(a, int) else a for a in (nr, *args)]
-    ctypes.set_errno(0)
-    return checked(int(lib.syscall(*c_args)), filename)
+    """syscall(2) NR with up to six ARGS (ints, bytes passed as pointers to their buffer,
+    None as NULL); its result, or OSError(errno, strerror, FILENAME)."""
+    result: int = _raw_syscall()(nr, *args, *_NO_ARGS[len(args) :])
+    return checked(result, filename)
 
 
 class closing:

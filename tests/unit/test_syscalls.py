@@ -18,14 +18,14 @@ NO_SUCH_SYSCALL = 100_000  # above every architecture's table: ENOSYS everywhere
 
 
 class FakeLibc:
-    """Stands in for libc: records syscall() arguments, fails with ERR when set."""
+    """Stands in for libc's typed syscall(2): records the arguments, fails with ERR when set."""
 
     def __init__(self, err: int = 0, result: int = 0) -> None:
         self.err = err
         self.result = result
         self.calls: list[tuple[Any, ...]] = []
 
-    def syscall(self, *args: Any) -> int:
+    def __call__(self, *args: Any) -> int:
         self.calls.append(args)
         if self.err:
             ctypes.set_errno(self.err)
@@ -36,16 +36,26 @@ class FakeLibc:
 @pytest.fixture
 def fake_libc(monkeypatch: pytest.MonkeyPatch) -> FakeLibc:
     fake = FakeLibc()
-    monkeypatch.setattr(syscalls, "_libc", fake)
+    monkeypatch.setattr(syscalls, "_syscall", fake)
     return fake
 
 
-def test_syscall_returns_the_result_and_passes_ints_as_longs(fake_libc: FakeLibc) -> None:
+def test_syscall_passes_six_arguments_after_the_number(fake_libc: FakeLibc) -> None:
     fake_libc.result = 7
     assert syscall(430, b"ext4", 1, None) == 7
-    (args,) = fake_libc.calls
-    assert [type(a) for a in args] == [ctypes.c_long, bytes, ctypes.c_long, type(None)]
-    assert [a.value for a in (args[0], args[2])] == [430, 1]
+    assert fake_libc.calls == [(430, b"ext4", 1, None, 0, 0, 0)]  # unused ones are 0
+
+
+def test_the_prototype_passes_ints_as_64_bit_values() -> None:
+    fn = syscalls._raw_syscall()
+    assert fn.restype is ctypes.c_long
+    assert fn.argtypes == (ctypes.c_long, *(ctypes.c_void_p,) * 6)
+    # a negative int (AT_FDCWD) reaches the kernel whole: openat2 opens "/" relative to it
+    fd = syscalls.openat2(-100, "/", os.O_PATH | os.O_CLOEXEC, 0)
+    try:
+        assert os.path.samestat(os.fstat(fd), os.stat("/"))
+    finally:
+        os.close(fd)
 
 
 def test_syscall_failure_raises_oserror_with_errno_strerror_and_filename(
