@@ -45,6 +45,16 @@ def split_cmdline(text: str) -> Iterator[str]:
     the quote that ends it; other quotes stay. Parameters after a lone `--`
     belong to init, not to the kernel, and are ignored.
     """
+    if '"' in text:
+        yield from _split_quoted(text)
+        return
+    for token in text.split():  # no quotes, the usual line: as _split_quoted, in C
+        if token == "--":
+            return
+        yield token
+
+
+def _split_quoted(text: str) -> Iterator[str]:
     i, n = 0, len(text)
     while i < n:
         while i < n and text[i].isspace():

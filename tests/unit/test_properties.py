@@ -11,7 +11,13 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from guest_agent.config import merge, parse_cmdline, parse_config_json, split_cmdline
+from guest_agent.config import (
+    _split_quoted,
+    merge,
+    parse_cmdline,
+    parse_config_json,
+    split_cmdline,
+)
 from guest_agent.paths import PathError, resolve_in_root
 from guest_agent.spec import OverlaySpec, Problem, ShareSpec, VolumeSpec
 
@@ -75,7 +81,9 @@ def test_split_cmdline_never_yields_separators(text: str) -> None:
     tokens = list(split_cmdline(text))
     assert "--" not in tokens
     if '"' not in text:
-        # Without quotes, the kernel's rule is plain whitespace splitting up to a lone `--`.
+        # Without quotes, the kernel's rule is plain whitespace splitting up to a lone `--`
+        # (split_cmdline's str.split path), and the quote-aware loop agrees.
+        assert tokens == list(_split_quoted(text))
         words = text.split()
         assert tokens == words[: words.index("--")] if "--" in words else tokens == words
 
