@@ -339,6 +339,41 @@ def guest_boot(
     }
 
 
+def cold_boots(
+    env: Env, kernel: str, boots: int, files: dict[str, bytes], icount: int | None = None
+) -> dict[str, Any]:
+    """BOOTS cold boots per side of the boot-path guest, BEFORE and AFTER alternating (the
+    side that goes first swaps every pair): one timed `mount-all` per boot, the first thing
+    to mount, modules not loaded yet; each must leave the 11 mounts."""
+    from boot_path import agent_cmdline, make_vm
+
+    work = env.workdir / f"compare-cold-{kernel}"
+    work.mkdir(parents=True, exist_ok=True)
+    vm = make_vm(env, kernel, "compare-cold", work, agent_cmdline(), 1)
+    if icount is not None:
+        with_icount(vm, icount)
+    out: dict[str, list[float]] = {w: [] for w in SIDES}
+    for i in range(2 * boots):
+        side = SIDES[(i + i // 2) % 2]  # before, after, after, before, before, after, ...
+        r = boot_checked(
+            vm,
+            f"timeit cold sh -c 'PYTHONPATH=/opt/ga-{side} guest-agent mount-all >/tmp/log 2>&1'"
+            " || { cat /tmp/log; exit 1; }\n"
+            "[ $(grep -cE ' (9p|virtiofs|ext4|overlay) ' /proc/self/mountinfo) -eq 11 ] || exit 1\n",
+            files=files,
+        )
+        out[side] += [
+            s - Timings.parse(r.results).null() for s in Timings.parse(r.results).seconds("cold")
+        ]
+        log(f"cold {kernel} {side}: {out[side][-1]:.2f} s")
+    return {
+        "boots": boots,
+        "runs": out,
+        "medians": {w: median(out[w]) for w in SIDES},
+        "ratio": median(out["after"]) / median(out["before"]),
+    }
+
+
 def table(res: dict[str, Any]) -> str:
     b, a = res["before"], res["after"]
     out = [
@@ -388,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=12, help="guest rounds per boot (default 12)")
     ap.add_argument("--startup-reps", type=int, default=31, help="host rounds (default 31)")
     ap.add_argument("--no-host", action="store_true", help="skip the host start-up part")
+    ap.add_argument(
+        "--cold", type=int, default=0, metavar="N", help="also N cold boots per side per kernel"
+    )
     ap.add_argument("--workdir", type=Path, default=None, help="scratch dir (default: temp)")
     ap.add_argument(
         "--icount",
@@ -472,6 +510,11 @@ def main(argv: list[str] | None = None) -> int:
                     env, kernel, args.rounds, files, args.profile, args.icount
                 )
                 save()
+                if args.cold:
+                    res["guest"][kernel]["cold"] = cold_boots(
+                        env, kernel, args.cold, files, args.icount
+                    )
+                    save()
     finally:
         git("worktree", "remove", "--force", str(before_tree))
         shutil.rmtree(before_tree.parent, ignore_errors=True)

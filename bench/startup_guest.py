@@ -12,6 +12,10 @@ the boot-path benchmark's command line (`mount-all --dry-run --cmdline FILE --co
 * script:     guest-agent ...               (the console script: `from guest_agent.main import run`)
 * c-I:        python3 -I -c 'from guest_agent.main import run; run()' ...
 * c-I-S:      python3 -I -S -c '<dist-packages on sys.path>; ... run()' ...  (no `site`)
+* c-I-OO:     python3 -I -OO -c '... run()' ...  (no docstrings or asserts: smaller .pyc; the
+              untimed first runs compile the .opt-2.pyc files, which no image carries)
+* empty:      python3 -I -c 'import emptypkg.m0; ...' (30 modules of one line: what an import
+              costs by itself; the first rounds compile them, the timed ones read the .pyc)
 
 "Above bare" is each variant's median minus bare's (same flags). Under `--icount N` the
 guest's clock counts instructions (rounds agree within ~1 % on a loaded host); without
@@ -38,6 +42,8 @@ from boot_path import agent_cmdline
 from common import Env, Timings, boot_checked, log, median, tb
 
 DIST = "/usr/lib/python3/dist-packages"
+EMPTY_MODULES = 30
+EMPTY_IMPORTS = "; ".join(f"import emptypkg.m{i}" for i in range(EMPTY_MODULES))
 ARGS = "mount-all --dry-run --cmdline /bench/cmdline --config /dev/null"
 RUN = "from guest_agent.main import run; run()"
 VARIANTS = {
@@ -48,6 +54,9 @@ VARIANTS = {
     "script": f"guest-agent {ARGS}",
     "c-I": f"python3 -I -c '{RUN}' {ARGS}",
     "c-I-S": f"python3 -I -S -c 'import sys; sys.path.append(\"{DIST}\"); {RUN}' {ARGS}",
+    "c-I-OO": f"python3 -I -OO -c '{RUN}' {ARGS}",
+    # the fixed cost of an import: EMPTY_MODULES modules holding one assignment each
+    "empty": f"python3 -I -c 'import sys; sys.path.insert(0, \"/bench\"); {EMPTY_IMPORTS}'",
 }
 #: Each variant's bare interpreter (same flags).
 BASE = {
@@ -55,6 +64,8 @@ BASE = {
     "script": "bare",
     "c-I": "bare-I",
     "c-I-S": "bare-I-S",
+    "c-I-OO": "bare-I",
+    "empty": "bare-I",
 }
 
 
@@ -88,7 +99,9 @@ def run(env: Env, kernel: str, rounds: int, icount: int | None) -> dict[str, Any
     vm = env.vm(kernel, "startup-guest", timeout=120 + 30 * rounds)
     if icount is not None:
         with_icount(vm, icount)
-    r = boot_checked(vm, guest_script(rounds), files={"bench/cmdline": agent_cmdline() + "\n"})
+    files = {"bench/cmdline": agent_cmdline() + "\n", "bench/emptypkg/__init__.py": ""}
+    files.update({f"bench/emptypkg/m{i}.py": f"X = {i}\n" for i in range(EMPTY_MODULES)})
+    r = boot_checked(vm, guest_script(rounds), files=files)
     t = Timings.parse(r.results)
     if t.failures():
         raise RuntimeError(f"failed runs: {t.failures()}\n{r}")
@@ -107,7 +120,8 @@ def table(results: list[dict[str, Any]]) -> str:
         med = {v: median(s) for v, s in r["seconds"].items()}
         for v, cmd in VARIANTS.items():
             above = f"{(med[v] - med[BASE[v]]) * 1000:.0f} ms" if v in BASE else "–"
-            shown = cmd.replace("|", "\\|")
+            shown = "python3 -I -c 'import emptypkg.m0; … emptypkg.m29'" if v == "empty" else cmd
+            shown = shown.replace("|", "\\|")
             lines.append(
                 f"| {r['kernel']} | {clock} | {v}: `{shown}` | {med[v] * 1000:.0f} ms | {above} |"
             )
