@@ -22,6 +22,8 @@ import time
 from guest_agent.results import Failure
 from guest_agent.spec import Proto
 
+PARTITION_TABLE = "partition-table"  # probe_fields.PARTITION_TABLE (that module loads with probe)
+
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -235,8 +237,8 @@ class Devices:
             if dev.size_bytes == 0:
                 continue
             signature = self.probe(dev.devnode)
-            if signature is None:
-                continue
+            if signature is None or signature.usage == PARTITION_TABLE:
+                continue  # a partition table's id is blkid's PTUUID, no LABEL=/UUID=: as udev
             found = signature.label if kind == "label" else signature.uuid
             if found is not None and (
                 found == value if kind == "label" else found.lower() == value.lower()

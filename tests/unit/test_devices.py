@@ -109,6 +109,20 @@ def test_find_disk_by_label_uuid_serial_and_path(scans: Scans, tmp_path: Path) -
     assert devices.find_disk(volume("/dev/does-not-exist:/d")) is None
 
 
+def test_a_partition_tables_id_is_no_uuid(scans: Scans, tmp_path: Path) -> None:
+    """blkid reports a GPT/DOS disk id as PTUUID, never as UUID (udev makes no by-uuid link
+    for it): UUID= must not find the whole disk of a partition table."""
+    from guest_agent import devices as devices_module
+    from guest_agent.probe_fields import PARTITION_TABLE
+
+    assert devices_module.PARTITION_TABLE == PARTITION_TABLE
+    a = tmp_path / "vda"
+    a.touch()
+    scans.disks = [disk("vda", str(a))]
+    scans.signatures = {str(a): Signature("gpt", None, "0f1e2d3c-aaaa", PARTITION_TABLE)}
+    assert Devices().find_disk(volume("UUID=0f1e2d3c-aaaa:/d")) is None
+
+
 def test_find_disk_refuses_to_guess(scans: Scans, tmp_path: Path) -> None:
     a, b = tmp_path / "vda", tmp_path / "vdb"
     a.touch()
