@@ -22,7 +22,17 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from common import REPO_ROOT, Env, Timings, agent_dry_run, boot_checked, log, median, tb
+from common import (
+    REPO_ROOT,
+    Env,
+    Timings,
+    agent_dry_run,
+    boot_checked,
+    comparable,
+    log,
+    median,
+    tb,
+)
 
 NINEP_SHARES = [f"s{i}" for i in range(5)]
 VIRTIOFS_SHARES = [f"s{i}" for i in range(5, 8)]
@@ -172,7 +182,7 @@ def _mounts_section(text: str, name: str) -> list[tuple[str, str, str]]:
         # (the first mount of the boot): a kernel detail, not an option either side gave.
         supers = ",".join(sorted(o for o in t[2].split(",") if not o.startswith("uuid=")))
         rows.append((f[4], t[0], f"{f[5]} {supers}"))
-    return sorted(rows)
+    return sorted(comparable(rows))
 
 
 #: What a hand-written initrd fragment loads for these mounts (and virtio_pci, see cold_script).
@@ -259,7 +269,12 @@ def make_vm(
     )
 
 
-def run(env: Env, kernel: str, rounds: int, cold_boots: int = 3) -> dict[str, Any]:
+def run(
+    env: Env, kernel: str, rounds: int, cold_boots: int = 3, cold_icount: int | None = None
+) -> dict[str, Any]:
+    """The warm rounds in one boot, COLD_BOOTS cold boots per side on the host's clock and,
+    with COLD_ICOUNT, as many again under qemu `-icount shift=COLD_ICOUNT` (the guest's
+    clock counts instructions: what a host without emulation would weigh)."""
     work = env.workdir / f"boot-path-{kernel}"
     work.mkdir(parents=True, exist_ok=True)
     cmdline = agent_cmdline()
@@ -276,6 +291,14 @@ def run(env: Env, kernel: str, rounds: int, cold_boots: int = 3) -> dict[str, An
     t = Timings.parse(r.results)
     log(f"boot path on {kernel}: {cold_boots} cold boots each")
     cold = run_cold(vm, script, cold_boots)
+    cold_counted = None
+    if cold_icount is not None:
+        from compare import with_icount
+
+        counted_vm = make_vm(env, kernel, "boot-path-icount", work, cmdline, rounds)
+        with_icount(counted_vm, cold_icount)
+        log(f"boot path on {kernel}: {cold_boots} cold boots each, -icount shift={cold_icount}")
+        cold_counted = run_cold(counted_vm, script, cold_boots)
     agent_m, shell_m = _mounts_section(r.results, "agent"), _mounts_section(r.results, "shell")
     floor_m = _mounts_section(r.results, "floor")
     agent, shell, fl = t.seconds("agent"), t.seconds("shell"), t.seconds("floor")
@@ -299,6 +322,11 @@ def run(env: Env, kernel: str, rounds: int, cold_boots: int = 3) -> dict[str, An
         "cold_agent": t.seconds("cold-agent"),
         "cold_boots": cold,
         "cold_ratio": median(cold["agent"]) / median(cold["shell"]),
+        "cold_icount": cold_icount,
+        "cold_boots_icount": cold_counted,
+        "cold_ratio_icount": (
+            median(cold_counted["agent"]) / median(cold_counted["shell"]) if cold_counted else None
+        ),
         "cold_script": cold_script(script),
         "warm_shell": t.seconds("warm-shell"),
         "null": t.null(),

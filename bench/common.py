@@ -157,3 +157,24 @@ def agent_dry_run(
             text=True,
             check=check,
         )
+
+
+_LAYER_OPTIONS = ("lowerdir=", "upperdir=", "workdir=")
+
+
+def comparable(rows: Iterable[Sequence[str]]) -> list[tuple[str, ...]]:
+    """Mount rows (mount point, fstype, "MOUNT-OPTIONS SUPER-OPTIONS") with an overlay's
+    layer options reduced to their names: the agent hands the layers to the kernel as the
+    directories it holds open (/proc/self/fd/N, which 6.12 shows and 6.1 resolves to a
+    path), and N depends on what else the run has open; a script gives paths."""
+    out = []
+    for point, fstype, options in rows:
+        if fstype == "overlay":
+            mount_options, _, supers = options.partition(" ")
+            supers = ",".join(
+                o.split("=", 1)[0] + "=…" if o.startswith(_LAYER_OPTIONS) else o
+                for o in supers.split(",")
+            )
+            options = f"{mount_options} {supers}"
+        out.append((point, fstype, options))
+    return out

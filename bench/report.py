@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from common import median
+from common import comparable, median
 
 
 def _ms(x: float | None) -> str:
@@ -39,14 +39,14 @@ WHY_WARM_SHELL = (
     "busybox script"
 )
 WHY_WARM_FLOOR = (
-    "imports: the agent's ~35 boot-path modules cost more than all its work; see the table "
-    "of where each ms goes"
+    "imports: a warm run loads 26 of the agent's modules, about as much as all its work; "
+    "where each ms goes: findings, issue 11"
 )
 WHY_COLD = (
     "the interpreter's start and the agent's imports are not in a busybox script; module "
     "loads (the bulk) are the same on both sides and cannot overlap on 1 vCPU"
 )
-WHY_STARTUP = "the agent's boot path imports ≈ 25 of its modules (35 on a cold run)"
+WHY_STARTUP = "a dry run imports 26 of the agent's modules (a cold run ≈ 33)"
 
 
 def render(r: dict[str, Any]) -> str:
@@ -109,6 +109,15 @@ def render(r: dict[str, Any]) -> str:
                     f"{_s(median(cb['shell']))}) | ≤ 1.0× | {_ok(b['cold_ratio'] <= 1.0)} | "
                     f"{WHY_COLD if b['cold_ratio'] > 1.0 else '–'} |"
                 )
+            ci = b.get("cold_boots_icount")
+            if ci:
+                ratio = b["cold_ratio_icount"]
+                w(
+                    f"| 1 | boot path, agent / shell, cold boots ({len(ci['agent'])} each), "
+                    f"`-icount {b['cold_icount']}` | {k} | **{ratio:.2f}×** "
+                    f"({_s(median(ci['agent']))} vs {_s(median(ci['shell']))}) | ≤ 1.0× | "
+                    f"{_ok(ratio <= 1.0)} | {WHY_COLD if ratio > 1.0 else '–'} |"
+                )
     sg = json.loads(STARTUP_GUEST_JSON.read_text()) if STARTUP_GUEST_JSON.exists() else []
     for g in sg:
         med = {v: median(x) for v, x in g["seconds"].items()}
@@ -120,7 +129,7 @@ def render(r: dict[str, Any]) -> str:
             f"{_ms(med['bare-I'])}) | ≤ 15 ms | {_ok(above <= 0.015)} | "
             + (
                 f"{WHY_STARTUP}: an import of an empty module alone costs "
-                f"{_ms((med['empty'] - med['bare-I']) / 30) if 'empty' in med else '?'} here |"
+                f"{(med['empty'] - med['bare-I']) / 30 * 1000:.1f} ms here |"
                 if above > 0.015
                 else "– |"
             )
@@ -158,7 +167,7 @@ def render(r: dict[str, Any]) -> str:
             flat = a[-1] <= max(1.25 * a[0], a[0] + 0.15)
             w(
                 f"| 3 | reset at boot, {sizes[0]} → {sizes[-1]:,} files | {k} | agent "
-                f"{_s(a[0])} → {_s(a[-1])}; `rm -rf` {_s(rm[0])} → {_s(rm[-1])} | flat vs growing | {_ok(flat and rm[-1] > 2 * a[-1])}  – |"
+                f"{_s(a[0])} → {_s(a[-1])}; `rm -rf` {_s(rm[0])} → {_s(rm[-1])} | flat vs growing | {_ok(flat and rm[-1] > 2 * a[-1])} | – |"
             )
     for k, kr in kernels.items():
         tp = kr.get("throughput")
@@ -186,7 +195,7 @@ def render(r: dict[str, Any]) -> str:
                 w(
                     f"| 4 | {share} share, agent vs microvm.nix (paired medians) | {k} | 64 MiB first read "
                     f"**{sp['big1']:.1f}×** (again {sp['big2']:.1f}×), 1 000 files **{sp['small1']:.1f}×** "
-                    f"(again {sp['small2']:.1f}×) | {'≥ 2×' if target == 2 else 'never slower'} | {_ok(cond)}  see section 4 |"
+                    f"(again {sp['small2']:.1f}×) | {'≥ 2×' if target == 2 else 'never slower'} | {_ok(cond)} | see section 4 |"
                 )
     w("")
     analysis = Path(__file__).with_name("analysis.md")
@@ -331,6 +340,12 @@ def _when(w: Any, d: dict[str, Any]) -> None:
         )
 
 
+def _same(b: dict[str, Any]) -> bool:
+    """Agent and shell left the same 11 mounts (recomputed from the stored rows)."""
+    agent, shell = comparable(b["mounts_agent"]), comparable(b["mounts_shell"])
+    return agent == shell and len(agent) == 11
+
+
 def _boot(w: Any, k: str, b: dict[str, Any]) -> None:
     w(f"## 1. Boot path on {k}\n")
     _when(w, b)
@@ -350,7 +365,8 @@ def _boot(w: Any, k: str, b: dict[str, Any]) -> None:
         "channel is not registered yet), is the first thing to mount: one sample per boot, "
         "alternating. "
         f"Both sides left identical mount tables (`/proc/self/mountinfo`, compared): "
-        f"**{'yes' if b['same_mounts'] else 'NO'}**.\n"
+        f"**{'yes' if _same(b) else 'NO'}** (an overlay's layers compared by name: the "
+        "agent gives them as `/proc/self/fd/N`).\n"
     )
     w("| | median | range | runs |")
     w("|---|---|---|---|")
@@ -379,7 +395,22 @@ def _boot(w: Any, k: str, b: dict[str, Any]) -> None:
         w(
             f"| cold boots: the script, with `modprobe -a {b.get('cold_modules', 'virtio_blk 9pnet_virtio 9p virtiofs overlay ext4')}` first | {_s(median(cb['shell']))} | {_range(cb['shell'])} | {len(cb['shell'])} |"
         )
-        w(f"| **ratio agent / shell, cold** (medians) | **{b['cold_ratio']:.1f}×** | | |")
+        w(f"| **ratio agent / shell, cold** (medians) | **{b['cold_ratio']:.2f}×** | | |")
+    ci = b.get("cold_boots_icount")
+    if ci:
+        shift = b["cold_icount"]
+        w(
+            f"| cold boots under `-icount shift={shift}`: the agent | {_s(median(ci['agent']))} | "
+            f"{_range(ci['agent'])} | {len(ci['agent'])} |"
+        )
+        w(
+            f"| cold boots under `-icount shift={shift}`: the script | {_s(median(ci['shell']))} | "
+            f"{_range(ci['shell'])} | {len(ci['shell'])} |"
+        )
+        w(
+            f"| **ratio agent / shell, cold, instructions** (medians) | "
+            f"**{b['cold_ratio_icount']:.2f}×** | | |"
+        )
     w(f"| null interval | {_ms(b['null'])} | | 5 |")
     w("")
     if b.get("py_bare"):

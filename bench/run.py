@@ -111,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
                 if b == "boot":
                     import boot_path
 
-                    kres["boot"] = boot_path.run(env, kernel, reps["boot"], 1 if q else 5)
+                    kres["boot"] = boot_path.run(
+                        env, kernel, reps["boot"], 1 if q else 5, None if q else 3
+                    )
                 elif b == "reset":
                     import reset_cost
 
