@@ -19,10 +19,7 @@ not (yet) part of docs/benchmarks.md: it prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +36,7 @@ from boot_path import (
 from boot_path import (
     make_vm as boot_path_vm,
 )
-from common import Env, log, median, tb
+from common import Env, median, run_kernels, tb
 
 MACHINES = ("q35", "microvm")
 
@@ -104,20 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--boots", type=int, default=3, help="cold boots per side (default 3)")
     ap.add_argument("--json", type=Path, default=None, help="write the raw results here")
     args = ap.parse_args(argv)
-    bed = tb.Testbed.from_env()
-    bed.check()
-    results = []
-    with tempfile.TemporaryDirectory(prefix="ga-bench-mmio-") as tmp:
-        env = Env(bed, Path(tmp))
-        start = time.monotonic()
-        for kernel in args.kernels.split(","):
-            for machine in args.machines.split(","):
-                results.append(run(env, kernel, machine, args.boots))
-        log(f"done in {time.monotonic() - start:.0f} s")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
-    print(table(results))
-    return 0
+    return run_kernels(
+        args.kernels,
+        "ga-bench-mmio-",
+        lambda env, kernel: [run(env, kernel, m, args.boots) for m in args.machines.split(",")],
+        args.json,
+        table,
+    )
 
 
 if __name__ == "__main__":

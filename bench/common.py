@@ -19,9 +19,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -178,3 +179,33 @@ def comparable(rows: Iterable[Sequence[str]]) -> list[tuple[str, ...]]:
             options = f"{mount_options} {supers}"
         out.append((point, fstype, options))
     return out
+
+
+def run_kernels(
+    kernels: str,
+    prefix: str,
+    run_one: Callable[[Env, str], list[dict[str, Any]]],
+    json_path: Path | None,
+    table: Callable[[list[dict[str, Any]]], str],
+) -> int:
+    """A benchmark script's main loop: the checked test bed, a scratch directory removed
+    afterwards (named PREFIX…), RUN_ONE(env, kernel) for each of KERNELS (comma-separated),
+    the results written to JSON_PATH after each kernel (partial results survive an
+    interrupted run), then TABLE of them printed."""
+    import json
+    import time
+
+    bed = tb.Testbed.from_env()
+    bed.check()
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        env = Env(bed, Path(tmp))
+        start = time.monotonic()
+        for kernel in kernels.split(","):
+            results += run_one(env, kernel)
+            log(f"{kernel}: done")
+            if json_path:
+                json_path.write_text(json.dumps(results, indent=1) + "\n")
+        log(f"done in {time.monotonic() - start:.0f} s")
+    print(table(results))
+    return 0

@@ -39,20 +39,17 @@ prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from boot_path import agent_cmdline, agent_plan, cold_script, make_vm, shell_script
-from common import Env, Timings, boot_checked, log, median, tb
+from common import Env, Timings, boot_checked, log, median, run_kernels, tb
 from compare import with_icount
 
 GUEST_LIBDIR = "/usr/lib/x86_64-linux-gnu"
@@ -522,31 +519,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=10, help="resolution rounds (default 10)")
     ap.add_argument("--json", type=Path, default=None, help="write the raw results here")
     args = ap.parse_args(argv)
-    bed = tb.Testbed.from_env()
-    bed.check()
-    results = []
-    with tempfile.TemporaryDirectory(prefix="ga-bench-kmodlib-") as tmp:
-        env = Env(bed, Path(tmp))
-        start = time.monotonic()
-        for kernel in args.kernels.split(","):
-            results.append(
-                run_kernel(
-                    env,
-                    kernel,
-                    args.boots,
-                    args.host_boots,
-                    args.icount,
-                    not args.no_shell,
-                    args.rounds,
-                )
-            )
-            if args.json:  # partial results survive an interrupted run
-                args.json.write_text(json.dumps(results, indent=1) + "\n")
-        log(f"done in {time.monotonic() - start:.0f} s")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
-    print(table(results))
-    return 0
+
+    def one(env: Env, kernel: str) -> list[dict[str, Any]]:
+        shell = not args.no_shell
+        return [
+            run_kernel(env, kernel, args.boots, args.host_boots, args.icount, shell, args.rounds)
+        ]
+
+    return run_kernels(args.kernels, "ga-bench-kmodlib-", one, args.json, table)
 
 
 if __name__ == "__main__":

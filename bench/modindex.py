@@ -22,18 +22,13 @@ are the cost of resolving. Under `--icount N` the guest clock counts instruction
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Env, Timings, boot_checked, log, median, tb
+from common import Env, Timings, boot_checked, median, run_kernels, tb
 
 ALIASES = [
     "virtio:d00000009v00001AF4",
@@ -76,15 +71,7 @@ print(found)
 
 def full_indexes(testbed: tb.Testbed, kernel: str, dest: Path) -> dict[str, bytes]:
     """depmod over KERNEL's full module tree; its index files, by guest path."""
-    release = testbed.release(kernel)
-    src = (testbed.kernel_dir(kernel) / "modules").resolve()
-    tree = dest / "lib" / "modules" / release
-    tree.mkdir(parents=True)
-    (tree / "kernel").symlink_to(src / "kernel")
-    for name in ("modules.builtin", "modules.builtin.modinfo", "modules.order"):
-        if (src / name).exists():
-            shutil.copy(src / name, tree / name)
-    subprocess.run(["depmod", "-b", str(dest), release], check=True)
+    tree = tb.depmod_full_tree(testbed, kernel, dest)
     return {f"bench/modules/{n}": (tree / n).read_bytes() for n in INDEXES if (tree / n).exists()}
 
 
@@ -161,20 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--icount", type=int, default=None, help="qemu -icount shift (default: off)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
-    bed = tb.Testbed.from_env()
-    bed.check()
-    results = []
-    with tempfile.TemporaryDirectory(prefix="ga-bench-modindex-") as tmp:
-        env = Env(bed, Path(tmp))
-        start = time.monotonic()
-        for kernel in args.kernels.split(","):
-            results.append(run(env, kernel, args.rounds, args.icount, Path(tmp) / "trees"))
-            log(f"{kernel}: done")
-        log(f"done in {time.monotonic() - start:.0f} s")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
-    print(table(results))
-    return 0
+    return run_kernels(
+        args.kernels,
+        "ga-bench-modindex-",
+        lambda env, kernel: [run(env, kernel, args.rounds, args.icount, env.workdir / "trees")],
+        args.json,
+        table,
+    )
 
 
 if __name__ == "__main__":

@@ -29,17 +29,14 @@ numbers. Not a test: no assertion on times.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from boot_path import agent_cmdline
-from common import Env, Timings, boot_checked, log, median, tb
+from common import Env, Timings, boot_checked, median, run_kernels
 
 DIST = "/usr/lib/python3/dist-packages"
 EMPTY_MODULES = 30
@@ -137,20 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--icount", type=int, default=None, help="qemu -icount shift (default: off)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
-    bed = tb.Testbed.from_env()
-    bed.check()
-    results = []
-    with tempfile.TemporaryDirectory(prefix="ga-bench-startup-") as tmp:
-        env = Env(bed, Path(tmp))
-        start = time.monotonic()
-        for kernel in args.kernels.split(","):
-            results.append(run(env, kernel, args.rounds, args.icount))
-            log(f"{kernel}: done")
-        log(f"done in {time.monotonic() - start:.0f} s")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
-    print(table(results))
-    return 0
+    return run_kernels(
+        args.kernels,
+        "ga-bench-startup-",
+        lambda env, kernel: [run(env, kernel, args.rounds, args.icount)],
+        args.json,
+        table,
+    )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ every module, as initramfs-tools' MODULES=most makes) is depmod'ed on the host; 
 from __future__ import annotations
 
 import random
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -50,20 +49,12 @@ class TextOnly(ModuleIndex):
 
 @pytest.fixture(scope="module", params=tb.KERNELS, ids=[f"linux-{k}" for k in tb.KERNELS])
 def full_tree(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    bed = tb.Testbed.from_env()
-    kernel = request.param
-    release = bed.release(kernel)
-    src = (bed.kernel_dir(kernel) / "modules").resolve()
-    if not (src / "kernel").is_dir() or shutil.which("depmod") is None:
-        pytest.fail(f"no module tree in {src} or no depmod: run tools/setup-testbed")
-    base = tmp_path_factory.mktemp(f"modules-{kernel}")
-    tree = base / "lib" / "modules" / release
-    tree.mkdir(parents=True)
-    (tree / "kernel").symlink_to(src / "kernel")
-    for name in ("modules.builtin", "modules.builtin.modinfo", "modules.order"):
-        if (src / name).exists():
-            shutil.copy(src / name, tree / name)
-    subprocess.run(["depmod", "-b", str(base), release], check=True)
+    try:
+        tree = tb.depmod_full_tree(
+            tb.Testbed.from_env(), request.param, tmp_path_factory.mktemp("modules")
+        )
+    except tb.TestbedError as e:
+        pytest.fail(str(e))
     assert (tree / "modules.alias.bin").stat().st_size > 500_000  # the full index
     return tree
 

@@ -792,3 +792,21 @@ def ext4_names(image: Path, directory: str = "/store") -> list[str]:
     return sorted(
         n for n in out.split() if not n.startswith("(") and n not in (".", "..") and not n.isdigit()
     )
+
+
+def depmod_full_tree(testbed: Testbed, kernel: str, base: Path) -> Path:
+    """KERNEL's whole module tree (4 000-odd modules: what an initrd with every module
+    carries) depmod'ed on the host under BASE (the modules linked, not copied): the
+    modules directory BASE/lib/modules/RELEASE with depmod's text and binary indexes."""
+    release = testbed.release(kernel)
+    src = (testbed.kernel_dir(kernel) / "modules").resolve()
+    if not (src / "kernel").is_dir() or shutil.which("depmod") is None:
+        raise TestbedError(f"no module tree in {src} or no depmod: run tools/setup-testbed")
+    tree = base / "lib" / "modules" / release
+    tree.mkdir(parents=True)
+    (tree / "kernel").symlink_to(src / "kernel")
+    for name in ("modules.builtin", "modules.builtin.modinfo", "modules.order"):
+        if (src / name).exists():
+            shutil.copy(src / name, tree / name)
+    subprocess.run(["depmod", "-b", str(base), release], check=True)
+    return tree
