@@ -276,6 +276,7 @@ class ModuleIndex:
         self.modules_dir = modules_dir
         self._bin: dict[str, BinIndex | None] = {}
         self._deps: dict[str, DepEntry] | None = None
+        self._dep_of: dict[str, DepEntry | None] = {}  # what `dep` answered
         self._aliases: AliasTable | None = None
         self._builtin: frozenset[str] | None = None
         self._builtin_aliases: dict[str, list[str]] | None = None
@@ -313,13 +314,17 @@ class ModuleIndex:
             return ""
 
     def dep(self, mod: str) -> DepEntry | None:
-        """modules.dep's entry of module MOD (a normalised name), or None."""
-        found = self._search("modules.dep.bin", mod)
-        if found is not None:
-            return parse_dep_line(found[0]) if found else None
-        if self._deps is None:
-            self._deps = parse_modules_dep(self._text("modules.dep"))
-        return self._deps.get(mod)
+        """modules.dep's entry of module MOD (a normalised name), or None; each module's
+        looked up once (a load asks for a module and again for each of its dependencies)."""
+        if mod not in self._dep_of:
+            found = self._search("modules.dep.bin", mod)
+            if found is not None:
+                self._dep_of[mod] = parse_dep_line(found[0]) if found else None
+            else:
+                if self._deps is None:
+                    self._deps = parse_modules_dep(self._text("modules.dep"))
+                self._dep_of[mod] = self._deps.get(mod)
+        return self._dep_of[mod]
 
     def is_builtin(self, mod: str) -> bool:
         found = self._search("modules.builtin.bin", mod)
