@@ -216,7 +216,7 @@ import sys
 
 from guest_agent.modindex import ModuleIndex, default_modules_dir, module_name
 
-index = ModuleIndex.read(default_modules_dir())
+index = ModuleIndex(default_modules_dir())
 seen = set()
 
 

@@ -22,8 +22,6 @@ import time
 from guest_agent.results import Failure
 from guest_agent.spec import Proto
 
-PARTITION_TABLE = "partition-table"  # probe_fields.PARTITION_TABLE (that module loads with probe)
-
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -237,6 +235,8 @@ class Devices:
             if dev.size_bytes == 0:
                 continue
             signature = self.probe(dev.devnode)
+            from guest_agent.probe_fields import PARTITION_TABLE  # imported by the prober
+
             if signature is None or signature.usage == PARTITION_TABLE:
                 continue  # a partition table's id is blkid's PTUUID, no LABEL=/UUID=: as udev
             found = signature.label if kind == "label" else signature.uuid

@@ -82,7 +82,7 @@ class ModuleLoader:
 
     def index(self) -> ModuleIndex:
         if self._index is None:
-            self._index = ModuleIndex.read(self.modules_dir)
+            self._index = ModuleIndex(self.modules_dir)
         return self._index
 
     # -- state ----------------------------------------------------------------

@@ -22,8 +22,6 @@ is missing or not in this format; a damaged node met by a search raises
 
 from __future__ import annotations
 
-import os
-
 from guest_agent.modindex import glob_match
 
 MAGIC = 0xB007F457
@@ -156,7 +154,3 @@ def _by_priority(found: list[tuple[int, str]]) -> list[str]:
         if value not in out:
             out.append(value)
     return out
-
-
-def open_index(modules_dir: str, name: str) -> BinIndex | None:
-    return BinIndex.open(os.path.join(modules_dir, name))

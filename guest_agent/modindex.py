@@ -7,7 +7,7 @@ needs no loading), and modules.softdep (modules the kernel asks for at run
 time). Also the two /proc tables a loader consults, the module parameters
 the kernel command line gives (`parse_cmdline_options`), and the errors of a
 module that cannot be found or loaded (`ModuleError`, `ModuleNotFound`). Pure
-parsing, plus `ModuleIndex.read`; guest_agent.kmod does the loading.
+parsing, plus `ModuleIndex`, which reads them; guest_agent.kmod does the loading.
 """
 
 from __future__ import annotations
@@ -282,10 +282,6 @@ class ModuleIndex:
         self._builtin_aliases: dict[str, list[str]] | None = None
         self._softdeps: dict[str, tuple[list[str], list[str]]] | None = None
 
-    @classmethod
-    def read(cls, modules_dir: str) -> ModuleIndex:
-        return cls(modules_dir)
-
     def _binary(self, name: str) -> BinIndex | None:
         if name not in self._bin:
             from guest_agent.modbin import BinIndex
@@ -305,13 +301,15 @@ class ModuleIndex:
             self._bin[name] = None
             return None
 
-    def _text(self, name: str) -> str:
+    def _bytes(self, name: str) -> bytes:
         try:
-            path = os.path.join(self.modules_dir, name)
-            with open(path, encoding="utf-8", errors="replace") as f:
+            with open(os.path.join(self.modules_dir, name), "rb") as f:
                 return f.read()
         except OSError:
-            return ""
+            return b""
+
+    def _text(self, name: str) -> str:
+        return self._bytes(name).decode("utf-8", "replace")
 
     def dep(self, mod: str) -> DepEntry | None:
         """modules.dep's entry of module MOD (a normalised name), or None; each module's
@@ -350,12 +348,7 @@ class ModuleIndex:
         if found is not None:
             return found
         if self._builtin_aliases is None:
-            try:
-                with open(os.path.join(self.modules_dir, "modules.builtin.modinfo"), "rb") as f:
-                    modinfo = f.read()
-            except OSError:
-                modinfo = b""
-            self._builtin_aliases = parse_builtin_modinfo(modinfo)
+            self._builtin_aliases = parse_builtin_modinfo(self._bytes("modules.builtin.modinfo"))
         return list(self._builtin_aliases.get(key, []))
 
     def softdeps(self, mod: str) -> tuple[list[str], list[str]]:
