@@ -12,23 +12,28 @@ import os
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable
 
 VIRTIO_PCI_VENDOR = 0x1AF4
 
 
-def coldplug_virtio(load: Callable[[str], str | None], sysfs: str = "/sys") -> list[str]:
+def coldplug_virtio(
+    load: Callable[[str], str | None],
+    sysfs: str = "/sys",
+    preload: Callable[[list[str]], None] | None = None,
+) -> list[str]:
     """Load (with LOAD, which returns an error message or None) drivers for driverless
-    virtio devices: PCI, then mmio, then the virtio bus. Returns the distinct errors."""
+    virtio devices: PCI, then mmio, then the virtio bus. Returns the distinct errors.
+    PRELOAD, when given, gets each round's modaliases first (to load them in parallel;
+    LOAD then finds them in)."""
     bus = os.path.join(sysfs, "bus")
-    errors = _load_all(
-        load,
-        driverless(os.path.join(bus, "pci/devices"), _is_virtio_pci)
-        + driverless(os.path.join(bus, "platform/devices"), _is_virtio_mmio),
+    transports = driverless(os.path.join(bus, "pci/devices"), _is_virtio_pci) + driverless(
+        os.path.join(bus, "platform/devices"), _is_virtio_mmio
     )
+    errors = _load_all(load, transports, preload)
     # virtio_pci / virtio_mmio probing created the virtio bus devices: rescan.
-    errors += _load_all(load, driverless(os.path.join(bus, "virtio/devices"), lambda _d, m: True))
-    return errors
+    devices = driverless(os.path.join(bus, "virtio/devices"), lambda _d, m: True)
+    return errors + _load_all(load, devices, preload)
 
 
 def driverless(bus_dir: str, accept: Callable[[str, str], bool]) -> list[str]:
@@ -52,7 +57,13 @@ def driverless(bus_dir: str, accept: Callable[[str, str], bool]) -> list[str]:
     return out
 
 
-def _load_all(load: Callable[[str], str | None], modaliases: Iterable[str]) -> list[str]:
+def _load_all(
+    load: Callable[[str], str | None],
+    modaliases: list[str],
+    preload: Callable[[list[str]], None] | None,
+) -> list[str]:
+    if preload is not None and modaliases:
+        preload(modaliases)
     errors: list[str] = []
     for modalias in modaliases:
         err = load(modalias)

@@ -47,6 +47,14 @@ def registered_filesystems(proc: str = "/proc") -> frozenset[str]:
         return frozenset()
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except OSError:
+        return 1
+
+
 class _Seen:
     """What discovery saw since the last `forget`."""
 
@@ -69,6 +77,8 @@ class Devices:
         self._monitor: UeventMonitor | None = None
         self._coldplugged = False
         self._seen = _Seen()
+        self.named_filesystems: set[str] = set()  # what the plan mounts, as far as it says
+        self._filesystems_preloaded = False
 
     def __enter__(self) -> Devices:
         return self
@@ -102,12 +112,29 @@ class Devices:
         from guest_agent.coldplug import coldplug_virtio
 
         # As ModuleLoader.coldplug_virtio, but the loader is made only for a driverless device.
-        for error in coldplug_virtio(self._load, self.sysfs):
+        for error in coldplug_virtio(self._load, self.sysfs, self._preload):
             if self.reporter is not None:
                 self.reporter.info(f"warning: {error}")
 
     def _load(self, alias: str) -> str | None:
         return self.modules().load(alias)
+
+    def _preload(self, aliases: list[str]) -> None:
+        """On a guest with more than one CPU, load what ALIASES need in parallel, and the
+        first time also the modules of the named filesystems the kernel lacks: a cold
+        boot's module loads are most of its time (bench/analysis.md). Loading them one by
+        one (`_load`, `need_filesystem`) follows, finds them in and reports failures."""
+        workers = usable_cpus()
+        if workers < 2:
+            return
+        names = list(aliases)
+        if not self._filesystems_preloaded:
+            self._filesystems_preloaded = True
+            missing = self.named_filesystems - registered_filesystems()
+            for fstype in sorted(missing):
+                names += self.modules().filesystem_modules(fstype)
+        if names:
+            self.modules().preload(names, workers)
 
     def need_filesystem(self, fstype: str) -> None:
         """Make sure the kernel supports FSTYPE (loading its module); Failure if it cannot."""
@@ -116,6 +143,7 @@ class Devices:
         if fstype in registered_filesystems():
             self._seen.filesystems.add(fstype)  # nothing loaded: nothing seen has changed
             return
+        self._preload([])
         error = self.modules().ensure_filesystem(fstype)
         self.forget()  # a module load can add devices (and virtiofs tags)
         self._seen.filesystems.add(fstype)

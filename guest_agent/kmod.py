@@ -33,6 +33,8 @@ from guest_agent.syscalls import closing
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from guest_agent.modimage import ModuleSyscalls
 
 __all__ = ["ModuleError", "ModuleLoader", "ModuleNotFound"]  # the errors live in modindex
@@ -195,6 +197,84 @@ class ModuleLoader:
         for soft in post:
             self.load(soft)
 
+    def preload(self, names: Iterable[str], workers: int) -> None:
+        """With WORKERS > 1, hand the modules that loading NAMES (modules or aliases)
+        needs to the kernel on WORKERS threads, each once its dependencies and pre soft
+        dependencies are in. Best effort: `require` and `load` follow as ever, find them
+        loaded, and report any failure as they would have (a module that failed here is
+        tried again there). Post soft dependencies are left to them."""
+        if workers < 2:
+            return
+        graph = self._graph(names)
+        if len(graph) < 2:
+            return
+        from graphlib import CycleError
+
+        from guest_agent.fanout import run_graph
+
+        self.options("")  # /proc/cmdline read here, not by the threads
+
+        def insert(mod: str) -> bool:
+            try:
+                self._insert(mod, graph[mod][0])
+            except ModuleError:
+                return False
+            return True
+
+        needs = {mod: hard + soft for mod, (_path, hard, soft) in graph.items()}
+        hard_needs = {n for _path, hard, _soft in graph.values() for n in hard}
+        soft_only = {n for _path, _hard, soft in graph.values() for n in soft} - hard_needs
+        # A module's size stands for its load's cost: the longest chain (ext4's) starts first.
+        size = {mod: self._file_size(path) for mod, (path, _hard, _soft) in graph.items()}
+        try:  # a soft dependency that fails stops nothing, as in `_load_module`
+            run_graph(needs, insert, workers, optional=soft_only, cost=size)
+        except CycleError:
+            pass  # `require` names the cycle
+
+    def _file_size(self, relpath: str) -> float:
+        try:
+            return float(os.stat(os.path.join(self.modules_dir, relpath)).st_size)
+        except OSError:
+            return 0.0
+
+    def _graph(
+        self, names: Iterable[str]
+    ) -> dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]]:
+        """Module → (its file, its dependencies, its pre soft dependencies) for what
+        loading NAMES would insert; what is in already is left out, and so is any module
+        that needs one without an entry of its own (`require` deals with those)."""
+        todo: list[str] = []
+        for name in names:
+            try:
+                todo += self.resolve(name)
+            except ModuleError:
+                continue
+        graph: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {}
+        unknown: set[str] = set()
+        while todo:
+            mod = todo.pop()
+            if mod in graph or mod in unknown or self.is_available(mod):
+                continue
+            entry = self.index().dep(mod)
+            if entry is None:
+                unknown.add(mod)
+                continue
+            hard = tuple(module_name(dep) for dep in entry.deps)
+            soft: list[str] = []
+            for alias in self.index().softdeps(mod)[0]:
+                try:
+                    soft += self.resolve(alias)
+                except ModuleError:
+                    continue  # best effort, as in `_load_module`
+            graph[mod] = (entry.path, hard, tuple(soft))
+            todo += [*hard, *soft]
+        while unknown:  # drop what needs a module that will not be loaded here
+            dropped = {m for m, (_p, hard, _s) in graph.items() if unknown.intersection(hard)}
+            for mod in dropped:
+                del graph[mod]
+            unknown = dropped
+        return graph
+
     def _insert(self, mod: str, relpath: str) -> None:
         """Hand one module file to the kernel; ModuleError if it cannot be read or is refused
         (EEXIST, loaded meanwhile, is no refusal)."""
@@ -226,12 +306,8 @@ class ModuleLoader:
                 f"filesystem type {fstype} not supported by the kernel (not in /proc/filesystems)"
                 f" and no modules directory {self.modules_dir} to load it from",
             )
-        candidates = [f"fs-{fstype}", fstype]
-        driver = EXT_FAMILY[-1]  # ext4 registers ext2/ext3 with CONFIG_EXT4_USE_FOR_EXT2
-        if fstype in EXT_FAMILY and fstype != driver:
-            candidates.append(driver)
         errors: list[str] = []
-        for cand in candidates:
+        for cand in _filesystem_candidates(fstype):
             err = self.load(cand)
             if fstype in self.filesystems():
                 return
@@ -241,6 +317,16 @@ class ModuleLoader:
         raise ModuleError(
             fstype, detail, f"filesystem type {fstype} not supported by the kernel: {detail}"
         )
+
+    def filesystem_modules(self, fstype: str) -> list[str]:
+        """The modules `require_filesystem(FSTYPE)` would try first (none when it cannot
+        resolve any: it reports that)."""
+        for cand in _filesystem_candidates(fstype):
+            try:
+                return self.resolve(cand)
+            except ModuleError:
+                continue
+        return []
 
     def ensure_filesystem(self, fstype: str) -> str | None:
         """`require_filesystem`, with the error as a message (None when supported)."""
@@ -266,3 +352,13 @@ class ModuleLoader:
             if err:
                 errors.append(err)
         return errors + coldplug_virtio(self.load, self.sysfs)
+
+
+def _filesystem_candidates(fstype: str) -> list[str]:
+    """What provides filesystem FSTYPE, in the order to try: its alias, its name, and
+    ext4 for ext2/ext3 (CONFIG_EXT4_USE_FOR_EXT2)."""
+    candidates = [f"fs-{fstype}", fstype]
+    driver = EXT_FAMILY[-1]
+    if fstype in EXT_FAMILY and fstype != driver:
+        candidates.append(driver)
+    return candidates

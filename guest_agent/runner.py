@@ -14,7 +14,7 @@ import os
 import posixpath
 import stat
 
-from guest_agent.handlers import handler_for
+from guest_agent.handlers import handler_for, named_filesystems
 from guest_agent.paths import PathError, host_path, resolve_as_far_as_exists
 from guest_agent.plan import order_by_resolved
 from guest_agent.results import Failure, Result, Status
@@ -34,6 +34,8 @@ class Runner:
     def run(self, steps: list[Step]) -> list[Result]:
         """Mount what is there first, then wait for the rest (in plan order both times)."""
         steps = self._by_resolved_target(steps)
+        for step in steps:
+            self.ctx.devices.named_filesystems.update(named_filesystems(step.spec))
         later: list[Step] = []
         put_off: set[str] = set()
         for step in steps:

@@ -36,6 +36,7 @@ class FakeDevices:
         self.events = events
         self.unsupported = unsupported or {}
         self.coldplugged = 0
+        self.named_filesystems: set[str] = set()
         self.filesystems: list[str] = []
         self.forgotten = 0
         self.waits = 0

@@ -172,3 +172,40 @@ def test_wait_looks_again_only_while_events_come(
     assert looks == [1, 1] and coldplugs == [1]  # a look, the coldplug, one more look
     assert devices.wait(look, devices.start - 1) is None
     assert looks == [1, 1, 1] and coldplugs == [1]  # coldplugged once only
+
+
+class Loader:
+    """ModuleLoader's side the preload uses: what it was asked, in order."""
+
+    def __init__(self) -> None:
+        self.preloads: list[tuple[list[str], int]] = []
+
+    def filesystem_modules(self, fstype: str) -> list[str]:
+        return [f"{fstype}-module"]
+
+    def preload(self, names: list[str], workers: int) -> None:
+        self.preloads.append((list(names), workers))
+
+
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_preload_adds_the_named_filesystems_the_kernel_lacks_once(
+    monkeypatch: pytest.MonkeyPatch, cpus: int
+) -> None:
+    from guest_agent import devices as devices_module
+
+    monkeypatch.setattr(devices_module, "usable_cpus", lambda: cpus)
+    monkeypatch.setattr(devices_module, "registered_filesystems", lambda: frozenset({"ext4"}))
+    devices = Devices()
+    loader = Loader()
+    devices._modules = loader  # type: ignore[assignment]
+    devices.named_filesystems.update({"ext4", "9p", "overlay"})
+    devices._preload(["virtio:d00000009v00001AF4"])
+    devices._preload(["virtio:d00000002v00001AF4"])
+    devices._preload([])  # as need_filesystem calls it
+    if cpus == 1:
+        assert loader.preloads == []  # nothing to overlap a load with
+    else:
+        assert loader.preloads == [
+            (["virtio:d00000009v00001AF4", "9p-module", "overlay-module"], 2),
+            (["virtio:d00000002v00001AF4"], 2),
+        ]

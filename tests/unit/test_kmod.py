@@ -716,3 +716,103 @@ def test_no_cmdline_mmio_devices_no_virtio_mmio(tree: Any, rec: Recorder) -> Non
     tree.create_file("/proc/cmdline", contents="virtio_mmio.device=4K@0xd0000000:5")
     assert ModuleLoader(MODDIR, syscalls=rec).coldplug_virtio() == []
     assert rec.loaded == []
+
+
+# --- parallel preload (more than one CPU) -------------------------------------------
+
+
+def loaded_after_their_dependencies(loaded: list[str], deps: dict[str, list[str]]) -> bool:
+    return all(
+        loaded.index(f"ELF {d}") < loaded.index(f"ELF {m}")
+        for m, ds in deps.items()
+        if f"ELF {m}" in loaded
+        for d in ds
+    )
+
+
+def test_preload_loads_what_load_would_each_after_its_dependencies(
+    loader: ModuleLoader, rec: Recorder
+) -> None:
+    names = ["fs-9p", "virtio:d00000009v00001AF4", "fs-ext4", "fs-overlay", "virtio_blk"]
+    loader.preload(names, 2)
+    # overlay is in /proc/modules already; the rest, once each
+    assert sorted(rec.loaded) == sorted(
+        f"ELF {m}"
+        for m in ("netfs", "9pnet", "9p", "9pnet_virtio", "mbcache", "jbd2", "ext4", "virtio_blk")
+    )
+    deps = {
+        "9pnet": ["netfs"],
+        "9p": ["9pnet"],
+        "9pnet_virtio": ["9pnet"],
+        "ext4": ["mbcache", "jbd2"],
+    }
+    assert loaded_after_their_dependencies(rec.loaded, deps)
+    rec.calls.clear()
+    assert [loader.load(n) for n in names] == [None] * len(names)
+    assert rec.calls == []  # the serial pass found everything in
+
+
+def test_preload_on_one_cpu_does_nothing(loader: ModuleLoader, rec: Recorder) -> None:
+    loader.preload(["fs-9p", "fs-ext4"], 1)
+    assert rec.calls == []
+
+
+def test_preload_failure_is_reported_by_load_as_without_it(tree: Any, rec: Recorder) -> None:
+    rec.errors["ELF jbd2"] = errno.ENOEXEC
+    plain = ModuleLoader(MODDIR, syscalls=rec).load("fs-ext4")
+    rec.calls.clear()
+    rec.loaded.clear()
+    loader = ModuleLoader(MODDIR, syscalls=rec)
+    loader.preload(["fs-ext4", "fs-9p"], 2)
+    assert ("finit_module", "ELF ext4", 0) not in rec.calls  # its dependency failed first
+    assert "ELF 9p" in rec.loaded  # independent of it
+    assert loader.load("fs-ext4") == plain and plain is not None
+    assert "jbd2" in plain
+
+
+def test_preload_skips_a_module_whose_file_is_gone(loader: ModuleLoader, rec: Recorder) -> None:
+    loader.preload(["needs_gone", "unsorted_a"], 2)
+    assert "ELF needs_gone" not in rec.loaded
+    assert loaded_after_their_dependencies(
+        rec.loaded, {"unsorted_a": ["unsorted_b", "unsorted_c"], "unsorted_b": ["unsorted_c"]}
+    )
+    assert "gone.ko" in (loader.load("needs_gone") or "")
+
+
+def test_preload_puts_pre_soft_dependencies_first(tree: Any, rec: Recorder) -> None:
+    tree.create_file(f"{MODDIR}/modules.softdep", contents="softdep ext4 pre: unsorted_c\n")
+    loader = ModuleLoader(MODDIR, syscalls=rec)
+    loader.preload(["ext4", "overlay", "fs-9p"], 2)
+    assert loaded_after_their_dependencies(rec.loaded, {"ext4": ["unsorted_c"]})
+
+
+def test_filesystem_modules_as_require_filesystem_tries_them(loader: ModuleLoader) -> None:
+    assert loader.filesystem_modules("9p") == ["9p"]
+    assert loader.filesystem_modules("ext3") == ["ext4"]  # its alias
+    assert loader.filesystem_modules("nosuchfs") == []
+
+
+def test_preload_a_failing_soft_dependency_stops_nothing(tree: Any, rec: Recorder) -> None:
+    # ext4's `pre: crypto-crc32c` may name a module this CPU cannot run (crc32c_intel).
+    tree.create_file(f"{MODDIR}/modules.softdep", contents="softdep jbd2 pre: unsorted_c\n")
+    rec.errors["ELF unsorted_c"] = errno.ENODEV
+    loader = ModuleLoader(MODDIR, syscalls=rec)
+    loader.preload(["fs-ext4", "fs-9p"], 2)
+    assert {"ELF jbd2", "ELF ext4"} <= set(rec.loaded)
+    assert ("finit_module", "ELF unsorted_c", 0) in rec.calls
+    assert rec.calls.index(("finit_module", "ELF unsorted_c", 0)) < rec.calls.index(
+        ("finit_module", "ELF jbd2", 0)
+    )
+
+
+def test_preload_a_soft_dependency_without_an_entry_stops_nothing(
+    tree: Any, rec: Recorder
+) -> None:
+    # The alias names a module the initrd left out (no modules.dep entry): it is skipped.
+    tree.create_file(f"{MODDIR}/modules.softdep", contents="softdep jbd2 pre: crypto-crc32c\n")
+    alias = f"{MODDIR}/modules.alias"
+    with open(alias, "a") as f:
+        f.write("alias crypto-crc32c crc32c_intel\n")
+    loader = ModuleLoader(MODDIR, syscalls=rec)
+    loader.preload(["fs-ext4", "fs-9p"], 2)
+    assert {"ELF jbd2", "ELF ext4", "ELF 9p"} <= set(rec.loaded)

@@ -102,3 +102,19 @@ def test_without_a_symlink_on_the_way_no_mount_point_is_walked_for_the_order(
     (run.root / "link").symlink_to("var")
     with pytest.raises(AssertionError, match=r"^walked "):
         Runner(run.ctx).run(steps_of("microvm.volume=tmpfs:/link/x:tmpfs"))
+
+
+def test_devices_told_the_filesystems_the_plan_names_before_anything_runs(
+    tmp_path: Path,
+) -> None:
+    run = Run(tmp_path, FakeDevices())
+    Runner(run.ctx).run(
+        steps_of(
+            "microvm.share=a:/a:9p microvm.share=b:/b microvm.volume=LABEL=x:/x:ext4 "
+            "microvm.volume=LABEL=y:/y microvm.volume=tmpfs:/t:tmpfs "
+            "microvm.share=ro-store:/nix/.ro-store:virtiofs "
+            "microvm.store-overlay=/nix/.ro-store:/x"
+        )
+    )
+    # `auto` names none; the store overlay names overlay
+    assert run.ctx.devices.named_filesystems == {"9p", "ext4", "tmpfs", "virtiofs", "overlay"}

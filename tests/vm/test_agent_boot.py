@@ -26,14 +26,19 @@ def _share(tmp_path: Path, tag: str, proto: str = "9p", **files: str) -> tb.Shar
 
 def test_nested_mount_points_given_in_reverse_order(make_vm: MakeVM, tmp_path: Path) -> None:
     vm = make_vm(
-        shares=[_share(tmp_path, "inner", f="in\n"), _share(tmp_path, "outer", "virtiofs", f="out\n")],
+        shares=[
+            _share(tmp_path, "inner", f="in\n"),
+            _share(tmp_path, "outer", "virtiofs", f="out\n"),
+        ],
         cmdline="microvm.share=inner:/srv/outer/inner:9p microvm.share=outer:/srv/outer",
     )
     run = run_agent(vm, after="cat /srv/outer/f /srv/outer/inner/f")
     assert run.rc == 0, run
     assert run.out.split() == ["out", "in"], run
     # Parent first: the inner mount sits on the outer one (its parent mount in mountinfo).
-    lines = [x for x in run.boot.results.split("@@mountinfo@@")[1].splitlines() if "/srv/outer" in x]
+    lines = [
+        x for x in run.boot.results.split("@@mountinfo@@")[1].splitlines() if "/srv/outer" in x
+    ]
     outer = next(x.split() for x in lines if x.split()[4] == "/srv/outer")
     inner = next(x.split() for x in lines if x.split()[4] == "/srv/outer/inner")
     assert inner[1] == outer[0], lines
@@ -127,19 +132,32 @@ def test_malformed_and_hostile_specs_never_mount_outside_the_root(
     assert not (hostile / "pwned1").exists()
 
 
-def test_coldplug_loads_the_drivers_itself(make_vm: MakeVM, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("cpus", "types"),
+    [
+        (1, ("", "", "")),  # found by looking (auto)
+        # Two CPUs: the drivers and the named filesystems' modules load in parallel.
+        (2, (":9p", ":virtiofs", ":ext4")),
+    ],
+)
+def test_coldplug_loads_the_drivers_itself(
+    make_vm: MakeVM, tmp_path: Path, cpus: int, types: tuple[str, str, str]
+) -> None:
     rw = tb.ext4_image(tmp_path / "rw.img", label="rw")
     vm = make_vm(
         shares=[_share(tmp_path, "s9", x="1\n"), _share(tmp_path, "sfs", "virtiofs")],
         disks=[tb.Disk(rw)],
-        cmdline="microvm.share=s9:/a microvm.share=sfs:/b microvm.volume=LABEL=rw:/c",
+        cmdline="microvm.share=s9:/a{} microvm.share=sfs:/b{} microvm.volume=LABEL=rw:/c{}".format(
+            *types
+        ),
+        cpus=cpus,
     )
     run = run_agent(
         vm,
         # No helper for the kernel's own module requests either: only the agent loads modules.
         before="echo /bin/false > /proc/sys/kernel/modprobe; "
         "cut -d' ' -f1 /proc/modules | sort | tr '\\n' ' ' > /tmp/mods-before",
-        after="echo \"before: $(cat /tmp/mods-before)\"; "
+        after='echo "before: $(cat /tmp/mods-before)"; '
         "echo \"after: $(cut -d' ' -f1 /proc/modules | sort | tr '\\n' ' ')\"",
     )
     assert run.rc == 0, run
@@ -151,11 +169,16 @@ def test_coldplug_loads_the_drivers_itself(make_vm: MakeVM, tmp_path: Path) -> N
     for module in ("virtio_pci", "9pnet_virtio", "9p", "virtio_blk", "ext4", "virtiofs"):
         assert (module in after) != (module in builtin), (module, after)
     assert {"/a", "/b", "/c"} <= set(run.mounts)
+    assert (run.mounts["/a"].fstype, run.mounts["/b"].fstype) == ("9p", "virtiofs")
+    assert run.mounts["/c"].fstype == "ext4"
+    assert "warning" not in run.stderr, run.stderr
 
 
 def _builtin(vm: tb.VM) -> set[str]:
     path = vm.testbed.kernel_dir(vm.kernel) / "modules" / "modules.builtin"
-    return {Path(line).name.removesuffix(".ko").replace("-", "_") for line in path.read_text().split()}
+    return {
+        Path(line).name.removesuffix(".ko").replace("-", "_") for line in path.read_text().split()
+    }
 
 
 def test_json_config_with_cmdline_override(make_vm: MakeVM, tmp_path: Path) -> None:
