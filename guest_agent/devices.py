@@ -47,6 +47,16 @@ def registered_filesystems(proc: str = "/proc") -> frozenset[str]:
         return frozenset()
 
 
+def cmdline_has_mmio_devices(proc: str = "/proc") -> bool:
+    """Whether the kernel command line may describe virtio-mmio devices (firecracker's
+    `virtio_mmio.device=` words; guest_agent.kmod decides)."""
+    try:
+        with open(os.path.join(proc, "cmdline"), errors="replace") as f:
+            return "mmio.device=" in f.read()
+    except OSError:
+        return False
+
+
 def usable_cpus() -> int:
     """The CPUs this process may run on."""
     try:
@@ -111,8 +121,10 @@ class Devices:
         self._monitor = UeventMonitor().open()
         from guest_agent.coldplug import coldplug_virtio
 
-        # As ModuleLoader.coldplug_virtio, but the loader is made only for a driverless device.
-        for error in coldplug_virtio(self._load, self.sysfs, self._preload):
+        # As ModuleLoader.coldplug_virtio, but the loader is made only when something is to
+        # be loaded: mmio devices on the command line, or a driverless device.
+        errors = self.modules().load_cmdline_mmio() if cmdline_has_mmio_devices() else []
+        for error in errors + coldplug_virtio(self._load, self.sysfs, self._preload):
             if self.reporter is not None:
                 self.reporter.info(f"warning: {error}")
 

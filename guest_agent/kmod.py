@@ -339,19 +339,22 @@ class ModuleLoader:
     # -- coldplug -------------------------------------------------------------
 
     def coldplug_virtio(self) -> list[str]:
-        """Load drivers for driverless virtio devices (guest_agent.coldplug); first
-        `virtio_mmio` when the command line describes devices for it
-        (`virtio_mmio.device=`, firecracker's way): they exist only once it is loaded."""
+        """Load drivers for driverless virtio devices (guest_agent.coldplug), after
+        `load_cmdline_mmio`."""
         from guest_agent.coldplug import coldplug_virtio
 
-        errors: list[str] = []
-        if not os.path.isdir(os.path.join(self.sysfs, "module", "virtio_mmio")) and any(
+        return self.load_cmdline_mmio() + coldplug_virtio(self.load, self.sysfs)
+
+    def load_cmdline_mmio(self) -> list[str]:
+        """Load `virtio_mmio` when the command line describes devices for it
+        (`virtio_mmio.device=`, firecracker's way) and it is neither loaded nor built
+        in: those devices exist only once it is. The error, if any."""
+        if os.path.isdir(os.path.join(self.sysfs, "module", "virtio_mmio")) or not any(
             opt.startswith("device=") for opt in self.options("virtio_mmio")
         ):
-            err = self.load("virtio_mmio")
-            if err:
-                errors.append(err)
-        return errors + coldplug_virtio(self.load, self.sysfs)
+            return []
+        err = self.load("virtio_mmio")
+        return [err] if err else []
 
 
 def _filesystem_candidates(fstype: str) -> list[str]:

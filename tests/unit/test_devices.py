@@ -3,6 +3,7 @@ replaced by fakes; nothing is loaded or waited for)."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from guest_agent import probe, sysfs
 from guest_agent.devices import Devices
 from guest_agent.parsers import parse_share, parse_volume
 from guest_agent.probe import Signature
+from guest_agent.report import Reporter
 from guest_agent.results import Failure
 from guest_agent.spec import ShareSpec, VolumeSpec
 from guest_agent.sysfs import BlockDevice, VirtioShare
@@ -209,3 +211,51 @@ def test_preload_adds_the_named_filesystems_the_kernel_lacks_once(
             (["virtio:d00000009v00001AF4", "9p-module", "overlay-module"], 2),
             (["virtio:d00000002v00001AF4"], 2),
         ]
+
+
+class CmdlineMmioLoader(Loader):
+    def __init__(self, order: list[str]) -> None:
+        super().__init__()
+        self.order = order
+
+    def load_cmdline_mmio(self) -> list[str]:
+        self.order.append("mmio")
+        return ["cannot load module virtio_mmio: why"]
+
+
+@pytest.mark.parametrize("cmdline", ["virtio_mmio.device=4K@0xd0000000:5 ro", "ro quiet"])
+def test_coldplug_loads_virtio_mmio_first_for_devices_on_the_command_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, cmdline: str
+) -> None:
+    """firecracker's devices exist only once virtio_mmio is loaded with its words: the
+    boot path's coldplug asks the loader for it before scanning for driverless devices."""
+    from guest_agent import coldplug, uevent
+    from guest_agent import devices as devices_module
+
+    (tmp_path / "cmdline").write_text(cmdline)
+    real = devices_module.cmdline_has_mmio_devices
+    monkeypatch.setattr(devices_module, "cmdline_has_mmio_devices", lambda: real(str(tmp_path)))
+    order: list[str] = []
+
+    class Monitor:
+        def open(self) -> Monitor:
+            return self
+
+        def close(self) -> None: ...
+
+    monkeypatch.setattr(uevent, "UeventMonitor", Monitor)
+    monkeypatch.setattr(
+        coldplug,
+        "coldplug_virtio",
+        lambda *_a: order.append("scan") or [],  # type: ignore[func-returns-value]
+    )
+    stream = io.StringIO()
+    devices = Devices(Reporter(stream, kmsg=None))
+    loader = CmdlineMmioLoader(order)
+    devices._modules = loader  # type: ignore[assignment]
+    devices.coldplug()
+    if "mmio.device=" in cmdline:
+        assert order == ["mmio", "scan"]
+        assert "warning: cannot load module virtio_mmio: why" in stream.getvalue()
+    else:
+        assert order == ["scan"] and stream.getvalue() == ""
