@@ -2,10 +2,10 @@
 
 Each item starts once everything it needs has finished well (or, for an optional
 need, finished), on at most WORKERS threads; an item whose need failed is not
-started. guest_agent.kmod hands
-independent kernel modules to the kernel this way on a guest with more than one
-CPU: a module load is the kernel's CPU work (decompression, signature check,
-relocation, the module's init), and the system call releases the GIL.
+started. guest_agent.kmod hands independent kernel modules to the kernel this way
+on a guest with more than one CPU: a module load is the kernel's CPU work
+(relocation, signature check, the module's init), and the system call releases
+the GIL.
 """
 
 from __future__ import annotations
