@@ -147,9 +147,9 @@ def test_coldplug_loads_the_drivers_itself(
     vm = make_vm(
         shares=[_share(tmp_path, "s9", x="1\n"), _share(tmp_path, "sfs", "virtiofs")],
         disks=[tb.Disk(rw)],
-        cmdline="microvm.share=s9:/a{} microvm.share=sfs:/b{} microvm.volume=LABEL=rw:/c{}".format(
-            *types
-        ),
+        # initcall_debug: the kernel logs each module init with the task that loaded it.
+        cmdline="initcall_debug microvm.share=s9:/a{} microvm.share=sfs:/b{} "
+        "microvm.volume=LABEL=rw:/c{}".format(*types),
         cpus=cpus,
     )
     run = run_agent(
@@ -158,7 +158,9 @@ def test_coldplug_loads_the_drivers_itself(
         before="echo /bin/false > /proc/sys/kernel/modprobe; "
         "cut -d' ' -f1 /proc/modules | sort | tr '\\n' ' ' > /tmp/mods-before",
         after='echo "before: $(cat /tmp/mods-before)"; '
-        "echo \"after: $(cut -d' ' -f1 /proc/modules | sort | tr '\\n' ' ')\"",
+        "echo \"after: $(cut -d' ' -f1 /proc/modules | sort | tr '\\n' ' ')\"; "
+        "echo \"inits: $(dmesg | sed -n 's/.*calling  *[^ ]* \\[\\([^]]*\\)\\] @ \\([0-9]*\\).*/\\1@\\2/p'"
+        " | tr '\\n' ' ')\"",
     )
     assert run.rc == 0, run
     lines = dict(x.split(":", 1) for x in run.out.splitlines())
@@ -172,6 +174,10 @@ def test_coldplug_loads_the_drivers_itself(
     assert (run.mounts["/a"].fstype, run.mounts["/b"].fstype) == ("9p", "virtiofs")
     assert run.mounts["/c"].fstype == "ext4"
     assert "warning" not in run.stderr, run.stderr
+    # Which tasks ran the module inits: the agent's one thread, or (two CPUs) several at once.
+    loaders = {word.split("@")[1] for word in lines["inits"].split()}
+    assert len(lines["inits"].split()) >= 3, lines["inits"]
+    assert (len(loaders) == 1) if cpus == 1 else (len(loaders) >= 2), lines["inits"]
 
 
 def _builtin(vm: tb.VM) -> set[str]:
