@@ -129,7 +129,7 @@ class Devices:
                 self.reporter.info(f"warning: {error}")
 
     def _load(self, alias: str) -> str | None:
-        return self.modules().load(alias)
+        return self.modules().load_driver(alias)
 
     def _preload(self, aliases: list[str]) -> None:
         """On a guest with more than one CPU, load what ALIASES need in parallel, and the
@@ -145,8 +145,8 @@ class Devices:
             missing = self.named_filesystems - registered_filesystems()
             for fstype in sorted(missing):
                 names += self.modules().filesystem_modules(fstype)
-        if names:
-            self.modules().preload(names, workers)
+        if names:  # the aliases are modaliases: the blacklist applies to them
+            self.modules().preload(names, workers, use_blacklist=True)
 
     def need_filesystem(self, fstype: str) -> None:
         """Make sure the kernel supports FSTYPE (loading its module); Failure if it cannot."""
@@ -180,7 +180,7 @@ class Devices:
         self.forget()
         event = self._monitor.wait(remaining)
         if event is not None and event.action == "add" and "MODALIAS" in event.env:
-            self.modules().load(event.env["MODALIAS"])
+            self.modules().load_driver(event.env["MODALIAS"])
         return time.monotonic() < deadline
 
     def look(self, look: Callable[[], T | None]) -> T | None:

@@ -24,7 +24,6 @@ from guest_agent.modindex import (
     default_modules_dir,
     module_name,
     normalize,
-    parse_cmdline_options,
     parse_proc_filesystems,
     parse_proc_modules,
 )
@@ -35,6 +34,7 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
+    from guest_agent.modconf import ModprobeConfig
     from guest_agent.modimage import ModuleSyscalls
 
 __all__ = ["ModuleError", "ModuleLoader", "ModuleNotFound"]  # the errors live in modindex
@@ -54,6 +54,7 @@ class ModuleLoader:
         sysfs: str = "/sys",
         proc: str = "/proc",
         syscalls: ModuleSyscalls | None = None,
+        conf_dirs: tuple[str, ...] | None = None,
     ) -> None:
         self.modules_dir = modules_dir or default_modules_dir()
         self.sysfs = sysfs
@@ -63,18 +64,37 @@ class ModuleLoader:
         self._loaded: set[str] = set()  # loaded by us (sysfs may lag, or be fake)
         self._failed: dict[str, str] = {}  # module → error, so one failure is reported once
         self._soft_pending: set[str] = set()  # guards soft dependency cycles
-        self._options: dict[str, list[str]] | None = None  # /proc/cmdline's, read once
+        self.conf_dirs = conf_dirs  # modprobe.d directories (None: guest_agent.modconf's)
+        self._config: ModprobeConfig | None = None  # modprobe.d and /proc/cmdline, read once
         self._proc_loaded: frozenset[str] | None = None  # /proc/modules, read once
 
-    def options(self, mod: str) -> list[str]:
-        """The parameters /proc/cmdline gives module MOD (MOD.PARAM=VALUE words)."""
-        if self._options is None:
+    def config(self) -> ModprobeConfig:
+        """modprobe.d and /proc/cmdline (guest_agent.modconf), read at the first need."""
+        if self._config is None:
+            from guest_agent.modconf import CONF_DIRS, read_config
+
             try:
                 with open(os.path.join(self.proc, "cmdline"), errors="replace") as f:
-                    self._options = parse_cmdline_options(f.read())
+                    cmdline = f.read()
             except OSError:  # no /proc: no parameters, as modprobe
-                self._options = {}
-        return self._options.get(normalize(mod), [])
+                cmdline = ""
+            self._config = read_config(cmdline, self.conf_dirs or CONF_DIRS)
+        return self._config
+
+    def options(self, mod: str) -> list[str]:
+        """Module MOD's parameters: modprobe.d's `options` lines, then the command line's
+        MOD.PARAM=VALUE words."""
+        return self.config().options.get(normalize(mod), [])
+
+    def _softdeps(self, mod: str) -> tuple[list[str], list[str]]:
+        """MOD's (pre, post) soft dependencies: modprobe.d's, then modules.softdep's."""
+        pre, post = self.index().softdeps(mod)
+        conf = self.config().softdeps.get(mod)
+        if conf is None:
+            return pre, post
+        return conf[0] + [m for m in pre if m not in conf[0]], conf[1] + [
+            m for m in post if m not in conf[1]
+        ]
 
     # -- index ----------------------------------------------------------------
 
@@ -118,8 +138,10 @@ class ModuleLoader:
 
     # -- loading --------------------------------------------------------------
 
-    def resolve(self, name_or_alias: str) -> list[str]:
-        """Module names for a name or alias; ModuleError if there is none."""
+    def resolve(self, name_or_alias: str, use_blacklist: bool = False) -> list[str]:
+        """Module names for a name or alias; ModuleError if there is none. USE_BLACKLIST
+        (a device's modalias, as `modprobe -b`): an alias's blacklisted modules are left
+        out, and [] when that leaves none; a module's own name is never filtered."""
         mod = normalize(name_or_alias)
         if mod in self._loaded or self.is_available(mod):
             return [mod]
@@ -135,13 +157,15 @@ class ModuleLoader:
                 name_or_alias,
                 f"neither a module in {self.modules_dir}/modules.dep nor an alias in modules.alias",
             )
+        if use_blacklist and mods != [mod]:
+            mods = [m for m in mods if m not in self.config().blacklist]
         return mods
 
-    def require(self, name_or_alias: str) -> None:
+    def require(self, name_or_alias: str, use_blacklist: bool = False) -> None:
         """Load a module (or every module an alias matches) with its dependencies;
-        ModuleError if any of them cannot be loaded."""
+        ModuleError if any of them cannot be loaded. USE_BLACKLIST: see `resolve`."""
         errors: list[ModuleError] = []
-        for mod in self.resolve(name_or_alias):
+        for mod in self.resolve(name_or_alias, use_blacklist):
             try:
                 self._load_module(mod)
             except ModuleError as e:
@@ -152,10 +176,10 @@ class ModuleLoader:
             message = "; ".join(str(e) for e in errors)
             raise ModuleError(name_or_alias, message, message)
 
-    def load(self, name_or_alias: str) -> str | None:
+    def load(self, name_or_alias: str, use_blacklist: bool = False) -> str | None:
         """`require`, with the error as a message (None when loaded)."""
         try:
-            self.require(name_or_alias)
+            self.require(name_or_alias, use_blacklist)
         except ModuleError as e:
             return str(e)
         return None
@@ -171,7 +195,7 @@ class ModuleLoader:
             raise ModuleError(mod, f"not in {self.modules_dir}/modules.dep")
         if mod in chain:
             raise ModuleError(mod, f"dependency cycle in modules.dep ({' → '.join((*chain, mod))})")
-        pre, post = self.index().softdeps(mod)
+        pre, post = self._softdeps(mod)
         if mod in self._soft_pending:
             pre, post = [], []
         self._soft_pending.add(mod)
@@ -197,15 +221,16 @@ class ModuleLoader:
         for soft in post:
             self.load(soft)
 
-    def preload(self, names: Iterable[str], workers: int) -> None:
+    def preload(self, names: Iterable[str], workers: int, use_blacklist: bool = False) -> None:
         """With WORKERS > 1, hand the modules that loading NAMES (modules or aliases)
         needs to the kernel on WORKERS threads, each once its dependencies and pre soft
         dependencies are in. Best effort: `require` and `load` follow as ever, find them
         loaded, and report any failure as they would have (a module that failed here is
-        tried again there). Post soft dependencies are left to them."""
+        tried again there). Post soft dependencies are left to them. USE_BLACKLIST: see
+        `resolve`."""
         if workers < 2:
             return
-        graph = self._graph(names)
+        graph = self._graph(names, use_blacklist)
         if len(graph) < 2:
             return
         from graphlib import CycleError
@@ -238,7 +263,7 @@ class ModuleLoader:
             return 0.0
 
     def _graph(
-        self, names: Iterable[str]
+        self, names: Iterable[str], use_blacklist: bool
     ) -> dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]]:
         """Module → (its file, its dependencies, its pre soft dependencies) for what
         loading NAMES would insert; what is in already is left out, and so is any module
@@ -246,7 +271,7 @@ class ModuleLoader:
         todo: list[str] = []
         for name in names:
             try:
-                todo += self.resolve(name)
+                todo += self.resolve(name, use_blacklist)
             except ModuleError:
                 continue
         graph: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {}
@@ -261,7 +286,7 @@ class ModuleLoader:
                 continue
             hard = tuple(module_name(dep) for dep in entry.deps)
             soft: list[str] = []
-            for alias in self.index().softdeps(mod)[0]:
+            for alias in self._softdeps(mod)[0]:
                 try:
                     soft += self.resolve(alias)
                 except ModuleError:
@@ -343,7 +368,11 @@ class ModuleLoader:
         `load_cmdline_mmio`."""
         from guest_agent.coldplug import coldplug_virtio
 
-        return self.load_cmdline_mmio() + coldplug_virtio(self.load, self.sysfs)
+        return self.load_cmdline_mmio() + coldplug_virtio(self.load_driver, self.sysfs)
+
+    def load_driver(self, modalias: str) -> str | None:
+        """`load` of a device's modalias, with the blacklist (as udev's `modprobe -b`)."""
+        return self.load(modalias, use_blacklist=True)
 
     def load_cmdline_mmio(self) -> list[str]:
         """Load `virtio_mmio` when the command line describes devices for it

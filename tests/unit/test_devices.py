@@ -185,7 +185,8 @@ class Loader:
     def filesystem_modules(self, fstype: str) -> list[str]:
         return [f"{fstype}-module"]
 
-    def preload(self, names: list[str], workers: int) -> None:
+    def preload(self, names: list[str], workers: int, use_blacklist: bool = False) -> None:
+        assert use_blacklist  # coldplug's modaliases: the blacklist applies
         self.preloads.append((list(names), workers))
 
 

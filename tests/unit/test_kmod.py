@@ -805,9 +805,7 @@ def test_preload_a_failing_soft_dependency_stops_nothing(tree: Any, rec: Recorde
     )
 
 
-def test_preload_a_soft_dependency_without_an_entry_stops_nothing(
-    tree: Any, rec: Recorder
-) -> None:
+def test_preload_a_soft_dependency_without_an_entry_stops_nothing(tree: Any, rec: Recorder) -> None:
     # The alias names a module the initrd left out (no modules.dep entry): it is skipped.
     tree.create_file(f"{MODDIR}/modules.softdep", contents="softdep jbd2 pre: crypto-crc32c\n")
     alias = f"{MODDIR}/modules.alias"
@@ -816,3 +814,46 @@ def test_preload_a_soft_dependency_without_an_entry_stops_nothing(
     loader = ModuleLoader(MODDIR, syscalls=rec)
     loader.preload(["fs-ext4", "fs-9p"], 2)
     assert {"ELF jbd2", "ELF ext4", "ELF 9p"} <= set(rec.loaded)
+
+
+# --- modprobe.d and modprobe.blacklist= ------------------------------------------------
+
+
+def test_a_blacklisted_driver_is_not_coldplugged_but_loads_by_name(
+    loader: ModuleLoader, rec: Recorder, tree: Any
+) -> None:
+    tree.create_file("/etc/modprobe.d/local.conf", contents="blacklist 9pnet_virtio\n")
+    pci(tree, "0000:00:02.0", 0x1AF4, 0x1049, "virtio-pci")
+    pci(tree, "0000:00:03.0", 0x1AF4, 0x105A, "virtio-pci")
+    virtio(tree, "0000:00:02.0", 1, 9, None)
+    virtio(tree, "0000:00:03.0", 2, 26, None)
+    assert loader.coldplug_virtio() == []
+    assert "ELF 9pnet_virtio" not in rec.loaded and "ELF virtiofs" in rec.loaded
+    assert loader.load("9pnet_virtio") is None  # by its own name, as modprobe does
+    assert "ELF 9pnet_virtio" in rec.loaded
+
+
+def test_modprobe_blacklist_on_the_command_line(tree: Any, rec: Recorder) -> None:
+    tree.create_file("/proc/cmdline", contents="modprobe.blacklist=virtio_blk,other ro")
+    loader = ModuleLoader(MODDIR, syscalls=rec)
+    assert loader.load_driver("virtio:d00000002v00001AF4") is None  # nothing left to load
+    loader.preload(["virtio:d00000002v00001AF4", "fs-9p"], 2, use_blacklist=True)
+    assert "ELF virtio_blk" not in rec.loaded and "ELF 9p" in rec.loaded
+    assert loader.load("virtio:d00000002v00001AF4") is None  # without the blacklist it loads
+    assert "ELF virtio_blk" in rec.loaded
+
+
+def test_modprobe_d_options_go_before_the_command_lines(tree: Any, rec: Recorder) -> None:
+    tree.create_file("/lib/modprobe.d/blk.conf", contents="options virtio-blk queue_depth=8 x=1\n")
+    tree.create_file("/proc/cmdline", contents="virtio_blk.queue_depth=48")
+    loader = ModuleLoader(MODDIR, syscalls=rec)
+    assert loader.load("virtio_blk") is None
+    assert rec.params["ELF virtio_blk"] == b"queue_depth=8 x=1 queue_depth=48"
+
+
+def test_modprobe_d_soft_dependencies_are_loaded_first(tree: Any, rec: Recorder) -> None:
+    tree.create_file("/etc/modprobe.d/soft.conf", contents="softdep overlay2 pre: x\n")
+    tree.create_file("/run/modprobe.d/erofs.conf", contents="softdep erofs pre: unsorted_c\n")
+    loader = ModuleLoader(MODDIR, syscalls=rec)
+    assert loader.load("erofs") is None
+    assert rec.loaded.index("ELF unsorted_c") < rec.loaded.index("ELF erofs")

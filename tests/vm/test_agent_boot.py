@@ -180,6 +180,34 @@ def test_coldplug_loads_the_drivers_itself(
     assert (len(loaders) == 1) if cpus == 1 else (len(loaders) >= 2), lines["inits"]
 
 
+def test_blacklist_and_modprobe_d_options_as_modprobe_applies_them(
+    make_vm: MakeVM, tmp_path: Path
+) -> None:
+    """`modprobe.blacklist=` keeps coldplug from loading a driver (the 9p share then times
+    out, nofail); an `options` line of modprobe.d reaches the module it names."""
+    rw = tb.ext4_image(tmp_path / "rw.img", label="rw")
+    vm = make_vm(
+        shares=[_share(tmp_path, "s9", x="1\n")],
+        disks=[tb.Disk(rw)],
+        cmdline="modprobe.blacklist=9pnet_virtio "
+        "microvm.share=s9:/a:9p:nofail,x-device-timeout=2 microvm.volume=LABEL=rw:/c",
+    )
+    run = run_agent(
+        vm,
+        before="echo /bin/false > /proc/sys/kernel/modprobe",
+        after="echo \"modules: $(cut -d' ' -f1 /proc/modules | tr '\\n' ' ')\"; "
+        'echo "depth: $(cat /sys/module/virtio_blk/parameters/queue_depth)"',
+        files={"etc/modprobe.d/blk.conf": "options virtio_blk queue_depth=48\n"},
+    )
+    assert run.rc == 0, run  # the share is nofail
+    lines = dict(x.split(":", 1) for x in run.out.splitlines())
+    modules = set(lines["modules"].split())
+    assert "9pnet_virtio" not in modules and "virtio_blk" in modules, modules
+    assert lines["depth"].strip() == "48"
+    assert "/c" in run.mounts and "/a" not in run.mounts
+    assert "microvm.share=s9:/a:9p:nofail,x-device-timeout=2" in run.stderr, run.stderr
+
+
 def _builtin(vm: tb.VM) -> set[str]:
     path = vm.testbed.kernel_dir(vm.kernel) / "modules" / "modules.builtin"
     return {

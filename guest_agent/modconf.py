@@ -1,0 +1,105 @@
+"""What the administrator configured for modules: the modprobe.d files and the kernel
+command line, read as kmod reads them (man modprobe.d).
+
+Three kinds of line are applied by the loader (guest_agent.kmod):
+
+* `blacklist MODULE`, and the command line's `modprobe.blacklist=A,B`: the module's
+  aliases are ignored when a device's driver is looked up by its modalias (coldplug,
+  uevents), as udev's `modprobe -b` does; asked for by its own name, or as a
+  filesystem (as the kernel's request_module asks), it still loads.
+* `options MODULE PARAM=VALUE ...`: its parameters, before the command line's
+  `MODULE.PARAM=VALUE` words (the kernel keeps the last value of a parameter, so
+  the command line wins, as with modprobe).
+* `softdep MODULE pre: ... post: ...`: with those of modules.softdep.
+
+`install`, `remove` and `alias` lines are not applied: the agent runs no shell
+command at boot, and its aliases are depmod's. Files are `*.conf` in the
+directories below; a file in an earlier directory hides one of the same name in
+a later one, and all are read in the order of their names. Read once, at the
+first module load: a warm boot never reads them.
+"""
+
+from __future__ import annotations
+
+import os
+
+from guest_agent.modindex import normalize, parse_cmdline_options
+
+CONF_DIRS = (
+    "/etc/modprobe.d",
+    "/run/modprobe.d",
+    "/usr/local/lib/modprobe.d",
+    "/usr/lib/modprobe.d",
+    "/lib/modprobe.d",
+)
+
+
+class ModprobeConfig:
+    __slots__ = ("blacklist", "options", "softdeps")
+
+    def __init__(self) -> None:
+        self.blacklist: set[str] = set()
+        self.options: dict[str, list[str]] = {}  # module → parameters, in order
+        self.softdeps: dict[str, tuple[list[str], list[str]]] = {}  # module → (pre, post)
+
+    def parse(self, text: str) -> None:
+        """Add the lines of one modprobe.d file (comments, blank and unknown lines skipped;
+        a backslash at the end of a line continues it)."""
+        for line in text.replace("\\\n", " ").splitlines():
+            words = line.split("#", 1)[0].split(None, 2)
+            if len(words) < 2:
+                continue
+            command, mod = words[0], normalize(words[1])
+            rest = words[2].strip() if len(words) > 2 else ""
+            if command == "blacklist":
+                self.blacklist.add(mod)
+            elif command == "options" and rest:
+                self.options.setdefault(mod, []).append(rest)
+            elif command == "softdep" and rest:
+                pre, post = self.softdeps.setdefault(mod, ([], []))
+                target = pre
+                for word in rest.split():
+                    if word in ("pre:", "post:"):
+                        target = pre if word == "pre:" else post
+                    else:
+                        target.append(word)
+
+    def add_cmdline(self, cmdline: str) -> None:
+        """The command line's MODULE.PARAM=VALUE words as options, `modprobe.blacklist=`
+        as blacklist entries (kmod's reading of /proc/cmdline)."""
+        for mod, params in parse_cmdline_options(cmdline).items():
+            if mod != "modprobe":
+                self.options.setdefault(mod, []).extend(params)
+                continue
+            for param in params:
+                name, _eq, value = param.partition("=")
+                if name == "blacklist":
+                    self.blacklist.update(normalize(m) for m in value.split(",") if m)
+
+
+def conf_files(dirs: tuple[str, ...] = CONF_DIRS) -> list[str]:
+    """The `*.conf` files of DIRS in the order kmod reads them (by name; an earlier
+    directory's file hides a later one's of the same name)."""
+    found: dict[str, str] = {}
+    for directory in dirs:
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        for name in names:
+            if name.endswith(".conf") and name not in found:
+                found[name] = os.path.join(directory, name)
+    return [found[name] for name in sorted(found)]
+
+
+def read_config(cmdline: str, dirs: tuple[str, ...] = CONF_DIRS) -> ModprobeConfig:
+    """The modprobe.d files of DIRS (an unreadable one skipped), then CMDLINE."""
+    config = ModprobeConfig()
+    for path in conf_files(dirs):
+        try:
+            with open(path, errors="replace") as f:
+                config.parse(f.read())
+        except OSError:
+            continue
+    config.add_cmdline(cmdline)
+    return config
