@@ -14,7 +14,7 @@ Three kinds of line are applied by the loader (guest_agent.kmod):
 
 `install`, `remove` and `alias` lines are not applied: the agent runs no shell
 command at boot, and its aliases are depmod's. Files are `*.conf` in the
-directories below; a file in an earlier directory hides one of the same name in
+directories below (kmod's; `*.alias` too); a file in an earlier directory hides one of the same name in
 a later one, and all are read in the order of their names. Read once, at the
 first module load: a warm boot never reads them.
 """
@@ -43,11 +43,14 @@ class ModprobeConfig:
         self.softdeps: dict[str, tuple[list[str], list[str]]] = {}  # module → (pre, post)
 
     def parse(self, text: str) -> None:
-        """Add the lines of one modprobe.d file (comments, blank and unknown lines skipped;
-        a backslash at the end of a line continues it)."""
+        """Add the lines of one modprobe.d file, as kmod parses them: a backslash at the
+        end of a line continues it; a line starting with `#` is a comment (a `#` later
+        on is part of the line: an `options` value keeps it); blank, short and unknown
+        lines are skipped; in a `softdep`, words before `pre:` or `post:` count for
+        neither."""
         for line in text.replace("\\\n", " ").splitlines():
-            words = line.split("#", 1)[0].split(None, 2)
-            if len(words) < 2:
+            words = line.split(None, 2)
+            if len(words) < 2 or words[0].startswith("#"):
                 continue
             command, mod = words[0], normalize(words[1])
             rest = words[2].strip() if len(words) > 2 else ""
@@ -57,11 +60,11 @@ class ModprobeConfig:
                 self.options.setdefault(mod, []).append(rest)
             elif command == "softdep" and rest:
                 pre, post = self.softdeps.setdefault(mod, ([], []))
-                target = pre
+                target: list[str] | None = None
                 for word in rest.split():
                     if word in ("pre:", "post:"):
                         target = pre if word == "pre:" else post
-                    else:
+                    elif target is not None:
                         target.append(word)
 
     def add_cmdline(self, cmdline: str) -> None:
@@ -78,8 +81,9 @@ class ModprobeConfig:
 
 
 def conf_files(dirs: tuple[str, ...] = CONF_DIRS) -> list[str]:
-    """The `*.conf` files of DIRS in the order kmod reads them (by name; an earlier
-    directory's file hides a later one's of the same name)."""
+    """The `*.conf` (and old `*.alias`) files of DIRS in the order kmod reads them: by
+    name, an earlier directory's file hiding a later one's of the same name; hidden
+    files and directories left out."""
     found: dict[str, str] = {}
     for directory in dirs:
         try:
@@ -87,8 +91,14 @@ def conf_files(dirs: tuple[str, ...] = CONF_DIRS) -> list[str]:
         except OSError:
             continue
         for name in names:
-            if name.endswith(".conf") and name not in found:
-                found[name] = os.path.join(directory, name)
+            path = os.path.join(directory, name)
+            if (
+                name.endswith((".conf", ".alias"))
+                and not name.startswith(".")
+                and name not in found
+                and not os.path.isdir(path)
+            ):
+                found[name] = path
     return [found[name] for name in sorted(found)]
 
 

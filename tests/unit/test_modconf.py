@@ -11,10 +11,11 @@ def test_the_three_kinds_of_line_applied_the_rest_skipped() -> None:
     config = ModprobeConfig()
     config.parse(
         "# a comment\n"
-        "blacklist virtio-balloon   # trailing comment\n"
+        "  # an indented one\n"
+        "blacklist virtio-balloon   # only one word is read\n"
         'options virtio_blk queue_depth=48 opt="a b"\n'
-        "options virtio_blk poll_queues=1\n"
-        "softdep ext4 pre: crc32c post: \\\n  later\n"
+        "options virtio_blk poll_queues=1 tag=#1\n"
+        "softdep ext4 ignored pre: crc32c post: \\\n  later\n"
         "install cramfs /bin/false\n"
         "remove foo /bin/true\n"
         "alias my-alias virtio_blk\n"
@@ -23,7 +24,9 @@ def test_the_three_kinds_of_line_applied_the_rest_skipped() -> None:
         "nonsense here\n"
     )
     assert config.blacklist == {"virtio_balloon"}
-    assert config.options == {"virtio_blk": ['queue_depth=48 opt="a b"', "poll_queues=1"]}
+    assert config.options == {
+        "virtio_blk": ['queue_depth=48 opt="a b"', "poll_queues=1 tag=#1"]  # kmod keeps a '#'
+    }
     assert config.softdeps == {"ext4": (["crc32c"], ["later"])}
 
 
@@ -45,10 +48,18 @@ def test_files_by_name_an_earlier_directory_hiding_a_later_one(tmp_path: Path) -
     (lib / "a.conf").write_text("options m x=1\n")
     (etc / "c.conf").write_text("options m x=2\n")
     (etc / "notes.txt").write_text("blacklist not_a_conf_file\n")
+    (etc / ".hidden.conf").write_text("blacklist hidden_file\n")
+    (etc / "dir.conf").mkdir()
+    (lib / "old.alias").write_text("blacklist from_alias_file\n")
     dirs = (str(etc), str(tmp_path / "missing"), str(lib))
-    assert conf_files(dirs) == [str(lib / "a.conf"), str(etc / "b.conf"), str(etc / "c.conf")]
+    assert conf_files(dirs) == [
+        str(lib / "a.conf"),
+        str(etc / "b.conf"),
+        str(etc / "c.conf"),
+        str(lib / "old.alias"),
+    ]
     config = read_config("m.x=3", dirs)
-    assert config.blacklist == {"from_etc"}
+    assert config.blacklist == {"from_etc", "from_alias_file"}
     assert config.options == {"m": ["x=1", "x=2", "x=3"]}  # the kernel keeps the last
 
 
