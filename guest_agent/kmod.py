@@ -3,9 +3,10 @@
 Resolves names and aliases with the indexes depmod writes, read once and
 lazily (guest_agent.modindex), loads dependencies first and soft dependencies
 around, and hands each file to the kernel (guest_agent.modimage, which
-decompresses when the kernel cannot), with the MODULE.PARAM=VALUE words of
-/proc/cmdline for that module as its parameters, as modprobe passes them
-(read once, when the first module is loaded). Coldplug is guest_agent.coldplug. Never
+decompresses when the kernel cannot), with its parameters as modprobe passes them:
+modprobe.d's `options` lines, then the MODULE.PARAM=VALUE words of /proc/cmdline
+(guest_agent.modconf, which also gives the blacklist and modprobe.d's soft
+dependencies; read once, when the first module is loaded). Coldplug is guest_agent.coldplug. Never
 spawns a process. A module that cannot be loaded raises ModuleError (`require`,
 `require_filesystem`); `load`, `ensure_filesystem` and `coldplug_virtio` catch it
 and return its message (None, or an empty list, on success).
@@ -237,7 +238,7 @@ class ModuleLoader:
 
         from guest_agent.fanout import run_graph
 
-        self.options("")  # /proc/cmdline read here, not by the threads
+        self.config()  # modprobe.d and /proc/cmdline read here, not by the threads
 
         def insert(mod: str) -> bool:
             try:
