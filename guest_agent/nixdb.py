@@ -1,22 +1,21 @@
 """Nix's database (schema 10), written the way Nix writes it, with the stdlib's sqlite3.
 
-`open_database` refuses (raises `Unusable`) anything the agent does not
-understand, so that the caller moves it aside untouched; `reconcile` makes the
-valid paths agree with what the store holds, in one transaction. Nix opens
-the database with foreign keys on: `Refs.reference` is `on delete restrict`,
-so paths are invalidated referrers first.
-
-The database is reached as /proc/self/fd/N/db.sqlite, N an fd of its directory
-opened inside RW; its files (`db.sqlite`, `-wal`, `-shm`, `-journal`) must be
-regular files or absent, so that SQLite never follows a link planted on RW.
+The database SQLite sees is the agent's private copy (nixcopy.py), never a file
+on RW. `open_database` refuses (raises `Unusable`) anything the agent does not
+understand before it reads a row: a schema file other than 10, a schema other
+than Nix's to the statement, values of types Nix never writes (nixschema.py),
+a failed integrity or foreign-key check; the caller moves the state aside
+untouched. `reconcile` makes the valid paths agree with what the store holds, in
+one transaction. Nix opens the database with foreign keys on: `Refs.reference`
+is `on delete restrict`, so paths are invalidated referrers first.
 """
 
 from __future__ import annotations
 
 import os
-import stat
 import time
 
+from guest_agent import nixschema
 from guest_agent.nixfiles import (  # noqa: F401 (re-exported: the database's own names)
     DB_FILE,
     DB_FILES,
@@ -25,9 +24,12 @@ from guest_agent.nixfiles import (  # noqa: F401 (re-exported: the database's ow
     NixDbError,
     Unusable,
     check_files,
+    is_store_name,
+    read_owned,
     write_small_file,
 )
-from guest_agent.nixreg import Entry, Registration, derivation_outputs
+from guest_agent.nixreg import Entry, derivation_outputs
+from guest_agent.nixschema import SCHEMA_VERSION
 from guest_agent.records import NamedTuple
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
@@ -35,43 +37,7 @@ if TYPE_CHECKING:
     import sqlite3
     from collections.abc import Callable, Collection
 
-SCHEMA_VERSION = 10
 _MAX_SCHEMA_FILE = 64
-# Nix's schema.sql (libstore) for schema 10, as Nix itself creates it.
-_SCHEMA_SQL = """
-create table if not exists ValidPaths (
-    id               integer primary key autoincrement not null,
-    path             text unique not null,
-    hash             text not null,
-    registrationTime integer not null,
-    deriver          text,
-    narSize          integer,
-    ultimate         integer, -- null implies "false"
-    sigs             text, -- space-separated
-    ca               text -- if not null, an assertion that the path is content-addressed; see ValidPathInfo
-);
-create table if not exists Refs (
-    referrer  integer not null,
-    reference integer not null,
-    primary key (referrer, reference),
-    foreign key (referrer) references ValidPaths(id) on delete cascade,
-    foreign key (reference) references ValidPaths(id) on delete restrict
-);
-create index if not exists IndexReferrer on Refs(referrer);
-create index if not exists IndexReference on Refs(reference);
-create trigger if not exists DeleteSelfRefs before delete on ValidPaths
-  begin
-    delete from Refs where referrer = old.id and reference = old.id;
-  end;
-create table if not exists DerivationOutputs (
-    drv  integer not null,
-    id   text not null, -- symbolic output id, usually "out"
-    path text not null,
-    primary key (drv, id),
-    foreign key (drv) references ValidPaths(id) on delete cascade
-);
-create index if not exists IndexDerivationOutputs on DerivationOutputs(path);
-"""
 _COLUMNS = "id, path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca"
 
 
@@ -84,109 +50,113 @@ class Outcome(NamedTuple):
 
 
 def read_schema(db_dir: int) -> int | None:
-    """The schema version in db/schema, None when the file is missing; Unusable when unreadable."""
-    try:
-        fd = os.open(
-            SCHEMA_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=db_dir
-        )
-    except FileNotFoundError:
+    """The schema version in db/schema, None when the file is missing; Unusable when it is
+    not a small regular file of one link holding a number."""
+    text = read_owned(db_dir, SCHEMA_FILE, _MAX_SCHEMA_FILE)
+    if text is None:
         return None
-    except OSError as e:
-        raise Unusable(f"{SCHEMA_FILE}: {e.strerror}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise Unusable(f"{SCHEMA_FILE} is not a regular file")
-        text = os.read(fd, _MAX_SCHEMA_FILE)
-    finally:
-        os.close(fd)
     try:
         return int(text.decode("ascii").strip())
     except (UnicodeDecodeError, ValueError):
         raise Unusable(f"{SCHEMA_FILE} holds {text[:20]!r}, not a version number") from None
 
 
-def _connect(db_dir: int, *, create: bool) -> sqlite3.Connection:
+def _text(data: bytes) -> str:
+    # A path that is not UTF-8 is that row's problem (it names no store path), not the boot's.
+    return data.decode("utf-8", "surrogateescape")
+
+
+def connect(work: str, deadline: float, *, create: bool = False) -> sqlite3.Connection:
+    """SQLite on the private copy in WORK (nixcopy.py), hardened (nixschema.harden)."""
     import sqlite3
 
-    path = f"/proc/self/fd/{db_dir}/{DB_FILE}"
+    path = os.path.join(work, DB_FILE)
     mode = "rwc" if create else "rw"
     try:
         conn = sqlite3.connect(f"file:{path}?mode={mode}", uri=True, isolation_level=None)
-        conn.execute("pragma foreign_keys = 1")
-        conn.execute("pragma synchronous = full")  # durable before the record says done
     except sqlite3.Error as e:
+        raise Unusable(f"SQLite cannot open it: {e}") from None
+    try:
+        conn.text_factory = _text
+        nixschema.harden(conn, deadline)
+        conn.execute("pragma foreign_keys = 1")
+    except sqlite3.Error as e:
+        conn.close()
         raise Unusable(f"SQLite cannot open it: {e}") from None
     return conn
 
 
-def open_database(db_dir: int, *, check_integrity: bool = True) -> sqlite3.Connection | None:
-    """The existing database, checked; None when there is none (a fresh state directory).
-
-    Unusable: a schema version other than 10, a file that is not a regular
-    file, a database SQLite cannot open, whose tables are not Nix's, or that
-    fails `pragma integrity_check` (run when CHECK_INTEGRITY: the caller skips
-    it for files unchanged since the agent last checked and wrote them).
-    """
-    import sqlite3
-
+def check_version(db_dir: int, exists: bool) -> None:
+    """Unusable unless db/schema says 10 for an existing database (or is absent without one)."""
     version = read_schema(db_dir)
-    exists = check_files(db_dir)
     if not exists:
         if version not in (None, SCHEMA_VERSION):
             raise Unusable(f"schema version {version} but no database")
-        return None
+        return
     if version is None:
         raise Unusable(f"{DB_FILE} exists without a {SCHEMA_FILE} file (an interrupted creation)")
     if version != SCHEMA_VERSION:
         raise Unusable(f"schema version {version}, this agent knows {SCHEMA_VERSION}")
-    conn = _connect(db_dir, create=False)
+
+
+def open_database(
+    work: str, deadline: float, *, check_integrity: bool = True
+) -> sqlite3.Connection:
+    """The private copy in WORK, checked before a row is read: Nix's schema exactly, the
+    types Nix writes, and (CHECK_INTEGRITY: the caller skips it for files unchanged since
+    the agent last checked and wrote them) `integrity_check` and `foreign_key_check`.
+    Unusable otherwise; also when a check runs past DEADLINE."""
+    import sqlite3
+
+    conn = connect(work, deadline)
     try:
-        verdict = ["ok"]
+        nixschema.check_schema(conn)
         if check_integrity:
-            verdict = [row[0] for row in conn.execute("pragma integrity_check")]
-        if verdict != ["ok"]:
-            raise Unusable(f"integrity_check says {'; '.join(map(str, verdict[:3]))}")
-        conn.execute(f"select {_COLUMNS} from ValidPaths limit 0")
-        conn.execute("select referrer, reference from Refs limit 0")
-        conn.execute("select drv, id, path from DerivationOutputs limit 0")
+            verdict = [row[0] for row in conn.execute("pragma integrity_check(20)")]
+            if verdict != ["ok"]:
+                raise Unusable(f"integrity_check says {'; '.join(map(str, verdict[:3]))}")
+            if conn.execute("pragma foreign_key_check").fetchone() is not None:
+                raise Unusable("foreign_key_check finds references to rows that do not exist")
+        nixschema.check_values(conn)
+        if conn.execute("pragma journal_mode").fetchone()[0] != "wal":
+            conn.execute("pragma journal_mode = wal")  # as Nix keeps it
     except sqlite3.Error as e:
         conn.close()
         raise Unusable(f"SQLite says {e}") from None
-    except Unusable:
+    except BaseException:
         conn.close()
         raise
     return conn
 
 
-def create_database(db_dir: int) -> sqlite3.Connection:
-    """A fresh, empty database of schema 10 (WAL, as Nix uses it), and its schema file."""
-    for name in DB_FILES:
-        try:
-            os.unlink(name, dir_fd=db_dir)  # leftovers of an interrupted creation
-        except FileNotFoundError:
-            pass
-    conn = _connect(db_dir, create=True)
+def create_database(work: str, deadline: float) -> sqlite3.Connection:
+    """A fresh, empty database of schema 10 (WAL, as Nix uses it) in WORK."""
+    conn = connect(work, deadline, create=True)
     conn.execute("pragma journal_mode = wal")
-    conn.executescript(_SCHEMA_SQL)
-    write_small_file(db_dir, SCHEMA_FILE, f"{SCHEMA_VERSION}".encode())
+    conn.executescript(nixschema.SCHEMA_SQL)
     return conn
+
+
+def write_schema_file(db_dir: int) -> None:
+    write_small_file(db_dir, SCHEMA_FILE, f"{SCHEMA_VERSION}".encode())
 
 
 def reconcile(
     conn: sqlite3.Connection,
     present: Callable[[str], bool],
-    registration: Registration | list[Entry] | None,
+    registration: list[Entry] | None,
     read_derivation: Callable[[str], bytes | None],
     replaced: Collection[str] = (),
 ) -> Outcome:
     """Invalidate what the store lost, then register what the registration adds, in one
     transaction.
 
-    PRESENT(name) tells whether the store (the merged view) holds a path. Of a
-    `Registration`, only the entries not valid (or REPLACED) are parsed in full; a
-    malformed one raises RegistrationError, after the rollback.
-    REPLACED names paths whose upper copy gave way to the lower's: a valid row of
-    one of those takes the registration's hash and size (the content on view now).
+    PRESENT(name) tells whether the store (the merged view) holds a path. A row whose
+    path is not a store path (another directory, a name Nix would not make, bytes that
+    are not UTF-8, a second row for one path) names nothing in the store: it is
+    invalidated like a path that is gone. REPLACED names paths whose upper copy gave
+    way to the lower's: a valid row of one of those takes the registration's hash and
+    size (the content on view now).
     """
     prefix = STORE_DIR + "/"
     conn.execute("begin immediate")
@@ -195,29 +165,32 @@ def reconcile(
         gone: list[int] = []
         names: dict[int, str] = {}
         for row_id, path in conn.execute("select id, path from ValidPaths"):
-            name = path[len(prefix) :] if path.startswith(prefix) else path
+            name = path[len(prefix) :] if path.startswith(prefix) else ""
+            if not is_store_name(name) or name in ids:
+                names[row_id] = _shown(path)
+                gone.append(row_id)
+                continue
             ids[name] = row_id
             names[row_id] = name
-            if name == path or not present(name):
+            if not present(name):
                 gone.append(row_id)
         doomed = _invalidate(conn, gone) if gone else []
         gone_set = set(gone)
         for row_id in doomed:
-            del ids[names[row_id]]
-        if isinstance(registration, Registration):
-            keep = set(replaced)
-            entries = registration.entries(skip={n for n in ids if n not in keep})
-        else:
-            entries = registration or []
+            if ids.get(names[row_id]) == row_id:
+                del ids[names[row_id]]
         added, not_added = (
-            _register(conn, ids, present, entries, read_derivation, replaced)
-            if entries
+            _register(conn, ids, present, registration, read_derivation, replaced)
+            if registration
             else ([], [])
         )
         (valid,) = conn.execute("select count(*) from ValidPaths").fetchone()
         conn.execute("commit")
     except BaseException:
-        conn.execute("rollback")
+        try:
+            conn.execute("rollback")
+        except Exception:
+            pass  # the connection is closed by the caller; nothing was committed
         raise
     return Outcome(
         sorted(names[i] for i in gone),
@@ -226,6 +199,12 @@ def reconcile(
         not_added,
         int(valid),
     )
+
+
+def _shown(path: str) -> str:
+    """A row's path as a log line may quote it: printable, short, on one line."""
+    text = ascii(path)
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def _invalidate(conn: sqlite3.Connection, gone: list[int]) -> list[int]:
@@ -279,16 +258,28 @@ def _register(
         else:
             not_added.append((entry.name, "not in the store"))
     # An entry whose reference is neither valid nor addable cannot be added (Nix requires
-    # references to be valid); drop such entries until none is left.
-    changed = True
-    while changed:
-        changed = False
-        for name, entry in list(wanted.items()):
-            missing = next((r for r in entry.references if r not in ids and r not in wanted), None)
-            if missing is not None:
-                del wanted[name]
-                not_added.append((name, f"its reference {missing} is not in the store"))
-                changed = True
+    # references to be valid); nor can its referrers, transitively. Linear: each entry is
+    # dropped once, and its referrers are found through a reverse index.
+    referrers: dict[str, list[str]] = {}
+    blocked: list[tuple[str, str]] = []
+    for name, entry in wanted.items():
+        for ref in entry.references:
+            if ref in ids:
+                continue
+            if ref in wanted:
+                referrers.setdefault(ref, []).append(name)
+            else:
+                blocked.append((name, ref))
+    dropped: set[str] = set()
+    while blocked:
+        name, missing = blocked.pop()
+        if name in dropped:
+            continue
+        dropped.add(name)
+        not_added.append((name, f"its reference {_shown(missing)} is not in the store"))
+        blocked.extend((referrer, name) for referrer in referrers.get(name, ()))
+    for name in dropped:
+        del wanted[name]
     now = int(time.time())
     for name, entry in wanted.items():
         cursor = conn.execute(

@@ -28,25 +28,49 @@ _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def read_record(state: int) -> dict[str, str]:
-    """The last reconcile's record (key → value); {} when missing or not a plain file."""
-    try:
-        fd = os.open(RECORD, _READ_FLAGS, dir_fd=state)
-    except OSError:
-        return {}
-    with closing(fd):
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return {}
-        data = os.read(fd, MAX_RECORD)
+    """The last reconcile's record (key → value); {} when missing. Unusable when the name
+    is not a regular file of one link (the agent writes a plain file there)."""
+    data = nixfiles.read_owned(state, RECORD, MAX_RECORD)
     record = {}
-    for line in data.decode("utf-8", "replace").splitlines():
+    for line in (data or b"").decode("utf-8", "replace").split("\n"):
         key, _, value = line.partition(" ")
-        record[key] = value
+        record[key] = _unescape(value)
     return record
 
 
 def write_record(state: int, record: dict[str, str]) -> None:
-    text = "".join(f"{key} {value}\n" for key, value in record.items())
+    """Replace the record; values are escaped, so that no value can add a line or a key."""
+    text = "".join(f"{key} {_escape(value)}\n" for key, value in record.items())
     nixfiles.write_small_file(state, RECORD, text.encode("utf-8", "surrogateescape"))
+
+
+def _escape(value: str) -> str:
+    """VALUE on one line: a backslash and every character that is not printable (a newline,
+    a line separator, a surrogate for a byte that was not UTF-8) as \\xHH or \\uHHHH."""
+    if value.isprintable() and "\\" not in value:
+        return value
+    return "".join(
+        c
+        if c.isprintable() and c != "\\"
+        else (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+        for c in value
+    )
+
+
+def _unescape(value: str) -> str:
+    if "\\" not in value:
+        return value
+    out, i = [], 0
+    while i < len(value):
+        width = {"x": 2, "u": 4}.get(value[i + 1 : i + 2], 0) if value[i] == "\\" else 0
+        digits = value[i + 2 : i + 2 + width]
+        if width and len(digits) == width and all(c in "0123456789abcdef" for c in digits):
+            out.append(chr(int(digits, 16)))
+            i += 2 + width
+        else:
+            out.append(value[i])
+            i += 1
+    return "".join(out)
 
 
 def _stamp(st: os.stat_result) -> str:
@@ -55,29 +79,53 @@ def _stamp(st: os.stat_result) -> str:
     return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
 
+def _file_stamp(db: int, name: str) -> str:
+    try:
+        st = os.stat(name, dir_fd=db, follow_symlinks=False)
+    except FileNotFoundError:
+        return "-"
+    return f"{stat.S_IFMT(st.st_mode):o}:{st.st_nlink}:" + _stamp(st)
+
+
+def listing_digest(lower: int) -> str:
+    """A digest of the lower store's top-level names: two store images of different
+    closures differ in it even when their directories share inode, size and mtime
+    (`mkfs.erofs -T 0` sets every time to 0)."""
+    import hashlib
+
+    names = sorted(os.listdir(lower))
+    return hashlib.blake2b(
+        "\0".join(names).encode("utf-8", "surrogateescape"), digest_size=16
+    ).hexdigest()
+
+
 def fingerprint(
     layers: Layers, reg_info: str | None, reg_stat: os.stat_result | None, db: int
 ) -> str:
     """What must stay the same for a reconcile to be skipped: the lower and upper store
-    directories, the registration file, and the database's files."""
+    directories, the registration file, and every file of the database (type, links,
+    inode, size, mtime). The lower is told apart by the registration's store path,
+    which names the closure (a closure-info path is input-addressed by its paths);
+    without a registration, by a digest of its listing."""
     parts = [
         "lower=" + _stamp(os.fstat(layers.lower)),
         "upper=" + _stamp(os.fstat(layers.upper)),
         f"reginfo={reg_info or '-'}",
         "registration=" + (_stamp(reg_stat) if reg_stat else "-"),
     ]
-    for name in (nixfiles.DB_FILE, nixfiles.DB_FILE + "-wal", nixfiles.SCHEMA_FILE):
-        try:
-            parts.append(f"{name}=" + _stamp(os.stat(name, dir_fd=db, follow_symlinks=False)))
-        except FileNotFoundError:
-            parts.append(f"{name}=-")
+    if not reg_info:
+        parts.append("listing=" + listing_digest(layers.lower))
+    for name in (*nixfiles.DB_FILES, nixfiles.SCHEMA_FILE):
+        parts.append(f"{name}=" + _file_stamp(db, name))
     return " ".join(parts)
 
 
 def changed(record: dict[str, str], now: str) -> str:
     """Why a full reconcile runs, from the last record and the fingerprint NOW."""
-    if record.get("state") == "reconciling":
+    if record.get("state") in ("reconciling", "writing-back"):
         return "the last one was interrupted"
+    if record.get("state") == "failed":
+        return f"the last one failed: {record.get('error', '?')}"
     if "fingerprint" not in record:
         return "no earlier reconcile"
     old = dict(p.split("=", 1) for p in record["fingerprint"].split(" ") if "=" in p)
@@ -107,7 +155,10 @@ def describe(rw: int) -> dict[str, object]:
     except (OSError, WrongType) as e:
         return {"state": "unreadable", "valid_paths": None, "error": str(e)}
     with closing(state):
-        record = read_record(state)
+        try:
+            record = read_record(state)
+        except nixfiles.Unusable as e:
+            return {"state": "unreadable", "valid_paths": None, "error": str(e)}
         valid = _count_now(state)
     gone, dependents = (record.get(k, "0").split() for k in ("gone", "dependents"))
     stamp = record.get("time", "")
@@ -134,27 +185,34 @@ def _int(text: str | None) -> int | None:
 
 
 def _count_now(state: int) -> int | None:
+    """The valid paths of the database as it is now, counted on a private copy (nixcopy:
+    SQLite never opens a file on RW); None when it cannot be counted."""
     try:
         import sqlite3
 
-        from guest_agent import nixdb
+        from guest_agent import nixcopy, nixdb, nixschema
 
         db = os.open(
             DB_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=state
         )
     except (ImportError, OSError):
         return None
+    work = None
     with closing(db):
         try:
-            nixfiles.check_files(db)
-            path = f"/proc/self/fd/{db}/{nixfiles.DB_FILE}"
-            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            work = nixcopy.take(db)
+            if work is None:
+                return None
+            conn = nixdb.connect(work, nixschema.deadline())
             try:
+                nixschema.check_schema(conn)
                 return nixdb.count_valid(conn)
             finally:
                 conn.close()
-        except (nixfiles.Unusable, sqlite3.Error):
+        except (nixfiles.NixDbError, sqlite3.Error, OSError):
             return None
+        finally:
+            nixcopy.discard(work)
 
 
 def describe_line(info: dict[str, object]) -> str:

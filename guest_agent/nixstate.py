@@ -13,10 +13,15 @@ overlay is mounted, the agent
 4. records what it reconciled (`guest-agent-reconcile`), so that a boot whose
    lower, registration, upper layer and database are unchanged does nothing.
 
-The record says `state reconciling` before step 1 and `state done` after step
-4: a power cut in between makes the next boot do it all again, and each step
-is idempotent (SQLite's transaction makes 2-3 all or nothing). A database the
-agent does not understand is moved aside whole, never repaired or deleted.
+The database is data from a stranger: SQLite works on a private copy (nixcopy.py)
+checked against Nix's exact schema under time and memory bounds (nixschema.py), and
+the result is written back whole. The record says `state reconciling` before
+step 1, `writing-back` while the new file replaces the old, and `done` after
+step 4: a power cut makes the next boot finish or undo the write-back and do the
+rest again; each step is idempotent. A database the agent does not understand is
+moved aside whole, never repaired or deleted; so is one whose reconcile failed
+MAX_FAILURES boots in a row. No exception leaves `reconcile` but NixStateError
+(and ImportError: no sqlite3 here; WrongType: RW/nix-state is not a directory).
 Step 1 is nixupper.py, steps 2-3 nixdb.py, the record nixrecord.py; this module
 runs them in order on the layers' fds. See docs/nix-db.md.
 """
@@ -36,17 +41,20 @@ from guest_agent.syscalls import closing
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
+    import sqlite3
     from collections.abc import Callable
 
     from guest_agent.mountinfo import Mount, MountTable
     from guest_agent.nixdb import Outcome
-    from guest_agent.nixreg import Registration
+    from guest_agent.nixreg import Entry
 
 DB_DIR = nixrecord.DB_DIR
 ASIDE_PREFIX = "nix-state.aside-"
 MAX_REGISTRATION = 256 << 20
 MAX_DERIVATION = 16 << 20
+MAX_FAILURES = 3  # boots in a row whose reconcile failed before the state is moved aside
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 NixStateError = nixfiles.NixDbError  # the reconcile could not run: why
@@ -73,41 +81,37 @@ class Layers:
 
 def open_registration(lower: int, reg_info: str) -> tuple[int, str]:
     """An fd of the registration file REG_INFO (/nix/store/NAME/…), read from the lower
-    layer itself, and NAME (its store path, not part of its own registration)."""
+    layer itself, and NAME (its store path, not part of its own registration). Every
+    component is opened with O_NOFOLLOW relative to the last: no link is followed."""
     name, _, rest = reg_info.removeprefix(STORE_DIR + "/").partition("/")
     store_name(f"{STORE_DIR}/{name}")
-    if not reg_info.startswith(STORE_DIR + "/") or not rest or ".." in rest.split("/"):
+    parts = rest.split("/")
+    if not reg_info.startswith(STORE_DIR + "/") or not rest or {"", ".", ".."} & set(parts):
         raise RegistrationError(f"{reg_info} names no file inside a store path")
-    parent = os.path.dirname(rest)
-    dir_fd = os.open(
-        os.path.join(name, parent) if parent else name,
-        os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-        dir_fd=lower,
-    )
-    with closing(dir_fd):
-        fd = os.open(os.path.basename(rest), _READ_FLAGS, dir_fd=dir_fd)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise RegistrationError(f"{reg_info} is not a regular file")
+    walk = os.open(name, _DIR_FLAGS, dir_fd=lower)
+    try:
+        for part in parts[:-1]:
+            step = os.open(part, _DIR_FLAGS, dir_fd=walk)
+            os.close(walk)
+            walk = step
+        fd = nixfiles.open_owned(walk, parts[-1], MAX_REGISTRATION)
+    except nixfiles.Unusable as e:
+        raise RegistrationError(str(e)) from None
+    finally:
+        os.close(walk)
+    if fd is None:
+        raise RegistrationError(f"{reg_info} does not exist")
     return fd, name
 
 
-def read_registration(fd: int) -> Registration:
-    size = os.fstat(fd).st_size
-    if size > MAX_REGISTRATION:
+def read_registration(fd: int) -> list[Entry]:
+    """Every entry, parsed and checked in full (before anything acts on any of them)."""
+    data = nixfiles.read_fd(fd, MAX_REGISTRATION + 1)
+    if len(data) > MAX_REGISTRATION:
         raise RegistrationError(f"larger than {MAX_REGISTRATION >> 20} MiB")
-    chunks = []
-    while True:
-        chunk = os.read(fd, 1 << 20)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size -= len(chunk)
-        if size < -MAX_REGISTRATION:
-            raise RegistrationError(f"larger than {MAX_REGISTRATION >> 20} MiB")
-    from guest_agent.nixreg import Registration
+    from guest_agent.nixreg import parse_registration
 
-    return Registration(b"".join(chunks))
+    return parse_registration(data)
 
 
 def move_aside(rw: int) -> str:
@@ -155,8 +159,11 @@ def _read_derivation(layers: Layers, upper: nixupper.Upper) -> Callable[[str], b
 
 def reconcile(layers: Layers, reg_info: str | None, say: Callable[[str], None]) -> Report:
     """Steps 1-4 on RW (the state directory is made if missing), telling SAY one line per
-    change as it is made. Raises OSError, WrongType, NixStateError, ImportError (no
-    sqlite3) for the caller to report; the database is never left half-written."""
+    change as it is made. Raises NixStateError with the reason (the failure is counted
+    in the record), ImportError (no sqlite3) and WrongType (RW/nix-state is not a
+    directory); nothing else escapes, and the database on RW is never half-written."""
+    from guest_agent.reset import WrongType
+
     reg_fd, closure_info = -1, None
     if reg_info:
         try:
@@ -165,9 +172,46 @@ def reconcile(layers: Layers, reg_info: str | None, say: Callable[[str], None]) 
             _no_registration(reg_info, e, say)
     try:
         return _reconcile(layers, reg_info, reg_fd, closure_info, say)
+    except (ImportError, WrongType):
+        raise
+    except Exception as e:
+        why = _why(e)
+        _count_failure(layers.rw, why)
+        raise NixStateError(why) from None
     finally:
         if reg_fd >= 0:
             os.close(reg_fd)
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, nixfiles.NixDbError):
+        return str(e)
+    if isinstance(e, OSError):
+        where = f": {e.filename}" if e.filename else ""
+        return f"{e.strerror or e}{where}"
+    text = f"{type(e).__name__}: {e}"
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _count_failure(rw: int, why: str) -> None:
+    """Note the failure in the record (best effort): MAX_FAILURES in a row move the state
+    aside at the next boot, so that no database stops every boot the same way."""
+    try:
+        with closing(open_dir(rw, NIX_STATE_DIR, create=False)) as state:
+            try:
+                record = nixrecord.read_record(state)
+            except nixfiles.Unusable:
+                return
+            failures = _int(record.get("failures")) + 1
+            nixrecord.write_record(
+                state, {**record, "state": "failed", "failures": f"{failures}", "error": why}
+            )
+    except Exception:
+        pass
+
+
+def _int(text: str | None) -> int:
+    return int(text) if text is not None and text.isdigit() else 0
 
 
 def _no_registration(reg_info: str | None, e: Exception, say: Callable[[str], None]) -> None:
@@ -182,15 +226,41 @@ def _reconcile(
     closure_info: str | None,
     say: Callable[[str], None],
 ) -> Report:
+    """One attempt; when the state proves unusable, it is moved aside and a fresh one made
+    (once: a fresh directory found unusable too is an error)."""
     aside = None
+    while True:
+        try:
+            return _attempt(layers, reg_info, reg_fd, closure_info, aside, say)
+        except nixfiles.Unusable as e:
+            if aside is not None:
+                raise NixStateError(f"a fresh state directory is unusable too: {e}") from None
+            aside = _aside(layers.rw, e, say)
+
+
+def _attempt(
+    layers: Layers,
+    reg_info: str | None,
+    reg_fd: int,
+    closure_info: str | None,
+    aside: str | None,
+    say: Callable[[str], None],
+) -> Report:
+    from guest_agent import nixcopy
+
     reg_stat = os.fstat(reg_fd) if reg_fd >= 0 else None
-    try:
-        state, db = _open_state(layers.rw)
-    except nixfiles.Unusable as e:
-        aside = _aside(layers.rw, e, say)
-        state, db = _open_state(layers.rw)
+    state, db = _open_state(layers.rw)
     try:
         record = nixrecord.read_record(state)
+        interrupted = record.get("new-db") if record.get("state") == "writing-back" else None
+        note = nixcopy.recover(db, interrupted)
+        if note:
+            say(note)
+        failures = _int(record.get("failures"))
+        if failures >= MAX_FAILURES:
+            raise nixfiles.Unusable(
+                f"its reconcile failed {failures} boots in a row (last: {record.get('error', '?')})"
+            )
         before = nixrecord.fingerprint(layers, reg_info, reg_stat, db)
         if record.get("state") == "done" and record.get("fingerprint") == before and aside is None:
             say(
@@ -201,62 +271,14 @@ def _reconcile(
         registration = None
         if reg_fd >= 0:
             try:
+                os.lseek(reg_fd, 0, os.SEEK_SET)
                 registration = read_registration(reg_fd)
             except (OSError, RegistrationError) as e:
                 _no_registration(reg_info, e, say)
                 closure_info = None
-        import sqlite3  # only now: a boot with nothing to reconcile does not pay for it
-
-        from guest_agent import nixdb
-
-        try:
-            conn = nixdb.open_database(
-                db, check_integrity=not nixrecord.db_unchanged(record, before)
-            )
-        except nixfiles.Unusable as e:
-            os.close(db)
-            os.close(state)
-            state = db = -1
-            aside = _aside(layers.rw, e, say)
-            state, db = _open_state(layers.rw)
-            conn = None
-        try:
-            if conn is None:
-                conn = nixdb.create_database(db)
-            nixrecord.write_record(state, {**record, "state": "reconciling"})
-            registered = set(registration.names) if registration is not None else set()
-            if closure_info:
-                registered.add(closure_info)
-            lower_names = set(os.listdir(layers.lower))
-            upper = nixupper.scan_upper(layers.upper)
-            whiteouts, copies = nixupper.clean_upper(layers, upper, lower_names, registered)
-            if whiteouts:
-                say(
-                    f"removed {len(whiteouts)} whiteouts hiding registered lower store paths: {_some(whiteouts)}"
-                )
-            if copies:
-                say(
-                    f"moved {len(copies)} upper copies of registered lower store paths to the trash: {_some(copies)}"
-                )
-
-            def present(name: str) -> bool:
-                return name in upper.visible or (
-                    name in lower_names and name not in upper.whiteouts
-                )
-
-            read = _read_derivation(layers, upper)
-            names = len(registration.names) if registration is not None else 0
-            say(f"checking the valid paths against the store and {names} registered paths")
-            try:
-                outcome = nixdb.reconcile(conn, present, registration, read, set(copies))
-            except RegistrationError as e:  # an entry it had to parse in full is malformed
-                _no_registration(reg_info, e, say)
-                outcome = nixdb.reconcile(conn, present, None, read, set(copies))
-        except sqlite3.Error as e:
-            raise NixStateError(f"SQLite says {e}") from None
-        finally:
-            if conn is not None:
-                conn.close()
+        outcome, whiteouts, copies = _reconcile_copy(
+            layers, state, db, record, before, registration, closure_info, say
+        )
         _tell(outcome, say)
         after = nixrecord.fingerprint(layers, reg_info, reg_stat, db)
         nixrecord.write_record(
@@ -275,10 +297,89 @@ def _reconcile(
         )
         return Report(False, whiteouts, copies, outcome, aside)
     finally:
-        if db >= 0:
-            os.close(db)
-        if state >= 0:
-            os.close(state)
+        os.close(db)
+        os.close(state)
+
+
+def _reconcile_copy(
+    layers: Layers,
+    state: int,
+    db: int,
+    record: dict[str, str],
+    before: str,
+    registration: list[Entry] | None,
+    closure_info: str | None,
+    say: Callable[[str], None],
+) -> tuple[Outcome, list[str], list[str]]:
+    """Steps 1-3 on a private copy of the database, written back when it changed."""
+    import sqlite3  # only now: a boot with nothing to reconcile does not pay for it
+
+    from guest_agent import nixcopy, nixdb, nixschema
+
+    deadline = nixschema.deadline()
+    exists = nixfiles.check_files(db)
+    nixdb.check_version(db, exists)
+    work = nixcopy.take(db) if exists else nixcopy.private_dir()
+    try:
+        try:
+            if exists and work is not None:
+                check = not nixrecord.db_unchanged(record, before)
+                conn = nixdb.open_database(work, deadline, check_integrity=check)
+            else:
+                work = work or nixcopy.private_dir()
+                conn = nixdb.create_database(work, deadline)
+            try:
+                nixrecord.write_record(state, {**record, "state": "reconciling"})
+                outcome, whiteouts, copies = _steps(layers, conn, registration, closure_info, say)
+                changed = conn.total_changes > 0 or not exists
+                conn.execute("pragma wal_checkpoint(truncate)")
+            finally:
+                conn.close()
+        except sqlite3.Error as e:  # on the agent's own copy: the database's content is at fault
+            raise nixfiles.Unusable(f"SQLite says {e}") from None
+        if changed:
+            inode = nixcopy.write_new(db, work)
+            nixrecord.write_record(state, {**record, "state": "writing-back", "new-db": f"{inode}"})
+            if not exists:
+                nixdb.write_schema_file(db)
+            nixcopy.put_in_place(db)
+    finally:
+        nixcopy.discard(work)
+    return outcome, whiteouts, copies
+
+
+def _steps(
+    layers: Layers,
+    conn: sqlite3.Connection,
+    registration: list[Entry] | None,
+    closure_info: str | None,
+    say: Callable[[str], None],
+) -> tuple[Outcome, list[str], list[str]]:
+    from guest_agent import nixdb
+
+    registered = {e.name for e in registration} if registration is not None else set()
+    if closure_info:
+        registered.add(closure_info)
+    lower_names = set(os.listdir(layers.lower))
+    upper = nixupper.scan_upper(layers.upper)
+    whiteouts, copies = nixupper.clean_upper(layers, upper, lower_names, registered)
+    if whiteouts:
+        say(
+            f"removed {len(whiteouts)} whiteouts hiding registered lower store paths: {_some(whiteouts)}"
+        )
+    if copies:
+        say(
+            f"moved {len(copies)} upper copies of registered lower store paths to the trash: {_some(copies)}"
+        )
+
+    def present(name: str) -> bool:
+        return name in upper.visible or (name in lower_names and name not in upper.whiteouts)
+
+    read = _read_derivation(layers, upper)
+    names = len(registered) - (1 if closure_info else 0)
+    say(f"checking the valid paths against the store and {names} registered paths")
+    outcome = nixdb.reconcile(conn, present, registration, read, set(copies))
+    return outcome, whiteouts, copies
 
 
 def _aside(rw: int, why: Exception, say: Callable[[str], None]) -> str:

@@ -4,18 +4,20 @@ tests compare the rows with `nix-store --load-db`'s)."""
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 
 import pytest
 
-from guest_agent import nixdb
+from guest_agent import nixdb, nixschema
 from guest_agent.nixreg import Entry
 
 H = "sha256:" + "0" * 64
 
 
 def name(tag: str) -> str:
-    return "0" * 31 + tag[0] + "-" + tag
+    """A store path's base name as Nix makes it (its hash in Nix's base-32 alphabet)."""
+    return "0" * 31 + "0123456789abcdfghijklmnpqrsvwxyz"[ord(tag[0]) % 32] + "-" + tag
 
 
 def entry(tag: str, *refs: str) -> Entry:
@@ -24,17 +26,29 @@ def entry(tag: str, *refs: str) -> Entry:
 
 @pytest.fixture
 def db(tmp_path: Path) -> int:
+    """An fd of a database directory (what the agent holds of RW/nix-state/db)."""
     fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     yield fd  # type: ignore[misc]
     os.close(fd)
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> str:
+    """The agent's private directory, where SQLite works on its copy."""
+    (tmp_path / "work").mkdir()
+    return str(tmp_path / "work")
+
+
+def fresh(work: str) -> sqlite3.Connection:
+    return nixdb.create_database(work, nixschema.deadline())
 
 
 def valid(conn: object) -> set[str]:
     return {row[0].rsplit("-", 1)[1] for row in conn.execute("select path from ValidPaths")}  # type: ignore[attr-defined]
 
 
-def test_invalidation_takes_every_referrer_and_survives_self_references(db: int) -> None:
-    conn = nixdb.create_database(db)
+def test_invalidation_takes_every_referrer_and_survives_self_references(work: str) -> None:
+    conn = fresh(work)
     # c -> b -> a, d -> c, e alone; b refers to itself (Nix allows it)
     reg = [entry("a"), entry("b", "a", "b"), entry("c", "b"), entry("d", "c"), entry("e")]
     everything = {e.name for e in reg}
@@ -49,8 +63,8 @@ def test_invalidation_takes_every_referrer_and_survives_self_references(db: int)
     assert refs == 0
 
 
-def test_registered_paths_whose_references_cannot_be_valid_stay_invalid(db: int) -> None:
-    conn = nixdb.create_database(db)
+def test_registered_paths_whose_references_cannot_be_valid_stay_invalid(work: str) -> None:
+    conn = fresh(work)
     reg = [entry("a"), entry("b", "a"), entry("c", "b"), entry("x", "zzz")]
     present = {name("b"), name("c"), name("x")}  # a is not in the store
     out = nixdb.reconcile(conn, present.__contains__, reg, lambda n: None)
@@ -61,8 +75,8 @@ def test_registered_paths_whose_references_cannot_be_valid_stay_invalid(db: int)
     assert "reference" in why[name("x")]
 
 
-def test_valid_rows_are_kept_except_for_replaced_copies(db: int) -> None:
-    conn = nixdb.create_database(db)
+def test_valid_rows_are_kept_except_for_replaced_copies(work: str) -> None:
+    conn = fresh(work)
     old = Entry(name("a"), "sha256:" + "1" * 64, 7, None, ())
     nixdb.reconcile(conn, lambda n: True, [old], lambda n: None)
     conn.execute("update ValidPaths set sigs = 'cache:sig', ultimate = 1")
@@ -82,8 +96,8 @@ def test_valid_rows_are_kept_except_for_replaced_copies(db: int) -> None:
     )
 
 
-def test_a_failed_reconcile_changes_nothing(db: int) -> None:
-    conn = nixdb.create_database(db)
+def test_a_failed_reconcile_changes_nothing(work: str) -> None:
+    conn = fresh(work)
     reg = [entry("a"), entry("b", "a")]
     nixdb.reconcile(conn, lambda n: True, reg, lambda n: None)
 
@@ -99,21 +113,22 @@ def test_a_failed_reconcile_changes_nothing(db: int) -> None:
     ("schema", "why"), [("11", "schema version 11"), ("ten", "not a version number")]
 )
 def test_unknown_schema_is_unusable(db: int, tmp_path: Path, schema: str, why: str) -> None:
-    nixdb.create_database(db).close()
+    (tmp_path / "db.sqlite").write_bytes(b"")
     (tmp_path / "schema").write_text(schema)
     with pytest.raises(nixdb.Unusable, match=why):
-        nixdb.open_database(db)
+        nixdb.check_version(db, True)
 
 
 def test_database_files_must_be_plain_files(db: int, tmp_path: Path) -> None:
-    nixdb.create_database(db).close()
+    (tmp_path / "db.sqlite").write_bytes(b"")
     (tmp_path / "db.sqlite-journal").symlink_to("/etc/passwd")
     with pytest.raises(nixdb.Unusable, match=r"db\.sqlite-journal is not a regular file"):
-        nixdb.open_database(db)
+        nixdb.check_files(db)
 
 
 def test_no_database_is_a_fresh_state(db: int) -> None:
-    assert nixdb.open_database(db) is None
+    assert nixdb.check_files(db) is False
+    nixdb.check_version(db, False)
 
 
 def test_a_boot_with_nothing_changed_imports_no_sqlite(tmp_path: Path) -> None:
