@@ -33,6 +33,8 @@ def read_record(state: int) -> dict[str, str]:
     data = nixfiles.read_owned(state, RECORD, MAX_RECORD)
     record = {}
     for line in (data or b"").decode("utf-8", "replace").split("\n"):
+        if not line:
+            continue
         key, _, value = line.partition(" ")
         record[key] = _unescape(value)
     return record

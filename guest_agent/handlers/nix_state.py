@@ -90,4 +90,6 @@ def _reconcile_database(
         return f"{spec.rw}/{e}", f"remove {spec.rw}/{e.name} by hand if it is not yours"
     except (nixstate.NixStateError, OSError) as e:
         return _words(e), None
+    except Exception as e:  # nixstate lets nothing else out; kept so the overlay mounts regardless
+        return f"unexpected {type(e).__name__}: {e}", None
     return None

@@ -132,6 +132,7 @@ class Machine:
         agent: str = "mount-all",
         env: str = "",
         var: str = "rw",
+        timeout: float = 300,
     ) -> Boot:
         reg = lower.reg_info if reg_info == "" else reg_info
         cmdline = f"microvm.store-overlay=/nix/.ro-store:/nix/.rw-store:{options} {extra}"
@@ -172,7 +173,7 @@ class Machine:
             capture_output=True,
             text=True,
             check=False,
-            timeout=300,
+            timeout=timeout,
         )
         agent_err = (self.tmp / "agent.err").read_text()
         out = done.stdout + "".join(
