@@ -28,7 +28,7 @@ from guest_agent.nixfiles import (  # noqa: F401 (re-exported: the database's ow
     read_owned,
     write_small_file,
 )
-from guest_agent.nixreg import Entry, derivation_outputs
+from guest_agent.nixreg import Entry, Registration, derivation_outputs
 from guest_agent.nixschema import SCHEMA_VERSION
 from guest_agent.records import NamedTuple
 
@@ -144,14 +144,16 @@ def write_schema_file(db_dir: int) -> None:
 def reconcile(
     conn: sqlite3.Connection,
     present: Callable[[str], bool],
-    registration: list[Entry] | None,
+    registration: Registration | list[Entry] | None,
     read_derivation: Callable[[str], bytes | None],
     replaced: Collection[str] = (),
 ) -> Outcome:
     """Invalidate what the store lost, then register what the registration adds, in one
     transaction.
 
-    PRESENT(name) tells whether the store (the merged view) holds a path. A row whose
+    PRESENT(name) tells whether the store (the merged view) holds a path. Of a
+    `Registration` (checked by the caller), only the entries not valid (or REPLACED)
+    are converted. A row whose
     path is not a store path (another directory, a name Nix would not make, bytes that
     are not UTF-8, a second row for one path) names nothing in the store: it is
     invalidated like a path that is gone. REPLACED names paths whose upper copy gave
@@ -179,9 +181,14 @@ def reconcile(
         for row_id in doomed:
             if ids.get(names[row_id]) == row_id:
                 del ids[names[row_id]]
+        if isinstance(registration, Registration):  # checked whole: converting cannot fail
+            keep = set(replaced)
+            entries = registration.entries(skip={n for n in ids if n not in keep})
+        else:
+            entries = registration or []
         added, not_added = (
-            _register(conn, ids, present, registration, read_derivation, replaced)
-            if registration
+            _register(conn, ids, present, entries, read_derivation, replaced)
+            if entries
             else ([], [])
         )
         (valid,) = conn.execute("select count(*) from ValidPaths").fetchone()

@@ -12,6 +12,8 @@ base32 (closure-info), or SRI `sha256-` + base64. Nix stores each as
 
 from __future__ import annotations
 
+import re
+
 from guest_agent.nixfiles import _NIX_BASE32, STORE_DIR, RegistrationError, store_name
 from guest_agent.nixfiles import is_store_name as is_store_name  # re-exported
 from guest_agent.records import NamedTuple
@@ -21,6 +23,9 @@ if TYPE_CHECKING:
     from collections.abc import Collection, Container
 
 _SHA256_BYTES = 32
+_B16, _B32, _B64 = "[0-9a-fA-F]{64}", "[01][0-9abcdfghijklmnpqrsvwxyz]{51}", "[A-Za-z0-9+/]{43}="
+# Every spelling normalize_hash converts, and no other (checked before anything acts).
+_HASH_FORM = re.compile(f"[0-9a-f]{{64}}|(?:sha256:)?(?:{_B16}|{_B32}|{_B64})|sha256-{_B64}")
 
 
 class Entry(NamedTuple):
@@ -35,9 +40,11 @@ class Entry(NamedTuple):
 
 class Registration:
     """A registration, read in two passes: `names` (every registered path's base name)
-    at once, with the layout checked; `entries` parses in full only the entries asked
-    for (a boot whose database already has most paths parses few: 36 µs an entry in
-    the emulated guest). RegistrationError names the bad line."""
+    at once, with the layout checked, and `check` every entry's form (cheap: no hash
+    is converted), so that nothing acts on a registration that turns out malformed;
+    `entries` then converts only the entries asked for (a boot whose database already
+    has most paths converts few: 36 µs an entry in the emulated guest), and cannot
+    fail on an entry `check` passed. RegistrationError names the bad line."""
 
     def __init__(self, data: bytes) -> None:
         try:
@@ -74,6 +81,22 @@ class Registration:
                 raise RegistrationError(f"ends in the middle of the entry of {path}")
         self._lines = lines
         self._at = at
+
+    def check(self) -> None:
+        """RegistrationError unless every entry has the form `entries` reads: a store
+        path, a sha256 NAR hash in one of Nix's spellings, a size, a deriver that is a
+        store path or empty."""
+        lines = self._lines
+        for i in self._at.values():
+            path = lines[i]
+            store_name(path)
+            text, size, deriver = lines[i + 1 : i + 4]
+            if not _HASH_FORM.fullmatch(text):
+                raise RegistrationError(f"entry of {path} (line {i + 2}): hash {text!r}")
+            if not size.isdigit():
+                raise RegistrationError(f"entry of {path} (line {i + 3}): size {size!r}")
+            if deriver:
+                store_name(deriver)
 
     @property
     def names(self) -> Collection[str]:

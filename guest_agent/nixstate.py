@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
     from guest_agent.mountinfo import Mount, MountTable
     from guest_agent.nixdb import Outcome
-    from guest_agent.nixreg import Entry
+    from guest_agent.nixreg import Registration
 
 DB_DIR = nixrecord.DB_DIR
 ASIDE_PREFIX = "nix-state.aside-"
@@ -104,14 +104,16 @@ def open_registration(lower: int, reg_info: str) -> tuple[int, str]:
     return fd, name
 
 
-def read_registration(fd: int) -> list[Entry]:
-    """Every entry, parsed and checked in full (before anything acts on any of them)."""
+def read_registration(fd: int) -> Registration:
+    """The registration, every entry checked in full (before anything acts on any of them)."""
     data = nixfiles.read_fd(fd, MAX_REGISTRATION + 1)
     if len(data) > MAX_REGISTRATION:
         raise RegistrationError(f"larger than {MAX_REGISTRATION >> 20} MiB")
-    from guest_agent.nixreg import parse_registration
+    from guest_agent.nixreg import Registration
 
-    return parse_registration(data)
+    registration = Registration(data)
+    registration.check()
+    return registration
 
 
 def move_aside(rw: int) -> str:
@@ -307,7 +309,7 @@ def _reconcile_copy(
     db: int,
     record: dict[str, str],
     before: str,
-    registration: list[Entry] | None,
+    registration: Registration | None,
     closure_info: str | None,
     say: Callable[[str], None],
 ) -> tuple[Outcome, list[str], list[str]]:
@@ -338,6 +340,8 @@ def _reconcile_copy(
         except sqlite3.Error as e:  # on the agent's own copy: the database's content is at fault
             raise nixfiles.Unusable(f"SQLite says {e}") from None
         if changed:
+            size = os.stat(os.path.join(work, nixfiles.DB_FILE)).st_size
+            say(f"writing the Nix database back to RW ({size >> 10} KiB, replacing it whole)")
             inode = nixcopy.write_new(db, work)
             nixrecord.write_record(state, {**record, "state": "writing-back", "new-db": f"{inode}"})
             if not exists:
@@ -351,13 +355,13 @@ def _reconcile_copy(
 def _steps(
     layers: Layers,
     conn: sqlite3.Connection,
-    registration: list[Entry] | None,
+    registration: Registration | None,
     closure_info: str | None,
     say: Callable[[str], None],
 ) -> tuple[Outcome, list[str], list[str]]:
     from guest_agent import nixdb
 
-    registered = {e.name for e in registration} if registration is not None else set()
+    registered = set(registration.names) if registration is not None else set()
     if closure_info:
         registered.add(closure_info)
     lower_names = set(os.listdir(layers.lower))

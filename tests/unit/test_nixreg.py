@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from guest_agent.nixreg import (
+    Registration,
     RegistrationError,
     derivation_outputs,
     is_store_name,
@@ -123,3 +124,48 @@ def test_a_registration_parses_in_full_only_what_is_asked_for() -> None:
     assert a.name == A[11:] and a.nar_hash == f"sha256:{BASE16}"
     with pytest.raises(RegistrationError, match="not-a-hash"):
         registration.entries()
+
+
+def _one_entry(hash_text: str, size: str = "1", deriver: str = "") -> bytes:
+    return f"{A}\n{hash_text}\n{size}\n{deriver}\n0\n".encode()
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        BASE16,
+        f"sha256:{BASE16}",
+        f"sha256:{BASE32}",
+        BASE32,
+        f"sha256-{BASE64}",
+        f"sha256:{BASE64}",
+    ],
+)
+def test_check_accepts_every_spelling_normalize_hash_converts(spelling: str) -> None:
+    Registration(_one_entry(spelling)).check()
+
+
+@given(st.text(alphabet="0123456789abcdefsh:-+/=ABCxyz", max_size=80))
+def test_check_and_normalize_hash_agree(text: str) -> None:
+    """What check passes, converting never refuses (entries() cannot fail after it)."""
+    try:
+        Registration(_one_entry(text)).check()
+    except RegistrationError:
+        return
+    normalize_hash(text)
+
+
+@pytest.mark.parametrize(
+    ("entry", "why"),
+    [
+        (_one_entry("sha256:" + "e" * 52), "hash"),
+        (_one_entry(BASE16, size="-1"), "size"),
+        (_one_entry(BASE16, size="x"), "size"),
+        (_one_entry(BASE16, deriver="/tmp/x.drv"), "not a path in"),
+        (_one_entry("sha256:2" + BASE32[1:]), "hash"),  # 2 in front: more than 256 bits
+    ],
+)
+def test_check_refuses_an_entry_anywhere_before_anything_acts(entry: bytes, why: str) -> None:
+    text = _one_entry(BASE16).replace(A.encode(), B.encode()) + entry
+    with pytest.raises(RegistrationError, match=why):
+        Registration(text).check()
