@@ -58,17 +58,20 @@ def lstat_owned(dir_fd: int, name: str, max_size: int | None = None) -> os.stat_
     return st
 
 
-def _check_regular(name: str, st: os.stat_result, max_size: int | None) -> None:
+def _check_regular(
+    name: str, st: os.stat_result, max_size: int | None, *, links_ok: bool = False
+) -> None:
     if not stat.S_ISREG(st.st_mode):
         raise Unusable(f"{name} is not a regular file")
-    if st.st_nlink != 1:
+    if st.st_nlink != 1 and not links_ok:
         raise Unusable(f"{name} has {st.st_nlink} hard links")
     if max_size is not None and st.st_size > max_size:
         raise Unusable(f"{name} has {st.st_size} bytes, more than the {max_size} allowed")
 
 
-def open_owned(dir_fd: int, name: str, max_size: int) -> int | None:
-    """A readable fd of NAME in DIR_FD, None when absent (Unusable as `lstat_owned`).
+def open_owned(dir_fd: int, name: str, max_size: int, *, links_ok: bool = False) -> int | None:
+    """A readable fd of NAME in DIR_FD, None when absent (Unusable as `lstat_owned`;
+    LINKS_OK for a store file, which `nix-store --optimise` may have hard-linked).
 
     The file is looked at before it is opened: an O_PATH fd (no device's open runs, no
     FIFO blocks, no link is followed) is fstat'ed, and only a regular file is then
@@ -78,7 +81,7 @@ def open_owned(dir_fd: int, name: str, max_size: int) -> int | None:
     except FileNotFoundError:
         return None
     try:
-        _check_regular(name, os.fstat(path_fd), max_size)
+        _check_regular(name, os.fstat(path_fd), max_size, links_ok=links_ok)
         return os.open(f"/proc/self/fd/{path_fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     finally:
         os.close(path_fd)

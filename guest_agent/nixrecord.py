@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 RECORD = "guest-agent-reconcile"
 DB_DIR = nixfiles.DB_DIR
 MAX_RECORD = 1 << 20
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def read_record(state: int) -> dict[str, str]:

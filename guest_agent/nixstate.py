@@ -29,7 +29,6 @@ runs them in order on the layers' fds. See docs/nix-db.md.
 from __future__ import annotations
 
 import os
-import stat
 import time
 
 from guest_agent import nixfiles, nixrecord, nixupper
@@ -53,7 +52,6 @@ ASIDE_PREFIX = "nix-state.aside-"
 MAX_REGISTRATION = 256 << 20
 MAX_DERIVATION = 16 << 20
 MAX_FAILURES = 3  # boots in a row whose reconcile failed before the state is moved aside
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -94,7 +92,7 @@ def open_registration(lower: int, reg_info: str) -> tuple[int, str]:
             step = os.open(part, _DIR_FLAGS, dir_fd=walk)
             os.close(walk)
             walk = step
-        fd = nixfiles.open_owned(walk, parts[-1], MAX_REGISTRATION)
+        fd = nixfiles.open_owned(walk, parts[-1], MAX_REGISTRATION, links_ok=True)
     except nixfiles.Unusable as e:
         raise RegistrationError(str(e)) from None
     finally:
@@ -147,14 +145,14 @@ def _open_state(rw: int) -> tuple[int, int]:
 def _read_derivation(layers: Layers, upper: nixupper.Upper) -> Callable[[str], bytes | None]:
     def read(name: str) -> bytes | None:
         layer = layers.upper if name in upper.visible else layers.lower
-        try:
-            fd = os.open(name, _READ_FLAGS, dir_fd=layer)
-        except OSError:
+        try:  # looked at before it is opened: a device node or FIFO in the upper is not
+            fd = nixfiles.open_owned(layer, name, MAX_DERIVATION, links_ok=True)
+        except (OSError, nixfiles.Unusable):
+            return None
+        if fd is None:
             return None
         with closing(fd):
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return None
-            return os.read(fd, MAX_DERIVATION)
+            return nixfiles.read_fd(fd, MAX_DERIVATION)
 
     return read
 
@@ -346,6 +344,7 @@ def _reconcile_copy(
             nixrecord.write_record(state, {**record, "state": "writing-back", "new-db": f"{inode}"})
             if not exists:
                 nixdb.write_schema_file(db)
+            say("putting the new Nix database in place of the old one")
             nixcopy.put_in_place(db)
     finally:
         nixcopy.discard(work)
