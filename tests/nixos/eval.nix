@@ -132,6 +132,8 @@ let
     };
 in
 {
+  # for tests/nixos/stage1.nix (nixpkgs' scripted stage 1, substituted)
+  inherit evalCase checked;
   report = lib.mapAttrs (_: report1) (lib.filterAttrs (_: c: !(c.fails or false)) cases);
   # nix-instantiate --eval --strict -A failing.<name> (must fail)
   failing = lib.mapAttrs (_: c: report1 c) (lib.filterAttrs (_: c: c.fails or false) cases);
