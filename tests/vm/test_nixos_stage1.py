@@ -59,7 +59,7 @@ def stage1_vm(
             shares=shares,
             disks=disks,
             memory_mb=1024,
-            timeout=240.0,
+            timeout=120.0,
             label=f"nixos-stage1-{case}",
         )
         return stage1, vm
