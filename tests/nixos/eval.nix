@@ -15,6 +15,8 @@
 }:
 let
   microvm = ./vendor/microvm.nix/nixos-modules/microvm;
+  # microvm.nix's own drive letters (lib/default.nix withDriveLetters)
+  microvmLib = import ./vendor/microvm.nix/lib { inherit lib; };
   agentModule = ../../initrd-hooks/nixos/module.nix;
 
   evalCase =
@@ -93,6 +95,9 @@ let
       };
       initrdSystemd = config.boot.initrd.systemd.enable;
       postMountCommands = config.boot.initrd.postMountCommands;
+      extraUtilsCommands = config.boot.initrd.extraUtilsCommands;
+      extraUtilsCommandsTest = config.boot.initrd.extraUtilsCommandsTest;
+      initrdBin = map toString config.boot.initrd.systemd.initrdBin;
       extraFiles = lib.mapAttrs (_: f: toString f.source) config.boot.initrd.extraFiles;
       initrdContents = lib.mapAttrs (_: f: toString f.source) config.boot.initrd.systemd.contents;
       storePaths = map toString config.boot.initrd.systemd.storePaths;
@@ -122,6 +127,9 @@ let
       microvm = lib.optionalAttrs (case.microvm or true) {
         inherit (config.microvm) registerClosure kernelParams storeOnDisk writableStoreOverlay;
         storeDiskType = if config.microvm.storeOnDisk then config.microvm.storeDiskType else null;
+        driveLetters = map (v: {
+          inherit (v) mountPoint label letter;
+        }) (microvmLib.withDriveLetters config.microvm);
       };
       toplevel = toString config.system.build.toplevel;
       systemChecks = map (c: c.name) config.system.checks;
