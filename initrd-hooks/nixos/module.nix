@@ -4,7 +4,8 @@
 # with the systemd initrd (boot.initrd.systemd.enable: a service ordered after
 # sysroot.mount and before initrd-fs.target).
 #
-#   imports = [ ./guest-agent/initrd-hooks/nixos/module.nix ];
+#   imports = [ guest-agent.nixosModules.default ];   # the flake (flake.nix)
+#   # or, from a checkout: imports = [ ./guest-agent/initrd-hooks/nixos/module.nix ];
 #   boot.initrd.guest-agent = {
 #     enable = true;
 #     fromMicrovm = true;   # take shares, volumes, writableStoreOverlay from microvm.*

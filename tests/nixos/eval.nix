@@ -17,7 +17,8 @@ let
   microvm = ./vendor/microvm.nix/nixos-modules/microvm;
   # microvm.nix's own drive letters (lib/default.nix withDriveLetters)
   microvmLib = import ./vendor/microvm.nix/lib { inherit lib; };
-  agentModule = ../../initrd-hooks/nixos/module.nix;
+  # the flake's nixosModules.default (flake.nix, called as flake-outputs.nix does)
+  agentModule = (import ./flake-outputs.nix { inherit lib; }).outputs.nixosModules.default;
 
   evalCase =
     case: extra:
@@ -140,6 +141,7 @@ let
     };
 in
 {
+  inherit agentModule;
   report = lib.mapAttrs (_: report1) (lib.filterAttrs (_: c: !(c.fails or false)) cases);
   # nix-instantiate --eval --strict -A failing.<name> (must fail)
   failing = lib.mapAttrs (_: c: report1 c) (lib.filterAttrs (_: c: c.fails or false) cases);

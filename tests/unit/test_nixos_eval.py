@@ -15,6 +15,7 @@ Needs only ``nix-instantiate`` (Debian's nix-bin, ``tools/setup-testbed``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -752,3 +753,73 @@ def test_failure_line_is_printed_before_stage_1_fails(
         "guest-agent: a required mount failed (see above); continuing the boot"
         " (guest_agent.onfail=continue)"
     ], out
+
+
+# --------------------------------------------------------------------------
+# The flake (flake.nix at the top)
+# --------------------------------------------------------------------------
+
+MODULE = REPO / "initrd-hooks" / "nixos" / "module.nix"
+EVAL_FLAKE = REPO / "tests" / "nixos" / "eval-flake.nix"
+
+
+def test_flake_outputs() -> None:
+    """flake.nix's outputs, its `outputs` function called with the pinned lib
+    and the package stand-ins (tests/nixos/flake-outputs.nix): the module
+    eval.nix evaluates is nixosModules.default, module.nix itself; the
+    package and the overlay's are package.nix built with the input's
+    python3Packages."""
+    r = subprocess.run(
+        ["nix-instantiate", "--eval", "--strict", "--json", str(EVAL_FLAKE), "-A", "report"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=REPO,
+    )
+    assert r.returncode == 0, r.stderr
+    flake = json.loads(r.stdout)
+    assert flake["outputsArgs"] == {"self": False, "nixpkgs": False}
+    assert set(flake["inputs"]) == {"nixpkgs"}
+    assert flake["outputNames"] == ["nixosModules", "overlays", "packages"]
+    assert flake["nixosModules"] == {"default": str(MODULE), "guest-agent": str(MODULE)}
+    assert flake["evaluatedModule"] == str(MODULE)
+    assert flake["systems"] == ["aarch64-linux", "x86_64-linux"]
+    assert flake["packageNames"] == ["default", "guest-agent"]
+    built = {"name": "guest-agent-0.1.0", "stubOf": "buildPythonApplication"}
+    assert {k: flake["package"][k] for k in built} == built
+    assert flake["overlayNames"] == ["guest-agent"]
+    assert flake["overlayPackage"] == flake["package"]
+
+
+def test_flake_evaluated_by_nix_as_a_users_input() -> None:
+    """The host's Nix evaluates a user's flake (tests/nixos/flake/user) that
+    takes this repository as the input `guest-agent` with
+    `inputs.nixpkgs.follows = "nixpkgs"`, offline: the inputs' URLs are
+    overridden with this checkout (git+file, its tracked files) and the stub
+    nixpkgs flake. nixosModules.default is module.nix (same bytes), the
+    package and the overlay are there, guest-agent's nixpkgs is the user's."""
+    nix = shutil.which("nix")
+    assert nix, "nix is missing (Debian's nix-bin; run `sudo tools/setup-testbed`)"
+    here = f"git+file://{REPO}"
+    r = subprocess.run(
+        [
+            *(nix, "eval", "--extra-experimental-features", "nix-command flakes", "--json"),
+            *("--no-write-lock-file", "--override-input", "guest-agent", here),
+            *("--override-input", "nixpkgs", f"{here}?dir=tests/nixos/flake/stub-nixpkgs"),
+            f"{here}?dir=tests/nixos/flake/user#check",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=REPO,
+        timeout=120,
+    )
+    # (it copies the checkout into the Nix store: needs root with Debian's nix-bin)
+    assert r.returncode == 0, r.stderr
+    check = json.loads(r.stdout)
+    assert check == {
+        "module": hashlib.sha256(MODULE.read_bytes()).hexdigest(),
+        "package": "guest-agent-0.1.0",
+        "overlay": ["guest-agent"],
+        "sameNixpkgs": True,
+    }
