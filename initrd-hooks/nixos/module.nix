@@ -338,16 +338,25 @@ let
   # autoFormat: the mkfs tools for the volumes that ask, by fsType. The agent
   # looks in PATH for mkfs.<fsType>, then (ext2/3/4) mke2fs -t <fsType>
   # (guest_agent/handlers/makefs.py); busybox's mke2fs has no -t.
-  e2fsTools = {
-    package = pkgs.e2fsprogs;
-    programs = [ "mke2fs" ];
-    links = [ "mkfs.ext2" "mkfs.ext3" "mkfs.ext4" ];
-    check = "mke2fs -V";
+  mkfsToolOf = {
+    ext2 = "e2fs";
+    ext3 = "e2fs";
+    ext4 = "e2fs";
+    xfs = "xfs";
+    btrfs = "btrfs";
+    vfat = "vfat";
   };
   mkfsTools = {
-    ext2 = e2fsTools;
-    ext3 = e2fsTools;
-    ext4 = e2fsTools;
+    e2fs = {
+      package = pkgs.e2fsprogs;
+      programs = [ "mke2fs" ];
+      links = [
+        "mkfs.ext2"
+        "mkfs.ext3"
+        "mkfs.ext4"
+      ];
+      check = "mke2fs -V";
+    };
     xfs = {
       package = pkgs.xfsprogs;
       programs = [ "mkfs.xfs" ];
@@ -368,8 +377,10 @@ let
     };
   };
   formatTypes = lib.unique (map (v: v.fsType) (lib.filter (v: v.autoFormat) cfg.volumes));
-  formatTypesWithoutTool = lib.filter (t: !(mkfsTools ? ${t})) formatTypes;
-  formatTools = lib.unique (map (t: mkfsTools.${t}) (lib.filter (t: mkfsTools ? ${t}) formatTypes));
+  formatTypesWithoutTool = lib.filter (t: !(mkfsToolOf ? ${t})) formatTypes;
+  formatTools = map (k: mkfsTools.${k}) (
+    lib.unique (map (t: mkfsToolOf.${t}) (lib.filter (t: mkfsToolOf ? ${t}) formatTypes))
+  );
   formatPackages = map (t: lib.getBin t.package) formatTools;
   # extra-utils: copied after busybox, so mke2fs replaces busybox's applet.
   formatUtilsCommands = lib.concatMapStrings (
@@ -395,9 +406,20 @@ let
       }:$PATH
     ''
     + readCmdline
-    + lib.optionalString storeTakenOver ''
-      [ -n "$off" ] && ${offIgnored}
-    ''
+    + (
+      if storeTakenOver then
+        ''
+          [ -n "$off" ] && ${offIgnored}
+        ''
+      else
+        # (the unit's ConditionKernelCommandLine= has the =0 forms only)
+        ''
+          if [ -n "$off" ]; then
+            echo "guest-agent: disabled on the kernel command line"
+            exit 0
+          fi
+        ''
+    )
     + ''
       mkdir -p /run/guest-agent && : > /run/guest-agent/initrd-ran
       ${agent} mount-all --root /sysroot --config /etc/guest-agent/mounts.json ${args}
@@ -601,7 +623,7 @@ in
         }
         {
           assertion = formatTypesWithoutTool == [ ];
-          message = "boot.initrd.guest-agent.volumes: autoFormat needs an fsType the initrd has a mkfs tool for (${lib.concatStringsSep ", " (lib.attrNames mkfsTools)}), not ${lib.concatStringsSep ", " formatTypesWithoutTool}.";
+          message = "boot.initrd.guest-agent.volumes: autoFormat needs an fsType the initrd has a mkfs tool for (${lib.concatStringsSep ", " (lib.attrNames mkfsToolOf)}), not ${lib.concatStringsSep ", " formatTypesWithoutTool}.";
         }
         {
           assertion = tagsTwice == [ ];

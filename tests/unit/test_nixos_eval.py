@@ -726,13 +726,21 @@ def test_off_switch_with_the_store_taken_over(
     assert out.splitlines()[0].startswith("agent ran: mount-all"), out
 
 
-@pytest.mark.parametrize("name", ["share-no-takeover", "share-no-overlay", "manual"])
+@pytest.mark.parametrize(
+    "name", ["share-no-takeover", "share-no-overlay", "manual", "no-takeover-systemd"]
+)
+@pytest.mark.parametrize("switch", ["guest-agent=0", "rd.guest_agent=off"])
 def test_off_switch_without_the_store_taken_over(
-    name: str, reports: dict[str, Any], tmp_path: Path
+    name: str, switch: str, reports: dict[str, Any], tmp_path: Path
 ) -> None:
     """Stage 1 (or stage 2) mounts the store itself: the switch turns the agent off."""
-    hook, agent = scripted_hook(reports[name], tmp_path)
-    out = run_hook(BUSYBOX_SH, hook, agent, "console=ttyS0 guest-agent=0")
+    report = reports[name]
+    if report["initrdSystemd"]:
+        hook, agent = systemd_hook(report, tmp_path)
+        out = run_hook(BASH, hook, agent, f"console=ttyS0 {switch}")
+    else:
+        hook, agent = scripted_hook(report, tmp_path)
+        out = run_hook(BUSYBOX_SH, hook, agent, f"console=ttyS0 {switch}")
     assert out == "guest-agent: disabled on the kernel command line\n"
 
 
