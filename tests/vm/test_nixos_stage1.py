@@ -181,7 +181,7 @@ def test_auto_format_volume_in_stage_1(stage1_vm: Boot, tmp_path: Path) -> None:
     """A blank volume with autoFormat: formatted by the mkfs the initrd carries."""
     stage1, vm = stage1_vm("auto-format")
     tb.blank_image(tmp_path / "data.img", "16M")
-    boot = stage2(vm, ns.step("data", "touch /data/written && ls /data"))
+    boot = stage2(vm, ns.step("data", "touch /data/written && ls -1 /data"))
     assert boot.exit_code == 0, boot
     mounts = s1.mount_table(boot.results)
     assert mounts["/data"][:2] == ("/dev/vdb", "ext4"), mounts
