@@ -169,7 +169,9 @@ def _unpack(cpio: Path, dest: Path) -> None:
 def system_closure(testbed: tb.Testbed, nix_cpio: Path) -> Closure:
     """The closure of nixos-system-stage1 (userland from the Nix initramfs nix_cpio)."""
     key = hashlib.sha256(
-        "\0".join((VERSION, nix_cpio.name, STAGE2_INIT, CLOSURE_EXPR, ns.host_nix_version())).encode()
+        "\0".join(
+            (VERSION, nix_cpio.name, STAGE2_INIT, CLOSURE_EXPR, ns.host_nix_version())
+        ).encode()
     ).hexdigest()[:16]
     cache = testbed.cache / "nixos-stage1"
     root = cache / f"system-{key}"
@@ -195,7 +197,14 @@ def system_closure(testbed: tb.Testbed, nix_cpio: Path) -> Closure:
         built = {}
         for attr in ("toplevel", "dep"):
             out = ns.nix(
-                "nix-build", "--no-out-link", str(expr), "-A", attr, "--argstr", "userland", userland
+                "nix-build",
+                "--no-out-link",
+                str(expr),
+                "-A",
+                attr,
+                "--argstr",
+                "userland",
+                userland,
             ).split()
             built[attr] = out[-1]
         valid = sorted(ns.nix("nix-store", "-qR", built["toplevel"]).split())
@@ -204,7 +213,9 @@ def system_closure(testbed: tb.Testbed, nix_cpio: Path) -> Closure:
         closure_info = ns._make_closure_info(ns._dump_db(valid), valid, tmp)
         out_dir = tmp / "out"
         ns._copy_out([*valid, closure_info], out_dir / "store")
-        tb.erofs_image(out_dir / "store.erofs", out_dir / "store", label="nix-store", testbed=testbed)
+        tb.erofs_image(
+            out_dir / "store.erofs", out_dir / "store", label="nix-store", testbed=testbed
+        )
         meta = {
             "toplevel": built["toplevel"],
             "dep": built["dep"],
@@ -274,7 +285,7 @@ class Layer:
 
 def _newc_members(archive: bytes) -> list[tuple[str, bytes, bytes]]:
     """The members of a newc archive: (name, the 13 header fields as hex, data)."""
-    out = []
+    out: list[tuple[str, bytes, bytes]] = []
     pos = 0
     while True:
         if archive[pos : pos + 6] != b"070701":
@@ -324,7 +335,9 @@ def _copy_bin_and_libs(layer: Layer, extra_utils: str, program: str) -> str:
     name = Path(program).name
     host = shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin")
     if host is None:
-        raise AssertionError(f"extraUtilsCommands copies {program}: no {name} on the host")
+        raise AssertionError(
+            f"extra-utils needs {program}: no {name} on the host (hint: {tb.SETUP_HINT})"
+        )
     layer.file(f"{extra_utils}/bin/{name}", Path(host).read_bytes(), 0o755)
     ldd = subprocess.run(["ldd", host], capture_output=True, text=True, check=False).stdout
     for lib in re.findall(r"=> (/\S+)", ldd):

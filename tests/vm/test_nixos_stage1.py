@@ -41,9 +41,9 @@ def stage1_vm(
     """stage1_vm(case, *, without=(), cmdline="") -> (stage 1, VM) for a case of
     stage1-cases.nix: the volumes whose image is named in `without` are left out."""
 
-    def make(case: str, *, without: tuple[str, ...] = (), cmdline: str = "") -> tuple[
-        s1.Stage1, tb.VM
-    ]:
+    def make(
+        case: str, *, without: tuple[str, ...] = (), cmdline: str = ""
+    ) -> tuple[s1.Stage1, tb.VM]:
         stage1 = s1.build_stage1(case, nix_initramfs, tmp_path / f"{case}.cpio")
         home = tmp_path / "home"
         home.mkdir(exist_ok=True)
@@ -155,7 +155,7 @@ def test_store_on_erofs_disk_with_the_overlay(stage1_vm: Boot, closure: s1.Closu
 def test_required_mount_missing_with_onfailure_shell_and_panic_on_fail(stage1_vm: Boot) -> None:
     """The labelled RW volume is not attached: the agent says what failed on the
     console, before stage 1's `fail`, which boot.panic_on_fail turns into a panic."""
-    stage1, vm = stage1_vm("fail-shell", without=("rw-store.img",), cmdline="boot.panic_on_fail")
+    _, vm = stage1_vm("fail-shell", without=("rw-store.img",), cmdline="boot.panic_on_fail")
     boot = vm.boot()
     assert GREETING in boot.console, boot
     assert boot.exit_code is None and not boot.timed_out, boot  # no stage 2
@@ -169,7 +169,7 @@ def test_required_mount_missing_with_onfailure_shell_and_panic_on_fail(stage1_vm
 def test_off_switch_with_the_store_taken_over(stage1_vm: Boot) -> None:
     """guest-agent=0 with the take-over: only the agent mounts /nix/store, so the
     switch is ignored with one line and the system still boots."""
-    stage1, vm = stage1_vm("share", cmdline="guest-agent=0")
+    _, vm = stage1_vm("share", cmdline="guest-agent=0")
     boot = stage2(vm)
     assert "guest-agent: guest-agent=0 ignored" in boot.console, boot
     assert boot.exit_code == 0, boot
@@ -179,7 +179,7 @@ def test_off_switch_with_the_store_taken_over(stage1_vm: Boot) -> None:
 
 def test_auto_format_volume_in_stage_1(stage1_vm: Boot, tmp_path: Path) -> None:
     """A blank volume with autoFormat: formatted by the mkfs the initrd carries."""
-    stage1, vm = stage1_vm("auto-format")
+    _, vm = stage1_vm("auto-format")
     tb.blank_image(tmp_path / "data.img", "16M")
     boot = stage2(vm, ns.step("data", "touch /data/written && ls -1 /data"))
     assert boot.exit_code == 0, boot
