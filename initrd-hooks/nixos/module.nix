@@ -4,7 +4,8 @@
 # with the systemd initrd (boot.initrd.systemd.enable: a service ordered after
 # sysroot.mount and before initrd-fs.target).
 #
-#   imports = [ ./guest-agent/initrd-hooks/nixos/module.nix ];
+#   imports = [ guest-agent.nixosModules.default ];   # the flake (flake.nix)
+#   # or, from a checkout: imports = [ ./guest-agent/initrd-hooks/nixos/module.nix ];
 #   boot.initrd.guest-agent = {
 #     enable = true;
 #     fromMicrovm = true;   # take shares, volumes, writableStoreOverlay from microvm.*
@@ -124,9 +125,9 @@ let
     readOnly = s.readOnly or (s.tag == "ro-store");
     options = [ ];
   }) (lib.filter (s: (s.mountPoint or null) != null) (config.microvm.shares or [ ]));
-  # microvm.nix attaches volumes as vdb, vdc, ... after the store disk (vda) or
-  # from vda when the store is shared; a label or serial is preferred.
-  letters = lib.stringToCharacters "abcdefghijklmnopqrstuvwxyz";
+  # microvm.nix's drive letters (lib/default.nix withDriveLetters): every
+  # entry of microvm.volumes is attached, with a mount point or not, in
+  # order, from vda, or from vdb after the store disk with storeOnDisk.
   microvmStoreOnDisk = config.microvm.storeOnDisk or false;
   volumeOffset = if microvmStoreOnDisk then 1 else 0;
   # The store disk (storeOnDisk) under the overlay: microvm.nix's mounts.nix
@@ -160,21 +161,27 @@ let
       in
       # (storeLower's own default when no share serves the host's store)
       if hostStore == [ ] then "/nix/.ro-store" else (lib.head hostStore).mountPoint;
-  microvmVolumes = microvmStoreDisk ++ lib.imap0 (i: v: {
-    label = v.label or null;
-    uuid = null;
-    serial = v.serial or null;
-    device =
-      if (v.label or null) == null && (v.serial or null) == null then
-        "/dev/vd${builtins.elemAt letters (i + volumeOffset)}"
-      else
-        null;
-    inherit (v) mountPoint;
-    fsType = v.fsType or "auto";
-    readOnly = v.readOnly or false;
-    autoFormat = false;
-    options = [ ];
-  }) (lib.filter (v: (v.mountPoint or null) != null) (config.microvm.volumes or [ ]));
+  # As mounts.nix mounts them: the volumes with a mount point, by label, else
+  # by drive letter (a serial, which mounts.nix ignores, is not used either).
+  microvmVolumes =
+    microvmStoreDisk
+    ++ lib.filter (v: v.mountPoint != null) (
+      lib.imap0 (i: v: {
+        label = v.label or null;
+        uuid = null;
+        serial = null;
+        device =
+          if (v.label or null) == null then
+            "/dev/vd${builtins.elemAt lib.strings.lowerChars (i + volumeOffset)}"
+          else
+            null;
+        mountPoint = v.mountPoint or null;
+        fsType = v.fsType or "ext4";
+        readOnly = v.readOnly or false;
+        autoFormat = false;
+        options = [ ];
+      }) (config.microvm.volumes or [ ])
+    );
 
   agentConfig = import ./config.nix {
     inherit (cfg)
@@ -278,49 +285,171 @@ let
   agent = "${cfg.package}/bin/guest-agent";
   args = lib.escapeShellArgs cfg.extraArgs;
 
+  # With the store overlay taken over, nothing but the agent mounts
+  # /nix/store: the off switch would strand the boot (no stage 2 init, no
+  # closure), so it is ignored there, with one line saying so.
+  storeTakenOver = cfg.takeOverMounts && lib.elem "/nix/store" takeOverPoints;
+  offIgnored = ''echo "guest-agent: $off ignored: this system's /nix/store is mounted by guest-agent alone (takeOverMounts); without it the boot has no store. To boot without the agent, build the system with boot.initrd.guest-agent.takeOverMounts = false"'';
+  # The kernel command line: the failure policy and the off switch.
+  readCmdline = ''
+    onfail=${cfg.onFailure}
+    off=
+    for x in $(cat /proc/cmdline); do
+      case "$x" in
+        guest_agent.onfail=*|rd.guest_agent.onfail=*) onfail=''${x#*=} ;;
+        guest[-_]agent=0|guest[-_]agent=no|guest[-_]agent=off) off=$x ;;
+        rd.guest[-_]agent=0|rd.guest[-_]agent=no|rd.guest[-_]agent=off) off=$x ;;
+      esac
+    done
+  '';
+
   # Scripted stage 1: runs in postMountCommands, target root /mnt-root.
-  scriptedCommands = ''
-    if grep -qE '(^| )(rd\.)?guest[-_]agent=(0|no|off)( |$)' /proc/cmdline; then
-      echo "guest-agent: disabled on the kernel command line"
-    else
-      onfail=${cfg.onFailure}
-      for x in $(cat /proc/cmdline); do
-        case "$x" in guest_agent.onfail=*|rd.guest_agent.onfail=*) onfail=''${x#*=} ;; esac
-      done
-      if ! ${agent} mount-all --root "$targetRoot" --config /etc/guest-agent/mounts.json ${args}; then
-        if [ "$onfail" = shell ]; then
-          fail "guest-agent: a required mount failed (see above); guest_agent.onfail=shell"
-        else
-          echo "guest-agent: a required mount failed (see above); continuing the boot (guest_agent.onfail=continue)"
-        fi
+  # stage-1-init.sh's fail() prints none of its arguments: the line first.
+  runScripted = ''
+    if ! ${agent} mount-all --root "$targetRoot" --config /etc/guest-agent/mounts.json ${args}; then
+      if [ "$onfail" = shell ]; then
+        echo "guest-agent: a required mount failed (see above); guest_agent.onfail=shell"
+        fail
+      else
+        echo "guest-agent: a required mount failed (see above); continuing the boot (guest_agent.onfail=continue)"
       fi
     fi
   '';
+  scriptedCommands =
+    readCmdline
+    + (
+      if storeTakenOver then
+        ''
+          [ -n "$off" ] && ${offIgnored}
+        ''
+        + runScripted
+      else
+        ''
+          if [ -n "$off" ]; then
+            echo "guest-agent: disabled on the kernel command line"
+          else
+        ''
+        + runScripted
+        + ''
+          fi
+        ''
+    );
+
+  # autoFormat: the mkfs tools for the volumes that ask, by fsType. The agent
+  # looks in PATH for mkfs.<fsType>, then (ext2/3/4) mke2fs -t <fsType>
+  # (guest_agent/handlers/makefs.py); busybox's mke2fs has no -t.
+  mkfsToolOf = {
+    ext2 = "e2fs";
+    ext3 = "e2fs";
+    ext4 = "e2fs";
+    xfs = "xfs";
+    btrfs = "btrfs";
+    vfat = "vfat";
+  };
+  mkfsTools = {
+    e2fs = {
+      package = pkgs.e2fsprogs;
+      programs = [ "mke2fs" ];
+      links = [
+        "mkfs.ext2"
+        "mkfs.ext3"
+        "mkfs.ext4"
+      ];
+      check = "mke2fs -V";
+    };
+    xfs = {
+      package = pkgs.xfsprogs;
+      programs = [ "mkfs.xfs" ];
+      links = [ ];
+      check = "mkfs.xfs -V";
+    };
+    btrfs = {
+      package = pkgs.btrfs-progs;
+      programs = [ "mkfs.btrfs" ];
+      links = [ ];
+      check = "mkfs.btrfs --version";
+    };
+    vfat = {
+      package = pkgs.dosfstools;
+      programs = [ "mkfs.fat" ];
+      links = [ "mkfs.vfat" ];
+      check = null;
+    };
+  };
+  formatTypes = lib.unique (map (v: v.fsType) (lib.filter (v: v.autoFormat) cfg.volumes));
+  formatTypesWithoutTool = lib.filter (t: !(mkfsToolOf ? ${t})) formatTypes;
+  formatTools = map (k: mkfsTools.${k}) (
+    lib.unique (map (t: mkfsToolOf.${t}) (lib.filter (t: mkfsToolOf ? ${t}) formatTypes))
+  );
+  formatPackages = map (t: lib.getBin t.package) formatTools;
+  # extra-utils: copied after busybox, so mke2fs replaces busybox's applet.
+  formatUtilsCommands = lib.concatMapStrings (
+    t:
+    lib.concatMapStrings (p: "copy_bin_and_libs ${lib.getBin t.package}/bin/${p}\n") t.programs
+    + lib.concatMapStrings (l: "ln -sf ${lib.head t.programs} $out/bin/${l}\n") t.links
+  ) formatTools;
+  formatUtilsCommandsTest = lib.concatMapStrings (
+    t: lib.optionalString (t.check != null) "$out/bin/${t.check}\n"
+  ) formatTools;
 
   # systemd stage 1: the same, as a service (see initrd-hooks/dracut/).
-  initrdScript = pkgs.writeShellScript "guest-agent-initrd" ''
-    PATH=${
-      lib.makeBinPath [
-        pkgs.coreutils
-        config.boot.initrd.systemd.package
-      ]
-    }:$PATH
-    onfail=${cfg.onFailure}
-    for x in $(cat /proc/cmdline); do
-      case "$x" in guest_agent.onfail=*|rd.guest_agent.onfail=*) onfail=''${x#*=} ;; esac
-    done
-    mkdir -p /run/guest-agent && : > /run/guest-agent/initrd-ran
-    ${agent} mount-all --root /sysroot --config /etc/guest-agent/mounts.json ${args}
-    rc=$?
-    [ "$rc" -eq 0 ] && exit 0
-    if [ "$onfail" = shell ]; then
-      echo "guest-agent: a required mount failed (exit status $rc); starting emergency.target" > /dev/console
-      systemctl --no-block --job-mode=replace-irreversibly start emergency.target
-    else
-      echo "guest-agent: a required mount failed (exit status $rc); continuing the boot" > /dev/console
-    fi
-    exit "$rc"
-  '';
+  initrdScript = pkgs.writeShellScript "guest-agent-initrd" (
+    ''
+      PATH=${
+        lib.makeBinPath (
+          [
+            pkgs.coreutils
+            config.boot.initrd.systemd.package
+          ]
+          ++ formatPackages
+        )
+      }:$PATH
+    ''
+    + readCmdline
+    + (
+      if storeTakenOver then
+        ''
+          [ -n "$off" ] && ${offIgnored}
+        ''
+      else
+        # (the unit's ConditionKernelCommandLine= has the =0 forms only)
+        ''
+          if [ -n "$off" ]; then
+            echo "guest-agent: disabled on the kernel command line"
+            exit 0
+          fi
+        ''
+    )
+    + ''
+      mkdir -p /run/guest-agent && : > /run/guest-agent/initrd-ran
+      ${agent} mount-all --root /sysroot --config /etc/guest-agent/mounts.json ${args}
+      rc=$?
+      [ "$rc" -eq 0 ] && exit 0
+      if [ "$onfail" = shell ]; then
+        echo "guest-agent: a required mount failed (exit status $rc); starting emergency.target" > /dev/console
+        systemctl --no-block --job-mode=replace-irreversibly start emergency.target
+      else
+        echo "guest-agent: a required mount failed (exit status $rc); continuing the boot" > /dev/console
+      fi
+      exit "$rc"
+    ''
+  );
+
+  # The units of nixpkgs' systemd initrd that need /sysroot/nix/store
+  # (nixos/modules/system/boot/systemd/initrd.nix, NixOS/nixpkgs
+  # 00e6b22b508f93e219efee2dda4397027ccaf934): find-closure resolves init=
+  # inside /sysroot (RequiresMountsFor=/sysroot/nix/store, which orders it
+  # after sysroot.mount only when there is no sysroot-nix-store.mount: the
+  # take-over), the activation chroots into it after initrd-switch-root.target,
+  # initrd-switch-root.service switches to it; initrd-fs.target is systemd's
+  # "/sysroot's file systems are mounted".
+  unitsNeedingTheStore = [
+    "initrd-fs.target"
+    "initrd-find-nixos-closure.service"
+    "initrd-nixos-activation.service"
+    "initrd-switch-root.target"
+    "initrd-switch-root.service"
+  ];
 in
 {
   options.boot.initrd.guest-agent = {
@@ -493,6 +622,10 @@ in
           message = "boot.initrd.guest-agent.volumes: give exactly one of label, uuid, serial, device.";
         }
         {
+          assertion = formatTypesWithoutTool == [ ];
+          message = "boot.initrd.guest-agent.volumes: autoFormat needs an fsType the initrd has a mkfs tool for (${lib.concatStringsSep ", " (lib.attrNames mkfsToolOf)}), not ${lib.concatStringsSep ", " formatTypesWithoutTool}.";
+        }
+        {
           assertion = tagsTwice == [ ];
           message = "boot.initrd.guest-agent.shares: the tag ${lib.concatStringsSep ", " tagsTwice} is used by more than one share (a virtio tag names one device).";
         }
@@ -596,13 +729,18 @@ in
       boot.initrd.extraFiles."/etc/guest-agent/mounts.json".source = configFile;
       boot.initrd.extraFiles."/guest-agent".source = cfg.package;
       boot.initrd.postMountCommands = lib.mkAfter scriptedCommands;
+      boot.initrd.extraUtilsCommands = formatUtilsCommands;
+      boot.initrd.extraUtilsCommandsTest = formatUtilsCommandsTest;
     })
 
     (mkIf config.boot.initrd.systemd.enable {
       boot.initrd.systemd.storePaths = [
         cfg.package
         initrdScript
-      ];
+      ]
+      ++ formatPackages;
+      # in /bin too, for the emergency shell
+      boot.initrd.systemd.initrdBin = formatPackages;
       boot.initrd.systemd.contents."/etc/guest-agent/mounts.json".source = configFile;
       boot.initrd.systemd.services.guest-agent = {
         description = "guest-agent: mount microVM shares, volumes and the store overlay";
@@ -612,16 +750,16 @@ in
           "sysroot.mount"
           "initrd-root-fs.target"
         ];
-        before = [
-          "initrd-fs.target"
-          "initrd-nixos-activation.service"
-          "initrd-switch-root.target"
-        ]
-        ++ map (mp: "${utils.escapeSystemdPath ("/sysroot" + mp)}.mount") managedMountPoints;
+        before =
+          unitsNeedingTheStore
+          ++ map (mp: "${utils.escapeSystemdPath ("/sysroot" + mp)}.mount") managedMountPoints;
         conflicts = [ "shutdown.target" ];
         unitConfig = {
           DefaultDependencies = false;
           ConditionPathExists = "!/run/guest-agent/initrd-ran";
+        }
+        # (with the store taken over, the script reads the switch: above)
+        // lib.optionalAttrs (!storeTakenOver) {
           ConditionKernelCommandLine = [
             "!rd.guest-agent=0"
             "!guest-agent=0"

@@ -21,6 +21,12 @@ let
     mountPoint = "/nix/.rw-store";
     size = 2048;
   };
+  # no mount point: attached all the same (swap, or a disk for a service)
+  swapVolume = {
+    image = "swap.img";
+    mountPoint = null;
+    size = 256;
+  };
   # no label: microvm.nix mounts it by its drive letter
   scratchVolume = {
     image = "scratch.img";
@@ -72,6 +78,11 @@ in
   share-systemd.module = guest { boot.initrd.systemd.enable = true; };
   # the same, stage 1 left to mount what microvm.nix declares
   share-no-takeover.module = guest { boot.initrd.guest-agent.takeOverMounts = false; };
+  # the same with the systemd initrd
+  no-takeover-systemd.module = guest {
+    boot.initrd.systemd.enable = true;
+    boot.initrd.guest-agent.takeOverMounts = false;
+  };
   # the store as an erofs disk (storeOnDisk: no /nix/store share)
   disk-erofs-scripted.module = onDisk { };
   disk-erofs-systemd.module = onDisk { boot.initrd.systemd.enable = true; };
@@ -146,6 +157,96 @@ in
     };
   };
 
+  # microvm.nix gives every volume a drive letter (withDriveLetters), with a
+  # mount point or not: a volume without one before the others moves their
+  # letters on
+  letters-shared.module = guest (
+    { lib, ... }:
+    {
+      microvm.volumes = lib.mkForce [
+        swapVolume
+        rwVolume
+        scratchVolume
+        (scratchVolume // { image = "cache.img"; mountPoint = "/var/cache"; fsType = "xfs"; })
+      ];
+    }
+  );
+  # (mkOverride 10: over onDisk's mkForce)
+  letters-disk.module = onDisk (
+    { lib, ... }:
+    {
+      boot.initrd.systemd.enable = true;
+      microvm.volumes = lib.mkOverride 10 [
+        swapVolume
+        (rwVolume // { label = "rw-store"; })
+        swapVolume
+        scratchVolume
+      ];
+    }
+  );
+  # squashfs store disk: /dev/vda, the volumes from vdb
+  letters-squashfs.module = onDisk (
+    { lib, ... }:
+    {
+      security.virtualisation.flushL1DataCache = "always";
+      microvm.volumes = lib.mkOverride 10 [
+        swapVolume
+        scratchVolume
+        (rwVolume // { label = "rw-store"; })
+      ];
+    }
+  );
+  # the store on a disk without an overlay: stage 1 mounts it at /nix/store,
+  # the volumes still start at vdb
+  letters-disk-no-overlay.module = onDisk (
+    { lib, ... }:
+    {
+      microvm.writableStoreOverlay = lib.mkForce null;
+      microvm.volumes = lib.mkOverride 10 [
+        swapVolume
+        scratchVolume
+      ];
+    }
+  );
+  # autoFormat volumes: the initrd carries the mkfs tools for their fsType
+  format-scripted.module = guest {
+    boot.initrd.guest-agent.volumes = [
+      {
+        label = "nix-store";
+        mountPoint = "/nix/.rw-store";
+        fsType = "ext4";
+      }
+      {
+        serial = "data";
+        mountPoint = "/data";
+        fsType = "ext4";
+        autoFormat = true;
+      }
+      {
+        serial = "logs";
+        mountPoint = "/var/log/big";
+        fsType = "xfs";
+        autoFormat = true;
+      }
+    ];
+  };
+  format-systemd.module = guest {
+    boot.initrd.systemd.enable = true;
+    boot.initrd.guest-agent.volumes = [
+      {
+        label = "nix-store";
+        mountPoint = "/nix/.rw-store";
+        fsType = "ext4";
+      }
+      {
+        serial = "data";
+        mountPoint = "/data";
+        fsType = "ext4";
+        autoFormat = true;
+      }
+    ];
+  };
+
   # ---- wrong configurations: evaluation fails with the module's message
   fail-9p-upper = {
     fails = true;
@@ -164,6 +265,18 @@ in
         microvm.volumes = lib.mkForce [ ];
       }
     );
+  };
+  fail-autoformat-no-tool = {
+    fails = true;
+    module = guest {
+      boot.initrd.guest-agent.volumes = [
+        {
+          serial = "data";
+          mountPoint = "/data";
+          autoFormat = true;
+        }
+      ];
+    };
   };
   fail-tag-twice = {
     fails = true;

@@ -15,7 +15,10 @@
 }:
 let
   microvm = ./vendor/microvm.nix/nixos-modules/microvm;
-  agentModule = ../../initrd-hooks/nixos/module.nix;
+  # microvm.nix's own drive letters (lib/default.nix withDriveLetters)
+  microvmLib = import ./vendor/microvm.nix/lib { inherit lib; };
+  # the flake's nixosModules.default (flake.nix, called as flake-outputs.nix does)
+  agentModule = (import ./flake-outputs.nix { inherit lib; }).outputs.nixosModules.default;
 
   evalCase =
     case: extra:
@@ -93,6 +96,9 @@ let
       };
       initrdSystemd = config.boot.initrd.systemd.enable;
       postMountCommands = config.boot.initrd.postMountCommands;
+      extraUtilsCommands = config.boot.initrd.extraUtilsCommands;
+      extraUtilsCommandsTest = config.boot.initrd.extraUtilsCommandsTest;
+      initrdBin = map toString config.boot.initrd.systemd.initrdBin;
       extraFiles = lib.mapAttrs (_: f: toString f.source) config.boot.initrd.extraFiles;
       initrdContents = lib.mapAttrs (_: f: toString f.source) config.boot.initrd.systemd.contents;
       storePaths = map toString config.boot.initrd.systemd.storePaths;
@@ -122,6 +128,9 @@ let
       microvm = lib.optionalAttrs (case.microvm or true) {
         inherit (config.microvm) registerClosure kernelParams storeOnDisk writableStoreOverlay;
         storeDiskType = if config.microvm.storeOnDisk then config.microvm.storeDiskType else null;
+        driveLetters = map (v: {
+          inherit (v) mountPoint label letter;
+        }) (microvmLib.withDriveLetters config.microvm);
       };
       toplevel = toString config.system.build.toplevel;
       systemChecks = map (c: c.name) config.system.checks;
@@ -132,6 +141,7 @@ let
     };
 in
 {
+  inherit agentModule;
   report = lib.mapAttrs (_: report1) (lib.filterAttrs (_: c: !(c.fails or false)) cases);
   # nix-instantiate --eval --strict -A failing.<name> (must fail)
   failing = lib.mapAttrs (_: c: report1 c) (lib.filterAttrs (_: c: c.fails or false) cases);

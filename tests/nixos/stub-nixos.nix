@@ -6,10 +6,10 @@
 #
 # Sources of the types (nixpkgs, nixos/):
 #   modules/tasks/filesystems.nix        fileSystems.<name>.{mountPoint,device,fsType,options,depends,label,autoFormat,autoResize,noCheck}
-#   modules/system/boot/stage-1.nix      fileSystems.<name>.neededForBoot, boot.initrd.{availableKernelModules,kernelModules,extraFiles,postMountCommands}
+#   modules/system/boot/stage-1.nix      fileSystems.<name>.neededForBoot, boot.initrd.{availableKernelModules,kernelModules,extraFiles,postMountCommands,extraUtilsCommands,extraUtilsCommandsTest}
 #   modules/tasks/filesystems/overlayfs.nix  fileSystems.<name>.overlay.{lowerdir,upperdir,workdir}
 #   modules/system/boot/kernel.nix       boot.kernelParams, boot.blacklistedKernelModules
-#   modules/system/boot/systemd/initrd.nix boot.initrd.systemd.{enable,package,storePaths,contents,services}
+#   modules/system/boot/systemd/initrd.nix boot.initrd.systemd.{enable,package,storePaths,contents,services,initrdBin}
 #   lib/systemd-unit-options.nix, lib/systemd-lib.nix  the service submodule and unitNameType
 #   modules/system/etc/etc.nix           environment.etc
 #   modules/misc/assertions.nix          assertions, warnings
@@ -133,6 +133,8 @@ in
     boot.initrd.availableKernelModules = mkOption { type = types.listOf types.str; default = [ ]; };
     boot.initrd.kernelModules = mkOption { type = types.listOf types.str; default = [ ]; };
     boot.initrd.postMountCommands = mkOption { type = types.lines; default = ""; };
+    boot.initrd.extraUtilsCommands = mkOption { type = types.lines; default = ""; };
+    boot.initrd.extraUtilsCommandsTest = mkOption { type = types.lines; default = ""; };
     boot.initrd.extraFiles = mkOption {
       type = types.attrsOf (types.submodule { options.source = mkOption { type = types.package; }; });
       default = { };
@@ -145,6 +147,7 @@ in
         default = [ ];
       };
       contents = mkOption { type = types.attrsOf (types.submodule fileOpts); default = { }; };
+      initrdBin = mkOption { type = types.listOf types.package; default = [ ]; };
       services = mkOption { type = types.attrsOf (types.submodule serviceOpts); default = { }; };
     };
 

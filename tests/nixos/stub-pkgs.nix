@@ -66,6 +66,11 @@ let
     time = fakeDrv "time" { };
     bubblewrap = fakeDrv "bubblewrap" { };
     erofs-utils = fakeDrv "erofs-utils" { configureFlags = [ ]; };
+    # the mkfs tools (guest-agent's autoFormat)
+    e2fsprogs = fakeDrv "e2fsprogs-1.47.1-bin" { };
+    xfsprogs = fakeDrv "xfsprogs-6.11.0-bin" { };
+    btrfs-progs = fakeDrv "btrfs-progs-6.12" { };
+    dosfstools = fakeDrv "dosfstools-4.2" { };
     squashfs-tools-ng = fakeDrv "squashfs-tools-ng" { };
     buildPackages = pkgs;
     python3 = python;

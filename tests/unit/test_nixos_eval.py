@@ -15,6 +15,7 @@ Needs only ``nix-instantiate`` (Debian's nix-bin, ``tools/setup-testbed``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -34,10 +35,28 @@ pytestmark = pytest.mark.skipif(
 
 SHARE_CASES = ["share-scripted", "share-systemd", "policies-scripted", "policies-systemd", "nixdb"]
 DISK_CASES = ["disk-erofs-scripted", "disk-erofs-systemd", "disk-squashfs", "nixdb-disk"]
-TAKEOVER_CASES = SHARE_CASES + DISK_CASES
-MICROVM_CASES = [*TAKEOVER_CASES, "share-no-takeover"]
-ALL_CASES = [*MICROVM_CASES, "share-no-overlay", "extra-volume", "manual"]
-SYSTEMD_CASES = ["share-systemd", "policies-systemd", "disk-erofs-systemd", "nixdb-disk"]
+# volumes without a mount point among the others (microvm.nix's drive letters)
+LETTER_CASES = ["letters-shared", "letters-disk", "letters-squashfs"]
+TAKEOVER_CASES = SHARE_CASES + DISK_CASES + LETTER_CASES
+MICROVM_CASES = [*TAKEOVER_CASES, "share-no-takeover", "no-takeover-systemd"]
+FORMAT_CASES = ["format-scripted", "format-systemd"]
+ALL_CASES = [
+    *MICROVM_CASES,
+    "share-no-overlay",
+    "extra-volume",
+    "manual",
+    "letters-disk-no-overlay",
+    *FORMAT_CASES,
+]
+SYSTEMD_CASES = [
+    "share-systemd",
+    "policies-systemd",
+    "disk-erofs-systemd",
+    "nixdb-disk",
+    "letters-disk",
+    "no-takeover-systemd",
+    "format-systemd",
+]
 SCRIPTED_CASES = [c for c in ALL_CASES if c not in SYSTEMD_CASES]
 # nixos/lib/utils.nix: stage 1 mounts these whatever neededForBoot says
 PATHS_NEEDED_FOR_BOOT = {
@@ -327,6 +346,12 @@ def test_manual_config_without_microvm(reports: dict[str, Any], plans: dict[str,
 # --------------------------------------------------------------------------
 
 
+def store_taken_over(report: dict[str, Any]) -> bool:
+    """Only the agent mounts /nix/store (the overlay, taken over)."""
+    options = report["options"]
+    return bool(options["takeOverMounts"]) and options["writableStoreOverlay"] is not None
+
+
 def unit(path: str) -> str:
     done = subprocess.run(
         ["systemd-escape", "--path", "--suffix=mount", path],
@@ -352,11 +377,32 @@ def test_scripted_stage_1(name: str, reports: dict[str, Any]) -> None:
         f'if ! {agent} mount-all --root "$targetRoot" --config /etc/guest-agent/mounts.json ; then'
         in script
     )
-    assert "grep -qE '(^| )(rd\\.)?guest[-_]agent=(0|no|off)( |$)' /proc/cmdline" in script
+    # the off switch and the failure policy from the command line (run below)
+    assert "guest[-_]agent=0|guest[-_]agent=no|guest[-_]agent=off) off=$x ;;" in script
+    assert "rd.guest[-_]agent=0|rd.guest[-_]agent=no|rd.guest[-_]agent=off) off=$x ;;" in script
     onfail = report["options"]["onFailure"]
     assert f"onfail={onfail}\n" in script
-    assert 'fail "guest-agent: a required mount failed' in script
+    assert 'guest_agent.onfail=shell"\n    fail\n' in script
+    assert ("ignored: this system's /nix/store" in script) == store_taken_over(report)
     assert report["initrdContents"] == {}
+
+
+# The units of NixOS's systemd initrd that need /sysroot/nix/store, named as
+# nixpkgs names them (nixos/modules/system/boot/systemd/initrd.nix, read at
+# NixOS/nixpkgs 00e6b22b508f93e219efee2dda4397027ccaf934). With the take-over
+# there is no sysroot-nix-store.mount for them to wait for: the agent makes it.
+NIXOS_UNITS_NEEDING_THE_STORE = [
+    # RequiresMountsFor=/sysroot/nix/store, which without a mount unit orders
+    # it after sysroot.mount only; resolves init= inside /sysroot
+    "initrd-find-nixos-closure.service",
+    # chroot /sysroot $closure/prepare-root; After=initrd-switch-root.target
+    "initrd-nixos-activation.service",
+    "initrd-switch-root.target",
+    # systemctl switch-root /sysroot (upstream unit, NixOS's ExecStart)
+    "initrd-switch-root.service",
+    # systemd's "the file systems under /sysroot are mounted"
+    "initrd-fs.target",
+]
 
 
 @pytest.mark.parametrize("name", SYSTEMD_CASES)
@@ -370,17 +416,19 @@ def test_systemd_initrd(name: str, reports: dict[str, Any], plans: dict[str, Any
     assert svc["requires"] == ["sysroot.mount"]
     assert svc["after"] == ["sysroot.mount", "initrd-root-fs.target"]
     assert svc["conflicts"] == ["shutdown.target"]
-    # before initrd-fs.target, the activation, and each managed /sysroot mount
-    # (unit names as systemd-escape makes them)
-    assert svc["before"][:3] == [
-        "initrd-fs.target",
-        "initrd-nixos-activation.service",
-        "initrd-switch-root.target",
-    ]
-    assert sorted(svc["before"][3:]) == sorted(unit("/sysroot" + mp) for mp in managed(plans[name]))
+    # before every NixOS initrd unit that needs /sysroot/nix/store, and each
+    # managed /sysroot mount (unit names as systemd-escape makes them)
+    mounts = [u for u in svc["before"] if u.endswith(".mount")]
+    assert sorted(mounts) == sorted(unit("/sysroot" + mp) for mp in managed(plans[name]))
+    assert sorted(set(svc["before"]) - set(mounts)) == sorted(NIXOS_UNITS_NEEDING_THE_STORE)
     assert svc["unitConfig"]["DefaultDependencies"] is False
-    assert "!rd.guest-agent=0" in svc["unitConfig"]["ConditionKernelCommandLine"]
-    assert "!guest-agent=0" in svc["unitConfig"]["ConditionKernelCommandLine"]
+    conditions = svc["unitConfig"].get("ConditionKernelCommandLine", [])
+    if store_taken_over(report):
+        # the store is the agent's alone: the script, not systemd, reads the off switch
+        assert conditions == [], conditions
+    else:
+        assert "!rd.guest-agent=0" in conditions
+        assert "!guest-agent=0" in conditions
     assert svc["serviceConfig"]["Type"] == "oneshot"
     # the config in the initrd is the one /etc has; the script and the agent
     # are in its store paths
@@ -450,6 +498,11 @@ def test_nix_database(name: str, reports: dict[str, Any], plans: dict[str, Any])
             " rw-store; overlayfs cannot use 9p as its upper layer",
         ),
         (
+            "fail-autoformat-no-tool",
+            "boot.initrd.guest-agent.volumes: autoFormat needs an fsType the initrd has a mkfs"
+            " tool for (btrfs, ext2, ext3, ext4, vfat, xfs), not auto.",
+        ),
+        (
             "fail-tag-twice",
             "boot.initrd.guest-agent.shares: the tag ro-store is used by more than one share",
         ),
@@ -482,3 +535,299 @@ def test_wrong_configuration_fails_at_evaluation(name: str, message: str) -> Non
     assert f"- {message}" in r.stderr
     # one assertion, the one meant
     assert r.stderr.count("\n       - ") == 1, r.stderr
+
+
+# --------------------------------------------------------------------------
+# Drive letters: microvm.nix attaches every volume, mount point or not
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    [*LETTER_CASES, "letters-disk-no-overlay", "share-scripted", "disk-erofs-scripted"],
+)
+def test_volume_letters_are_microvm_nix_s(
+    name: str, reports: dict[str, Any], plans: dict[str, Any]
+) -> None:
+    """Each volume microvm.nix mounts is planned by the agent from the same
+    disk: by its label, else by the letter microvm.nix's own withDriveLetters
+    gives it (the store disk first with storeOnDisk, then every volume in
+    order, those without a mount point included)."""
+    report = reports[name]
+    mv = report["microvm"]
+    letters = mv["driveLetters"]
+    assert letters[0]["letter"] == ("b" if mv["storeOnDisk"] else "a")
+    planned = {m["where"]: m["source"] for m in plans[name]["mounts"]}
+    mounted = [v for v in letters if v["mountPoint"] is not None]
+    assert mounted
+    for v in mounted:
+        by_label = v["label"] is not None
+        want = f"LABEL={v['label']}" if by_label else f"/dev/vd{v['letter']}"
+        assert planned[v["mountPoint"]] == want, v
+        declared = report["baselineFileSystems"][v["mountPoint"]]["device"]
+        assert declared == (f"/dev/disk/by-label/{v['label']}" if by_label else want)
+    if name in LETTER_CASES:
+        # a volume without a mount point comes before one mounted by its letter
+        first_unmounted = next(i for i, v in enumerate(letters) if v["mountPoint"] is None)
+        assert any(
+            i > first_unmounted and v["label"] is None and v["mountPoint"] is not None
+            for i, v in enumerate(letters)
+        )
+
+
+# --------------------------------------------------------------------------
+# autoFormat: the initrd carries the mkfs tools for the volumes that ask
+# --------------------------------------------------------------------------
+
+
+def mkfs_dirs(report: dict[str, Any]) -> set[str]:
+    """The store paths of the mkfs tools the module put into the initrd."""
+    names = ("e2fsprogs", "xfsprogs", "btrfs-progs", "dosfstools")
+    found = set(report["initrdBin"]) | set(report["storePaths"])
+    found |= set(report["extraUtilsCommands"].split())
+    return {p for p in found if any(f"-{n}-" in p for n in names)}
+
+
+def test_autoformat_tools_in_the_scripted_initrd(reports: dict[str, Any]) -> None:
+    """extra-utils gets e2fsprogs' mke2fs (busybox's has no -t) and the
+    mkfs.<type> names the agent looks for in PATH first, xfsprogs' mkfs.xfs;
+    only with an autoFormat volume of that type."""
+    report = reports["format-scripted"]
+    e2fs = "/nix/store/" + next(p.split("/")[3] for p in mkfs_dirs(report) if "-e2fsprogs-" in p)
+    xfs = "/nix/store/" + next(p.split("/")[3] for p in mkfs_dirs(report) if "-xfsprogs-" in p)
+    cmds = report["extraUtilsCommands"]
+    assert f"copy_bin_and_libs {e2fs}/bin/mke2fs\n" in cmds
+    assert "ln -sf mke2fs $out/bin/mkfs.ext4\n" in cmds
+    assert f"copy_bin_and_libs {xfs}/bin/mkfs.xfs\n" in cmds
+    assert "$out/bin/mke2fs -V" in report["extraUtilsCommandsTest"]
+    assert report["initrdBin"] == []
+    # without autoFormat: nothing (extra-volume's /data is ext4 with autoFormat too)
+    for name in ("share-scripted", "disk-erofs-scripted", "policies-scripted", "manual"):
+        assert mkfs_dirs(reports[name]) == set(), name
+        assert reports[name]["extraUtilsCommands"] == "", name
+    assert "mke2fs" in reports["extra-volume"]["extraUtilsCommands"]
+
+
+def test_autoformat_tools_in_the_systemd_initrd(reports: dict[str, Any]) -> None:
+    """initrdBin (the initrd's /bin) and the service's own PATH carry
+    e2fsprogs for an autoFormat ext4 volume, nothing for the others."""
+    report = reports["format-systemd"]
+    (e2fs,) = mkfs_dirs(report)
+    assert "-e2fsprogs-" in e2fs
+    assert report["initrdBin"] == [e2fs]
+    assert e2fs in report["storePaths"]
+    assert report["extraUtilsCommands"] == ""
+    path_line = next(
+        line for line in report["service"]["execStartText"].splitlines() if line.startswith("PATH=")
+    )
+    assert f"{e2fs}/bin" in path_line.split("=", 1)[1].split(":")
+    for name in SYSTEMD_CASES:
+        if name != "format-systemd":
+            assert mkfs_dirs(reports[name]) == set(), name
+
+
+# --------------------------------------------------------------------------
+# The hooks, run: the off switch, and the failure line before stage 1's fail
+# --------------------------------------------------------------------------
+
+# Stage 1's fail, as stage-1-init.sh has it: its arguments are not printed.
+STAGE1_FAIL = 'fail() { echo "stage-1 fail() called"; exit 9; }\ntargetRoot=/mnt-root\n'
+
+# In a private mount namespace: /proc/cmdline says $CMDLINE, /run is empty and
+# the agent's store path holds a stand-in that reports its arguments.
+HOOK_RUNNER = r"""
+set -eu
+mount -t tmpfs guest-agent-test /run
+mount -t tmpfs guest-agent-test /nix/store
+mkdir -p "${AGENT%/*}"
+printf '#!/bin/sh\necho "agent ran: $*"\nexit %s\n' "$AGENT_RC" > "$AGENT"
+chmod +x "$AGENT"
+echo "$CMDLINE" > /run/cmdline
+mount --bind /run/cmdline /proc/cmdline
+set +eu
+exec "$@"
+"""
+
+
+BUSYBOX_SH = ("busybox", "sh")  # stage 1's shell (extra-utils' busybox ash)
+BASH = ("bash",)  # the systemd initrd's writeShellScript
+
+
+def run_hook(
+    shell: tuple[str, ...], script: Path, agent: str, cmdline: str, agent_rc: int = 0
+) -> str:
+    """Run a hook's shell script as stage 1 would; what it printed."""
+    for tool in ("unshare", shell[0]):
+        assert shutil.which(tool), f"{tool} is missing (run `sudo tools/setup-testbed`)"
+    done = subprocess.run(
+        [
+            *("unshare", "--mount", "--propagation", "private"),
+            *("sh", "-c", HOOK_RUNNER, "runner", *shell, str(script)),
+        ],
+        env={
+            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+            "AGENT": agent,
+            "AGENT_RC": str(agent_rc),
+            "CMDLINE": cmdline,
+        },
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.stderr == "", done.stderr
+    return done.stdout
+
+
+def scripted_hook(report: dict[str, Any], tmp_path: Path) -> tuple[Path, str]:
+    hook = tmp_path / "hook.sh"
+    hook.write_text(STAGE1_FAIL + report["postMountCommands"])
+    return hook, report["extraFiles"]["/guest-agent"] + "/bin/guest-agent"
+
+
+def systemd_hook(report: dict[str, Any], tmp_path: Path) -> tuple[Path, str]:
+    hook = tmp_path / "hook.sh"
+    hook.write_text(report["service"]["execStartText"])
+    agent = next(p for p in report["storePaths"] if p.endswith("-" + report["package"]["name"]))
+    return hook, agent + "/bin/guest-agent"
+
+
+IGNORED = (
+    "guest-agent: {switch} ignored: this system's /nix/store is mounted by guest-agent alone"
+    " (takeOverMounts); without it the boot has no store. To boot without the agent, build"
+    " the system with boot.initrd.guest-agent.takeOverMounts = false"
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "flavour"),
+    [
+        ("share-scripted", "scripted"),
+        ("disk-erofs-scripted", "scripted"),
+        ("share-systemd", "systemd"),
+        ("letters-disk", "systemd"),
+    ],
+)
+@pytest.mark.parametrize("switch", ["guest-agent=0", "rd.guest_agent=off"])
+def test_off_switch_with_the_store_taken_over(
+    name: str, flavour: str, switch: str, reports: dict[str, Any], tmp_path: Path
+) -> None:
+    """With the store overlay the agent's alone, the off switch would leave no
+    /nix/store: the agent runs all the same, after one line that says why."""
+    report = reports[name]
+    hook, agent = (scripted_hook if flavour == "scripted" else systemd_hook)(report, tmp_path)
+    shell = BUSYBOX_SH if flavour == "scripted" else BASH
+    out = run_hook(shell, hook, agent, f"console=ttyS0 {switch} quiet")
+    lines = out.splitlines()
+    assert lines[0] == IGNORED.format(switch=switch), out
+    assert lines[1].startswith("agent ran: mount-all"), out
+    # without the switch: no such line
+    out = run_hook(shell, hook, agent, "console=ttyS0 quiet")
+    assert out.splitlines()[0].startswith("agent ran: mount-all"), out
+
+
+@pytest.mark.parametrize(
+    "name", ["share-no-takeover", "share-no-overlay", "manual", "no-takeover-systemd"]
+)
+@pytest.mark.parametrize("switch", ["guest-agent=0", "rd.guest_agent=off"])
+def test_off_switch_without_the_store_taken_over(
+    name: str, switch: str, reports: dict[str, Any], tmp_path: Path
+) -> None:
+    """Stage 1 (or stage 2) mounts the store itself: the switch turns the agent off."""
+    report = reports[name]
+    if report["initrdSystemd"]:
+        hook, agent = systemd_hook(report, tmp_path)
+        out = run_hook(BASH, hook, agent, f"console=ttyS0 {switch}")
+    else:
+        hook, agent = scripted_hook(report, tmp_path)
+        out = run_hook(BUSYBOX_SH, hook, agent, f"console=ttyS0 {switch}")
+    assert out == "guest-agent: disabled on the kernel command line\n"
+
+
+def test_failure_line_is_printed_before_stage_1_fails(
+    reports: dict[str, Any], tmp_path: Path
+) -> None:
+    """stage-1-init.sh's fail() ignores its arguments: the hook prints the
+    line itself, then calls it (onFailure = "shell")."""
+    hook, agent = scripted_hook(reports["policies-scripted"], tmp_path)
+    out = run_hook(BUSYBOX_SH, hook, agent, "console=ttyS0", agent_rc=1)
+    assert out.splitlines()[1:] == [
+        "guest-agent: a required mount failed (see above); guest_agent.onfail=shell",
+        "stage-1 fail() called",
+    ], out
+    # continue: the line, no fail
+    out = run_hook(BUSYBOX_SH, hook, agent, "console=ttyS0 guest_agent.onfail=continue", agent_rc=1)
+    assert out.splitlines()[1:] == [
+        "guest-agent: a required mount failed (see above); continuing the boot"
+        " (guest_agent.onfail=continue)"
+    ], out
+
+
+# --------------------------------------------------------------------------
+# The flake (flake.nix at the top)
+# --------------------------------------------------------------------------
+
+MODULE = REPO / "initrd-hooks" / "nixos" / "module.nix"
+EVAL_FLAKE = REPO / "tests" / "nixos" / "eval-flake.nix"
+
+
+def test_flake_outputs() -> None:
+    """flake.nix's outputs, its `outputs` function called with the pinned lib
+    and the package stand-ins (tests/nixos/flake-outputs.nix): the module
+    eval.nix evaluates is nixosModules.default, module.nix itself; the
+    package and the overlay's are package.nix built with the input's
+    python3Packages."""
+    r = subprocess.run(
+        ["nix-instantiate", "--eval", "--strict", "--json", str(EVAL_FLAKE), "-A", "report"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=REPO,
+    )
+    assert r.returncode == 0, r.stderr
+    flake = json.loads(r.stdout)
+    assert flake["outputsArgs"] == {"self": False, "nixpkgs": False}
+    assert set(flake["inputs"]) == {"nixpkgs"}
+    assert flake["outputNames"] == ["nixosModules", "overlays", "packages"]
+    assert flake["nixosModules"] == {"default": str(MODULE), "guest-agent": str(MODULE)}
+    assert flake["evaluatedModule"] == str(MODULE)
+    assert flake["systems"] == ["aarch64-linux", "x86_64-linux"]
+    assert flake["packageNames"] == ["default", "guest-agent"]
+    built = {"name": "guest-agent-0.1.0", "stubOf": "buildPythonApplication"}
+    assert {k: flake["package"][k] for k in built} == built
+    assert flake["overlayNames"] == ["guest-agent"]
+    assert flake["overlayPackage"] == flake["package"]
+
+
+def test_flake_evaluated_by_nix_as_a_users_input() -> None:
+    """The host's Nix evaluates a user's flake (tests/nixos/flake/user) that
+    takes this repository as the input `guest-agent` with
+    `inputs.nixpkgs.follows = "nixpkgs"`, offline: the inputs' URLs are
+    overridden with this checkout (git+file, its tracked files) and the stub
+    nixpkgs flake. nixosModules.default is module.nix (same bytes), the
+    package and the overlay are there, guest-agent's nixpkgs is the user's."""
+    nix = shutil.which("nix")
+    assert nix, "nix is missing (Debian's nix-bin; run `sudo tools/setup-testbed`)"
+    here = f"git+file://{REPO}"
+    r = subprocess.run(
+        [
+            *(nix, "eval", "--extra-experimental-features", "nix-command flakes", "--json"),
+            *("--no-write-lock-file", "--override-input", "guest-agent", here),
+            *("--override-input", "nixpkgs", f"{here}?dir=tests/nixos/flake/stub-nixpkgs"),
+            f"{here}?dir=tests/nixos/flake/user#check",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=REPO,
+        timeout=120,
+    )
+    # (it copies the checkout into the Nix store: needs root with Debian's nix-bin)
+    assert r.returncode == 0, r.stderr
+    check = json.loads(r.stdout)
+    assert check == {
+        "module": hashlib.sha256(MODULE.read_bytes()).hexdigest(),
+        "package": "guest-agent-0.1.0",
+        "overlay": ["guest-agent"],
+        "sameNixpkgs": True,
+    }
