@@ -62,16 +62,17 @@ with open("/proc/self/mountinfo") as f:
             store = post.split()[0]
 record = {{"monotonic_us": time.monotonic_ns() // 1000, "path": path, "store_fstype": store,
           "store_exists": os.path.isdir(root.rstrip("/") + "/nix/store" + "/" )}}
+log = open("{FIND_CLOSURE_LOG}", "a")
 os.chroot(root)
 os.chdir("/")
 try:
     resolved = os.path.realpath(path, strict=True)
 except OSError as e:
     record["error"] = str(e)
-    with open("{FIND_CLOSURE_LOG}", "a") as f:
-        f.write(json.dumps(record) + "\\n")
+    log.write(json.dumps(record) + "\\n")
     sys.exit(f"chroot-realpath: {{path}}: {{e}}")
 record["resolved"] = resolved
+log.write(json.dumps(record) + "\\n")
 print(resolved)
 """
 
