@@ -192,6 +192,11 @@ def escape_systemd_path(path: str) -> str:
     return path.strip("/").replace("-", "\\x2d").replace("/", "-")
 
 
+def _escape(s: str) -> str:
+    """makeFstabEntries' escape (spaces and tabs)."""
+    return s.replace(" ", "\\040").replace("\t", "\\011")
+
+
 def fstab(file_systems: Mapping[str, Mapping[str, Any]], root_prefix: str = "/sysroot") -> str:
     """filesystems.nix makeFstabEntries over the file systems stage 1 mounts (fsNeededForBoot),
     with the initrd's rootPrefix."""
@@ -201,13 +206,14 @@ def fstab(file_systems: Mapping[str, Mapping[str, Any]], root_prefix: str = "/sy
         if not fs["inInitrd"]:
             continue
         bind = "bind" in fs["options"]
-        esc = lambda s: s.replace(" ", "\\040").replace("\t", "\\011")  # noqa: E731
-        device = (esc(root_prefix) if bind else "") + esc(fs["device"])
-        where = esc(root_prefix + fs["mountPoint"]).rstrip("/") or "/"
+        device = (_escape(root_prefix) if bind else "") + _escape(fs["device"])
+        where = _escape(root_prefix + fs["mountPoint"])  # "/sysroot/" for the root, as NixOS's
         check = (
             "0" if fs["fsType"] in skip_check or bind else "1" if fs["mountPoint"] == "/" else "2"
         )
-        lines.append(f"{device} {where} {fs['fsType']} {esc(','.join(fs['options']))} 0 {check}\n")
+        lines.append(
+            f"{device} {where} {fs['fsType']} {_escape(','.join(fs['options']))} 0 {check}\n"
+        )
     return "".join(lines)
 
 
