@@ -147,4 +147,16 @@ in
   report = lib.mapAttrs (_: report1) (lib.filterAttrs (_: c: !(c.fails or false)) cases);
   # nix-instantiate --eval --strict -A failing.<name> (must fail)
   failing = lib.mapAttrs (_: c: report1 c) (lib.filterAttrs (_: c: c.fails or false) cases);
+  # A case's systemd initrd, as tests/vm/test_nixos_systemd_initrd.py boots it
+  # (-A systemdInitrd.<name>): the case's report (guest-agent.service, the
+  # fileSystems stage 1 mounts, the JSON config), the agent package's store
+  # path, and nixpkgs' own initrd units (nixpkgs-initrd.nix).
+  systemdInitrd = lib.mapAttrs (
+    _: c:
+    report1 c
+    // {
+      packagePath = toString (evalCase c { }).config.boot.initrd.guest-agent.package;
+      nixpkgs = import ./nixpkgs-initrd.nix { inherit lib; };
+    }
+  ) (lib.filterAttrs (_: c: !(c.fails or false)) cases);
 }
