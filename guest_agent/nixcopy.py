@@ -71,17 +71,24 @@ def take(db_dir: int) -> str | None:
 def _copy(src: int, dst_path: str, limit: int, name: str) -> None:
     dst = os.open(dst_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        copied = 0
-        while True:
-            chunk = os.read(src, 1 << 20)
-            if not chunk:
-                break
-            copied += len(chunk)
-            if copied > limit:
-                raise Unusable(f"{name} grew past the {limit} bytes allowed")
-            _write_all(dst, chunk)
+        if _copy_fd(src, dst, limit) > limit:
+            raise Unusable(f"{name} grew past the {limit} bytes allowed")
     finally:
         os.close(dst)
+
+
+def _copy_fd(src: int, dst: int, limit: int | None = None) -> int:
+    """Copy SRC to DST until SRC ends or more than LIMIT bytes were read; bytes copied."""
+    copied = 0
+    while limit is None or copied <= limit:
+        chunk = os.read(src, 1 << 20)
+        if not chunk:
+            break
+        copied += len(chunk)
+        if limit is not None and copied > limit:
+            break
+        _write_all(dst, chunk)
+    return copied
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
@@ -109,11 +116,7 @@ def write_new(db_dir: int, work: str) -> int:
     try:
         src = os.open(os.path.join(work, DB_FILE), os.O_RDONLY | os.O_CLOEXEC)
         try:
-            while True:
-                chunk = os.read(src, 1 << 20)
-                if not chunk:
-                    break
-                _write_all(dst, chunk)
+            _copy_fd(src, dst)
         finally:
             os.close(src)
         os.fsync(dst)

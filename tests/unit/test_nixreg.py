@@ -25,17 +25,18 @@ B = "/nix/store/vp6r7d67wan5b7wim74xn6hx83al3i8m-probe-b"
 B_DRV = "/nix/store/2vw8k4yxc59c9334ppz8slanrgcbg57v-probe-b.drv"
 
 
-@pytest.mark.parametrize(
-    "spelling",
-    [
-        BASE16,
-        f"sha256:{BASE16}",
-        f"sha256:{BASE32}",
-        BASE32,
-        f"sha256-{BASE64}",
-        f"sha256:{BASE64}",
-    ],
-)
+# Every spelling of one NAR hash that Nix writes in a registration.
+SPELLINGS = [
+    BASE16,
+    f"sha256:{BASE16}",
+    f"sha256:{BASE32}",
+    BASE32,
+    f"sha256-{BASE64}",
+    f"sha256:{BASE64}",
+]
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
 def test_every_spelling_of_a_nar_hash_is_stored_as_nix_stores_it(spelling: str) -> None:
     assert normalize_hash(spelling) == f"sha256:{BASE16}"
 
@@ -130,17 +131,7 @@ def _one_entry(hash_text: str, size: str = "1", deriver: str = "") -> bytes:
     return f"{A}\n{hash_text}\n{size}\n{deriver}\n0\n".encode()
 
 
-@pytest.mark.parametrize(
-    "spelling",
-    [
-        BASE16,
-        f"sha256:{BASE16}",
-        f"sha256:{BASE32}",
-        BASE32,
-        f"sha256-{BASE64}",
-        f"sha256:{BASE64}",
-    ],
-)
+@pytest.mark.parametrize("spelling", SPELLINGS)
 def test_check_accepts_every_spelling_normalize_hash_converts(spelling: str) -> None:
     Registration(_one_entry(spelling)).check()
 
