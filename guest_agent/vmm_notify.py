@@ -1,0 +1,244 @@
+"""Tell the host: `sd_notify` messages to the VMM's notify socket (systemd's VM interface).
+
+A VMM that wants to hear from its guest passes the systemd credential
+`vmm.notify_socket` (microvm.nix's cloud-hypervisor runner:
+`vsock-stream:2:8888`, relayed to the host unit's NOTIFY_SOCKET). It comes
+either as an SMBIOS type 11 (OEM strings) entry
+`io.systemd.credential:vmm.notify_socket=ADDRESS` (or `.binary:` with base64),
+or on the kernel command line as
+`systemd.set_credential=vmm.notify_socket:ADDRESS` (or `_binary`, base64).
+
+The SMBIOS strings are read from the raw table `/sys/firmware/dmi/tables/DMI`,
+which the kernel exports whenever it has DMI (built in on x86 and arm64): no
+`dmi_sysfs` module is needed, and a boot without the credential pays one small
+read. Addresses take every form sd_notify takes: `vsock:CID:PORT` (datagram,
+falling back to seqpacket, then stream, where the transport has no datagrams,
+as systemd does), `vsock-dgram:`, `vsock-seqpacket:`, `vsock-stream:`, an
+AF_UNIX path, `@abstract`. A send is bounded by a short timeout; nothing is
+retried; `READY=1` is never sent (it is the guest's PID 1's to send).
+
+Pure except `read_credential` (reads the table) and `send` (one socket).
+"""
+
+from __future__ import annotations
+
+import os
+
+from guest_agent.records import NamedTuple
+
+DMI_TABLE = "/sys/firmware/dmi/tables/DMI"
+CREDENTIAL = "vmm.notify_socket"
+SEND_TIMEOUT = 0.05  # seconds, per blocking socket call: the boot never waits longer
+
+_SMBIOS_PREFIXES = ("io.systemd.credential:", "io.systemd.credential.binary:")
+_CMDLINE_KEYS = ("systemd.set_credential", "systemd.set_credential_binary")
+_CIDS = {"hypervisor": 0, "local": 1, "host": 2}
+_OEM_STRINGS = 11  # SMBIOS structure type
+_END_OF_TABLE = 127
+
+
+class Address(NamedTuple):
+    """Where to send: FAMILY (socket.AF_UNIX or AF_VSOCK), the socket types to try in
+    order, and the address as `socket.connect` takes it."""
+
+    text: str
+    family: int
+    types: tuple[int, ...]
+    target: str | bytes | tuple[int, int]  # AF_UNIX: a path or b'\\0name'; AF_VSOCK: (cid, port)
+
+
+class BadAddress(ValueError):
+    pass
+
+
+def parse_address(text: str) -> Address:
+    """ADDRESS as systemd's sd_notify reads NOTIFY_SOCKET; BadAddress says why not."""
+    import socket
+
+    if text.startswith("/"):
+        if len(text.encode()) > 107:
+            raise BadAddress("an AF_UNIX path is at most 107 bytes")
+        return Address(text, socket.AF_UNIX, (socket.SOCK_DGRAM,), text)
+    if text.startswith("@") and len(text) > 1:
+        return Address(text, socket.AF_UNIX, (socket.SOCK_DGRAM,), b"\0" + text[1:].encode())
+    kind, sep, rest = text.partition(":")
+    types = {
+        "vsock": (socket.SOCK_DGRAM, socket.SOCK_SEQPACKET, socket.SOCK_STREAM),
+        "vsock-dgram": (socket.SOCK_DGRAM,),
+        "vsock-seqpacket": (socket.SOCK_SEQPACKET,),
+        "vsock-stream": (socket.SOCK_STREAM,),
+    }.get(kind)
+    if not sep or types is None:
+        raise BadAddress(
+            "expected vsock:CID:PORT (or vsock-stream:, vsock-dgram:, vsock-seqpacket:), "
+            "an absolute AF_UNIX path or @abstract"
+        )
+    cid_text, sep, port_text = rest.partition(":")
+    if not sep:
+        raise BadAddress("expected CID:PORT after the vsock kind")
+    cid = _CIDS[cid_text] if cid_text in _CIDS else _number(cid_text, "CID")
+    port = _number(port_text, "PORT")
+    return Address(text, socket.AF_VSOCK, types, (cid, port))
+
+
+def _number(text: str, what: str) -> int:
+    if not text.isdigit() or not text.isascii():
+        raise BadAddress(f"{what} {text!r} is not a number")
+    value = int(text)
+    if value > 0xFFFFFFFF or (what == "CID" and value == 0xFFFFFFFF):
+        raise BadAddress(f"{what} {text} is out of range")
+    return value
+
+
+# --- where the credential comes from ----------------------------------------------
+
+
+def credential_from_cmdline(tokens: list[str]) -> str | None:
+    """The last `systemd.set_credential[_binary]=vmm.notify_socket:VALUE` word's VALUE."""
+    found = None
+    for token in tokens:
+        key, sep, value = token.partition("=")
+        if sep and key in _CMDLINE_KEYS:
+            name, sep, data = value.partition(":")
+            if sep and name == CREDENTIAL:
+                found = _decoded(data) if key.endswith("_binary") else data
+    return found
+
+
+def oem_strings(table: bytes) -> list[bytes]:
+    """Every string of every SMBIOS type 11 structure in the raw TABLE, in order.
+
+    A structure: type, length, handle (4 bytes), its formatted part up to
+    `length`, then its strings, each NUL-terminated, the set ending in a second
+    NUL. A truncated or malformed table ends the walk: never an exception.
+    """
+    strings: list[bytes] = []
+    pos = 0
+    while pos + 4 <= len(table):
+        kind, length = table[pos], table[pos + 1]
+        if length < 4:
+            break
+        end = table.find(b"\0\0", pos + length)
+        if end < 0:
+            break
+        if kind == _OEM_STRINGS:
+            strings += [s for s in table[pos + length : end].split(b"\0") if s]
+        if kind == _END_OF_TABLE:
+            break
+        pos = end + 2
+    return strings
+
+
+def credential_from_smbios(strings: list[bytes]) -> str | None:
+    found = None
+    for raw in strings:
+        try:
+            text = raw.decode()
+        except UnicodeDecodeError:
+            continue
+        for prefix in _SMBIOS_PREFIXES:
+            if text.startswith(prefix):
+                name, sep, value = text[len(prefix) :].partition("=")
+                if sep and name == CREDENTIAL:
+                    found = _decoded(value) if prefix.endswith("binary:") else value
+    return found
+
+
+def _decoded(data: str) -> str | None:
+    import base64
+    import binascii
+
+    try:
+        return base64.b64decode(data, validate=True).decode().rstrip("\n")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+
+
+def read_credential(tokens: list[str], dmi_table: str = DMI_TABLE) -> str | None:
+    """The notify socket's address, or None: SMBIOS first, then the kernel command
+    line (which wins when both say it, as systemd's import order makes it)."""
+    from_cmdline = credential_from_cmdline(tokens)
+    if from_cmdline is not None:
+        return from_cmdline
+    try:
+        fd = os.open(dmi_table, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        table = os.read(fd, 1 << 20)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if b"io.systemd.credential" not in table:
+        return None
+    return credential_from_smbios(oem_strings(table))
+
+
+# --- the messages ------------------------------------------------------------------
+
+
+def field(value: str) -> str:
+    """VALUE made safe for one `KEY=VALUE` line: what a path or tag quotes cannot end
+    the line or start a field (newlines, other control characters and backslashes
+    are escaped)."""
+    out = []
+    for c in value:
+        if c == "\\":
+            out.append("\\\\")
+        elif ord(c) < 0x20 or ord(c) == 0x7F or "\ud800" <= c <= "\udfff":
+            out.append(f"\\x{ord(c) & 0xFF:02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+def message(fields: list[tuple[str, str]]) -> bytes:
+    """`KEY=VALUE` lines, each value escaped by `field`; never READY=1."""
+    lines = []
+    for key, value in fields:
+        if key == "READY":
+            raise ValueError("READY= is PID 1's to send")
+        lines.append(f"{key}={field(value)}")
+    return ("\n".join(lines) + "\n").encode("utf-8", "backslashreplace")
+
+
+def send(address: Address, payload: bytes, timeout: float = SEND_TIMEOUT) -> str | None:
+    """Send PAYLOAD once; None when it went, else why not (one line's worth)."""
+    import errno
+    import socket
+
+    last = "no socket type to try"
+    for kind in address.types:
+        try:
+            sock = socket.socket(address.family, kind | socket.SOCK_CLOEXEC)
+        except OSError as e:
+            # qemu's vsock has no datagrams (ENODEV/EOPNOTSUPP): try the next type
+            last = f"cannot open the socket: {os.strerror(e.errno or 0)}"
+            if e.errno in (
+                errno.ENODEV,
+                errno.EOPNOTSUPP,
+                errno.ESOCKTNOSUPPORT,
+                errno.EPROTONOSUPPORT,
+            ):
+                continue
+            return last
+        try:
+            sock.settimeout(timeout)
+            if kind == socket.SOCK_DGRAM:
+                sock.sendto(payload, address.target)
+            else:
+                sock.connect(address.target)
+                sock.sendall(payload)
+                sock.shutdown(socket.SHUT_WR)
+            return None
+        except TimeoutError:
+            return f"no answer within {timeout * 1000:.0f} ms"
+        except OSError as e:
+            last = os.strerror(e.errno) if e.errno else str(e)
+            if e.errno in (errno.ENODEV, errno.EOPNOTSUPP, errno.ESOCKTNOSUPPORT, errno.EPROTOTYPE):
+                continue
+            return last
+        finally:
+            sock.close()
+    return last

@@ -1,0 +1,63 @@
+"""sd_notify over AF_UNIX on this machine: the path and abstract forms arrive whole, a missing
+listener is one reason, a listener that never reads cannot hold the send beyond its timeout.
+(The vsock forms need a vsock transport: this host has none, the guests have vsock_loopback.)"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from pathlib import Path
+
+from guest_agent import vmm_notify as vn
+
+PAYLOAD = vn.message([("STATUS", "guest-agent: 3 mounted"), ("X_GUEST_AGENT_RESULT", "ok")])
+
+
+def _listener(address: str | bytes) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(address)
+    sock.settimeout(5)
+    return sock
+
+
+def test_a_path_socket_receives_the_message_whole(tmp_path: Path) -> None:
+    path = str(tmp_path / "notify")
+    with _listener(path) as listener:
+        assert vn.send(vn.parse_address(path), PAYLOAD) is None
+        assert listener.recv(4096) == PAYLOAD
+
+
+def test_an_abstract_socket_receives_the_message_whole() -> None:
+    name = f"guest-agent-test-{os.getpid()}"
+    with _listener(b"\0" + name.encode()) as listener:
+        assert vn.send(vn.parse_address("@" + name), PAYLOAD) is None
+        assert listener.recv(4096) == PAYLOAD
+
+
+def test_no_listener_is_one_reason_not_an_exception(tmp_path: Path) -> None:
+    reason = vn.send(vn.parse_address(str(tmp_path / "nobody")), PAYLOAD)
+    assert reason == os.strerror(2)  # ENOENT
+    bound = tmp_path / "gone"
+    _listener(str(bound)).close()  # the path stays, nobody listens
+    assert vn.send(vn.parse_address(str(bound)), PAYLOAD) == os.strerror(111)  # ECONNREFUSED
+
+
+def test_a_listener_that_never_reads_cannot_hold_the_boot(tmp_path: Path) -> None:
+    path = str(tmp_path / "full")
+    reasons: list[str | None] = []
+
+    def fill() -> None:  # until its queue is full: then a send must give up with a reason
+        for _ in range(500):
+            reasons.append(vn.send(address, PAYLOAD * 20, timeout=0.05))
+            if reasons[-1] is not None:
+                return
+
+    with _listener(path) as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+        address = vn.parse_address(path)
+        sender = threading.Thread(target=fill, daemon=True)
+        sender.start()
+        sender.join(30)  # a guard against a hang, not a measurement
+        assert not sender.is_alive(), "a send blocked on a listener that does not read"
+    assert reasons[-1] == "no answer within 50 ms", reasons[-3:]

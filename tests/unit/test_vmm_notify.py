@@ -1,0 +1,137 @@
+"""The notify socket's address, the credential's two sources and the message's escaping."""
+
+from __future__ import annotations
+
+import base64
+import socket
+import struct
+
+import pytest
+
+from guest_agent import vmm_notify as vn
+
+
+def smbios(kind: int, strings: list[bytes], formatted: bytes = b"") -> bytes:
+    """One SMBIOS structure: header, formatted part, string set."""
+    header = struct.pack("<BBH", kind, 4 + len(formatted), 0x1234) + formatted
+    body = b"".join(s + b"\0" for s in strings) if strings else b"\0"
+    return header + body + b"\0"
+
+
+@pytest.mark.parametrize(
+    ("text", "family", "types", "target"),
+    [
+        ("vsock-stream:2:8888", socket.AF_VSOCK, (socket.SOCK_STREAM,), (2, 8888)),
+        ("vsock-dgram:host:1", socket.AF_VSOCK, (socket.SOCK_DGRAM,), (2, 1)),
+        ("vsock-seqpacket:local:7", socket.AF_VSOCK, (socket.SOCK_SEQPACKET,), (1, 7)),
+        (
+            "vsock:hypervisor:9",
+            socket.AF_VSOCK,
+            (socket.SOCK_DGRAM, socket.SOCK_SEQPACKET, socket.SOCK_STREAM),
+            (0, 9),
+        ),
+        ("/run/host/notify", socket.AF_UNIX, (socket.SOCK_DGRAM,), "/run/host/notify"),
+        ("@vmm", socket.AF_UNIX, (socket.SOCK_DGRAM,), b"\0vmm"),
+    ],
+)
+def test_every_address_form_sd_notify_takes(text, family, types, target) -> None:
+    address = vn.parse_address(text)
+    assert (address.family, address.types, address.target) == (family, types, target)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "@",
+        "tcp:1.2.3.4:5",
+        "vsock:2",
+        "vsock::8888",
+        "vsock:2:x",
+        "vsock:4294967295:1",
+        "vsock:2:4294967296",
+        "vsock:٣:1",
+        "relative/path",
+        "/" + "a" * 107,
+    ],
+)
+def test_a_bad_address_says_why(text: str) -> None:
+    with pytest.raises(vn.BadAddress):
+        vn.parse_address(text)
+
+
+def test_the_command_line_credential_last_word_wins_and_binary_is_base64() -> None:
+    encoded = base64.b64encode(b"vsock-stream:2:9999").decode()
+    assert vn.credential_from_cmdline(["quiet", "systemd.set_credential=other:x"]) is None
+    assert (
+        vn.credential_from_cmdline(["systemd.set_credential=vmm.notify_socket:vsock:2:1"])
+        == "vsock:2:1"
+    )
+    tokens = [
+        "systemd.set_credential=vmm.notify_socket:vsock:2:1",
+        f"systemd.set_credential_binary=vmm.notify_socket:{encoded}",
+    ]
+    assert vn.credential_from_cmdline(tokens) == "vsock-stream:2:9999"
+    assert (
+        vn.credential_from_cmdline(["systemd.set_credential_binary=vmm.notify_socket:!!"]) is None
+    )
+
+
+def test_oem_strings_are_read_from_the_raw_table_and_nothing_else() -> None:
+    table = (
+        smbios(0, [b"vendor"], b"\x01\x02")
+        + smbios(
+            11, [b"io.systemd.credential:vmm.notify_socket=vsock-stream:2:8888", b"x"], b"\x02"
+        )
+        + smbios(1, [b"io.systemd.credential:vmm.notify_socket=not-from-type-1"])
+        + smbios(127, [])
+    )
+    strings = vn.oem_strings(table)
+    assert strings == [b"io.systemd.credential:vmm.notify_socket=vsock-stream:2:8888", b"x"]
+    assert vn.credential_from_smbios(strings) == "vsock-stream:2:8888"
+
+
+def test_a_binary_smbios_credential_and_junk_around_it() -> None:
+    encoded = base64.b64encode(b"@vmm-notify").decode()
+    strings = [b"\xff\xfe", b"io.systemd.credential.binary:vmm.notify_socket=" + encoded.encode()]
+    assert vn.credential_from_smbios(strings) == "@vmm-notify"
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        b"",
+        b"\x0b",
+        b"\x0b\x02\x00\x00",
+        smbios(11, [b"io.systemd.credential:a=b"])[:-3],
+        b"\x00" * 64,
+    ],
+)
+def test_a_truncated_or_malformed_table_ends_the_walk_without_an_exception(table: bytes) -> None:
+    assert isinstance(vn.oem_strings(table), list)
+
+
+def test_read_credential_prefers_the_command_line_and_reads_the_table_otherwise(tmp_path) -> None:
+    table = tmp_path / "DMI"
+    table.write_bytes(smbios(11, [b"io.systemd.credential:vmm.notify_socket=vsock:2:5"]))
+    assert vn.read_credential([], str(table)) == "vsock:2:5"
+    tokens = ["systemd.set_credential=vmm.notify_socket:/run/n"]
+    assert vn.read_credential(tokens, str(table)) == "/run/n"
+    assert vn.read_credential([], str(tmp_path / "missing")) is None
+
+
+def test_a_quoted_value_cannot_forge_a_field_or_a_line() -> None:
+    payload = vn.message(
+        [("STATUS", "failed: /home\nREADY=1"), ("X_GUEST_AGENT_SPEC", "a\\nb\x00")]
+    )
+    lines = payload.decode().split("\n")
+    assert lines == [
+        "STATUS=failed: /home\\x0aREADY=1",
+        "X_GUEST_AGENT_SPEC=a\\\\nb\\x00",
+        "",
+    ]
+
+
+def test_ready_is_never_sent() -> None:
+    with pytest.raises(ValueError):
+        vn.message([("READY", "1")])
