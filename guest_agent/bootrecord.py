@@ -1,0 +1,106 @@
+"""What a boot's `mount-all` did, kept for the guest and said to the host.
+
+`write` puts the record at /run/guest-agent/boot.json, atomically (a new file
+renamed over the old): initramfs-tools, dracut and NixOS's stage 1 all carry
+the initrd's /run into the real root, so `guest-agent status` reads it there.
+`summary` makes the sd_notify fields the host sees (guest_agent.vmm_notify).
+JSON escapes whatever a spec quotes; the notify fields are escaped by
+vmm_notify.message.
+"""
+
+from __future__ import annotations
+
+import os
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from typing import Any
+
+RECORD_DIR = "/run/guest-agent"
+RECORD_NAME = "boot.json"
+RECORD_VERSION = 1
+
+
+def write(payload: dict[str, Any], directory: str = RECORD_DIR) -> str | None:
+    """Write PAYLOAD as DIRECTORY/boot.json; None when written, else why not."""
+    import json
+
+    data = (json.dumps(payload, indent=2, sort_keys=False) + "\n").encode()
+    try:
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        return f"cannot open {directory}: {os.strerror(e.errno or 0)}"
+    temp = f".{RECORD_NAME}.{os.getpid()}"
+    try:
+        fd = os.open(
+            temp,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o644,
+            dir_fd=dir_fd,
+        )
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        os.rename(temp, RECORD_NAME, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        return None
+    except OSError as e:
+        try:
+            os.unlink(temp, dir_fd=dir_fd)
+        except OSError:
+            pass
+        return f"cannot write {directory}/{RECORD_NAME}: {os.strerror(e.errno or 0)}"
+    finally:
+        os.close(dir_fd)
+
+
+def read(directory: str = RECORD_DIR) -> dict[str, Any] | None:
+    """The last boot's record, or None when there is none (or it is not one)."""
+    import json
+
+    try:
+        fd = os.open(
+            os.path.join(directory, RECORD_NAME), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        )
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            record = json.loads(f.read(1 << 22))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("version") == RECORD_VERSION else None
+
+
+def summary(
+    mounts: list[dict[str, Any]], problems: list[dict[str, Any]]
+) -> tuple[str, list[tuple[str, str]]]:
+    """The one line a person reads in `systemctl status` (STATUS=) and the
+    machine-readable X_GUEST_AGENT_* fields, from the record's mounts and problems."""
+    counts: dict[str, int] = {}
+    for m in mounts:
+        counts[m.get("status", "?")] = counts.get(m.get("status", "?"), 0) + 1
+    fatal = [p for p in problems if p.get("fatal")]
+    parts = [f"{n} {status}" for status, n in sorted(counts.items())] or ["nothing to mount"]
+    line = "guest-agent: " + ", ".join(parts)
+    if fatal:
+        first = fatal[0]
+        line += f"; {len(fatal)} failed: {first.get('spec')}: {first.get('reason')}"
+    warnings = len(problems) - len(fatal)
+    fields = [
+        ("X_GUEST_AGENT_RESULT", "failed" if fatal else "ok"),
+        *(
+            (f"X_GUEST_AGENT_{status.upper().replace('-', '_')}", str(n))
+            for status, n in sorted(counts.items())
+        ),
+        ("X_GUEST_AGENT_ERRORS", str(len(fatal))),
+        ("X_GUEST_AGENT_WARNINGS", str(warnings)),
+        *(
+            (f"X_GUEST_AGENT_ERROR_{i}", f"{p.get('spec')}: {p.get('reason')}")
+            for i, p in enumerate(fatal, 1)
+        ),
+    ]
+    return line, fields

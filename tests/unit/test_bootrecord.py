@@ -1,0 +1,74 @@
+"""The boot record in /run and the summary the host hears."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from guest_agent import bootrecord, vmm_notify
+
+
+def record(**extra: object) -> dict[str, object]:
+    return {"version": 1, "ok": True, "mounts": [], "problems": [], **extra}
+
+
+def test_written_atomically_and_read_back(tmp_path: Path) -> None:
+    directory = tmp_path / "run" / "guest-agent"
+    assert bootrecord.write(record(started=1.0), str(directory)) is None
+    assert bootrecord.write(record(started=2.0), str(directory)) is None
+    assert sorted(os.listdir(directory)) == ["boot.json"]  # no temporary file left
+    assert bootrecord.read(str(directory)) == record(started=2.0)
+
+
+def test_a_symlink_in_place_of_the_directory_is_not_followed(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "guest-agent").symlink_to(elsewhere)
+    reason = bootrecord.write(record(), str(tmp_path / "guest-agent"))
+    assert reason is not None and reason.startswith("cannot open")
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_no_record_or_a_foreign_one_reads_as_none(tmp_path: Path) -> None:
+    assert bootrecord.read(str(tmp_path)) is None
+    (tmp_path / "boot.json").write_text(json.dumps({"version": 99}))
+    assert bootrecord.read(str(tmp_path)) is None
+    (tmp_path / "boot.json").write_text("{not json")
+    assert bootrecord.read(str(tmp_path)) is None
+
+
+def test_a_clean_boot_and_an_empty_one() -> None:
+    line, fields = bootrecord.summary([{"where": "/a", "status": "mounted"}], [])
+    assert line == "guest-agent: 1 mounted"
+    assert ("X_GUEST_AGENT_RESULT", "ok") in fields
+    assert bootrecord.summary([], [])[0] == "guest-agent: nothing to mount"
+
+
+def test_the_summary_counts_and_names_the_first_failure() -> None:
+    mounts = [
+        {"where": "/nix/.ro-store", "status": "mounted"},
+        {"where": "/nix/store", "status": "mounted"},
+        {"where": "/home", "status": "failed"},
+    ]
+    problems = [
+        {"spec": "microvm.share=home:/home", "reason": "no share tagged 'home'", "fatal": True},
+        {"spec": "microvm.volume=LABEL=x:/x", "reason": "not found (nofail)", "fatal": False},
+    ]
+    line, fields = bootrecord.summary(mounts, problems)
+    assert (
+        line
+        == "guest-agent: 1 failed, 2 mounted; 1 failed: microvm.share=home:/home: no share tagged 'home'"
+    )
+    assert fields == [
+        ("X_GUEST_AGENT_RESULT", "failed"),
+        ("X_GUEST_AGENT_FAILED", "1"),
+        ("X_GUEST_AGENT_MOUNTED", "2"),
+        ("X_GUEST_AGENT_ERRORS", "1"),
+        ("X_GUEST_AGENT_WARNINGS", "1"),
+        ("X_GUEST_AGENT_ERROR_1", "microvm.share=home:/home: no share tagged 'home'"),
+    ]
+    keys = [key for key, _ in fields]
+    assert len(keys) == len(set(keys))
+    payload = vmm_notify.message([("STATUS", line), *fields]).decode()
+    assert payload.count("\n") == len(fields) + 1
