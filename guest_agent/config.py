@@ -159,7 +159,7 @@ def check_agent_word(key: str, sep: str, value: str, token: str) -> list[Problem
         from difflib import get_close_matches  # only when a word is unknown
 
         known = [*MOUNT_KEYS, *switches.SWITCH_KEYS, *switches.ONFAIL_KEYS]
-        close = get_close_matches(key, known, n=1, cutoff=0.6)
+        close = get_close_matches(key, known, n=1, cutoff=0.8)  # not for a prefix alone
         hint = None
         if close:
             takes_value = close[0] not in (RESET_KEY,)

@@ -189,7 +189,7 @@ def _timeout(name: str, value: str) -> float:
 def _did_you_mean(word: str, known: Iterable[str]) -> str | None:
     from difflib import get_close_matches  # only when a word is unknown
 
-    close = get_close_matches(word, list(known), n=1)
+    close = get_close_matches(word, list(known), n=1, cutoff=0.8)
     return f"did you mean {close[0]}?" if close else None
 
 
