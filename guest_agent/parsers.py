@@ -155,7 +155,7 @@ def parse_options(text: str) -> Options:
         if word in REFUSED_WORDS:
             raise Invalid(f"{name}: {REFUSED_WORDS[word]}", "drop it")
         if word.endswith("=") != bool(sep):
-            raise Invalid(f"{name} takes a value: {word}…" if not sep else f"{name} takes no value")
+            raise Invalid(f"{name} takes no value" if sep else f"{name} needs a value after '='")
         if name == "x-systemd.device-timeout":  # systemd: 0 is no limit (parse_sec_fix_0)
             timeout = _timeout(name, value) or math.inf
         elif name == "x-device-timeout":

@@ -189,7 +189,7 @@ def test_flag_words_take_no_value_and_value_words_need_one() -> None:
     assert str(info.value) == "nofail takes no value"
     with pytest.raises(Invalid) as info:
         parse_options("x-systemd.device-timeout")
-    assert str(info.value) == "x-systemd.device-timeout takes a value: x-systemd.device-timeout=…"
+    assert str(info.value) == "x-systemd.device-timeout needs a value after '='"
 
 
 def test_systemd_makefs_is_x_makefs() -> None:
