@@ -161,16 +161,15 @@ def check_agent_word(key: str, sep: str, value: str, token: str) -> list[Problem
         known = [*MOUNT_KEYS, *switches.SWITCH_KEYS, *switches.ONFAIL_KEYS]
         close = get_close_matches(key, known, n=1, cutoff=0.8)  # not for a prefix alone
         hint = None
-        if close:
-            takes_value = close[0] not in (RESET_KEY,)
-            hint = f"did you mean {close[0]}{'=' if takes_value else ''}?"
+        if close:  # every key takes a value but the reset flag
+            hint = f"did you mean {close[0]}{'' if close[0] == RESET_KEY else '='}?"
         return [Problem(token, f"unknown boot parameter {key}{sep}; ignored", hint, fatal=False)]
     if not sep or value not in accepted:
-        reason = (
-            f"{key}= takes {', '.join(accepted)}; {value!r} is none of them"
-            if sep
-            else (f"{key} needs a value: {', '.join(accepted)}")
-        )
+        words = ", ".join(accepted)
+        if sep:
+            reason = f"{key}= takes {words}; {value!r} is none of them"
+        else:
+            reason = f"{key} needs a value: {words}"
         problems.append(Problem(token, reason, fatal=False))
     return problems
 
