@@ -24,6 +24,11 @@ VOLUME_KEY = "microvm.volume"
 OVERLAY_KEY = "microvm.store-overlay"
 RESET_KEY = "microvm.reset-overlay"
 REG_INFO_KEY = "regInfo"  # NixOS's: the registration of the system closure
+# The mount parameters (docs/reference.md, "Boot parameters"); the switches are in switches.py.
+MOUNT_KEYS = (SHARE_KEY, VOLUME_KEY, OVERLAY_KEY, RESET_KEY, REG_INFO_KEY)
+# Words with these prefixes are the agent's: one it does not know is named back (a typo
+# would otherwise vanish). Others belong to the kernel or to other programs.
+AGENT_PREFIXES = ("microvm.", "guest-agent", "guest_agent", "rd.guest-agent", "rd.guest_agent")
 
 _TRUE = ("", "1", "yes", "true", "on")
 _FALSE = ("0", "no", "false", "off")
@@ -111,10 +116,62 @@ def parse_cmdline(text: str) -> Parsed:
             key
         )
         if parser is None:
+            if key.startswith(AGENT_PREFIXES):
+                problems.extend(check_agent_word(key, sep, value, token))
             continue
         result = parser(value, token) if sep else Problem(token, "expects a value after '='")
-        (problems if isinstance(result, Problem) else specs).append(result)  # type: ignore[arg-type]
+        collect(result, specs, problems)
     return Parsed(tuple(specs), reset, tuple(problems), reg_info)
+
+
+def collect(result: MountSpec | Problem, specs: list[MountSpec], problems: list[Problem]) -> None:
+    """A parser's RESULT into SPECS or PROBLEMS; the words it ignored as warnings of it."""
+    if isinstance(result, Problem):
+        problems.append(result)
+        return
+    specs.append(result)
+    problems.extend(Problem(result.source, w, fatal=False) for w in result.options.warnings)
+
+
+def check_agent_word(key: str, sep: str, value: str, token: str) -> list[Problem]:
+    """Warnings about a command-line word with one of the agent's prefixes that is not a
+    mount key: a switch's old spelling or unknown value, or an unknown word (with the known
+    word closest to it). Never fatal: the command line is shared with the kernel and others."""
+    from guest_agent import switches
+
+    new = switches.DEPRECATED.get(key)
+    problems = []
+    if new is not None:
+        problems.append(
+            Problem(
+                token,
+                f"{key}= is the old spelling of {new}=; it still works in this release",
+                f"write {new}={value}",
+                fatal=False,
+            )
+        )
+        key = new
+    if key in switches.SWITCH_KEYS:
+        accepted: tuple[str, ...] = switches.TRUE_WORDS + switches.FALSE_WORDS
+    elif key in switches.ONFAIL_KEYS:
+        accepted = switches.ONFAIL_VALUES
+    else:
+        from difflib import get_close_matches  # only when a word is unknown
+
+        known = [*MOUNT_KEYS, *switches.SWITCH_KEYS, *switches.ONFAIL_KEYS]
+        close = get_close_matches(key, known, n=1, cutoff=0.8)  # not for a prefix alone
+        hint = None
+        if close:  # every key takes a value but the reset flag
+            hint = f"did you mean {close[0]}{'' if close[0] == RESET_KEY else '='}?"
+        return [Problem(token, f"unknown boot parameter {key}{sep}; ignored", hint, fatal=False)]
+    if not sep or value not in accepted:
+        words = ", ".join(accepted)
+        if sep:
+            reason = f"{key}= takes {words}; {value!r} is none of them"
+        else:
+            reason = f"{key} needs a value: {words}"
+        problems.append(Problem(token, reason, fatal=False))
+    return problems
 
 
 def reg_info_of(value: object, origin: str) -> tuple[str | None, Problem | None]:
@@ -123,7 +180,7 @@ def reg_info_of(value: object, origin: str) -> tuple[str | None, Problem | None]
     try:
         return parse_reg_info(value), None
     except Invalid as e:
-        return None, Problem(origin, str(e))
+        return None, Problem(origin, str(e), e.hint)
 
 
 def parse_config_json(text: str, origin: str) -> Parsed:
@@ -137,18 +194,20 @@ def parse_config_json(text: str, origin: str) -> Parsed:
 # --- merging ---------------------------------------------------------------
 
 
-def merge(layers: Iterable[Parsed]) -> tuple[Config, tuple[Problem, ...], tuple[str, ...]]:
+def merge(layers: Iterable[Parsed]) -> tuple[Config, tuple[Problem, ...]]:
     """Merge layers in order of precedence (lowest first), keyed by mount point.
 
-    A later spec for the same WHERE replaces an earlier one and takes its place
-    in the order; the replacement is noted so that nothing is silently dropped.
+    A later spec for the same WHERE replaces an earlier one and takes its place in the
+    order; the one replaced gets a problem of its own, so that nothing is silently
+    dropped: a warning when a later layer replaces it (the command line overrides the
+    file, as documented), an error when its own layer gives the mount point twice
+    (unless it is nofail), since one of the two mounts asked for will not happen.
     """
-    by_where: dict[str, MountSpec] = {}
+    by_where: dict[str, tuple[int, MountSpec]] = {}
     problems: list[Problem] = []
-    notes: list[str] = []
     reset = False
     reg_info = None
-    for layer in layers:
+    for index, layer in enumerate(layers):
         problems.extend(layer.problems)
         reg_info = layer.reg_info or reg_info
         if layer.reset_overlay is not None:  # a later layer overrides (=0 cancels the file's true)
@@ -156,10 +215,22 @@ def merge(layers: Iterable[Parsed]) -> tuple[Config, tuple[Problem, ...], tuple[
         for spec in layer.specs:
             old = by_where.pop(spec.where, None)
             if old is not None:
-                notes.append(f"{spec.source} replaces {old.source} (same mount point {spec.where})")
-            by_where[spec.where] = spec
+                problems.append(_replaced(old[1], spec, same_layer=old[0] == index))
+            by_where[spec.where] = (index, spec)
     mounts = tuple(
         m._replace(reg_info=reg_info) if isinstance(m, OverlaySpec) and m.nix_db else m
-        for m in by_where.values()
+        for _, m in by_where.values()
     )
-    return Config(mounts, reset, reg_info), tuple(problems), tuple(notes)
+    return Config(mounts, reset, reg_info), tuple(problems)
+
+
+def _replaced(old: MountSpec, new: MountSpec, same_layer: bool) -> Problem:
+    reason = f"not mounted: {new.source} replaces it (same mount point {new.where})"
+    if same_layer:
+        return Problem(
+            old.source,
+            reason,
+            "give each mount point once",
+            fatal=not old.options.nofail,
+        )
+    return Problem(old.source, reason, fatal=False)

@@ -1,5 +1,5 @@
-"""The build-time JSON config (schema in docs/configuration.md), parsed into the same
-values as the kernel command line: each entry through the command line's parsers.
+"""The build-time JSON config (schema in docs/reference.md, "JSON config"), parsed into the
+same values as the kernel command line: each entry through the command line's parsers.
 
 Imported only when a config file exists. Nothing here raises for bad input;
 problems are returned beside the specs.
@@ -7,7 +7,7 @@ problems are returned beside the specs.
 
 from __future__ import annotations
 
-from guest_agent.config import Parsed, reg_info_of
+from guest_agent.config import Parsed, collect, reg_info_of
 from guest_agent.parsers import parse_overlay, parse_share, parse_volume
 from guest_agent.spec import NIX_DB_OPTION, MountSpec, Problem
 
@@ -15,15 +15,48 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
     from typing import Any
 
-# Accepted spellings of each top-level key (NixOS modules write camelCase).
-_KEYS = {
-    "shares": ("shares", "share"),
-    "volumes": ("volumes", "volume"),
-    "storeOverlay": ("storeOverlay", "store_overlay", "store-overlay"),
-    "resetOverlay": ("resetOverlay", "reset_overlay", "reset-overlay"),
-    "regInfo": ("regInfo", "reg_info", "reg-info"),
+# The documented keys (docs/reference.md, "JSON config"; tests/unit/test_reference.py
+# holds the two together). Hints name only these.
+TOP_KEYS = ("shares", "volumes", "storeOverlay", "regInfo", "resetOverlay")
+SHARE_FIELDS = ("tag", "mountPoint", "proto", "readOnly", "options")
+VOLUME_FIELDS = ("label", "uuid", "serial", "what", "mountPoint", "fsType", "readOnly", "options")
+OVERLAY_FIELDS = ("lower", "rw", "options", "nixDb")
+# Top-level keys that are skipped without a word, as are keys starting with "_".
+IGNORED_KEYS = ("$schema", "version", "comment")
+# Old spellings: still read, with a warning naming the documented key, for one release.
+DEPRECATED_KEYS = {
+    "share": "shares",
+    "volume": "volumes",
+    "store_overlay": "storeOverlay",
+    "store-overlay": "storeOverlay",
+    "reset_overlay": "resetOverlay",
+    "reset-overlay": "resetOverlay",
+    "reg_info": "regInfo",
+    "reg-info": "regInfo",
 }
-_ALIASES = {alias: key for key, aliases in _KEYS.items() for alias in aliases}
+DEPRECATED_FIELDS = {
+    "where": "mountPoint",
+    "mount_point": "mountPoint",
+    "protocol": "proto",
+    "read_only": "readOnly",
+    "ro": "readOnly",
+    "device": "what",
+    "fstype": "fsType",
+    "fs_type": "fsType",
+    "lowerdir": "lower",
+    "roStore": "lower",
+    "writable": "rw",
+    "writableStoreOverlay": "rw",
+    "nix_db": "nixDb",
+    "nix-db": "nixDb",
+}
+
+
+def _old_spelling(where: str, old: str, new: str) -> Problem:
+    return Problem(
+        where, f"{old} is an old spelling of {new}; it still works in this release",
+        f"write {new}", fatal=False,
+    )  # fmt: skip
 
 
 def parse_json(text: str, origin: str) -> Parsed:
@@ -47,11 +80,13 @@ def parse_json(text: str, origin: str) -> Parsed:
     reset: bool | None = None
     reg_info: str | None = None
     for raw_key, value in data.pairs:  # a duplicate key's values all apply (and are reported)
-        key = _ALIASES.get(raw_key)
         where = f"{origin}: {raw_key}"
+        key = raw_key if raw_key in TOP_KEYS else DEPRECATED_KEYS.get(raw_key)
+        if key is not None and key != raw_key:
+            problems.append(_old_spelling(where, raw_key, key))
         if key is None:
-            if not raw_key.startswith("_") and raw_key not in ("$schema", "version", "comment"):
-                problems.append(Problem(where, "unknown key", f"known keys: {', '.join(_KEYS)}"))
+            if not raw_key.startswith("_") and raw_key not in IGNORED_KEYS:
+                problems.append(Problem(where, "unknown key", f"known keys: {', '.join(TOP_KEYS)}"))
         elif key == "resetOverlay":
             if isinstance(value, bool):
                 reset = value
@@ -64,14 +99,14 @@ def parse_json(text: str, origin: str) -> Parsed:
                     problems.append(problem)
         elif key == "storeOverlay":
             if value is not None:
-                _collect(_overlay_entry(value, where), specs, problems)
+                _overlay_entry(value, where, specs, problems)
         else:
             if not isinstance(value, list):
                 problems.append(Problem(where, "expected a list"))
                 continue
             entry = _share_entry if key == "shares" else _volume_entry
             for index, item in enumerate(value):
-                _collect(entry(item, f"{where}[{index}]"), specs, problems)
+                entry(item, f"{where}[{index}]", specs, problems)
     return Parsed(tuple(specs), reset, tuple(problems), reg_info)
 
 
@@ -90,33 +125,36 @@ class _Object(dict):  # type: ignore[type-arg]
             seen.add(key)
 
 
-def _collect(result: MountSpec | Problem, specs: list[MountSpec], problems: list[Problem]) -> None:
-    if isinstance(result, Problem):
-        problems.append(result)
-    else:
-        specs.append(result)
-
-
 def _fields_of(
-    item: Any, origin: str, names: dict[str, tuple[str, ...]]
+    item: Any, origin: str, names: tuple[str, ...], problems: list[Problem]
 ) -> dict[str, str] | Problem:
-    """Pick string fields from a JSON object; each field may have several spellings."""
+    """An entry's fields by their documented NAMES, as strings; an old spelling is read
+    with a warning (into PROBLEMS)."""
     if not isinstance(item, dict):
         return Problem(origin, "expected an object or a string in the command-line grammar")
     if isinstance(item, _Object) and item.duplicates:
         return Problem(origin, f"duplicate field {item.duplicates[0]!r}", "give each field once")
-    known = {alias: name for name, aliases in names.items() for alias in aliases}
     picked: dict[str, str] = {}
+    spelled: dict[str, str] = {}
     for raw, value in item.items():
-        name = known.get(raw)
-        if name is None:
+        name = raw if raw in names else DEPRECATED_FIELDS.get(raw)
+        if name not in names:
             return Problem(origin, f"unknown field {raw!r}", f"known: {', '.join(names)}")
+        if name in spelled:
+            return Problem(
+                origin, f"{name} given twice (as {spelled[name]} and {raw})", "give it once"
+            )
+        spelled[name] = raw
+        if raw != name:
+            problems.append(_old_spelling(f"{origin}: {raw}", raw, name))
         if name == "options":
             if isinstance(value, list) and all(isinstance(v, str) for v in value):
                 value = ",".join(value)
+            elif not isinstance(value, str):
+                return Problem(origin, f"{raw}: expected a string or a list of strings")
         elif name == "readOnly":
             if not isinstance(value, bool):
-                return Problem(origin, "readOnly: expected true or false")
+                return Problem(origin, f"{raw}: expected true or false")
             value = "ro" if value else "rw"
         elif name == "nixDb":
             if not isinstance(value, bool):
@@ -124,7 +162,7 @@ def _fields_of(
             value = NIX_DB_OPTION if value else ""
         if not isinstance(value, str):
             return Problem(origin, f"{raw}: expected a string")
-        if ":" in value and name not in ("options",):
+        if ":" in value and name != "options":
             return Problem(origin, f"{raw}: {value!r} must not contain ':'")
         picked[name] = value
     options = [o.strip() for o in picked.get("options", "").split(",")]
@@ -137,68 +175,62 @@ def _fields_of(
     return picked
 
 
+def _missing(fields: dict[str, str], origin: str, *required: str) -> Problem | None:
+    absent = [name for name in required if name not in fields]
+    return Problem(origin, f"missing {', '.join(absent)}") if absent else None
+
+
 def _options(fields: dict[str, str]) -> str:
     """readOnly and options as one OPTIONS field (a contradiction is refused by the parser)."""
     return ",".join(o for o in (fields.get("readOnly", ""), fields.get("options", "")) if o)
 
 
-_SHARE_FIELDS = {
-    "tag": ("tag",),
-    "where": ("where", "mountPoint", "mount_point"),
-    "proto": ("proto", "protocol"),
-    "options": ("options",),
-    "readOnly": ("readOnly", "read_only", "ro"),
-}
-_VOLUME_FIELDS = {
-    "what": ("what", "device"),
-    "label": ("label",),
-    "uuid": ("uuid",),
-    "serial": ("serial",),
-    "where": ("where", "mountPoint", "mount_point"),
-    "fstype": ("fstype", "fsType", "fs_type"),
-    "options": ("options",),
-    "readOnly": ("readOnly", "read_only", "ro"),
-}
-_OVERLAY_FIELDS = {
-    "lower": ("lower", "lowerdir", "roStore"),
-    "rw": ("rw", "writable", "writableStoreOverlay"),
-    "options": ("options",),
-    "nixDb": ("nixDb", "nix_db", "nix-db"),
-}
-
-
-def _share_entry(item: Any, origin: str) -> MountSpec | Problem:
+def _share_entry(item: Any, origin: str, specs: list[MountSpec], problems: list[Problem]) -> None:
     if isinstance(item, str):
-        return parse_share(item, f"{origin} {item!r}")
-    fields = _fields_of(item, origin, _SHARE_FIELDS)
+        collect(parse_share(item, f"{origin} {item!r}"), specs, problems)
+        return
+    fields = _fields_of(item, origin, SHARE_FIELDS, problems)
+    if not isinstance(fields, Problem):
+        fields = _missing(fields, origin, "tag", "mountPoint") or fields
     if isinstance(fields, Problem):
-        return fields
+        problems.append(fields)
+        return
     text = ":".join(
-        (fields.get("tag", ""), fields.get("where", ""), fields.get("proto", ""), _options(fields))
+        (fields["tag"], fields["mountPoint"], fields.get("proto", ""), _options(fields))
     )
-    return parse_share(text, f"{origin} (tag {fields.get('tag', '?')})")
+    collect(parse_share(text, f"{origin} (tag {fields['tag']})"), specs, problems)
 
 
-def _volume_entry(item: Any, origin: str) -> MountSpec | Problem:
+def _volume_entry(item: Any, origin: str, specs: list[MountSpec], problems: list[Problem]) -> None:
     if isinstance(item, str):
-        return parse_volume(item, f"{origin} {item!r}")
-    fields = _fields_of(item, origin, _VOLUME_FIELDS)
+        collect(parse_volume(item, f"{origin} {item!r}"), specs, problems)
+        return
+    fields = _fields_of(item, origin, VOLUME_FIELDS, problems)
     if isinstance(fields, Problem):
-        return fields
+        problems.append(fields)
+        return
     ways = [k for k in ("what", "label", "uuid", "serial") if k in fields]
     if len(ways) != 1:
-        return Problem(origin, "give exactly one of what, label, uuid, serial")
+        problems.append(Problem(origin, "give exactly one of what, label, uuid, serial"))
+        return
     what = fields[ways[0]] if ways[0] == "what" else f"{ways[0].upper()}={fields[ways[0]]}"
-    text = ":".join((what, fields.get("where", ""), fields.get("fstype", ""), _options(fields)))
-    return parse_volume(text, f"{origin} ({what})")
+    missing = _missing(fields, origin, "mountPoint")
+    if missing is not None:
+        problems.append(missing)
+        return
+    text = ":".join((what, fields["mountPoint"], fields.get("fsType", ""), _options(fields)))
+    collect(parse_volume(text, f"{origin} ({what})"), specs, problems)
 
 
-def _overlay_entry(item: Any, origin: str) -> MountSpec | Problem:
+def _overlay_entry(item: Any, origin: str, specs: list[MountSpec], problems: list[Problem]) -> None:
     if isinstance(item, str):
-        return parse_overlay(item, f"{origin} {item!r}")
-    fields = _fields_of(item, origin, _OVERLAY_FIELDS)
+        collect(parse_overlay(item, f"{origin} {item!r}"), specs, problems)
+        return
+    fields = _fields_of(item, origin, OVERLAY_FIELDS, problems)
+    if not isinstance(fields, Problem):
+        fields = _missing(fields, origin, "lower", "rw") or fields
     if isinstance(fields, Problem):
-        return fields
+        problems.append(fields)
+        return
     options = ",".join(o for o in (fields.get("options", ""), fields.get("nixDb", "")) if o)
-    text = ":".join((fields.get("lower", ""), fields.get("rw", ""), options))
-    return parse_overlay(text, origin)
+    collect(parse_overlay(f"{fields['lower']}:{fields['rw']}:{options}", origin), specs, problems)

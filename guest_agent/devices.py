@@ -178,7 +178,7 @@ class Devices:
         if remaining <= 0 or self._monitor is None:
             return False
         self.forget()
-        event = self._monitor.wait(remaining)
+        event = self._monitor.wait(min(remaining, 3600.0))  # no limit (inf): wake up hourly
         if event is not None and event.action == "add" and "MODALIAS" in event.env:
             self.modules().load_driver(event.env["MODALIAS"])
         return time.monotonic() < deadline

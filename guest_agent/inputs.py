@@ -7,6 +7,7 @@ and merged (config.py), each problem reported.
 
 from __future__ import annotations
 
+import errno
 import os
 
 from guest_agent.config import DEFAULT_CMDLINE, DEFAULT_CONFIG
@@ -38,8 +39,11 @@ def sources(root: str = "/", config: str | None = None, cmdline: str = DEFAULT_C
     return Sources(os.path.realpath(root), config or DEFAULT_CONFIG, config is not None, cmdline)
 
 
-def load(src: Sources, reporter: Reporter) -> Config:
-    """Read and merge the config file and the command line; report their problems."""
+def load(src: Sources, reporter: Reporter, say_if_empty: bool = True) -> Config:
+    """Read and merge the config file and the command line; report their problems.
+
+    When no mount is configured and nothing was wrong (SAY_IF_EMPTY), say so: in a
+    boot log, silence looks like an agent that never ran."""
     from guest_agent.config import Parsed, merge, parse_cmdline, parse_config_json
     from guest_agent.spec import Problem
 
@@ -52,22 +56,27 @@ def load(src: Sources, reporter: Reporter) -> Config:
             reason = f"not valid JSON: not UTF-8 (byte {e.start})"
             layers.append(Parsed(problems=(Problem(src.config, reason),)))
     elif why is not None or src.config_given:  # a missing default file is no error
-        reason = "cannot read the config file" + (f": {why}" if why else "")
+        reason = f"cannot read the config file: {why or _MISSING}"
         layers.append(Parsed(problems=(Problem(src.config, reason),)))
+    config_state = "" if data is not None else " (unreadable)" if why else " (absent)"
     data, why = _read(src.cmdline, CMDLINE_LIMIT)
     if data is None:
-        reason = "cannot read the command line" + (f": {why}" if why else "")
+        reason = f"cannot read the command line: {why or _MISSING}"
         layers.append(Parsed(problems=(Problem(src.cmdline, reason),)))
     else:
         layers.append(parse_cmdline(data.decode(errors="replace")))
-    config, problems, notes = merge(layers)
+    config, problems = merge(layers)
     for problem in problems:
         reporter.problem(problem)
-    for note in notes:
-        reporter.info(note)
+    if say_if_empty and not config.mounts and not any(p.fatal for p in problems):
+        reporter.info(
+            f"nothing to mount: no mount is configured in {src.config}{config_state}"
+            f" or {src.cmdline}"
+        )
     return config
 
 
+_MISSING = os.strerror(errno.ENOENT)
 _KINDS = {0o040000: "a directory", 0o010000: "a FIFO", 0o020000: "a character device",
           0o060000: "a block device", 0o140000: "a socket"}  # fmt: skip
 _DEV_NULL = (1, 3)  # major, minor of /dev/null: `--config /dev/null` means "no config"

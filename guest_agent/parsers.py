@@ -7,6 +7,8 @@ field (OPTIONS) may itself hold colons.
 
 from __future__ import annotations
 
+import math
+
 from guest_agent.spec import (
     DEFAULT_DEVICE_TIMEOUT,
     MAX_VIRTIOFS_TAG,
@@ -22,11 +24,19 @@ from guest_agent.spec import (
     VolumeSpec,
 )
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
 _PROTOS = {p: p for p in (Proto.NINEP, Proto.VIRTIOFS, Proto.AUTO)}
 
 
 class Invalid(ValueError):
     """Raised inside this module only; the public parsers turn it into a `Problem`."""
+
+    def __init__(self, reason: str, hint: str | None = None) -> None:
+        super().__init__(reason)
+        self.hint = hint
 
 
 def unencodable(text: str) -> str | None:
@@ -65,45 +75,195 @@ def parse_abs_path(value: str, what: str) -> str:
 
 # --- options ---------------------------------------------------------------
 
-_TIMEOUT_KEYS = ("x-device-timeout", "x-systemd.device-timeout")
-# Options that mean something only to fstab tooling: never handed to the kernel.
-_USERSPACE_ONLY = frozenset(
-    {"defaults", "auto", "noauto", "nofail", "x-makefs", "_netdev", "user", "nouser"}
-)
+# The OPTIONS words that are not the kernel's, with what the agent does with each
+# (docs/reference.md, "Option words"; tests/unit/test_reference.py holds the two
+# together). A word ending in "=" takes a value; every other word goes to the kernel.
+AGENT_WORDS = {
+    "nofail": "a failure of this entry is a warning; the exit status stays 0",
+    "noauto": "not mounted: listed as not mounted because of noauto (systemd's meaning)",
+    "x-systemd.device-timeout=": "how long to wait for the tag or disk, a systemd time span;"
+    " 0 or infinity: no limit",
+    "x-device-timeout=": "the agent's own spelling: as x-systemd.device-timeout=, but 0 means"
+    " do not wait",
+    "x-makefs": "format a blank volume with FSTYPE (docs/faults.md)",
+    "x-systemd.makefs": "the same as x-makefs",
+    "x-nix-db": "store overlay: keep Nix's database on RW and reconcile it (docs/nix-db.md)",
+}
+# Accepted and without effect: what they ask for is already so.
+IGNORED_WORDS = {
+    "defaults": "the kernel's defaults are the defaults",
+    "auto": "mounted at boot is the default",
+    "nouser": "only root mounts: the agent runs as root",
+    "_netdev": "virtio shares and disks need no network",
+    "x-initrd.mount": "the agent mounts where it runs (at boot, in the initrd)",
+    "x-systemd.rw-only": "the agent never retries a failed mount read-only",
+    "x-mount.mkdir": "the agent creates missing mount points itself",
+    "comment=": "a note for fstab tools",
+}
+_NO_UNITS = "the agent runs no units: it orders mounts by their mount points"
+_NOT_ROOT = "lets users other than root mount it with mount(8); the agent mounts as root at boot"
+# Refused by name: the entry is not mounted, and the reason says why.
+REFUSED_WORDS = {
+    "user": _NOT_ROOT,
+    "users": _NOT_ROOT,
+    "owner": _NOT_ROOT,
+    "group": _NOT_ROOT,
+    "x-systemd.automount": "the agent mounts at boot; it has no automount",
+    "x-systemd.idle-timeout=": "the agent mounts at boot; it has no automount to expire",
+    "x-systemd.mount-timeout=": "the agent cannot bound the mount call itself"
+    " (x-systemd.device-timeout= bounds the wait for the device)",
+    "x-systemd.requires=": _NO_UNITS,
+    "x-systemd.before=": _NO_UNITS,
+    "x-systemd.after=": _NO_UNITS,
+    "x-systemd.wanted-by=": _NO_UNITS,
+    "x-systemd.required-by=": _NO_UNITS,
+    "x-systemd.requires-mounts-for=": _NO_UNITS,
+    "x-systemd.wants-mounts-for=": _NO_UNITS,
+    "x-systemd.device-bound=": _NO_UNITS,
+    "x-systemd.growfs": "the agent does not grow filesystems",
+    "x-systemd.pcrfs": "the agent does not measure filesystems into a TPM",
+    "x-systemd.validatefs": "the agent does not check a filesystem's mount point records",
+    "x-systemd.graceful-option=": "the agent hands every option to the kernel as given",
+}
+OPTION_WORDS = (*AGENT_WORDS, *IGNORED_WORDS, *REFUSED_WORDS)
+_BY_NAME = {w.rstrip("="): w for w in OPTION_WORDS}
+_SYSTEMD_PREFIX = "x-systemd."
 
 
 def parse_options(text: str) -> Options:
     _check_encodable(text, "OPTIONS")
     kernel: list[str] = []
-    nofail = makefs = False
+    warnings: list[str] = []
+    nofail = noauto = makefs = False
     timeout = DEFAULT_DEVICE_TIMEOUT
     for opt in (o.strip() for o in text.split(",")):
         if not opt:
             continue
-        key, _, value = opt.partition("=")
-        if key in _TIMEOUT_KEYS:
-            parsed = _parse_seconds(value)
-            if parsed is None:
-                raise Invalid(f"{key}={value}: expected a number of seconds")
-            timeout = parsed
-        elif opt == "nofail":
+        name, sep, value = opt.partition("=")
+        word = _BY_NAME.get(name)
+        if word is None:
+            if name.startswith(_SYSTEMD_PREFIX):
+                raise Invalid(
+                    f"{name}: not a systemd mount option the agent knows",
+                    _did_you_mean(name, (w for w in OPTION_WORDS if w.startswith("x-"))),
+                )
+            if name.startswith("x-"):  # systemd convention: x-* words are for userspace only
+                warnings.append(f"{name}: not an option word the agent knows; ignored")
+            else:
+                kernel.append(opt)
+            continue
+        if word in REFUSED_WORDS:
+            raise Invalid(f"{name}: {REFUSED_WORDS[word]}", "drop it")
+        if word.endswith("=") != bool(sep):
+            raise Invalid(f"{name} takes no value" if sep else f"{name} needs a value after '='")
+        if name == "x-systemd.device-timeout":  # systemd: 0 is no limit (parse_sec_fix_0)
+            timeout = _timeout(name, value) or math.inf
+        elif name == "x-device-timeout":
+            timeout = _timeout(name, value)
+        elif name == "nofail":
             nofail = True
-        elif opt == "x-makefs":
+        elif name == "noauto":
+            noauto = True
+        elif name in ("x-makefs", "x-systemd.makefs"):
             makefs = True
-        elif opt in _USERSPACE_ONLY or opt.startswith("x-"):
-            continue  # systemd convention: x-* options are for userspace tools only
+    return Options(
+        tuple(kernel),
+        nofail=nofail,
+        makefs=makefs,
+        device_timeout=timeout,
+        noauto=noauto,
+        warnings=tuple(warnings),
+    )
+
+
+def _timeout(name: str, value: str) -> float:
+    seconds = parse_timespan(value)
+    if seconds is None:
+        raise Invalid(
+            f"{name}={value}: expected a time span",
+            "seconds, or with units as systemd takes them: 90, 1min 30s, 500ms, infinity",
+        )
+    return seconds
+
+
+def _did_you_mean(word: str, known: Iterable[str]) -> str | None:
+    from difflib import get_close_matches  # only when a word is unknown
+
+    close = get_close_matches(word, list(known), n=1, cutoff=0.8)
+    return f"did you mean {close[0]}?" if close else None
+
+
+# systemd's time span units (systemd.time(7); time-util.c's table, in its order: the first
+# unit that starts the rest wins, so "min" comes before "m" and "ms" before "m").
+_USEC_PER_UNIT = (
+    ("seconds", 10**6), ("second", 10**6), ("sec", 10**6), ("s", 10**6),
+    ("minutes", 60 * 10**6), ("minute", 60 * 10**6), ("min", 60 * 10**6),
+    ("months", 2629800 * 10**6), ("month", 2629800 * 10**6), ("M", 2629800 * 10**6),
+    ("msec", 10**3), ("ms", 10**3), ("m", 60 * 10**6),
+    ("hours", 3600 * 10**6), ("hour", 3600 * 10**6), ("hr", 3600 * 10**6), ("h", 3600 * 10**6),
+    ("days", 86400 * 10**6), ("day", 86400 * 10**6), ("d", 86400 * 10**6),
+    ("weeks", 604800 * 10**6), ("week", 604800 * 10**6), ("w", 604800 * 10**6),
+    ("years", 31557600 * 10**6), ("year", 31557600 * 10**6), ("y", 31557600 * 10**6),
+    ("usec", 1), ("us", 1), ("\u03bcs", 1), ("\u00b5s", 1),
+)  # fmt: skip
+_WHITESPACE = " \t\n\r"
+_DIGITS = "0123456789"
+_USEC_INFINITY = 2**64 - 1
+
+
+def parse_timespan(text: str) -> float | None:
+    """Seconds in a systemd time span (`90`, `1min 30s`, `1.5h`, `500ms`), math.inf for
+    `infinity`; None when it is not one. As systemd's parse_sec(): a number without a
+    unit is seconds, components add up, and a negative number is refused."""
+    n, i = len(text), 0
+    while i < n and text[i] in _WHITESPACE:
+        i += 1
+    if text.startswith("infinity", i):
+        return math.inf if not text[i + 8 :].strip(_WHITESPACE) else None
+    usec, something = 0, False
+    while True:
+        while i < n and text[i] in _WHITESPACE:
+            i += 1
+        if i == n:
+            return usec / 10**6 if something else None
+        start = i + (text[i] == "+")  # strtoll takes a sign: "-" is refused, "+" is read
+        j = start
+        while j < n and text[j] in _DIGITS:
+            j += 1
+        if j == start:  # no digits: strtoll leaves the end where it began
+            j = i
+            if not text.startswith(".", j):
+                return None
+        whole = int(text[start:j] or 0)
+        if text.startswith(".", j):
+            p = j + 1
+            while p < n and text[p] in _DIGITS:
+                p += 1
         else:
-            kernel.append(opt)
-    return Options(tuple(kernel), nofail=nofail, makefs=makefs, device_timeout=timeout)
-
-
-def _parse_seconds(value: str) -> float | None:
-    value = value.strip().removesuffix("s")
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None
-    return seconds if 0 <= seconds < 86400 else None
+            p = j
+        q = p
+        while q < n and text[q] in _WHITESPACE:
+            q += 1
+        multiplier, s = 10**6, q
+        for unit, per in _USEC_PER_UNIT:
+            if text.startswith(unit, q):
+                multiplier, s = per, q + len(unit)
+                break
+        if s == p and s < n:  # "12.34.56", "5x"
+            return None
+        usec += whole * multiplier
+        if text.startswith(".", j):
+            digits = text[j + 1 : p]
+            if not digits:  # "3.", "3.s"
+                return None
+            m = multiplier // 10
+            for d in digits:
+                usec += int(d) * m
+                m //= 10
+        if usec >= _USEC_INFINITY:
+            return None
+        something = True
+        i = s
 
 
 # --- specs -----------------------------------------------------------------
@@ -142,7 +302,7 @@ def parse_share(value: str, source: str) -> ShareSpec | Problem:
             raise Invalid(f"virtiofs tags are at most {MAX_VIRTIOFS_TAG} bytes")
         return ShareSpec(source, tag, _where(where), proto, parse_options(options))
     except Invalid as e:
-        return Problem(source, str(e))
+        return Problem(source, str(e), e.hint)
 
 
 def parse_volume(value: str, source: str) -> VolumeSpec | PseudoSpec | Problem:
@@ -170,7 +330,7 @@ def parse_volume(value: str, source: str) -> VolumeSpec | PseudoSpec | Problem:
             )
         spec = VolumeSpec(source, what, _where(where), fstype, parse_options(options_text))
     except Invalid as e:
-        return Problem(source, str(e))
+        return Problem(source, str(e), e.hint)
     if spec.options.makefs and fstype == "auto":
         return Problem(
             source, "x-makefs needs an explicit FSTYPE", "e.g. SERIAL=data:/data:ext4:x-makefs"
@@ -203,7 +363,7 @@ def parse_overlay(value: str, source: str) -> OverlaySpec | Problem:
             if options.has(forbidden):
                 raise Invalid(f"{forbidden}= is set by the agent from LOWER and RW")
     except Invalid as e:
-        return Problem(source, str(e))
+        return Problem(source, str(e), e.hint)
     nix_db = NIX_DB_OPTION in (o.strip() for o in options_text.split(","))
     return OverlaySpec(source, lower, rw, options, nix_db=nix_db)
 

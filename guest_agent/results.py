@@ -31,6 +31,10 @@ class Status:
     IN_PLACE = (MOUNTED, ALREADY_MOUNTED, WOULD_MOUNT)  # the steps below it may run
 
 
+# Result.message of a noauto spec's SKIPPED result: not mounted, on purpose.
+NOAUTO = "not mounted: noauto"
+
+
 class Failure(Exception):
     """A step failed: REASON (and HINT) name what and why, for the spec's `Problem`."""
 

@@ -17,7 +17,7 @@ import stat
 from guest_agent.handlers import handler_for, named_filesystems
 from guest_agent.paths import PathError, host_path, resolve_as_far_as_exists
 from guest_agent.plan import order_by_resolved
-from guest_agent.results import Failure, Result, Status
+from guest_agent.results import NOAUTO, Failure, Result, Status
 from guest_agent.spec import Problem
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
@@ -30,6 +30,7 @@ class Runner:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.results: list[Result] = []
+        self.noauto: set[str] = set()  # the WHEREs left unmounted for noauto
 
     def run(self, steps: list[Step]) -> list[Result]:
         """Mount what is there first, then wait for the rest (in plan order both times)."""
@@ -39,7 +40,9 @@ class Runner:
         later: list[Step] = []
         put_off: set[str] = set()
         for step in steps:
-            if any(d in put_off for d in step.after) or not self._present(step):
+            if step.spec.options.noauto:
+                self._not_auto(step)
+            elif any(d in put_off for d in step.after) or not self._present(step):
                 later.append(step)
                 put_off.add(step.where)
             else:
@@ -48,6 +51,13 @@ class Runner:
             self.run_step(step)
         self._check_hidden()
         return self.results
+
+    def _not_auto(self, step: Step) -> None:
+        """noauto: listed, not mounted (systemd's meaning: not mounted at boot)."""
+        spec = step.spec
+        self.noauto.add(spec.where)
+        self.results.append(Result(spec.where, spec.source, Status.SKIPPED, message=NOAUTO))
+        self.ctx.reporter.info(f"{spec.source}: {NOAUTO}")
 
     def _by_resolved_target(self, steps: list[Step]) -> list[Step]:
         """Order mounts by where their mount points resolve inside the root now (a symlink
@@ -107,7 +117,8 @@ class Runner:
         nofail = spec.options.nofail
         missing = [d for d in step.after if not ctx.log.in_place(d)]
         if missing:
-            reason = f"not mounted: it needs {missing[0]} mounted first, which is not"
+            why = "noauto" if missing[0] in self.noauto else "not"
+            reason = f"not mounted: it needs {missing[0]} mounted first, which is {why}"
             self.results.append(Result(spec.where, spec.source, Status.SKIPPED, message=reason))
             ctx.reporter.problem(Problem(spec.source, reason, fatal=not nofail))
             return

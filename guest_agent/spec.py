@@ -52,7 +52,9 @@ class Options(NamedTuple):
     kernel: tuple[str, ...] = ()  # handed to the kernel, in the order given
     nofail: bool = False
     makefs: bool = False
-    device_timeout: float = DEFAULT_DEVICE_TIMEOUT
+    device_timeout: float = DEFAULT_DEVICE_TIMEOUT  # seconds; math.inf: no limit
+    noauto: bool = False  # not mounted by the agent (fstab's noauto)
+    warnings: tuple[str, ...] = ()  # words ignored with a warning (an unknown x-* word)
 
     def has(self, name: str) -> bool:
         """True when a kernel option NAME or NAME=... was given."""

@@ -29,7 +29,7 @@ def reset_overlay(
     """Wipe the /nix/store upper layer: now if the overlay is not mounted, else at next boot."""
     reporter = Reporter()
     src = sources(root, config, cmdline)
-    spec_config = load(src, reporter)
+    spec_config = load(src, reporter, say_if_empty=False)  # reset_command says what is missing
     try:
         held = lock(src.root)
     except LockFailed as e:

@@ -16,6 +16,7 @@ from guest_agent.paths import PathError, landing, open_root, reopen, walk
 from guest_agent.plan import plan
 from guest_agent.records import NamedTuple
 from guest_agent.report import Reporter
+from guest_agent.results import NOAUTO
 from guest_agent.spec import Config, OverlaySpec
 from guest_agent.syscalls import closing
 
@@ -102,7 +103,8 @@ def mount_status(root: str, config: Config) -> list[StatusRow]:
                     f" {cover.fstype} {cover.source} at {cover.mount_point}"
                 )
             elif current is None:
-                state, detail = State.NOT_MOUNTED, "nothing mounted there"
+                state = State.NOT_MOUNTED
+                detail = NOAUTO if spec.options.noauto else "nothing mounted there"
             else:
                 fstype, source = current.fstype, current.source
                 ok = handler_for(spec).matches(spec, current, devices)
@@ -122,7 +124,7 @@ def mount_status(root: str, config: Config) -> list[StatusRow]:
                 StatusRow(
                     spec.where,
                     spec.source,
-                    not spec.options.nofail,
+                    not (spec.options.nofail or spec.options.noauto),
                     fstype,
                     source,
                     state,

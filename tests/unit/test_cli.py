@@ -131,8 +131,8 @@ def test_cmdline_replaces_config_entry_and_says_so(env: Env) -> None:
     assert result.exit_code == 0
     assert [m["options"] for m in json.loads(result.stdout)["mounts"]] == [["size=2m"]]
     assert stderr_lines(result) == [
-        f"microvm.volume=tmpfs:/data:tmpfs:size=2m replaces {env.config}: volumes[0] "
-        "'tmpfs:/data:tmpfs:size=1m' (same mount point /data)"
+        f"warning: {env.config}: volumes[0] 'tmpfs:/data:tmpfs:size=1m': not mounted: "
+        "microvm.volume=tmpfs:/data:tmpfs:size=2m replaces it (same mount point /data)"
     ]
 
 
@@ -222,7 +222,9 @@ def test_missing_config_given_is_an_error(env: Env) -> None:
         "--cmdline", str(env.cmdline), "--dry-run",
     )  # fmt: skip
     assert result.exit_code == 1
-    assert stderr_lines(result) == [f"error: {missing}: cannot read the config file"]
+    assert stderr_lines(result) == [
+        f"error: {missing}: cannot read the config file: No such file or directory"
+    ]
 
 
 def test_missing_default_config_is_fine(
@@ -258,7 +260,9 @@ def test_missing_cmdline_file(env: Env) -> None:
         "--cmdline", str(missing), "--dry-run",
     )  # fmt: skip
     assert result.exit_code == 1
-    assert stderr_lines(result) == [f"error: {missing}: cannot read the command line"]
+    assert stderr_lines(result) == [
+        f"error: {missing}: cannot read the command line: No such file or directory"
+    ]
 
 
 def test_binary_cmdline(env: Env) -> None:

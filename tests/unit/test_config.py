@@ -53,7 +53,7 @@ def test_cmdline_takes_every_key_in_order_and_ignores_others() -> None:
         "BOOT_IMAGE=/bzImage console=ttyS0 microvm.share=ro-store:/nix/.ro-store:9p "
         "microvm.volume=LABEL=store:/nix/.rw-store:ext4 "
         "microvm.share=home:/home:virtiofs "
-        "microvm.store-overlay=/nix/.ro-store:/nix/.rw-store microvm.sharex=a:/b "
+        "microvm.store-overlay=/nix/.ro-store:/nix/.rw-store rd.shell agent.share=x "
         "root=/dev/vda\n"
     )
     assert parsed.problems == ()
@@ -118,7 +118,6 @@ def test_cmdline_after_double_dash_is_for_init() -> None:
         ("microvm.reset-overlay=0", False),
         ("microvm.reset-overlay microvm.reset-overlay=off", False),
         ("microvm.reset-overlay=0 microvm.reset-overlay", True),
-        ("microvm.reset-overlayx", None),  # not the key: nothing said
         ("", None),
     ],
 )
@@ -188,8 +187,8 @@ def test_json_documented_example() -> None:
 def test_json_sources_name_the_entry() -> None:
     parsed = parse(
         {
-            "shares": [{"tag": "t", "where": "/w"}, "u:/v"],
-            "volumes": [{"label": "L", "where": "/x"}],
+            "shares": [{"tag": "t", "mountPoint": "/w"}, "u:/v"],
+            "volumes": [{"label": "L", "mountPoint": "/x"}],
         }
     )
     assert [s.source for s in parsed.specs] == [
@@ -202,8 +201,8 @@ def test_json_sources_name_the_entry() -> None:
 def test_json_read_only_field() -> None:
     parsed = parse(
         {
-            "shares": [{"tag": "t", "where": "/w", "readOnly": True, "options": "cache=none"}],
-            "volumes": [{"what": "/dev/vdb", "where": "/x", "ro": False}],
+            "shares": [{"tag": "t", "mountPoint": "/w", "readOnly": True, "options": "cache=none"}],
+            "volumes": [{"what": "/dev/vdb", "mountPoint": "/x", "readOnly": False}],
         }
     )
     assert parsed.problems == ()
@@ -211,7 +210,7 @@ def test_json_read_only_field() -> None:
     assert parsed.specs[1].options.kernel == ("rw",)
 
 
-def test_json_spellings_of_top_level_keys() -> None:
+def test_json_old_spellings_of_top_level_keys_still_work_with_a_warning() -> None:
     parsed = parse(
         {
             "share": ["a:/a"],
@@ -220,7 +219,17 @@ def test_json_spellings_of_top_level_keys() -> None:
             "reset-overlay": True,
         }
     )
-    assert parsed.problems == ()
+    assert [str(p) for p in parsed.problems] == [
+        f"/etc/ga.json: {old}: {old} is an old spelling of {new}; it still works in this release"
+        f" (hint: write {new})"
+        for old, new in [
+            ("share", "shares"),
+            ("volume", "volumes"),
+            ("store_overlay", "storeOverlay"),
+            ("reset-overlay", "resetOverlay"),
+        ]
+    ]
+    assert not any(p.fatal for p in parsed.problems)
     assert parsed.reset_overlay is True
     assert [s.where for s in parsed.specs] == ["/a", "/t", "/nix/store"]
 
@@ -235,7 +244,7 @@ def test_json_null_overlay_is_none() -> None:
 
 
 def test_json_overlay_object_with_options() -> None:
-    parsed = parse({"storeOverlay": {"roStore": "/l", "writable": "/r", "options": ["volatile"]}})
+    parsed = parse({"storeOverlay": {"lower": "/l", "rw": "/r", "options": ["volatile"]}})
     assert parsed.specs == (
         OverlaySpec("/etc/ga.json: storeOverlay", "/l", "/r", Options(("volatile",))),
     )
@@ -272,11 +281,11 @@ def test_json_entry_problems_name_the_entry_and_the_rest_applies() -> None:
     parsed = parse(
         {
             "shares": [
-                {"tag": "ok", "where": "/ok"},
-                {"tag": "t", "where": "/w", "colour": "red"},
-                {"tag": 3, "where": "/w"},
-                {"tag": "a:b", "where": "/w"},
-                {"tag": "t", "where": "/../etc"},
+                {"tag": "ok", "mountPoint": "/ok"},
+                {"tag": "t", "mountPoint": "/w", "colour": "red"},
+                {"tag": 3, "mountPoint": "/w"},
+                {"tag": "a:b", "mountPoint": "/w"},
+                {"tag": "t", "mountPoint": "/../etc"},
                 42,
                 "onlytag",
             ],
@@ -287,8 +296,8 @@ def test_json_entry_problems_name_the_entry_and_the_rest_applies() -> None:
     )
     assert [s.where for s in parsed.specs] == ["/ok"]
     assert [str(p) for p in parsed.problems] == [
-        "/etc/ga.json: shares[1]: unknown field 'colour' (hint: known: tag, where, proto, "
-        "options, readOnly)",
+        "/etc/ga.json: shares[1]: unknown field 'colour' (hint: known: tag, mountPoint, proto, "
+        "readOnly, options)",
         "/etc/ga.json: shares[2]: tag: expected a string",
         "/etc/ga.json: shares[3]: tag: 'a:b' must not contain ':'",
         "/etc/ga.json: shares[4] (tag t): WHERE '/../etc' contains a '..' component",
@@ -297,12 +306,14 @@ def test_json_entry_problems_name_the_entry_and_the_rest_applies() -> None:
         "/etc/ga.json: volumes: expected a list",
         "/etc/ga.json: resetOverlay: expected true or false",
         "/etc/ga.json: mounts: unknown key (hint: known keys: shares, volumes, storeOverlay, "
-        "resetOverlay, regInfo)",
+        "regInfo, resetOverlay)",
     ]
 
 
 def test_json_volume_needs_exactly_one_device() -> None:
-    parsed = parse({"volumes": [{"where": "/x"}, {"label": "a", "uuid": "b", "where": "/y"}]})
+    parsed = parse(
+        {"volumes": [{"mountPoint": "/x"}, {"label": "a", "uuid": "b", "mountPoint": "/y"}]}
+    )
     assert [str(p) for p in parsed.problems] == [
         "/etc/ga.json: volumes[0]: give exactly one of what, label, uuid, serial",
         "/etc/ga.json: volumes[1]: give exactly one of what, label, uuid, serial",
@@ -311,19 +322,32 @@ def test_json_volume_needs_exactly_one_device() -> None:
 
 def test_json_read_only_must_be_bool() -> None:
     assert [
-        str(p) for p in parse({"shares": [{"tag": "t", "where": "/w", "readOnly": "yes"}]}).problems
+        str(p)
+        for p in parse({"shares": [{"tag": "t", "mountPoint": "/w", "readOnly": "yes"}]}).problems
     ] == ["/etc/ga.json: shares[0]: readOnly: expected true or false"]
 
 
 def test_json_options_list_of_non_strings() -> None:
     assert [
-        str(p) for p in parse({"shares": [{"tag": "t", "where": "/w", "options": [1]}]}).problems
-    ] == ["/etc/ga.json: shares[0]: options: expected a string"]
+        str(p)
+        for p in parse({"shares": [{"tag": "t", "mountPoint": "/w", "options": [1]}]}).problems
+    ] == ["/etc/ga.json: shares[0]: options: expected a string or a list of strings"]
 
 
-def test_json_missing_where() -> None:
-    problems = parse({"shares": [{"tag": "t"}]}).problems
-    assert len(problems) == 1 and problems[0].spec == "/etc/ga.json: shares[0] (tag t)"
+def test_json_missing_fields_are_named() -> None:
+    problems = parse(
+        {
+            "shares": [{"tag": "t"}, {"mountPoint": "/m"}],
+            "volumes": [{"label": "l"}],
+            "storeOverlay": {"lower": "/l"},
+        }
+    ).problems
+    assert [str(p) for p in problems] == [
+        "/etc/ga.json: shares[0]: missing mountPoint",
+        "/etc/ga.json: shares[1]: missing tag",
+        "/etc/ga.json: volumes[0]: missing mountPoint",
+        "/etc/ga.json: storeOverlay: missing rw",
+    ]
 
 
 # --- merging ---------------------------------------------------------------
@@ -331,45 +355,62 @@ def test_json_missing_where() -> None:
 
 def test_merge_cmdline_replaces_file_entry_with_same_where() -> None:
     file_layer = parse(
-        {"volumes": [{"label": "old", "where": "/data"}, {"label": "keep", "where": "/keep"}]}
+        {
+            "volumes": [
+                {"label": "old", "mountPoint": "/data"},
+                {"label": "keep", "mountPoint": "/keep"},
+            ]
+        }
     )
     cmd_layer = parse_cmdline("microvm.volume=LABEL=new:/data/")
-    config, problems, notes = merge([file_layer, cmd_layer])
-    assert problems == ()
+    config, problems = merge([file_layer, cmd_layer])
     assert {s.where: s.what for s in config.mounts if isinstance(s, VolumeSpec)} == {
         "/data": "LABEL=new",
         "/keep": "LABEL=keep",
     }
     assert len(config.mounts) == 2
-    assert notes == (
-        "microvm.volume=LABEL=new:/data/ replaces /etc/ga.json: volumes[0] (LABEL=old) "
-        "(same mount point /data)",
+    # The command line overrides the file, as documented: a warning of the entry replaced.
+    assert problems == (
+        Problem(
+            "/etc/ga.json: volumes[0] (LABEL=old)",
+            "not mounted: microvm.volume=LABEL=new:/data/ replaces it (same mount point /data)",
+            fatal=False,
+        ),
     )
 
 
-def test_merge_share_can_replace_volume_at_same_where() -> None:
-    config, _, notes = merge([parse_cmdline("microvm.volume=LABEL=a:/x microvm.share=t:/x")])
+def test_merge_a_mount_point_given_twice_in_one_source_is_an_error_of_the_loser() -> None:
+    config, problems = merge([parse_cmdline("microvm.volume=LABEL=a:/x microvm.share=t:/x")])
     assert [type(m).__name__ for m in config.mounts] == ["ShareSpec"]
-    assert len(notes) == 1
+    assert [str(p) for p in problems] == [
+        "microvm.volume=LABEL=a:/x: not mounted: microvm.share=t:/x replaces it (same mount"
+        " point /x) (hint: give each mount point once)"
+    ]
+    assert problems[0].fatal
+
+
+def test_merge_a_nofail_loser_in_one_source_is_a_warning() -> None:
+    _, problems = merge([parse_cmdline("microvm.volume=LABEL=a:/x::nofail microvm.share=t:/x")])
+    assert [(p.spec, p.fatal) for p in problems] == [("microvm.volume=LABEL=a:/x::nofail", False)]
 
 
 def test_merge_collects_problems_and_reset() -> None:
     file_layer = parse({"resetOverlay": True, "bogus": 1})
     cmd_layer = parse_cmdline("microvm.share=onlytag")
-    config, problems, _ = merge([file_layer, cmd_layer])
+    config, problems = merge([file_layer, cmd_layer])
     assert config.reset_overlay is True
     assert [p.spec for p in problems] == ["/etc/ga.json: bogus", "microvm.share=onlytag"]
 
 
 def test_merge_reset_from_cmdline_only() -> None:
-    config, _, _ = merge([parse({}), parse_cmdline("microvm.reset-overlay")])
+    config, _ = merge([parse({}), parse_cmdline("microvm.reset-overlay")])
     assert config.reset_overlay is True
-    config, _, _ = merge([parse({}), parse_cmdline("")])
+    config, _ = merge([parse({}), parse_cmdline("")])
     assert config.reset_overlay is False
 
 
 def test_merge_one_overlay_wins() -> None:
-    config, _, notes = merge(
+    config, problems = merge(
         [
             parse({"storeOverlay": "/a:/b"}),
             parse_cmdline("microvm.store-overlay=/c:/d"),
@@ -378,12 +419,12 @@ def test_merge_one_overlay_wins() -> None:
     assert config.overlay is not None
     assert (config.overlay.lower, config.overlay.rw) == ("/c", "/d")
     assert sum(isinstance(m, OverlaySpec) for m in config.mounts) == 1
-    assert len(notes) == 1
+    assert [(p.spec, p.fatal) for p in problems] == [("/etc/ga.json: storeOverlay '/a:/b'", False)]
 
 
 def test_merge_nothing() -> None:
-    config, problems, notes = merge([])
-    assert (config.mounts, config.reset_overlay, problems, notes) == ((), False, (), ())
+    config, problems = merge([])
+    assert (config.mounts, config.reset_overlay, problems) == ((), False, ())
 
 
 @pytest.mark.parametrize(
@@ -399,7 +440,7 @@ def test_reset_flag_later_layer_overrides(
     file_reset: bool | None, cmdline: str, expected: bool
 ) -> None:
     body = {} if file_reset is None else {"resetOverlay": file_reset}
-    config, problems, _ = merge([parse_config_json(json.dumps(body), "f"), parse_cmdline(cmdline)])
+    config, problems = merge([parse_config_json(json.dumps(body), "f"), parse_cmdline(cmdline)])
     assert problems == ()
     assert config.reset_overlay is expected
 
@@ -419,7 +460,7 @@ def test_x_nix_db_and_reg_info_from_the_command_line() -> None:
     parsed = parse_cmdline(
         f"microvm.store-overlay=/nix/.ro-store:/nix/.rw-store:x-nix-db regInfo={REG}"
     )
-    config, problems, _ = merge([parsed])
+    config, problems = merge([parsed])
     assert not problems
     overlay = config.overlay
     assert overlay is not None and overlay.nix_db and overlay.reg_info == REG
@@ -427,7 +468,7 @@ def test_x_nix_db_and_reg_info_from_the_command_line() -> None:
 
 
 def test_reg_info_without_x_nix_db_is_not_attached() -> None:
-    config, _, _ = merge(
+    config, _ = merge(
         [parse_cmdline(f"microvm.store-overlay=/nix/.ro-store:/nix/.rw-store regInfo={REG}")]
     )
     assert config.overlay is not None and config.overlay.reg_info is None
@@ -446,10 +487,10 @@ def test_nix_db_and_reg_info_in_json_and_the_command_line_wins() -> None:
         "/etc/ga.json",
     )
     assert not file_layer.problems
-    config, _, _ = merge([file_layer, parse_cmdline(f"regInfo={REG}")])
+    config, _ = merge([file_layer, parse_cmdline(f"regInfo={REG}")])
     assert config.overlay is not None and config.overlay.nix_db
     assert config.overlay.reg_info == REG
-    alone, _, _ = merge([file_layer])
+    alone, _ = merge([file_layer])
     assert alone.overlay is not None and alone.overlay.reg_info == other
 
 

@@ -203,8 +203,8 @@ def test_missing_default_config_stays_silent(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("field", "value", "reason"),
     [
-        ("where", "/a\ud800", "WHERE contains a lone surrogate (U+D800), which no byte string spells"),
-        ("where", "/a\x00b", "WHERE contains a NUL byte"),
+        ("mountPoint", "/a\ud800", "WHERE contains a lone surrogate (U+D800), which no byte string spells"),
+        ("mountPoint", "/a\x00b", "WHERE contains a NUL byte"),
         ("options", "size=1m\udfff", "OPTIONS contains a lone surrogate (U+DFFF), which no byte string spells"),
         ("what", "tmp\ud900fs", "WHAT contains a lone surrogate (U+D900), which no byte string spells"),
     ],
@@ -213,8 +213,8 @@ def test_json_string_that_cannot_be_a_path_is_a_problem_of_its_spec(
     env: tuple[Path, Path, Path], field: str, value: str, reason: str
 ) -> None:
     _, config, _ = env
-    bad = {"what": "tmpfs", "where": "/bad", "fsType": "tmpfs", field: value}
-    good = {"what": "tmpfs", "where": "/ok", "fsType": "tmpfs"}
+    bad = {"what": "tmpfs", "mountPoint": "/bad", "fsType": "tmpfs", field: value}
+    good = {"what": "tmpfs", "mountPoint": "/ok", "fsType": "tmpfs"}
     config.write_text(json.dumps({"volumes": [bad, good]}))  # ASCII: \ud800 escapes
     result = dry_run(env, "--json")
     assert result.exit_code == 1
@@ -305,8 +305,8 @@ def test_duplicate_field_is_a_problem_of_its_entry() -> None:
 
 
 def test_read_only_true_contradicting_rw_is_a_problem() -> None:
-    text = json.dumps({"shares": [{"tag": "t", "where": "/a", "readOnly": True, "options": "rw"},
-                                  {"tag": "u", "where": "/b", "readOnly": True,
+    text = json.dumps({"shares": [{"tag": "t", "mountPoint": "/a", "readOnly": True, "options": "rw"},
+                                  {"tag": "u", "mountPoint": "/b", "readOnly": True,
                                    "options": ["noatime", "rw"]}]})  # fmt: skip
     got = parse_config_json(text, "c.json")
     assert [str(p) for p in got.problems] == [

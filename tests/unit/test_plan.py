@@ -12,7 +12,7 @@ from guest_agent.spec import Config, Problem
 
 
 def config_of(cmdline: str) -> Config:
-    config, problems, _ = merge([parse_cmdline(cmdline)])
+    config, problems = merge([parse_cmdline(cmdline)])
     assert problems == ()
     return config
 
@@ -110,7 +110,6 @@ def test_mounts_on_or_beneath_rw_come_before_the_overlay() -> None:
     # issue 8, item 13: a volume at RW/store was mounted over the live upper layer
     steps, problems = plan(
         config_of(
-            "microvm.store-overlay=/nix/.ro-store:/nix/.rw-store "
             "microvm.volume=tmpfs:/nix/.rw-store/work/x:tmpfs "
             "microvm.volume=LABEL=up:/nix/.rw-store/store:ext4 " + MICROVM
         )

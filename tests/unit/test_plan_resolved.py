@@ -12,7 +12,7 @@ from guest_agent.plan import Step, is_within, order_by_resolved, plan
 
 
 def steps_of(*wheres: str) -> list[Step]:
-    config, problems, _ = merge(
+    config, problems = merge(
         [parse_cmdline(" ".join(f"microvm.volume=tmpfs:{w}:tmpfs" for w in wheres))]
     )
     assert problems == ()

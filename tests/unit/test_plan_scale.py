@@ -77,7 +77,7 @@ def big_cmdline(groups: int) -> tuple[str, dict[str, tuple[str, ...]]]:
 
 def test_plan_of_40000_specs_is_correct() -> None:
     text, expected = big_cmdline(770)
-    config, problems, _ = merge([parse_cmdline(text)])
+    config, problems = merge([parse_cmdline(text)])
     assert problems == ()
     assert len(config.mounts) == len(expected) > 40_000
 

@@ -70,7 +70,7 @@ def check_parsed(parsed: Any) -> None:
 def test_cmdline_parser_is_total_and_paths_are_safe(text: str) -> None:
     parsed = parse_cmdline(text)
     check_parsed(parsed)
-    config, problems, _ = merge([parsed])
+    config, problems = merge([parsed])
     assert len({m.where for m in config.mounts}) == len(config.mounts)
     assert problems == parsed.problems
 

@@ -15,7 +15,7 @@ from guest_agent.runner import Runner
 
 
 def steps_of(cmdline: str) -> list:  # type: ignore[type-arg]
-    config, problems, _ = merge([parse_cmdline(cmdline)])
+    config, problems = merge([parse_cmdline(cmdline)])
     assert problems == ()
     steps, problems = plan(config)
     assert problems == []
