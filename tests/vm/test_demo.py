@@ -128,7 +128,8 @@ def _in_boot(number: int, old: str, new: str) -> Callable[[str], str]:
     return mutate
 
 
-#: Outputs the checks must refuse: what today's demo would show were a build forgotten.
+#: Lies the checks must refuse: a rebuild after the reboot, a dirty verify, no invalidation
+#: line, an upper layer kept by the reset.
 MUTATIONS: dict[str, Callable[[str], str]] = {
     "boot 2 rebuilds": _in_boot(
         2,
