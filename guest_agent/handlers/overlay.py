@@ -16,7 +16,7 @@ from guest_agent.handlers.layers import check_overlap, in_use, overlay_users, wr
 from guest_agent.paths import host_path, reopen
 from guest_agent.plan import upper_on_9p
 from guest_agent.results import Failure, Result, Status, occupied, refused
-from guest_agent.spec import UPPER_DIR, WORK_DIR, OverlaySpec, Proto
+from guest_agent.spec import UPPER_DIR, WORK_DIR, OverlaySpec, Proto, join
 from guest_agent.syscalls import MountError, MountRequest, closing, umount
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
@@ -71,10 +71,9 @@ class OverlayHandler:
             if current.fstype == "overlay":
                 return ctx.already(spec.where, spec.source, current)
             raise occupied(spec.where, current)
-        lower, rw = ctx.target(spec.lower, create=False), ctx.target(spec.rw)
-        upper, work = os.path.join(rw, UPPER_DIR), os.path.join(rw, WORK_DIR)
-        userxattr = _upper_needs_userxattr(ctx, spec, rw)
-        options = overlay_options(lower, upper, work, spec.options, userxattr)
+        userxattr = _upper_needs_userxattr(ctx, spec, ctx.target(spec.rw))
+        # Shown as the guest sees them (no --root prefix), like a real mount's result.
+        options = overlay_options(spec.lower, spec.upper, spec.work, spec.options, userxattr)
         return Result(spec.where, spec.source, Status.WOULD_MOUNT, "overlay", "overlay", options)
 
     def mount(self, step: Step, ctx: Context) -> Result:
@@ -152,10 +151,12 @@ def _mount_on(
     finally:
         os.close(store)
     _empty_trash(ctx, rw, spec)
+    # The layers as the guest sees them (the in-root paths they were reached by), not the
+    # /proc/self/fd/N the kernel was given nor the --root prefixed host paths.
     shown = overlay_options(
-        host_path(ctx.root, lower.path),
-        os.path.join(rw_host, UPPER_DIR),
-        os.path.join(rw_host, WORK_DIR),
+        lower.path,
+        join(rw_path.path, UPPER_DIR),
+        join(rw_path.path, WORK_DIR),
         spec.options,
         userxattr,
     )
