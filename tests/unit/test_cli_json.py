@@ -96,9 +96,7 @@ def test_discover_shape(monkeypatch: pytest.MonkeyPatch) -> None:
     share = discover_cmd.ShareRow("virtio0", "ro-store", "9p", "pci")
     disk = discover_cmd.DiskRow("vda", "/dev/vda", "s", None, None, "ext4", 512, False, False)
     problem = discover_cmd.Problem("/dev/vdb", "cannot read it to find its filesystem: x")
-    monkeypatch.setattr(
-        discover_cmd, "discover_all", lambda **_: ([share, disk], [], [problem])
-    )
+    monkeypatch.setattr(discover_cmd, "discover_all", lambda **_: ([share, disk], [], [problem]))
     code, out = run("discover", "--json")
     assert (code, out["ok"]) == (1, False)
     assert list(DEVICE_TYPES) == list(discover_cmd.DEVICE_FIELDS)
