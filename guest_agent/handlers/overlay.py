@@ -13,6 +13,7 @@ import os
 
 from guest_agent import reset as overlay_reset
 from guest_agent.handlers.layers import check_overlap, in_use, overlay_users, wrong_type
+from guest_agent.mountinfo import in_root
 from guest_agent.paths import host_path, reopen
 from guest_agent.plan import upper_on_9p
 from guest_agent.results import Failure, Result, Status, occupied, refused
@@ -123,7 +124,9 @@ def _mount_on(
         with closing(overlay_reset.open_dir(rw, UPPER_DIR, create=False)) as store:
             users = overlay_users(table, host, store)
         if users:
-            raise in_use(spec, users[0], "not mounting it a second time")
+            raise in_use(
+                spec, in_root(ctx.root, users[0].mount_point), "not mounting it a second time"
+            )
     if reset:
         _reset(ctx, rw, spec)
     store = _layer_dir(ctx, rw, UPPER_DIR, spec)
@@ -178,7 +181,9 @@ def _upper_needs_userxattr(ctx: Context, spec: OverlaySpec, rw: str) -> bool:
         if holder is None:
             continue
         if holder.fstype == Proto.NINEP:
-            problem = upper_on_9p(spec, f"{holder.source} at {holder.mount_point}")
+            problem = upper_on_9p(
+                spec, f"{holder.source} at {in_root(ctx.root, holder.mount_point)}"
+            )
             raise Failure(problem.reason, problem.hint)
         userxattr = userxattr or holder.fstype == Proto.VIRTIOFS or holder.fstype.startswith("fuse")
     return userxattr
