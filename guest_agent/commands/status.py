@@ -41,6 +41,8 @@ class State:
     NOT_MOUNTED = "not-mounted"
     HIDDEN = "hidden"  # mounted, but covered by a later mount
 
+    ALL = (MOUNTED, DIFFERENT, NOT_MOUNTED, HIDDEN)
+
 
 class Layer(NamedTuple):
     """One layer of the store overlay, for `status`: PATH as configured (the guest's

@@ -20,7 +20,7 @@ from guest_agent.commands import status as status_cmd
 from guest_agent.commands.status import LAYER_FIELDS, LAYER_NAMES, STATUS_FIELDS, overlay_layers
 from guest_agent.mountinfo import Mount
 from guest_agent.results import MOUNT_FIELDS
-from guest_agent.spec import OverlaySpec
+from guest_agent.spec import OverlaySpec, Problem
 
 STR, OPT_STR, BOOL, OPT_BOOL = (str,), (str, type(None)), (bool,), (bool, type(None))
 MOUNT_TYPES = {"where": STR, "spec": STR, "status": STR, "fstype": OPT_STR,
@@ -95,7 +95,7 @@ def test_status_shape(args: list[str]) -> None:
 def test_discover_shape(monkeypatch: pytest.MonkeyPatch) -> None:
     share = discover_cmd.ShareRow("virtio0", "ro-store", "9p", "pci")
     disk = discover_cmd.DiskRow("vda", "/dev/vda", "s", None, None, "ext4", 512, False, False)
-    problem = discover_cmd.Problem("/dev/vdb", "cannot read it to find its filesystem: x")
+    problem = Problem("/dev/vdb", "cannot read it to find its filesystem: x")
     monkeypatch.setattr(discover_cmd, "discover_all", lambda **_: ([share, disk], [], [problem]))
     code, out = run("discover", "--json")
     assert (code, out["ok"]) == (1, False)
