@@ -30,7 +30,7 @@ STATUS_FIELDS = (
     "reset_pending", "nix_db", "layers",
 )  # fmt: skip
 LAYER_NAMES = ("lower", "upper", "work")  # the keys of "layers"
-LAYER_FIELDS = ("path", "kernel_shows", "matches")  # each layer's
+LAYER_FIELDS = ("path", "kernel_shows", "matches", "checked_by")  # each layer's
 
 
 class State:
@@ -44,25 +44,45 @@ class State:
     ALL = (MOUNTED, DIFFERENT, NOT_MOUNTED, HIDDEN)
 
 
+class Check:
+    """`Layer.checked_by`: how a layer was compared with what the kernel shows."""
+
+    PATH = "path"  # the kernel shows a path: the same device and inode as the configured dir
+    INODE = "inode"  # all layers on one filesystem: the overlay root shows the upper's inode
+    FILESYSTEM = "filesystem"  # the overlay reports its upper's filesystem (statfs): only that
+
+    ALL = (PATH, INODE, FILESYSTEM)
+
+
 class Layer(NamedTuple):
-    """One layer of the store overlay, for `status`: PATH as configured (the guest's
-    path); what the kernel's mount table shows for it; whether the two are the same
-    directory (None: the table's string names nothing this process can check)."""
+    """One layer of the store overlay, for `status`: PATH as configured (the guest's path),
+    what the kernel's mount table shows for it, whether the two agree (True, False, or
+    None: it cannot be told) and by which check (`Check`)."""
 
     path: str
     kernel_shows: str | None = None
     matches: bool | None = None
+    checked_by: str | None = None
 
     def as_json(self) -> dict[str, Any]:
-        return {"path": self.path, "kernel_shows": self.kernel_shows, "matches": self.matches}
+        return {
+            "path": self.path,
+            "kernel_shows": self.kernel_shows,
+            "matches": self.matches,
+            "checked_by": self.checked_by,
+        }
 
     def line(self, name: str) -> str:
         if self.kernel_shows is None:
             return f"{name:<5} {self.path}"
         if self.matches is None:
             verdict = "not checkable"
+        elif not self.matches:
+            verdict = f"NOT the configured one (by {self.checked_by})"
+        elif self.checked_by == Check.FILESYSTEM:
+            verdict = "on the configured filesystem"
         else:
-            verdict = "the same directory" if self.matches else "NOT the configured directory"
+            verdict = f"the same directory (by {self.checked_by})"
         return f"{name:<5} {self.path} (the kernel shows {self.kernel_shows}: {verdict})"
 
 
@@ -196,10 +216,11 @@ def overlay_layers(
     """The overlay's layers as configured, each checked against what the kernel shows for
     the overlay CURRENT mounted at HOST (when it is).
 
-    A layer given to overlayfs as a path is checked by device and inode. The agent gives
-    them as `/proc/self/fd/N` (docs/design.md "Mounting"), which names nothing once the
-    agent has exited; then the upper layer is still checked by inode: an overlay's root
-    directory shows its upper directory's inode number. Lower and work are not checkable.
+    A layer the kernel shows as a path is checked by device and inode. The agent gives
+    its layers as `/proc/self/fd/N` (docs/design.md "Mounting"), which names nothing
+    once the agent has exited; then only the upper layer can be checked: by inode when
+    all layers are on one filesystem (the overlay's root directory then shows its upper
+    directory's inode number), else by filesystem (the overlay's statfs is its upper's).
     """
     configured = {"lower": overlay.lower, "upper": overlay.upper, "work": overlay.work}
     if current is None or host is None:
@@ -209,20 +230,42 @@ def overlay_layers(
         "upper": super_option(current, "upperdir"),
         "work": super_option(current, "workdir"),
     }
+    hosts = {name: landing(root, path) for name, path in configured.items()}
+    mine = {name: _stat(at) for name, at in hosts.items()}
     layers = {}
     for name, path in configured.items():
-        kernel = shown[name]
-        mine = _stat(landing(root, path))
-        matches = None
+        kernel, stat = shown[name], mine[name]
+        matches = checked_by = None
         if kernel is not None and kernel.startswith("/") and not kernel.startswith("/proc/"):
             theirs = _stat(kernel)
-            if mine is not None and theirs is not None:
-                matches = (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
-        if matches is None and name == "upper" and mine is not None:
-            top = _stat(host)
-            matches = top is not None and top.st_ino == mine.st_ino
-        layers[name] = Layer(path, kernel, matches)
+            if stat is not None and theirs is not None:
+                matches = (stat.st_dev, stat.st_ino) == (theirs.st_dev, theirs.st_ino)
+                checked_by = Check.PATH
+        if checked_by is None and name == "upper" and stat is not None:
+            matches, checked_by = _upper_matches(host, hosts["upper"], stat, mine["lower"])
+        layers[name] = Layer(path, kernel, matches, checked_by)
     return layers
+
+
+def _upper_matches(
+    host: str, upper_path: str | None, upper: os.stat_result, lower: os.stat_result | None
+) -> tuple[bool | None, str | None]:
+    """Is UPPER the upper layer of the overlay mounted at HOST? With every layer on one
+    filesystem overlayfs shows the real inode numbers of directories, so the root's is
+    the upper's; otherwise a directory's number is overlayfs's own, and what is left is
+    the filesystem: the overlay's statfs sizes are its upper layer's."""
+    top = _stat(host)
+    if top is None:
+        return None, None
+    if lower is not None and lower.st_dev == upper.st_dev:
+        return top.st_ino == upper.st_ino, Check.INODE
+    try:
+        theirs, ours = os.statvfs(host), os.statvfs(upper_path or "")
+    except OSError:
+        return None, None
+    sizes = ("f_bsize", "f_blocks", "f_files")
+    same = all(getattr(theirs, f) == getattr(ours, f) for f in sizes)
+    return same, Check.FILESYSTEM
 
 
 def _stat(path: str | None) -> os.stat_result | None:

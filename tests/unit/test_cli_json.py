@@ -86,9 +86,12 @@ def test_status_shape(args: list[str]) -> None:
         assert list(layer) == list(LAYER_FIELDS)
     # not mounted: the configured layers, as the guest sees them, nothing the kernel shows
     assert overlay["layers"] == {
-        "lower": {"path": "/nix/.ro-store", "kernel_shows": None, "matches": None},
-        "upper": {"path": "/nix/.rw-store/store", "kernel_shows": None, "matches": None},
-        "work": {"path": "/nix/.rw-store/work", "kernel_shows": None, "matches": None},
+        name: {"path": path, "kernel_shows": None, "matches": None, "checked_by": None}
+        for name, path in (
+            ("lower", "/nix/.ro-store"),
+            ("upper", "/nix/.rw-store/store"),
+            ("work", "/nix/.rw-store/work"),
+        )
     }
 
 
@@ -124,18 +127,31 @@ def _tree(tmp_path: Path) -> Path:
     return root
 
 
-def test_layers_given_by_fd_upper_checked_by_inode(tmp_path: Path) -> None:
+FDS = ("lowerdir=/proc/self/fd/8", "upperdir=/proc/self/fd/9", "workdir=/proc/self/fd/10")
+
+
+def test_layers_given_by_fd_on_one_filesystem_upper_checked_by_inode(tmp_path: Path) -> None:
     root = _tree(tmp_path)
-    fds = ("lowerdir=/proc/self/fd/8", "upperdir=/proc/self/fd/9", "workdir=/proc/self/fd/10")
-    # an overlay's root shows its upper directory's inode: the upper dir itself stands in
-    layers = overlay_layers(str(root), SPEC, str(root / "rw/store"), _overlay(*fds))
-    assert {k: (v.path, v.kernel_shows, v.matches) for k, v in layers.items()} == {
-        "lower": ("/lower", "/proc/self/fd/8", None),
-        "upper": ("/rw/store", "/proc/self/fd/9", True),
-        "work": ("/rw/work", "/proc/self/fd/10", None),
+    # all layers on one filesystem: the overlay's root shows its upper directory's inode
+    # (the upper dir itself stands in for the overlay's root)
+    layers = overlay_layers(str(root), SPEC, str(root / "rw/store"), _overlay(*FDS))
+    assert {k: tuple(v) for k, v in layers.items()} == {
+        "lower": ("/lower", "/proc/self/fd/8", None, None),
+        "upper": ("/rw/store", "/proc/self/fd/9", True, "inode"),
+        "work": ("/rw/work", "/proc/self/fd/10", None, None),
     }
-    other = overlay_layers(str(root), SPEC, str(root / "other"), _overlay(*fds))
-    assert other["upper"].matches is False
+    other = overlay_layers(str(root), SPEC, str(root / "other"), _overlay(*FDS))
+    assert (other["upper"].matches, other["upper"].checked_by) == (False, "inode")
+
+
+def test_upper_on_another_filesystem_than_lower_is_checked_by_filesystem(tmp_path: Path) -> None:
+    upper = tmp_path / "store"
+    upper.mkdir()
+    lower = os.stat("/proc")  # another filesystem than the upper's, whatever tmp_path is on
+    got = status_cmd._upper_matches(str(upper), str(upper), upper.stat(), lower)
+    assert got == (True, "filesystem")
+    got = status_cmd._upper_matches("/proc", str(upper), upper.stat(), lower)
+    assert got == (False, "filesystem")
 
 
 def test_layers_given_as_paths_checked_by_device_and_inode(tmp_path: Path) -> None:
@@ -143,6 +159,7 @@ def test_layers_given_as_paths_checked_by_device_and_inode(tmp_path: Path) -> No
     shown = (f"lowerdir={root}/other", f"upperdir={root}/rw/store", f"workdir={root}/rw/work")
     layers = overlay_layers(str(root), SPEC, str(root / "rw/store"), _overlay(*shown))
     assert [layers[k].matches for k in LAYER_NAMES] == [False, True, True]
+    assert {layers[k].checked_by for k in LAYER_NAMES} == {"path"}
 
 
 def test_status_text_names_the_layers(
@@ -161,11 +178,11 @@ def test_status_text_names_the_layers(
     ]
     mounted = row._replace(layers=overlay_layers(
         str(root), SPEC, str(root / "rw/store"),
-        _overlay("lowerdir=/proc/self/fd/8", "upperdir=/proc/self/fd/9", "workdir=/proc/self/fd/10"),
+        _overlay(*FDS),
     ))  # fmt: skip
     assert mounted.lines()[1:] == [
         f"{'':<13}lower /lower (the kernel shows /proc/self/fd/8: not checkable)",
-        f"{'':<13}upper /rw/store (the kernel shows /proc/self/fd/9: the same directory)",
+        f"{'':<13}upper /rw/store (the kernel shows /proc/self/fd/9: the same directory (by inode))",
         f"{'':<13}work  /rw/work (the kernel shows /proc/self/fd/10: not checkable)",
     ]
 

@@ -118,9 +118,10 @@ def test_fields_of_each_list(heading: str, fields: tuple[str, ...]) -> None:
 def test_values_and_layers() -> None:
     _, mount_statuses = tables(JSON["`mount-all`: `mounts`"])
     assert names(mount_statuses) == list(Status.ALL)
-    _, states, layer = tables(JSON["`status`: `mounts`"])
+    _, states, layer, checks = tables(JSON["`status`: `mounts`"])
     assert names(states) == list(status.State.ALL)
     assert names(layer) == list(status.LAYER_FIELDS)
+    assert names(checks) == list(status.Check.ALL)
     layers_row = next(r for r in tables(JSON["`status`: `mounts`"])[0] if r[0] == "`layers`")
     assert re.findall(r"`(\w+)`", layers_row[2]) == list(status.LAYER_NAMES)
 

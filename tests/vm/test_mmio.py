@@ -71,7 +71,9 @@ def _assert_agent_loaded(vm: tb.VM, run: AgentRun, modules: tuple[str, ...]) -> 
 
 
 def _discovered(text: str) -> list[dict[str, object]]:
-    listed = json.loads(text)
+    out = json.loads(text)
+    assert (out["version"], out["ok"], out["problems"]) == (1, True, []), out
+    listed = out["devices"]
     assert isinstance(listed, list)
     return listed
 
@@ -117,7 +119,7 @@ def test_block_only_firecracker_style(make_vm: MakeVM, tmp_path: Path, testbed: 
     disks = [line for line in parts["discover"].splitlines() if line.startswith("disk")]
     assert len(disks) == 2 and all(" mmio " in line for line in disks), parts["discover"]
     listed = _discovered(parts["json"])
-    assert {(o["dev"], o["transport"], o["serial"]) for o in listed} == {
+    assert {(o["source"], o["transport"], o["serial"]) for o in listed} == {
         ("/dev/vda", "mmio", "ro-store"),
         ("/dev/vdb", "mmio", "nix-rw"),
     }, listed
@@ -170,7 +172,7 @@ def test_9p_and_virtiofs_shares_over_mmio_with_auto(make_vm: MakeVM, tmp_path: P
     shares = [line for line in text.splitlines() if line.startswith("share")]
     assert len(shares) == 2 and all(line.endswith(" mmio") for line in shares), text
     tag = "home" if vm.kernel != "6.1" else None  # virtiofs tags readable since Linux 6.9
-    assert {(o["proto"], o["tag"], o["transport"]) for o in listed} == {
+    assert {(o["fstype"], o["source"], o["transport"]) for o in listed} == {
         ("9p", "ro-store", "mmio"),
         ("virtiofs", tag, "mmio"),
     }, listed

@@ -75,8 +75,8 @@ def test_auto_protocol_finds_each_tags_transport(make_vm: MakeVM, tmp_path: Path
     assert run.mounts["/srv/nine"].fstype == "9p"
     assert run.mounts["/srv/fuse"].fstype == "virtiofs"
     assert run.out.startswith("9\nfs\n"), run
-    listed = json.loads(run.out.split("\n", 2)[2])
-    shares = {(o["proto"], o["tag"]) for o in listed if o["kind"] == "share"}
+    listed = json.loads(run.out.split("\n", 2)[2])["devices"]
+    shares = {(o["fstype"], o["source"]) for o in listed if o["kind"] == "share"}
     assert ("9p", "nine") in shares
     # virtiofs tags are readable from userspace only since Linux 6.9 (/sys/fs/virtiofs).
     assert ("virtiofs", "fuse" if vm.kernel != "6.1" else None) in shares, listed
