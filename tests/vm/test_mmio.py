@@ -26,6 +26,11 @@ pytestmark = pytest.mark.vm
 MakeVM = Callable[..., tb.VM]
 
 #: Nothing loaded before the agent, and the kernel's own module requests go nowhere.
+# `guest-agent ARGS` as the user nobody (no setpriv or su needed in the guest).
+AS_NOBODY = (
+    "import os, sys; os.setgroups([]); os.setgid(65534); os.setuid(65534);"
+    " os.execvp(\"guest-agent\", [\"guest-agent\", *sys.argv[1:]])"
+)
 NOTHING_LOADED = (
     "echo /bin/false > /proc/sys/kernel/modprobe; "
     "cut -d' ' -f1 /proc/modules | sort | tr '\\n' ' ' > /tmp/mods-before"
@@ -195,7 +200,8 @@ def test_discover_reports_pci(make_vm: MakeVM, tmp_path: Path, machine: str) -> 
         vm,
         before=NOTHING_LOADED,
         after=f"{MODULES_AFTER}; cat /srv/nine/f; echo @@discover@@; guest-agent discover 2>&1;"
-        " echo @@json@@; guest-agent discover --json 2>/dev/null",
+        " echo @@json@@; guest-agent discover --json 2>/dev/null;"
+        f" echo @@nonroot@@; python3 -c '{AS_NOBODY}' discover --no-load 2>&1; echo rc=$?",
     )
     assert run.rc == 0, run
     assert (run.mounts["/srv/nine"].fstype, run.mounts["/srv/data"].fstype) == ("9p", "ext4")
@@ -209,3 +215,9 @@ def test_discover_reports_pci(make_vm: MakeVM, tmp_path: Path, machine: str) -> 
     assert lines[0].split()[-1] == "pci" and lines[1].split()[2] == "pci", lines
     listed = _discovered(parts["json"])
     assert {(o["kind"], o["transport"]) for o in listed} == {("share", "pci"), ("disk", "pci")}
+    # Not root: the disk cannot be read; discover says why and exits 1.
+    nonroot = parts["nonroot"].splitlines()
+    assert nonroot[-1] == "rc=1", nonroot
+    denied = "error: /dev/vda: cannot read it to find its filesystem: Permission denied"
+    assert denied + " (hint: run as root)" in nonroot, nonroot
+    assert any(line.startswith("disk") and "fstype=(unreadable)" in line for line in nonroot)
