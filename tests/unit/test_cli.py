@@ -367,6 +367,19 @@ def test_status_reports_spec_problems(env: Env) -> None:
     ]
 
 
+def test_status_reports_the_plans_problems_as_mount_all_does(env: Env) -> None:
+    env.cmdline.write_text(
+        "microvm.share=rw:/nix/.rw-store:9p microvm.store-overlay=/nix/.ro-store:/nix/.rw-store"
+    )
+    mounted = invoke("mount-all", *env.args("--dry-run", "--json"))
+    result = invoke("status", *env.args("--json"))
+    assert result.exit_code == 1
+    (problem,) = json.loads(result.stdout)["problems"]
+    assert problem["reason"].startswith("the upper layer /nix/.rw-store is on 9p")
+    assert json.loads(mounted.stdout)["problems"] == [problem]
+    assert stderr_lines(result) == stderr_lines(mounted)
+
+
 # --- reset-overlay (nothing mounted: wipes now) ---------------------------------------
 
 
