@@ -263,7 +263,7 @@ def _upper_matches(
         theirs, ours = os.statvfs(host), os.statvfs(upper_path or "")
     except OSError:
         return None, None
-    sizes = ("f_bsize", "f_blocks", "f_files")
+    sizes = ("f_bsize", "f_frsize", "f_blocks")  # fixed for a filesystem; f_files is not (xfs)
     same = all(getattr(theirs, f) == getattr(ours, f) for f in sizes)
     return same, Check.FILESYSTEM
 
