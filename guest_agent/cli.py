@@ -17,6 +17,24 @@ from guest_agent.config import DEFAULT_CMDLINE, DEFAULT_CONFIG
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+REFERENCE = "docs/reference.md"  # the one reference page: every word, output and exit code
+# One example per command, shown at the end of its --help (click's epilog).
+EXAMPLES = {
+    "mount-all": "guest-agent mount-all --dry-run --root /sysroot",
+    "reset-overlay": "guest-agent reset-overlay",
+    "status": "guest-agent status --json",
+    "discover": "guest-agent discover --no-load",
+}
+
+
+def _epilog(command: str) -> str:
+    # \b keeps click from rewrapping the paragraph.
+    return (
+        f"\b\nExample:\n  {EXAMPLES[command]}\n\n"
+        f"Exit codes, --json fields and every option word: {REFERENCE} "
+        f'("Commands", "JSON output").'
+    )
+
 
 def _common(func: F) -> F:
     func = click.option(
@@ -50,7 +68,7 @@ def main() -> None:
     """Mount a microVM guest's virtio shares, volumes and /nix/store overlay."""
 
 
-@main.command("mount-all")
+@main.command("mount-all", epilog=_epilog("mount-all"))
 @_common
 @click.option("--dry-run", is_flag=True, help="Print the plan; touch nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
@@ -61,7 +79,7 @@ def mount_all(root: str, config: str | None, cmdline: str, dry_run: bool, as_jso
     sys.exit(mount_all(root, config, cmdline, dry_run, as_json))
 
 
-@main.command("reset-overlay")
+@main.command("reset-overlay", epilog=_epilog("reset-overlay"))
 @_common
 def reset_overlay(root: str, config: str | None, cmdline: str) -> None:
     """Wipe the /nix/store upper layer: now if the overlay is not mounted, else at next boot."""
@@ -70,19 +88,25 @@ def reset_overlay(root: str, config: str | None, cmdline: str) -> None:
     sys.exit(reset_overlay(root, config, cmdline))
 
 
-@main.command()
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list on stdout.")
+@main.command(epilog=_epilog("discover"))
+@click.option("--json", "as_json", is_flag=True, help="Print the devices as JSON on stdout.")
 @click.option("--all", "all_disks", is_flag=True, help="Also list disks that are not virtio.")
-def discover(as_json: bool, all_disks: bool) -> None:
-    """List virtio shares (tag, protocol) and disks (serial, label, fstype)."""
+@click.option(
+    "--no-load", "no_load", is_flag=True, help="Load no kernel module: list what is bound now."
+)
+def discover(as_json: bool, all_disks: bool, no_load: bool) -> None:
+    """List virtio shares (tag, protocol) and disks (serial, label, fstype).
+
+    First loads the kernel modules of driverless virtio devices, as mount-all does
+    (it says so when it loads any); --no-load lists without loading."""
     from guest_agent.commands.discover import discover
 
-    sys.exit(discover(as_json, all_disks))
+    sys.exit(discover(as_json, all_disks, load=not no_load))
 
 
-@main.command()
+@main.command(epilog=_epilog("status"))
 @_common
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list on stdout.")
+@click.option("--json", "as_json", is_flag=True, help="Print the mounts as JSON on stdout.")
 def status(root: str, config: str | None, cmdline: str, as_json: bool) -> None:
     """Each configured mount and whether the kernel shows it as planned."""
     from guest_agent.commands.status import status

@@ -206,3 +206,25 @@ def devnum(path: str) -> tuple[int, int] | None:
         return major_minor(os.stat(path).st_rdev)
     except OSError:
         return None
+
+
+def in_root(root: str, path: str) -> str:
+    """PATH (a host path, as the mount table shows it) as seen from inside ROOT (--root):
+    the root's prefix taken off; a path outside ROOT is returned as it is."""
+    base = root.rstrip("/")
+    if not base:
+        return path
+    if path == base:
+        return "/"
+    return path[len(base) :] if path.startswith(base + "/") else path
+
+
+def super_option(mount: Mount, *names: str) -> str | None:
+    """The value of the first of NAMES (e.g. `upperdir`) among MOUNT's superblock options,
+    unescaped as the kernel wrote it; None when absent."""
+    for name in names:
+        prefix = name + "="
+        for option in mount.super_options:
+            if option.startswith(prefix):
+                return _unescape(option[len(prefix) :])
+    return None

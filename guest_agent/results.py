@@ -44,13 +44,18 @@ class Failure(Exception):
         self.hint = hint
 
 
+# `mount-all --json`: the fields of each of its "mounts" (Result.as_json), documented in
+# docs/reference.md "JSON output".
+MOUNT_FIELDS = ("where", "spec", "status", "fstype", "source", "options", "message")
+
+
 class Result(NamedTuple):
     where: str
     spec: str
     status: str  # one of Status.ALL
     fstype: str | None = None
     source: str | None = None
-    options: tuple[str, ...] = ()
+    options: tuple[str, ...] = ()  # as the guest sees them: no --root prefix, no /proc/self/fd
     message: str | None = None
 
     def as_json(self) -> dict[str, Any]:

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import os
 
-from guest_agent.commands import exit_code, print_json, write
+from guest_agent.commands import exit_code, json_output, print_json, write
 from guest_agent.config import DEFAULT_CMDLINE
 from guest_agent.inputs import load, sources
 from guest_agent.lock import LockFailed, lock
+
+# docs/reference.md "Commands" shows these (tests/unit/test_reference_outputs.py checks).
+EXIT_CODES = {
+    0: "every required mount is in place (a failed `nofail` one is a warning)",
+    1: "a required mount failed, an input is malformed or unreadable, or another run holds the lock",
+}
+JSON_LIST = "mounts"
 
 
 def mount_all(
@@ -38,9 +45,7 @@ def mount_all(
         except LockFailed as e:
             reporter.problem(Problem("guest-agent mount-all", str(e), "nothing was mounted"))
             if as_json:
-                print_json(
-                    {"ok": False, "mounts": [], "problems": [str(p) for p in reporter.problems]}
-                )
+                print_json(json_output(False, JSON_LIST, [], reporter.problems))
             return exit_code(reporter)
     from guest_agent.runner import Runner
 
@@ -62,11 +67,9 @@ def mount_all(
             os.close(held)
     if as_json:
         print_json(
-            {
-                "ok": not reporter.failed,
-                "mounts": [r.as_json() for r in results],
-                "problems": [str(p) for p in reporter.problems],
-            }
+            json_output(
+                not reporter.failed, JSON_LIST, [r.as_json() for r in results], reporter.problems
+            )
         )
     elif dry_run:
         for r in results:

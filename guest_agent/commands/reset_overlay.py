@@ -12,7 +12,7 @@ from guest_agent.handlers.base import Context
 from guest_agent.handlers.layers import overlay_users
 from guest_agent.inputs import load, sources
 from guest_agent.lock import LockFailed, lock
-from guest_agent.mountinfo import MountTable
+from guest_agent.mountinfo import MountTable, in_root
 from guest_agent.mountlog import MountLog
 from guest_agent.paths import PathError, host_path, landing, open_root, reopen, walk
 from guest_agent.plan import is_within, plan
@@ -21,6 +21,12 @@ from guest_agent.runner import Runner
 from guest_agent.spec import UPPER_DIR, Config, OverlaySpec, Problem
 
 RESET = "reset-overlay"
+# docs/reference.md "Commands" shows these (tests/unit/test_reference_outputs.py checks).
+EXIT_CODES = {
+    0: "wiped, scheduled for the next boot (the overlay is in use), or nothing to wipe",
+    1: "nothing was wiped: no overlay configured, its upper layer in use or not the agent's,"
+    " another run holds the lock; or an input has an error",
+}
 
 
 def reset_overlay(
@@ -85,7 +91,7 @@ def reset_command(root: str, config: Config, reporter: Reporter) -> None:
         with opened:
             rw = reopen(opened.fd)
         try:
-            _wipe(rw, store or host_path(root, overlay.where), overlay, reporter)
+            _wipe(root, rw, store or host_path(root, overlay.where), overlay, reporter)
         finally:
             os.close(rw)
 
@@ -123,7 +129,7 @@ def _schedule(root: str, overlay: OverlaySpec, reporter: Reporter) -> None:
     )
 
 
-def _wipe(rw: int, where: str, overlay: OverlaySpec, reporter: Reporter) -> None:
+def _wipe(root: str, rw: int, where: str, overlay: OverlaySpec, reporter: Reporter) -> None:
     """Move the layers of RW (an fd) aside and delete them, unless any mount still uses them."""
     wrong = overlay_reset.check_names(rw, resetting=True, nix_db=overlay.nix_db)
     if wrong:
@@ -148,7 +154,7 @@ def _wipe(rw: int, where: str, overlay: OverlaySpec, reporter: Reporter) -> None
                     Problem(
                         RESET,
                         f"the upper layer {overlay.upper} is in use by the overlay"
-                        f" mounted at {users[0].mount_point}: nothing was wiped",
+                        f" mounted at {in_root(root, users[0].mount_point)}: nothing was wiped",
                         "unmount every mount of that overlay first",
                     )
                 )
@@ -158,12 +164,13 @@ def _wipe(rw: int, where: str, overlay: OverlaySpec, reporter: Reporter) -> None
 
             busy = state_mounts(MountTable.read(), rw)
             if busy:
+                shown = in_root(root, busy[0].mount_point)
                 reporter.problem(
                     Problem(
                         RESET,
                         f"the Nix state directory {overlay.rw}/nix-state is mounted at"
-                        f" {busy[0].mount_point}: nothing was wiped",
-                        f"unmount {busy[0].mount_point} first",
+                        f" {shown}: nothing was wiped",
+                        f"unmount {shown} first",
                     )
                 )
                 return

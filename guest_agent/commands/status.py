@@ -6,19 +6,32 @@ import os
 from typing import Any
 
 from guest_agent import reset as overlay_reset
-from guest_agent.commands import exit_code, print_json, write
+from guest_agent.commands import exit_code, json_output, print_json, write
 from guest_agent.config import DEFAULT_CMDLINE
 from guest_agent.devices import Devices
 from guest_agent.handlers import handler_for
 from guest_agent.inputs import load, sources
-from guest_agent.mountinfo import MountTable
+from guest_agent.mountinfo import Mount, MountTable, in_root, super_option
 from guest_agent.paths import PathError, landing, open_root, reopen, walk
 from guest_agent.plan import plan
 from guest_agent.records import NamedTuple
 from guest_agent.report import Reporter
 from guest_agent.results import NOAUTO
-from guest_agent.spec import Config, OverlaySpec
+from guest_agent.spec import Config, OverlaySpec, Problem
 from guest_agent.syscalls import closing
+
+# docs/reference.md "Commands" and "JSON output" show these (test_reference_outputs.py).
+EXIT_CODES = {
+    0: "every required mount is mounted as configured, and the inputs have no error",
+    1: "a required mount is not-mounted, different or hidden, or an input has an error",
+}
+JSON_LIST = "mounts"
+STATUS_FIELDS = (
+    "where", "spec", "required", "fstype", "source", "state", "detail",
+    "reset_pending", "nix_db", "layers",
+)  # fmt: skip
+LAYER_NAMES = ("lower", "upper", "work")  # the keys of "layers"
+LAYER_FIELDS = ("path", "kernel_shows", "matches", "checked_by")  # each layer's
 
 
 class State:
@@ -28,6 +41,50 @@ class State:
     DIFFERENT = "different"  # something else is mounted there
     NOT_MOUNTED = "not-mounted"
     HIDDEN = "hidden"  # mounted, but covered by a later mount
+
+    ALL = (MOUNTED, DIFFERENT, NOT_MOUNTED, HIDDEN)
+
+
+class Check:
+    """`Layer.checked_by`: how a layer was compared with what the kernel shows."""
+
+    PATH = "path"  # the kernel shows a path: the same device and inode as the configured dir
+    INODE = "inode"  # all layers on one filesystem: the overlay root shows the upper's inode
+    FILESYSTEM = "filesystem"  # the overlay reports its upper's filesystem (statfs): only that
+
+    ALL = (PATH, INODE, FILESYSTEM)
+
+
+class Layer(NamedTuple):
+    """One layer of the store overlay, for `status`: PATH as configured (the guest's path),
+    what the kernel's mount table shows for it, whether the two agree (True, False, or
+    None: it cannot be told) and by which check (`Check`)."""
+
+    path: str
+    kernel_shows: str | None = None
+    matches: bool | None = None
+    checked_by: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "kernel_shows": self.kernel_shows,
+            "matches": self.matches,
+            "checked_by": self.checked_by,
+        }
+
+    def line(self, name: str) -> str:
+        if self.kernel_shows is None:
+            return f"{name:<5} {self.path}"
+        if self.matches is None:
+            verdict = "not checkable"
+        elif not self.matches:
+            verdict = f"NOT the configured one (by {self.checked_by})"
+        elif self.checked_by == Check.FILESYSTEM:
+            verdict = "on the configured filesystem"
+        else:
+            verdict = f"the same directory (by {self.checked_by})"
+        return f"{name:<5} {self.path} (the kernel shows {self.kernel_shows}: {verdict})"
 
 
 class StatusRow(NamedTuple):
@@ -40,9 +97,10 @@ class StatusRow(NamedTuple):
     detail: str
     reset_pending: bool | None = None  # for the overlay only
     nix_db: dict[str, Any] | None = None  # for an x-nix-db overlay (nixrecord.describe)
+    layers: dict[str, Layer] | None = None  # for the overlay only: LAYER_NAMES
 
     def as_json(self) -> dict[str, Any]:
-        row: dict[str, Any] = {
+        return {
             "where": self.where,
             "spec": self.spec,
             "required": self.required,
@@ -50,12 +108,17 @@ class StatusRow(NamedTuple):
             "source": self.source,
             "state": self.state,
             "detail": self.detail,
+            "reset_pending": self.reset_pending,
+            "nix_db": self.nix_db,
+            "layers": None
+            if self.layers is None
+            else {name: layer.as_json() for name, layer in self.layers.items()},
         }
-        if self.reset_pending is not None:
-            row["reset_pending"] = self.reset_pending
-        if self.nix_db is not None:
-            row["nix_db"] = self.nix_db
-        return row
+
+    def lines(self) -> list[str]:
+        first = f"{self.state:<12} {self.where:<24} {self.detail}"
+        layers = self.layers or {}
+        return [first] + [f"{'':<13}{layer.line(name)}" for name, layer in layers.items()]
 
     @property
     def healthy(self) -> bool:
@@ -72,19 +135,25 @@ def status(
     reporter = Reporter(kmsg=None)
     src = sources(root, config, cmdline)
     spec_config = load(src, reporter)
-    rows = mount_status(src.root, spec_config)
+    rows, problems = mount_status(src.root, spec_config)
+    for problem in problems:
+        reporter.problem(problem)
+    unhealthy = not all(row.healthy for row in rows)
+    code = 1 if exit_code(reporter) or unhealthy else 0
     if as_json:
-        print_json([row.as_json() for row in rows])
+        print_json(
+            json_output(code == 0, JSON_LIST, [row.as_json() for row in rows], reporter.problems)
+        )
     else:
         for row in rows:
-            write(f"{row.state:<12} {row.where:<24} {row.detail}\n")
-    unhealthy = not all(row.healthy for row in rows)
-    return 1 if exit_code(reporter) or unhealthy else 0
+            write("".join(line + "\n" for line in row.lines()))
+    return code
 
 
-def mount_status(root: str, config: Config) -> list[StatusRow]:
-    """One row per configured mount: does the kernel show it as planned?"""
-    steps, _ = plan(config)
+def mount_status(root: str, config: Config) -> tuple[list[StatusRow], list[Problem]]:
+    """One row per configured mount: does the kernel show it as planned? And the plan's
+    problems (a conflict, an upper layer on 9p), which mount-all would report too."""
+    steps, problems = plan(config)
     overlay = config.overlay
     table = MountTable.read()
     rows = []
@@ -96,11 +165,12 @@ def mount_status(root: str, config: Config) -> list[StatusRow]:
             hidden = table.at(host) if host and current is None else None
             cover = table.hidden_by(hidden) if hidden is not None else None
             fstype = source = None
+            layers = None
             if hidden is not None and cover is not None:
                 state, fstype, source = State.HIDDEN, hidden.fstype, hidden.source
                 detail = (
                     f"{hidden.fstype} {hidden.source} is mounted there but hidden by"
-                    f" {cover.fstype} {cover.source} at {cover.mount_point}"
+                    f" {cover.fstype} {cover.source} at {in_root(root, cover.mount_point)}"
                 )
             elif current is None:
                 state = State.NOT_MOUNTED
@@ -108,12 +178,17 @@ def mount_status(root: str, config: Config) -> list[StatusRow]:
             else:
                 fstype, source = current.fstype, current.source
                 ok = handler_for(spec).matches(spec, current, devices)
+                if spec is overlay and overlay is not None:
+                    layers = overlay_layers(root, overlay, host, current)
+                    ok = ok and all(layer.matches is not False for layer in layers.values())
                 state = State.MOUNTED if ok else State.DIFFERENT
                 detail = f"{current.fstype} {current.source}" + (
                     "" if ok else " (not what is configured)"
                 )
             pending = nix_db = None
             if spec is overlay and overlay is not None:  # a reset may be scheduled for it
+                if layers is None:  # not mounted there: the configured paths alone
+                    layers = overlay_layers(root, overlay, host, None)
                 pending = _reset_pending(root, overlay)
                 if pending:
                     detail += "; reset pending for the next boot"
@@ -131,9 +206,77 @@ def mount_status(root: str, config: Config) -> list[StatusRow]:
                     detail,
                     pending,
                     nix_db,
+                    layers,
                 )
             )
-    return rows
+    return rows, problems
+
+
+def overlay_layers(
+    root: str, overlay: OverlaySpec, host: str | None, current: Mount | None
+) -> dict[str, Layer]:
+    """The overlay's layers as configured, each checked against what the kernel shows for
+    the overlay CURRENT mounted at HOST (when it is).
+
+    A layer the kernel shows as a path is checked by device and inode. The agent gives
+    its layers as `/proc/self/fd/N` (docs/design.md "Mounting"), which names nothing
+    once the agent has exited; then only the upper layer can be checked: by inode when
+    all layers are on one filesystem (the overlay's root directory then shows its upper
+    directory's inode number), else by filesystem (the overlay's statfs is its upper's).
+    """
+    configured = {"lower": overlay.lower, "upper": overlay.upper, "work": overlay.work}
+    if current is None or host is None:
+        return {name: Layer(path) for name, path in configured.items()}
+    shown = {
+        "lower": super_option(current, "lowerdir", "lowerdir+"),
+        "upper": super_option(current, "upperdir"),
+        "work": super_option(current, "workdir"),
+    }
+    hosts = {name: landing(root, path) for name, path in configured.items()}
+    mine = {name: _stat(at) for name, at in hosts.items()}
+    layers = {}
+    for name, path in configured.items():
+        kernel, stat = shown[name], mine[name]
+        matches = checked_by = None
+        if kernel is not None and kernel.startswith("/") and not kernel.startswith("/proc/"):
+            theirs = _stat(kernel)
+            if stat is not None and theirs is not None:
+                matches = (stat.st_dev, stat.st_ino) == (theirs.st_dev, theirs.st_ino)
+                checked_by = Check.PATH
+        if checked_by is None and name == "upper" and stat is not None:
+            matches, checked_by = _upper_matches(host, hosts["upper"], stat, mine["lower"])
+        layers[name] = Layer(path, kernel, matches, checked_by)
+    return layers
+
+
+def _upper_matches(
+    host: str, upper_path: str | None, upper: os.stat_result, lower: os.stat_result | None
+) -> tuple[bool | None, str | None]:
+    """Is UPPER the upper layer of the overlay mounted at HOST? With every layer on one
+    filesystem overlayfs shows the real inode numbers of directories, so the root's is
+    the upper's; otherwise a directory's number is overlayfs's own, and what is left is
+    the filesystem: the overlay's statfs sizes are its upper layer's."""
+    top = _stat(host)
+    if top is None:
+        return None, None
+    if lower is not None and lower.st_dev == upper.st_dev:
+        return top.st_ino == upper.st_ino, Check.INODE
+    try:
+        theirs, ours = os.statvfs(host), os.statvfs(upper_path or "")
+    except OSError:
+        return None, None
+    sizes = ("f_bsize", "f_frsize", "f_blocks")  # fixed for a filesystem; f_files is not (xfs)
+    same = all(getattr(theirs, f) == getattr(ours, f) for f in sizes)
+    return same, Check.FILESYSTEM
+
+
+def _stat(path: str | None) -> os.stat_result | None:
+    if path is None:
+        return None
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
 
 
 def _nix_db(root: str, overlay: OverlaySpec) -> dict[str, Any]:

@@ -52,10 +52,10 @@ def check_overlap(spec: OverlaySpec, lower: int, rw: int, *, whole_rw: bool = Fa
         )
 
 
-def in_use(spec: OverlaySpec, user: Mount, what: str) -> Failure:
+def in_use(spec: OverlaySpec, mount_point: str, what: str) -> Failure:
+    """MOUNT_POINT as the guest sees it (mountinfo.in_root)."""
     return Failure(
-        f"the upper layer {spec.upper} is in use by the overlay mounted at {user.mount_point}:"
-        f" {what}",
+        f"the upper layer {spec.upper} is in use by the overlay mounted at {mount_point}: {what}",
         "unmount every mount of that overlay first",
     )
 

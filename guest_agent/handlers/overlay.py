@@ -13,10 +13,11 @@ import os
 
 from guest_agent import reset as overlay_reset
 from guest_agent.handlers.layers import check_overlap, in_use, overlay_users, wrong_type
+from guest_agent.mountinfo import in_root
 from guest_agent.paths import host_path, reopen
 from guest_agent.plan import upper_on_9p
 from guest_agent.results import Failure, Result, Status, occupied, refused
-from guest_agent.spec import UPPER_DIR, WORK_DIR, OverlaySpec, Proto
+from guest_agent.spec import UPPER_DIR, WORK_DIR, OverlaySpec, Proto, join
 from guest_agent.syscalls import MountError, MountRequest, closing, umount
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
@@ -71,10 +72,9 @@ class OverlayHandler:
             if current.fstype == "overlay":
                 return ctx.already(spec.where, spec.source, current)
             raise occupied(spec.where, current)
-        lower, rw = ctx.target(spec.lower, create=False), ctx.target(spec.rw)
-        upper, work = os.path.join(rw, UPPER_DIR), os.path.join(rw, WORK_DIR)
-        userxattr = _upper_needs_userxattr(ctx, spec, rw)
-        options = overlay_options(lower, upper, work, spec.options, userxattr)
+        userxattr = _upper_needs_userxattr(ctx, spec, ctx.target(spec.rw))
+        # Shown as the guest sees them (no --root prefix), like a real mount's result.
+        options = overlay_options(spec.lower, spec.upper, spec.work, spec.options, userxattr)
         return Result(spec.where, spec.source, Status.WOULD_MOUNT, "overlay", "overlay", options)
 
     def mount(self, step: Step, ctx: Context) -> Result:
@@ -124,7 +124,9 @@ def _mount_on(
         with closing(overlay_reset.open_dir(rw, UPPER_DIR, create=False)) as store:
             users = overlay_users(table, host, store)
         if users:
-            raise in_use(spec, users[0], "not mounting it a second time")
+            raise in_use(
+                spec, in_root(ctx.root, users[0].mount_point), "not mounting it a second time"
+            )
     if reset:
         _reset(ctx, rw, spec)
     store = _layer_dir(ctx, rw, UPPER_DIR, spec)
@@ -152,10 +154,12 @@ def _mount_on(
     finally:
         os.close(store)
     _empty_trash(ctx, rw, spec)
+    # The layers as the guest sees them (the in-root paths they were reached by), not the
+    # /proc/self/fd/N the kernel was given nor the --root prefixed host paths.
     shown = overlay_options(
-        host_path(ctx.root, lower.path),
-        os.path.join(rw_host, UPPER_DIR),
-        os.path.join(rw_host, WORK_DIR),
+        lower.path,
+        join(rw_path.path, UPPER_DIR),
+        join(rw_path.path, WORK_DIR),
         spec.options,
         userxattr,
     )
@@ -177,7 +181,9 @@ def _upper_needs_userxattr(ctx: Context, spec: OverlaySpec, rw: str) -> bool:
         if holder is None:
             continue
         if holder.fstype == Proto.NINEP:
-            problem = upper_on_9p(spec, f"{holder.source} at {holder.mount_point}")
+            problem = upper_on_9p(
+                spec, f"{holder.source} at {in_root(ctx.root, holder.mount_point)}"
+            )
             raise Failure(problem.reason, problem.hint)
         userxattr = userxattr or holder.fstype == Proto.VIRTIOFS or holder.fstype.startswith("fuse")
     return userxattr

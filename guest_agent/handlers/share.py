@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 
+from guest_agent.mountinfo import in_root
 from guest_agent.results import Failure, Result, Status, occupied, refused
 from guest_agent.spec import SHARE_FSTYPES, Proto, ShareSpec
 from guest_agent.syscalls import MountError, MountRequest, umount
@@ -68,7 +69,8 @@ class ShareHandler:
         in_use = table.tag_in_use(spec.tag, (Proto.NINEP,))
         if in_use is not None and spec.proto != Proto.VIRTIOFS:
             raise Failure(
-                f"9p tag {spec.tag!r} is already mounted at {in_use.mount_point}: a 9p channel mounts once",
+                f"9p tag {spec.tag!r} is already mounted at {in_root(ctx.root, in_use.mount_point)}:"
+                " a 9p channel mounts once",
                 "bind-mount that directory instead",
             )
         return spec, host, read_only, None

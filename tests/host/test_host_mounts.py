@@ -5,6 +5,7 @@ concurrency. Each test asserts on /proc/self/mountinfo and file contents."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -330,6 +331,14 @@ def test_reset_overlay_while_mounted_schedules(host: HostEnv) -> None:
     # status shows it pending
     status = host.agent("status", "--json")
     assert '"reset_pending": true' in status.stdout
+    # ...and the overlay's layers as the guest sees them (no --root prefix), the upper one
+    # checked against the mounted overlay (tmpfs lower, ext4 upper: by filesystem)
+    (row,) = [r for r in json.loads(status.stdout)["mounts"] if r["where"] == "/nix/store"]
+    assert row["state"] == "mounted", row
+    upper = row["layers"]["upper"]
+    assert upper["path"] == f"{RW}/store" and upper["kernel_shows"].startswith("/proc/self/fd/")
+    assert (upper["matches"], upper["checked_by"]) == (True, "filesystem"), row
+    assert str(host.root) not in status.stdout
 
     # the next mount-all (after a "reboot") consumes it
     host.umount_all()
@@ -521,3 +530,29 @@ def test_a_hidden_mount_is_seen_and_mounted_again(host: HostEnv) -> None:
     assert again.returncode == 0, again.stderr
     assert again.lines == ["mounted tmpfs tmpfs at /var/home/alice (rw)"], again.stderr
     assert host.agent("status").returncode == 0
+
+
+def test_status_checks_the_upper_layer_by_inode_when_all_layers_share_a_filesystem(
+    host: HostEnv,
+) -> None:
+    """Lower and RW on one ext4 volume: overlayfs shows its root directory with the upper
+    directory's inode number, so status can tell the upper directory itself."""
+    label = unique_label()
+    host.ext4(label=label, files={"lower/pkg": "p\n"})
+    host.set_cmdline(
+        f"microvm.volume=LABEL={label}:/vol", "microvm.store-overlay=/vol/lower:/vol/rw"
+    )
+    assert host.mount_all().returncode == 0
+    status = host.agent("status", "--json")
+    assert status.returncode == 0, status.stderr
+    (row,) = [r for r in json.loads(status.stdout)["mounts"] if r["where"] == "/nix/store"]
+    checks = {
+        name: (layer["matches"], layer["checked_by"]) for name, layer in row["layers"].items()
+    }
+    assert checks == {"lower": (None, None), "upper": (True, "inode"), "work": (None, None)}, row
+    text = host.agent("status").stdout.splitlines()
+    assert any(
+        line.strip().startswith("upper /vol/rw/store (the kernel shows /proc/self/fd/")
+        and line.endswith(": the same directory (by inode))")
+        for line in text
+    ), text

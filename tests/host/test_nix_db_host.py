@@ -250,7 +250,7 @@ def test_built_path_survives_reboot_and_is_not_rebuilt(tmp_path: Path, lower: Lo
     shown = machine.boot(
         lower, 'echo "<<<"; $AGENT status --root $R --cmdline $CMDLINE --json; echo ">>>"'
     )
-    rows = json.loads(shown.out.split("<<<", 1)[1].split(">>>", 1)[0])
+    rows = json.loads(shown.out.split("<<<", 1)[1].split(">>>", 1)[0])["mounts"]
     nix_db = next(row for row in rows if row["where"] == "/nix/store")["nix_db"]
     assert nix_db["valid_paths"] == len(machine.valid()) == 5  # 3 lower + the build and its .drv
     assert nix_db["state"] == "done"

@@ -116,12 +116,13 @@ def test_dry_run_microvm_layout(env: Env) -> None:
     # the store's lower layer is read-only and cached loosely
     assert "ro" in by["/nix/.ro-store"]["options"]
     assert "cache=loose" in by["/nix/.ro-store"]["options"]
-    root = str(env.root)
+    # the layers as the guest sees them: the --root prefix does not leak
     assert by["/nix/store"]["options"][:3] == [
-        f"lowerdir={root}/nix/.ro-store",
-        f"upperdir={root}/nix/.rw-store/store",
-        f"workdir={root}/nix/.rw-store/work",
+        "lowerdir=/nix/.ro-store",
+        "upperdir=/nix/.rw-store/store",
+        "workdir=/nix/.rw-store/work",
     ]
+    assert str(env.root) not in json.dumps(out)
 
 
 def test_cmdline_replaces_config_entry_and_says_so(env: Env) -> None:
@@ -148,7 +149,14 @@ def test_malformed_spec_exit_1_others_processed(env: Env) -> None:
     ]
     out = json.loads(result.stdout)
     assert out["ok"] is False
-    assert out["problems"] == ["microvm.share=onlytag: expected TAG:WHERE[:PROTO[:OPTIONS]]"]
+    assert out["problems"] == [
+        {
+            "spec": "microvm.share=onlytag",
+            "reason": "expected TAG:WHERE[:PROTO[:OPTIONS]]",
+            "hint": None,
+            "fatal": True,
+        }
+    ]
     assert [(m["where"], m["status"]) for m in out["mounts"]] == [("/x", "would-mount")]
 
 
@@ -319,7 +327,7 @@ def test_status_not_mounted_required_is_exit_1(env: Env) -> None:
     env.cmdline.write_text("microvm.volume=tmpfs:/x:tmpfs microvm.volume=tmpfs:/y:tmpfs:nofail")
     result = invoke("status", *env.args("--json"))
     assert result.exit_code == 1
-    rows = json.loads(result.stdout)
+    rows = json.loads(result.stdout)["mounts"]
     assert [(r["where"], r["state"], r["required"]) for r in rows] == [
         ("/x", "not-mounted", True),
         ("/y", "not-mounted", False),
@@ -339,7 +347,7 @@ def test_status_overlay_shows_pending_reset(env: Env) -> None:
     (rw / ".guest-agent-reset-requested").write_text("x")
     env.cmdline.write_text("microvm.store-overlay=/nix/.ro-store:/nix/.rw-store")
     result = invoke("status", *env.args("--json"))
-    (row,) = json.loads(result.stdout)
+    (row,) = json.loads(result.stdout)["mounts"]
     assert row["reset_pending"] is True
     assert row["detail"] == "nothing mounted there; reset pending for the next boot"
 
@@ -348,10 +356,32 @@ def test_status_reports_spec_problems(env: Env) -> None:
     env.cmdline.write_text("microvm.share=onlytag")
     result = invoke("status", *env.args("--json"))
     assert result.exit_code == 1
-    assert json.loads(result.stdout) == []
+    out = json.loads(result.stdout)
+    assert (out["ok"], out["mounts"]) == (False, [])
+    assert out["problems"] == [
+        {
+            "spec": "microvm.share=onlytag",
+            "reason": "expected TAG:WHERE[:PROTO[:OPTIONS]]",
+            "hint": None,
+            "fatal": True,
+        }
+    ]
     assert stderr_lines(result) == [
         "error: microvm.share=onlytag: expected TAG:WHERE[:PROTO[:OPTIONS]]"
     ]
+
+
+def test_status_reports_the_plans_problems_as_mount_all_does(env: Env) -> None:
+    env.cmdline.write_text(
+        "microvm.share=rw:/nix/.rw-store:9p microvm.store-overlay=/nix/.ro-store:/nix/.rw-store"
+    )
+    mounted = invoke("mount-all", *env.args("--dry-run", "--json"))
+    result = invoke("status", *env.args("--json"))
+    assert result.exit_code == 1
+    (problem,) = json.loads(result.stdout)["problems"]
+    assert problem["reason"].startswith("the upper layer /nix/.rw-store is on 9p")
+    assert json.loads(mounted.stdout)["problems"] == [problem]
+    assert stderr_lines(result) == stderr_lines(mounted)
 
 
 # --- reset-overlay (nothing mounted: wipes now) ---------------------------------------

@@ -47,8 +47,8 @@ def _tree(fs: Any) -> None:
 
 def test_discover_names_each_transport(fs: Any, capsys: Any) -> None:
     _tree(fs)
-    items, notes = discover_all()
-    assert notes == []
+    items, notes, problems = discover_all()
+    assert notes == [] and problems == []
     assert [(type(i).__name__, i.transport) for i in items] == [
         ("ShareRow", "pci"),
         ("DiskRow", "mmio"),
@@ -58,5 +58,5 @@ def test_discover_names_each_transport(fs: Any, capsys: Any) -> None:
         "disk   /dev/vda     mmio serial=store label=- uuid=- fstype=- size=0",
     ]
     assert discover(as_json=True) == 0
-    listed = json.loads(capsys.readouterr().out)
+    listed = json.loads(capsys.readouterr().out)["devices"]
     assert [(o["kind"], o["transport"]) for o in listed] == [("share", "pci"), ("disk", "mmio")]

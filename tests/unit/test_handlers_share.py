@@ -100,9 +100,7 @@ def test_a_9p_channel_mounts_once(tmp_path: Path) -> None:
         HANDLER.mount(step(share("data:/data")), run.ctx)
     assert (
         caught.value.reason
-        == "9p tag 'data' is already mounted at "
-        + run.host("/elsewhere")
-        + ": a 9p channel mounts once"
+        == "9p tag 'data' is already mounted at /elsewhere: a 9p channel mounts once"
     )
     assert caught.value.hint == "bind-mount that directory instead"
 

@@ -99,11 +99,11 @@ def test_mount_all_gives_up_on_a_held_lock_with_one_line(
         "error: guest-agent mount-all: another guest-agent run has held the lock @guest-agent/"
     )
     assert line.endswith(" for 0.3 s (hint: nothing was mounted)")
-    assert json.loads(out) == {
-        "ok": False,
-        "mounts": [],
-        "problems": [line.removeprefix("error: ")],
-    }
+    (problem,) = json.loads(out)["problems"]
+    assert json.loads(out) == {"version": 1, "ok": False, "mounts": [], "problems": [problem]}
+    assert problem["spec"] == "guest-agent mount-all"
+    assert (problem["hint"], problem["fatal"]) == ("nothing was mounted", True)
+    assert f"{problem['spec']}: {problem['reason']} (hint: {problem['hint']})" == line[7:]
     assert list(root.iterdir()) == []  # not even a mount point made
 
 
@@ -223,7 +223,8 @@ def test_json_string_that_cannot_be_a_path_is_a_problem_of_its_spec(
     assert line.endswith(f"): {reason}")
     out = json.loads(result.stdout)
     assert [m["where"] for m in out["mounts"]] == ["/ok"]
-    assert [printable(p) for p in out["problems"]] == [line.removeprefix("error: ")]
+    problems = [printable(f"{p['spec']}: {p['reason']}") for p in out["problems"]]
+    assert problems == [line.removeprefix("error: ")]
 
 
 def test_share_tag_that_cannot_be_a_string_is_a_problem() -> None:

@@ -196,7 +196,7 @@ def assert_all_mounted(facts: dict[str, Any], flavor: str) -> None:
     assert facts["upper"] is not None and set(facts["upper"]) <= set(facts["store"]), facts
     assert facts["lower_file"] == "hello from the lower store\n"
     assert facts["extra_file"] == "virtiofs share\n"
-    status = json.loads(facts["status"]["out"])
+    status = json.loads(facts["status"]["out"])["mounts"]
     assert facts["status"]["rc"] == 0, facts["status"]
     assert {row["where"]: row["state"] for row in status} == {
         "/nix/.ro-store": "mounted",
@@ -264,7 +264,7 @@ def test_required_mount_failure_is_visible_and_boot_goes_on(
     assert "a required mount failed" in r.console and "continuing the boot" in r.console, r
     # guest-agent status on the running system: unhealthy, names the share.
     assert facts["status"]["rc"] == 1, facts["status"]
-    rows = {row["where"]: row for row in json.loads(facts["status"]["out"])}
+    rows = {row["where"]: row for row in json.loads(facts["status"]["out"])["mounts"]}
     assert rows["/srv/missing"]["state"] != "mounted", rows
 
 
@@ -475,7 +475,7 @@ def test_nix_db_boots_with_the_twin_initrd(
     console = r.console
     made = console.find("Nix database: 0 valid paths, 0 registered now")
     assert 0 <= made < console.find(SWITCH_MARK[flavor]), r  # in the initrd
-    rows = json.loads(facts["status"]["out"])
+    rows = json.loads(facts["status"]["out"])["mounts"]
     nix_db = next(row for row in rows if row["where"] == "/nix/store")["nix_db"]
     assert nix_db["state"] == "done" and nix_db["valid_paths"] == 0, nix_db
 

@@ -26,6 +26,11 @@ pytestmark = pytest.mark.vm
 MakeVM = Callable[..., tb.VM]
 
 #: Nothing loaded before the agent, and the kernel's own module requests go nowhere.
+# `guest-agent ARGS` as the user nobody (no setpriv or su needed in the guest).
+AS_NOBODY = (
+    "import os, sys; os.setgroups([]); os.setgid(65534); os.setuid(65534);"
+    " os.execvp(\"guest-agent\", [\"guest-agent\", *sys.argv[1:]])"
+)
 NOTHING_LOADED = (
     "echo /bin/false > /proc/sys/kernel/modprobe; "
     "cut -d' ' -f1 /proc/modules | sort | tr '\\n' ' ' > /tmp/mods-before"
@@ -71,7 +76,9 @@ def _assert_agent_loaded(vm: tb.VM, run: AgentRun, modules: tuple[str, ...]) -> 
 
 
 def _discovered(text: str) -> list[dict[str, object]]:
-    listed = json.loads(text)
+    out = json.loads(text)
+    assert (out["version"], out["ok"], out["problems"]) == (1, True, []), out
+    listed = out["devices"]
     assert isinstance(listed, list)
     return listed
 
@@ -117,7 +124,7 @@ def test_block_only_firecracker_style(make_vm: MakeVM, tmp_path: Path, testbed: 
     disks = [line for line in parts["discover"].splitlines() if line.startswith("disk")]
     assert len(disks) == 2 and all(" mmio " in line for line in disks), parts["discover"]
     listed = _discovered(parts["json"])
-    assert {(o["dev"], o["transport"], o["serial"]) for o in listed} == {
+    assert {(o["source"], o["transport"], o["serial"]) for o in listed} == {
         ("/dev/vda", "mmio", "ro-store"),
         ("/dev/vdb", "mmio", "nix-rw"),
     }, listed
@@ -170,7 +177,7 @@ def test_9p_and_virtiofs_shares_over_mmio_with_auto(make_vm: MakeVM, tmp_path: P
     shares = [line for line in text.splitlines() if line.startswith("share")]
     assert len(shares) == 2 and all(line.endswith(" mmio") for line in shares), text
     tag = "home" if vm.kernel != "6.1" else None  # virtiofs tags readable since Linux 6.9
-    assert {(o["proto"], o["tag"], o["transport"]) for o in listed} == {
+    assert {(o["fstype"], o["source"], o["transport"]) for o in listed} == {
         ("9p", "ro-store", "mmio"),
         ("virtiofs", tag, "mmio"),
     }, listed
@@ -193,7 +200,8 @@ def test_discover_reports_pci(make_vm: MakeVM, tmp_path: Path, machine: str) -> 
         vm,
         before=NOTHING_LOADED,
         after=f"{MODULES_AFTER}; cat /srv/nine/f; echo @@discover@@; guest-agent discover 2>&1;"
-        " echo @@json@@; guest-agent discover --json 2>/dev/null",
+        " echo @@json@@; guest-agent discover --json 2>/dev/null;"
+        f" echo @@nonroot@@; python3 -c '{AS_NOBODY}' discover --no-load 2>&1; echo rc=$?",
     )
     assert run.rc == 0, run
     assert (run.mounts["/srv/nine"].fstype, run.mounts["/srv/data"].fstype) == ("9p", "ext4")
@@ -207,3 +215,9 @@ def test_discover_reports_pci(make_vm: MakeVM, tmp_path: Path, machine: str) -> 
     assert lines[0].split()[-1] == "pci" and lines[1].split()[2] == "pci", lines
     listed = _discovered(parts["json"])
     assert {(o["kind"], o["transport"]) for o in listed} == {("share", "pci"), ("disk", "pci")}
+    # Not root: the disk cannot be read; discover says why and exits 1.
+    nonroot = parts["nonroot"].splitlines()
+    assert nonroot[-1] == "rc=1", nonroot
+    denied = "error: /dev/vda: cannot read it to find its filesystem: Permission denied"
+    assert denied + " (hint: run as root)" in nonroot, nonroot
+    assert any(line.startswith("disk") and "fstype=(unreadable)" in line for line in nonroot)

@@ -96,7 +96,7 @@ def test_what_the_guest_built_stays_valid_and_the_database_follows_the_lower(
     ]
     assert ns.judge_verify(s2["verify"]).clean, s2["verify"]
     assert "Nix database unchanged since the last boot" not in second.stderr  # Nix wrote it
-    rows = json.loads(s2["status"].output)
+    rows = json.loads(s2["status"].output)["mounts"]
     nix_db = next(r for r in rows if r["where"] == "/nix/store")["nix_db"]
     assert nix_db["valid_paths"] == len(base.valid) + 2 and nix_db["state"] == "done"
     assert nix_db["registration"] == base.registration

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import testbed as tb
-from agent import run_agent
+from agent import run_agent, sections
 
 pytestmark = pytest.mark.vm
 
@@ -75,8 +76,8 @@ def test_auto_protocol_finds_each_tags_transport(make_vm: MakeVM, tmp_path: Path
     assert run.mounts["/srv/nine"].fstype == "9p"
     assert run.mounts["/srv/fuse"].fstype == "virtiofs"
     assert run.out.startswith("9\nfs\n"), run
-    listed = json.loads(run.out.split("\n", 2)[2])
-    shares = {(o["proto"], o["tag"]) for o in listed if o["kind"] == "share"}
+    listed = json.loads(run.out.split("\n", 2)[2])["devices"]
+    shares = {(o["fstype"], o["source"]) for o in listed if o["kind"] == "share"}
     assert ("9p", "nine") in shares
     # virtiofs tags are readable from userspace only since Linux 6.9 (/sys/fs/virtiofs).
     assert ("virtiofs", "fuse" if vm.kernel != "6.1" else None) in shares, listed
@@ -116,8 +117,26 @@ def test_a_9p_tag_mounts_once(make_vm: MakeVM, tmp_path: Path) -> None:
         shares=[tb.Share("once", _dir(tmp_path / "once", {"f": "x\n"}), "9p")],
         cmdline="microvm.share=once:/mnt/first:9p microvm.share=once:/mnt/second:9p",
     )
-    run = run_agent(vm)
+    # Sharing the boot: `discover` before the agent, with the 9p driver not loaded yet.
+    run = run_agent(
+        vm,
+        before="guest-agent discover --no-load > /tmp/d0 2>&1; echo rc=$? >> /tmp/d0;"
+        " guest-agent discover > /tmp/d1 2>&1; echo rc=$? >> /tmp/d1",
+        after="cat /tmp/d0; echo @@loading@@; cat /tmp/d1",
+    )
     assert run.rc == 1, run
     assert run.mounts["/mnt/first"].fstype == "9p"
     assert "/mnt/second" not in run.mounts
     assert "error: microvm.share=once:/mnt/second:9p: tag 'once' is already mounted" in run.stderr
+    # --no-load loads nothing, so the share's driver is not there to show its tag...
+    unloaded = run.out.splitlines()
+    assert unloaded[-1] == "rc=0" and "once" not in run.out, unloaded
+    assert not any(line.startswith("loaded") for line in unloaded), unloaded
+    # ...and without it discover loads the driver, and says so in one line.
+    loading = sections(run.boot.results)["loading"].splitlines()
+    assert re.fullmatch(
+        r"loaded the kernel modules of \d+ driverless virtio device\(s\)"
+        r" \(--no-load lists without loading\)",
+        loading[0],
+    ), loading
+    assert loading[1].split()[:3] == ["share", "9p", "once"] and loading[2:] == ["rc=0"], loading
