@@ -161,7 +161,9 @@ def microvm_mount(fs: dict[str, Any]) -> tuple[str, str, str, bool]:
 def agent_mount(m: dict[str, Any], root: str) -> tuple[str, str, str, bool]:
     opts = m["options"]
     if m["fstype"] == "overlay":
-        layer = {k: v[len(root) :] for k, _, v in (o.partition("=") for o in opts) if "dir" in k}
+        # paths as the guest sees them: no --root prefix (docs/reference.md, "JSON output")
+        layer = {k: v for k, _, v in (o.partition("=") for o in opts) if "dir" in k}
+        assert not any(v.startswith(root) for v in layer.values()), layer
         source = f"{layer['lowerdir']}|{layer['upperdir']}|{layer['workdir']}"
         return (m["where"], "overlay", source, False)
     assert ("ro" in opts) != ("rw" in opts), m

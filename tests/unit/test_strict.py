@@ -377,7 +377,7 @@ def test_status_shows_a_noauto_spec_as_not_mounted_and_not_required(env: Env) ->
     env.cmdline.write_text("microvm.volume=tmpfs:/n:tmpfs:noauto")
     result = invoke("status", *env.args("--json"))
     assert result.exit_code == 0
-    (row,) = json.loads(result.stdout)
+    (row,) = json.loads(result.stdout)["mounts"]
     assert (row["where"], row["state"], row["required"], row["detail"]) == (
         "/n",
         "not-mounted",
