@@ -68,8 +68,10 @@ in
       ];
     }
   );
-  # a required mount fails: the failure policy drops to stage 1's `fail`
-  fail-shell.module = guest { boot.initrd.guest-agent.onFailure = "shell"; };
+  # a required mount fails: the failure policy (onFailure's default, continue,
+  # overridden by guest-agent.onfail=shell on the command line) drops to
+  # stage 1's `fail`
+  fail-shell.module = guest { };
   # a volume the agent formats (x-makefs) when it is blank
   auto-format.module = guest (
     { lib, ... }:

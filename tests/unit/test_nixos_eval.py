@@ -26,6 +26,13 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tools"))
+import switches_shell  # noqa: E402
+
+#: The switches' shell function as the module's switchesShell string holds it
+#: (Nix strips the indentation of the block tools/switches_shell.py writes).
+SWITCHES_SHELL = "\n".join(switches_shell.block(indent="  ")[1:-1]) + "\n"
+READ_CMDLINE = "GUEST_AGENT_OFF=\nguest_agent_switches $(cat /proc/cmdline)\n"
 EVAL = REPO / "tests" / "nixos" / "eval.nix"
 
 pytestmark = pytest.mark.skipif(
@@ -380,11 +387,10 @@ def test_scripted_stage_1(name: str, reports: dict[str, Any]) -> None:
         in script
     )
     # the off switch and the failure policy from the command line (run below)
-    assert "guest[-_]agent=0|guest[-_]agent=no|guest[-_]agent=off) off=$x ;;" in script
-    assert "rd.guest[-_]agent=0|rd.guest[-_]agent=no|rd.guest[-_]agent=off) off=$x ;;" in script
+    assert script.startswith(SWITCHES_SHELL)
     onfail = report["options"]["onFailure"]
-    assert f"onfail={onfail}\n" in script
-    assert 'guest_agent.onfail=shell"\n    fail\n' in script
+    assert f"GUEST_AGENT_ONFAIL={onfail}\n{READ_CMDLINE}" in script
+    assert 'guest-agent.onfail=shell"\n    fail\n' in script
     assert ("ignored: this system's /nix/store" in script) == store_taken_over(report)
     assert report["initrdContents"] == {}
 
@@ -424,13 +430,8 @@ def test_systemd_initrd(name: str, reports: dict[str, Any], plans: dict[str, Any
     assert sorted(mounts) == sorted(unit("/sysroot" + mp) for mp in managed(plans[name]))
     assert sorted(set(svc["before"]) - set(mounts)) == sorted(NIXOS_UNITS_NEEDING_THE_STORE)
     assert svc["unitConfig"]["DefaultDependencies"] is False
-    conditions = svc["unitConfig"].get("ConditionKernelCommandLine", [])
-    if store_taken_over(report):
-        # the store is the agent's alone: the script, not systemd, reads the off switch
-        assert conditions == [], conditions
-    else:
-        assert "!rd.guest-agent=0" in conditions
-        assert "!guest-agent=0" in conditions
+    # the script reads the off switch (the last switch word wins: no condition can say it)
+    assert "ConditionKernelCommandLine" not in svc["unitConfig"], svc["unitConfig"]
     assert svc["serviceConfig"]["Type"] == "oneshot"
     # the config in the initrd is the one /etc has; the script and the agent
     # are in its store paths
@@ -443,7 +444,8 @@ def test_systemd_initrd(name: str, reports: dict[str, Any], plans: dict[str, Any
         f"{agent}/bin/guest-agent mount-all --root /sysroot --config /etc/guest-agent/mounts.json \n"
         in text
     )
-    assert f"onfail={report['options']['onFailure']}\n" in text
+    assert SWITCHES_SHELL in text
+    assert f"GUEST_AGENT_ONFAIL={report['options']['onFailure']}\n{READ_CMDLINE}" in text
     assert "start emergency.target" in text
 
 
@@ -460,7 +462,20 @@ def test_policies(name: str, reports: dict[str, Any]) -> None:
     default = reports["share-scripted"]
     assert json.loads(default["mountsJson"])["resetOverlay"] is False
     assert default["options"]["onFailure"] == "continue"
-    assert "onfail=continue\n" in default["postMountCommands"]
+    assert "GUEST_AGENT_ONFAIL=continue\n" in default["postMountCommands"]
+
+
+def test_status_unit_reads_the_switches_as_the_initrd_does(reports: dict[str, Any]) -> None:
+    """Stage 2's guest-agent-status.service is skipped when the agent was off: an
+    ExecCondition= script (the same shell function), not ConditionKernelCommandLine=."""
+    for name, report in reports.items():
+        status = report["statusService"]
+        if status is None:
+            continue
+        assert "ConditionKernelCommandLine" not in status["unitConfig"], name
+        condition = status["serviceConfig"]["ExecCondition"]
+        assert condition.startswith("/nix/store/"), (name, condition)
+        assert condition.endswith("-guest-agent-switched-on"), (name, condition)
 
 
 @pytest.mark.parametrize("name", ["nixdb", "nixdb-disk"])
@@ -701,6 +716,17 @@ IGNORED = (
 )
 
 
+#: Off switches on a command line, and the word that decides (the last switch word).
+OFF_SWITCHES = [
+    ("guest-agent=0", "guest-agent=0"),
+    ("guest-agent=on rd.guest-agent=false", "rd.guest-agent=false"),
+    (
+        "rd.guest_agent=off",
+        "rd.guest_agent=off (the old spelling of rd.guest-agent=, read until the next release)",
+    ),
+]
+
+
 @pytest.mark.parametrize(
     ("name", "flavour"),
     [
@@ -710,9 +736,9 @@ IGNORED = (
         ("letters-disk", "systemd"),
     ],
 )
-@pytest.mark.parametrize("switch", ["guest-agent=0", "rd.guest_agent=off"])
+@pytest.mark.parametrize(("switch", "word"), OFF_SWITCHES)
 def test_off_switch_with_the_store_taken_over(
-    name: str, flavour: str, switch: str, reports: dict[str, Any], tmp_path: Path
+    name: str, flavour: str, switch: str, word: str, reports: dict[str, Any], tmp_path: Path
 ) -> None:
     """With the store overlay the agent's alone, the off switch would leave no
     /nix/store: the agent runs all the same, after one line that says why."""
@@ -721,29 +747,30 @@ def test_off_switch_with_the_store_taken_over(
     shell = BUSYBOX_SH if flavour == "scripted" else BASH
     out = run_hook(shell, hook, agent, f"console=ttyS0 {switch} quiet")
     lines = out.splitlines()
-    assert lines[0] == IGNORED.format(switch=switch), out
+    assert lines[0] == IGNORED.format(switch=word), out
     assert lines[1].startswith("agent ran: mount-all"), out
-    # without the switch: no such line
-    out = run_hook(shell, hook, agent, "console=ttyS0 quiet")
-    assert out.splitlines()[0].startswith("agent ran: mount-all"), out
+    # without the switch, or turned on again after it: no such line
+    for cmdline in ("console=ttyS0 quiet", f"{switch} rd.guest-agent=1"):
+        out = run_hook(shell, hook, agent, cmdline)
+        assert out.splitlines()[0].startswith("agent ran: mount-all"), out
 
 
 @pytest.mark.parametrize(
     "name", ["share-no-takeover", "share-no-overlay", "manual", "no-takeover-systemd"]
 )
-@pytest.mark.parametrize("switch", ["guest-agent=0", "rd.guest_agent=off"])
+@pytest.mark.parametrize(("switch", "word"), OFF_SWITCHES)
 def test_off_switch_without_the_store_taken_over(
-    name: str, switch: str, reports: dict[str, Any], tmp_path: Path
+    name: str, switch: str, word: str, reports: dict[str, Any], tmp_path: Path
 ) -> None:
     """Stage 1 (or stage 2) mounts the store itself: the switch turns the agent off."""
     report = reports[name]
-    if report["initrdSystemd"]:
-        hook, agent = systemd_hook(report, tmp_path)
-        out = run_hook(BASH, hook, agent, f"console=ttyS0 {switch}")
-    else:
-        hook, agent = scripted_hook(report, tmp_path)
-        out = run_hook(BUSYBOX_SH, hook, agent, f"console=ttyS0 {switch}")
-    assert out == "guest-agent: disabled on the kernel command line\n"
+    hook, agent = (systemd_hook if report["initrdSystemd"] else scripted_hook)(report, tmp_path)
+    shell = BASH if report["initrdSystemd"] else BUSYBOX_SH
+    out = run_hook(shell, hook, agent, f"console=ttyS0 {switch}")
+    assert out == f"guest-agent: disabled by {word}: not mounting anything\n"
+    # an on word after it wins
+    out = run_hook(shell, hook, agent, f"console=ttyS0 {switch} guest-agent=true")
+    assert out.startswith("agent ran: mount-all"), out
 
 
 def test_failure_line_is_printed_before_stage_1_fails(
@@ -754,15 +781,19 @@ def test_failure_line_is_printed_before_stage_1_fails(
     hook, agent = scripted_hook(reports["policies-scripted"], tmp_path)
     out = run_hook(BUSYBOX_SH, hook, agent, "console=ttyS0", agent_rc=1)
     assert out.splitlines()[1:] == [
-        "guest-agent: a required mount failed (see above); guest_agent.onfail=shell",
+        "guest-agent: a required mount failed (see above); guest-agent.onfail=shell",
         "stage-1 fail() called",
     ], out
-    # continue: the line, no fail
-    out = run_hook(BUSYBOX_SH, hook, agent, "console=ttyS0 guest_agent.onfail=continue", agent_rc=1)
-    assert out.splitlines()[1:] == [
-        "guest-agent: a required mount failed (see above); continuing the boot"
-        " (guest_agent.onfail=continue)"
-    ], out
+    # continue on the command line (the last failure switch word wins): the line, no fail
+    for words in (
+        "guest-agent.onfail=continue",
+        "guest-agent.onfail=shell rd.guest-agent.onfail=continue",
+    ):
+        out = run_hook(BUSYBOX_SH, hook, agent, f"console=ttyS0 {words}", agent_rc=1)
+        assert out.splitlines()[1:] == [
+            "guest-agent: a required mount failed (see above); continuing the boot"
+            " (guest-agent.onfail=continue)"
+        ], out
 
 
 # --------------------------------------------------------------------------

@@ -152,14 +152,17 @@ def test_store_on_erofs_disk_with_the_overlay(stage1_vm: Boot, closure: s1.Closu
     assert found["dep"].rc == 0, found["dep"]
 
 
-def test_required_mount_missing_with_onfailure_shell_and_panic_on_fail(stage1_vm: Boot) -> None:
-    """The labelled RW volume is not attached: the agent says what failed on the
-    console, before stage 1's `fail`, which boot.panic_on_fail turns into a panic."""
-    _, vm = stage1_vm("fail-shell", without=("rw-store.img",), cmdline="boot.panic_on_fail")
+def test_required_mount_missing_with_onfail_shell_and_panic_on_fail(stage1_vm: Boot) -> None:
+    """The labelled RW volume is not attached and guest-agent.onfail=shell is the
+    last failure switch word on the command line (onFailure is continue): the agent
+    says what failed on the console, before stage 1's `fail`, which
+    boot.panic_on_fail turns into a panic."""
+    cmdline = "boot.panic_on_fail rd.guest-agent.onfail=continue guest-agent.onfail=shell"
+    _, vm = stage1_vm("fail-shell", without=("rw-store.img",), cmdline=cmdline)
     boot = vm.boot()
     assert GREETING in boot.console, boot
     assert boot.exit_code is None and not boot.timed_out, boot  # no stage 2
-    line = "guest-agent: a required mount failed (see above); guest_agent.onfail=shell"
+    line = "guest-agent: a required mount failed (see above); guest-agent.onfail=shell"
     assert line in boot.console, boot
     assert "Attempted to kill init" in boot.console, boot
     assert boot.console.index(line) < boot.console.index("Attempted to kill init")
@@ -167,11 +170,14 @@ def test_required_mount_missing_with_onfailure_shell_and_panic_on_fail(stage1_vm
 
 
 def test_off_switch_with_the_store_taken_over(stage1_vm: Boot) -> None:
-    """guest-agent=0 with the take-over: only the agent mounts /nix/store, so the
-    switch is ignored with one line and the system still boots."""
-    _, vm = stage1_vm("share", cmdline="guest-agent=0")
+    """The off switch with the take-over: only the agent mounts /nix/store, so the
+    switch (the last switch word: rd.guest-agent=false) is ignored with one line
+    naming it, and the system still boots."""
+    _, vm = stage1_vm("share", cmdline="guest-agent=0 guest-agent=on rd.guest-agent=false")
     boot = stage2(vm)
-    assert "guest-agent: guest-agent=0 ignored" in boot.console, boot
+    assert "guest-agent: rd.guest-agent=false ignored: this system's /nix/store" in boot.console, (
+        boot
+    )
     assert boot.exit_code == 0, boot
     mounts = s1.mount_table(boot.results)
     assert mounts["/nix/store"][1] == "overlay", mounts

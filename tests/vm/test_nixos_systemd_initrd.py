@@ -161,13 +161,20 @@ def guest(
     return vm, " ".join(params)
 
 
+#: The off switch, on the command line of the boot: with the take-over it is ignored
+#: (the store is the agent's alone), in a line naming the last switch word.
+OFF_SWITCH = "guest-agent=0 guest-agent=on rd.guest-agent=false"
+IGNORED = "guest-agent: rd.guest-agent=false ignored: this system's /nix/store is mounted by"
+
+
 def test_find_closure_waits_for_the_agents_overlay(guest: tuple[tb.VM, str]) -> None:
     """systemd orders the slow agent's overlay before nixpkgs' find-closure: the closure
     is resolved inside /sysroot only once /sysroot/nix/store is the overlay; activation
-    then runs the closure's prepare-root from it."""
+    then runs the closure's prepare-root from it. The off switch on the command line is
+    ignored there, with one line."""
     vm, params = guest
     init = params.rsplit("init=", 1)[1]
-    r = vm.boot(facts_script(), extra_cmdline=params)
+    r = vm.boot(facts_script(), extra_cmdline=f"{params} {OFF_SWITCH}")
     assert not r.timed_out, r
     facts = facts_of(r)
     assert r.exit_code == 0, r
@@ -176,6 +183,8 @@ def test_find_closure_waits_for_the_agents_overlay(guest: tuple[tb.VM, str]) -> 
     agent, find = units["guest-agent.service"], units["initrd-find-nixos-closure.service"]
     # the agent ran, slowly, and succeeded
     assert (agent["Result"], agent["ExecMainStatus"]) == ("success", "0"), agent
+    ignored = [e for e in facts["journal"] if str(e.get("MESSAGE", "")).startswith(IGNORED)]
+    assert [e.get("_SYSTEMD_UNIT") for e in ignored] == ["guest-agent.service"], ignored
     agent_start = int(agent["InactiveExitTimestampMonotonic"])
     agent_done = int(agent["ActiveEnterTimestampMonotonic"])
     assert agent_done - agent_start >= AGENT_DELAY * 1_000_000, agent
