@@ -146,7 +146,7 @@ def check_agent_word(key: str, sep: str, value: str, token: str) -> list[Problem
             Problem(
                 token,
                 f"{key}= is the old spelling of {new}=; it still works in this release",
-                f"write {new}={value}",
+                f"write {new}={_shown(value)}",
                 fatal=False,
             )
         )
@@ -163,15 +163,23 @@ def check_agent_word(key: str, sep: str, value: str, token: str) -> list[Problem
         hint = None
         if close:  # every key takes a value but the reset flag
             hint = f"did you mean {close[0]}{'' if close[0] == RESET_KEY else '='}?"
-        return [Problem(token, f"unknown boot parameter {key}{sep}; ignored", hint, fatal=False)]
+        return [
+            Problem(token, f"unknown boot parameter {_shown(key)}{sep}; ignored", hint, fatal=False)
+        ]
     if not sep or value not in accepted:
         words = ", ".join(accepted)
         if sep:
             reason = f"{key}= takes {words}; {value!r} is none of them"
         else:
-            reason = f"{key} needs a value: {words}"
+            reason = f"{_shown(key)} needs a value: {words}"
         problems.append(Problem(token, reason, fatal=False))
     return problems
+
+
+def _shown(text: str) -> str:
+    """TEXT for a message: as it is when printable, else quoted with escapes (a quoted
+    command-line word may hold a newline, which must not split the line)."""
+    return text if text.isprintable() else repr(text)
 
 
 def reg_info_of(value: object, origin: str) -> tuple[str | None, Problem | None]:

@@ -465,3 +465,9 @@ def test_a_share_and_a_volume_on_one_mount_point_is_an_error_of_the_loser(env: E
         " (same mount point /x) (hint: give each mount point once)"
     ]
     assert [m["spec"] for m in json.loads(result.stdout)["mounts"]] == ["microvm.share=t:/x"]
+
+
+def test_a_quoted_word_with_a_newline_cannot_split_the_warning() -> None:
+    parsed = parse_cmdline('"microvm.share\nx=1" guest_agent.onfail="a\nb"')
+    reasons = [p.reason for p in parsed.problems] + [p.hint or "" for p in parsed.problems]
+    assert parsed.problems and not any("\n" in r for r in reasons), parsed.problems
