@@ -64,13 +64,14 @@ def overlay_users(table: MountTable, where: str, store: int) -> list[Mount]:
     """The mounts of an overlay whose upper layer is the directory STORE (an fd).
 
     Such an overlay is found by what the table shows: mounted at WHERE (also when
-    covered by a later mount), or with an `upperdir=` path naming STORE, or with a
-    root reporting STORE's inode (an overlay's root directory shows its upper
-    directory's inode number); then every mount of the same superblock anywhere,
-    bind mounts included. Layers given as /proc/self/fd/N name nothing afterwards,
-    hence the inode; a coincidence can only make a reset refuse, never wipe.
+    covered by a later mount), or with an `upperdir=` path naming STORE, or with
+    layers given as /proc/self/fd/N (which name nothing afterwards) and a root that
+    shows STORE's inode or a statfs that is STORE's filesystem's; then every mount
+    of the same superblock anywhere, bind mounts included. A coincidence can only
+    make a reset refuse, never wipe.
     """
     store_dev, store_ino = identity(store)
+    store_fs = os.fstatvfs(store)
     overlays: set[tuple[int, int]] = set()
     for m in table.mounts:
         if m.fstype != "overlay":
@@ -85,9 +86,24 @@ def overlay_users(table: MountTable, where: str, store: int) -> list[Mount]:
                 if (st.st_dev, st.st_ino) == (store_dev, store_ino):
                     overlays.add(m.devnum)
                 continue
-            st = os.stat(m.mount_point)  # layers given by fd: the root's inode tells
+            st = os.stat(m.mount_point)  # layers given by fd
+            if major_minor(st.st_dev) != m.devnum:
+                continue
+            if st.st_ino == store_ino or _same_filesystem(os.statvfs(m.mount_point), store_fs):
+                overlays.add(m.devnum)
         except (OSError, ValueError):
             continue
-        if major_minor(st.st_dev) == m.devnum and st.st_ino == store_ino:
-            overlays.add(m.devnum)
     return [m for m in table.mounts if m.devnum in overlays]
+
+
+def _same_filesystem(overlay: os.statvfs_result, upper: os.statvfs_result) -> bool:
+    """An overlay's root shows its upper directory's inode only when the layers share a
+    filesystem (or with xino); otherwise overlayfs numbers its directories itself.
+    But an overlay's statfs is its upper filesystem's, so one
+    whose size and block size are the upper's may use it. A coincidence (two file
+    systems of one size) only makes a reset refuse."""
+    return (overlay.f_bsize, overlay.f_blocks, overlay.f_files) == (
+        upper.f_bsize,
+        upper.f_blocks,
+        upper.f_files,
+    )

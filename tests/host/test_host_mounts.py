@@ -556,3 +556,28 @@ def test_status_checks_the_upper_layer_by_inode_when_all_layers_share_a_filesyst
         and line.endswith(": the same directory (by inode))")
         for line in text
     ), text
+
+
+def test_reset_refuses_while_an_overlay_moved_elsewhere_still_uses_the_upper(
+    host: HostEnv, tmp_path: Path
+) -> None:
+    """Layers by fd name nothing in mountinfo, and with the layers on two filesystems
+    (tmpfs lower, ext4 upper) the overlay's root does not show the upper's inode: the
+    overlay, moved off /nix/store, must still be found as the upper layer's user."""
+    overlay_setup(host)
+    assert host.mount_all().returncode == 0
+    (host.root / "nix/store/built").write_text("keep\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    subprocess.run(["mount", "--make-private", str(host.root)], check=False)
+    moved = subprocess.run(
+        ["mount", "--move", str(host.root / "nix/store"), str(elsewhere)], capture_output=True
+    )
+    assert moved.returncode == 0, moved.stderr
+    try:
+        run = host.agent("reset-overlay")
+        assert (elsewhere / "built").read_text() == "keep\n", run.lines  # nothing wiped live
+        assert run.returncode == 1, run.lines
+        assert any("in use" in line for line in run.lines), run.lines
+    finally:
+        subprocess.run(["umount", str(elsewhere)], check=False)
