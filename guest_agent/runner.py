@@ -15,6 +15,7 @@ import posixpath
 import stat
 
 from guest_agent.handlers import handler_for, named_filesystems
+from guest_agent.mountinfo import in_root
 from guest_agent.paths import PathError, host_path, resolve_as_far_as_exists
 from guest_agent.plan import order_by_resolved
 from guest_agent.results import NOAUTO, Failure, Result, Status
@@ -157,7 +158,7 @@ class Runner:
                 continue
             reason = (
                 f"mounted at {spec.where}, but hidden by {cover.fstype} {cover.source}"
-                f" mounted at {cover.mount_point} after it"
+                f" mounted at {in_root(self.ctx.root, cover.mount_point)} after it"
             )
             self.results.append(Result(spec.where, spec.source, Status.FAILED, message=reason))
             self.ctx.reporter.problem(
