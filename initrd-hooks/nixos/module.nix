@@ -343,8 +343,13 @@ let
 
   # Scripted stage 1: runs in postMountCommands, target root /mnt-root.
   # stage-1-init.sh's fail() prints none of its arguments: the line first.
+  # Its stderr is copied into /dev/kmsg (as "stage-1-init: …"), where the agent writes
+  # each line itself: the agent's stderr goes to the console directly (logErrFd), so
+  # that dmesg has each line once.
   runScripted = ''
-    if ! ${agent} mount-all --root "$targetRoot" --config /etc/guest-agent/mounts.json ${args}; then
+    agentErr=2
+    if [ -n "''${logErrFd-}" ] && [ -w /dev/kmsg ]; then agentErr=$logErrFd; fi
+    if ! ${agent} mount-all --root "$targetRoot" --config /etc/guest-agent/mounts.json ${args} 2>&$agentErr; then
       if [ "$GUEST_AGENT_ONFAIL" = shell ]; then
         echo "guest-agent: a required mount failed (see above); guest-agent.onfail=shell"
         fail

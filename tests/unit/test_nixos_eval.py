@@ -382,10 +382,13 @@ def test_scripted_stage_1(name: str, reports: dict[str, Any]) -> None:
     script = report["postMountCommands"]
     agent = report["extraFiles"]["/guest-agent"] + "/bin/guest-agent"
     assert (
-        # (extraArgs is empty: nothing after the config but a space)
-        f'if ! {agent} mount-all --root "$targetRoot" --config /etc/guest-agent/mounts.json ; then'
-        in script
+        # (extraArgs is empty: two spaces between the config and the redirection)
+        f'if ! {agent} mount-all --root "$targetRoot" --config /etc/guest-agent/mounts.json  '
+        '2>&$agentErr; then' in script
     )
+    # its stderr straight to the console when stage 1 copies its own into /dev/kmsg
+    # (the agent writes each line there itself; test_nixos_stage1 checks dmesg)
+    assert 'if [ -n "${logErrFd-}" ] && [ -w /dev/kmsg ]; then agentErr=$logErrFd; fi' in script
     # the off switch and the failure policy from the command line (run below)
     assert script.startswith(SWITCHES_SHELL)
     onfail = report["options"]["onFailure"]

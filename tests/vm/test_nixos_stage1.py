@@ -93,6 +93,7 @@ def test_share_store_overlay_and_nix_database_over_two_boots(
         + ns.step("builtfile", "cat $(cat /tmp/built)/dep")
         + ns.step("valid", ns.check_validity([dep, closure.toplevel, "$(cat /tmp/built)"]))
         + ns.step("verify", ns.verify())
+        + ns.step("dmesg", "dmesg")
     )
     first = stage2(vm, steps)
     assert first.exit_code == 0, first
@@ -111,6 +112,13 @@ def test_share_store_overlay_and_nix_database_over_two_boots(
     assert found["builtfile"].lines == [dep], found["builtfile"]
     assert ns.invalid_paths(found["valid"]) == set(), found["valid"]
     assert ns.judge_verify(found["verify"]).clean, found["verify"]
+    # the kernel log has each of the agent's lines once: not again as stage 1's copy
+    # of its stderr ("stage-1-init: [date] LINE")
+    log = found["dmesg"].lines
+    agent = [x.split("guest-agent: ", 1)[1] for x in log if "guest-agent: " in x]
+    copied = [x.split("] ", 2)[-1] for x in log if "stage-1-init: [" in x]
+    assert any(x.startswith("mounted overlay at /nix/store") for x in agent), log
+    assert not set(agent) & set(copied), sorted(set(agent) & set(copied))
     # the build went to the overlay's upper layer, on the labelled volume
     assert built.removeprefix(ns.STORE + "/") in tb.ext4_names(tmp_path / "rw-store.img")
 
