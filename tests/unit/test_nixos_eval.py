@@ -384,7 +384,7 @@ def test_scripted_stage_1(name: str, reports: dict[str, Any]) -> None:
     assert (
         # (extraArgs is empty: two spaces between the config and the redirection)
         f'if ! {agent} mount-all --root "$targetRoot" --config /etc/guest-agent/mounts.json  '
-        '2>&$agentErr; then' in script
+        "2>&$agentErr; then" in script
     )
     # its stderr straight to the console when stage 1 copies its own into /dev/kmsg
     # (the agent writes each line there itself; test_nixos_stage1 checks dmesg)
