@@ -20,7 +20,7 @@ Everything else comes from Debian 13 (``$CACHE/systemd-initrd-root``, made by
 bash and coreutils. The result is a cpio archive appended to the base initramfs
 (busybox, Python, the agent, the kernel modules); ``/init`` is systemd.
 
-What cannot run outside NixOS is stood in (docs/nixos.md, "What the systemd
+What cannot run outside NixOS is stood in (docs/testing.md, "What the systemd
 initrd test fakes"): ``chroot-realpath`` (a nixpkgs tool; here a Python script
 doing the same, which also records when it ran and what ``/sysroot/nix/store``
 was then), the system closure (a store path with ``init`` and ``prepare-root``

@@ -1,6 +1,6 @@
 """nixpkgs' scripted stage 1, substituted from the evaluation, booted with the agent in it.
 
-What is real and what stands in (docs/nixos.md, "What the stage-1 test fakes"):
+What is real and what stands in (docs/testing.md, "What the stage-1 test fakes"):
 
 * ``/init`` is nixpkgs' ``stage-1-init.sh`` (tests/nixos/vendor/nixpkgs-stage1,
   unchanged) with every ``@placeholder@`` replaced as stage-1.nix does, from

@@ -8,7 +8,7 @@ system closure built by the host's Nix, served as the 9p ``ro-store`` share or
 the erofs store disk. Stage 2 (``init`` of that closure) reports its mount
 table and runs the test's script from the virtiofs share: real Nix
 (``nix-store --verify --check-contents``, a build on a closure path).
-What stands in for NixOS's builders: nixos_stage1.py and docs/nixos.md.
+What stands in for NixOS's builders: nixos_stage1.py and docs/testing.md.
 """
 
 from __future__ import annotations
