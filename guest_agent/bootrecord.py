@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 
 RECORD_DIR = "/run/guest-agent"
 RECORD_NAME = "boot.json"
-RECORD_VERSION = 1
+RECORD_VERSION = 1  # the record is mount-all's --json output (its version) plus its run:
+RECORD_FIELDS = ("version", "ok", "mounts", "problems", "started", "finished", "exit_status")
 
 
 def write(payload: dict[str, Any], directory: str = RECORD_DIR) -> str | None:

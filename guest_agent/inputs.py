@@ -26,13 +26,14 @@ class Sources:
     """Where the inputs are. A plain class, not a record: one fewer `namedtuple` to build
     (its `eval`) on every boot."""
 
-    __slots__ = ("cmdline", "config", "config_given", "root")
+    __slots__ = ("cmdline", "cmdline_text", "config", "config_given", "root")
 
     def __init__(self, root: str, config: str, config_given: bool, cmdline: str) -> None:
         self.root = root  # real path of the target root
         self.config = config
         self.config_given = config_given
         self.cmdline = cmdline
+        self.cmdline_text = ""  # what `load` read from CMDLINE
 
 
 def sources(root: str = "/", config: str | None = None, cmdline: str = DEFAULT_CMDLINE) -> Sources:
@@ -64,7 +65,8 @@ def load(src: Sources, reporter: Reporter, say_if_empty: bool = True) -> Config:
         reason = f"cannot read the command line: {why or _MISSING}"
         layers.append(Parsed(problems=(Problem(src.cmdline, reason),)))
     else:
-        layers.append(parse_cmdline(data.decode(errors="replace")))
+        src.cmdline_text = data.decode(errors="replace")
+        layers.append(parse_cmdline(src.cmdline_text))
     config, problems = merge(layers)
     for problem in problems:
         reporter.problem(problem)

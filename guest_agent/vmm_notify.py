@@ -8,16 +8,16 @@ either as an SMBIOS type 11 (OEM strings) entry
 or on the kernel command line as
 `systemd.set_credential=vmm.notify_socket:ADDRESS` (or `_binary`, base64).
 
-The SMBIOS strings are read from the raw table `/sys/firmware/dmi/tables/DMI`,
+The SMBIOS strings come from the raw table `/sys/firmware/dmi/tables/DMI`,
 which the kernel exports whenever it has DMI (built in on x86 and arm64): no
-`dmi_sysfs` module is needed, and a boot without the credential pays one small
-read. Addresses take every form sd_notify takes: `vsock:CID:PORT` (datagram,
+`dmi_sysfs` module is needed; `mount-all` reads it (one small read) and imports
+this module only when the credential's name is in it or on the command line. Addresses take every form sd_notify takes: `vsock:CID:PORT` (datagram,
 falling back to seqpacket, then stream, where the transport has no datagrams,
 as systemd does), `vsock-dgram:`, `vsock-seqpacket:`, `vsock-stream:`, an
 AF_UNIX path, `@abstract`. A send is bounded by a short timeout; nothing is
 retried; `READY=1` is never sent (it is the guest's PID 1's to send).
 
-Pure except `read_credential` (reads the table) and `send` (one socket).
+Pure except `send` (one socket).
 """
 
 from __future__ import annotations
@@ -26,7 +26,10 @@ import os
 
 from guest_agent.records import NamedTuple
 
-DMI_TABLE = "/sys/firmware/dmi/tables/DMI"
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 CREDENTIAL = "vmm.notify_socket"
 SEND_TIMEOUT = 0.05  # seconds, per blocking socket call: the boot never waits longer
 
@@ -154,25 +157,23 @@ def _decoded(data: str) -> str | None:
         return None
 
 
-def read_credential(tokens: list[str], dmi_table: str = DMI_TABLE) -> str | None:
-    """The notify socket's address, or None: SMBIOS first, then the kernel command
-    line (which wins when both say it, as systemd's import order makes it)."""
+def read_credential(tokens: list[str], table: bytes) -> str | None:
+    """The notify socket's address, or None: the kernel command line's, else the
+    SMBIOS table's (the command line wins, as in systemd's import order)."""
     from_cmdline = credential_from_cmdline(tokens)
     if from_cmdline is not None:
         return from_cmdline
-    try:
-        fd = os.open(dmi_table, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        table = os.read(fd, 1 << 20)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    if b"io.systemd.credential" not in table:
-        return None
-    return credential_from_smbios(oem_strings(table))
+    return credential_from_smbios(oem_strings(table)) if table else None
+
+
+# The modules a send may need, by where it goes (loaded only when the credential is there).
+def modules_for(address: Address) -> tuple[str, ...]:
+    import socket
+
+    if address.family != socket.AF_VSOCK:
+        return ()
+    cid = address.target[0] if isinstance(address.target, tuple) else None
+    return ("vsock_loopback",) if cid == _CIDS["local"] else ("vmw_vsock_virtio_transport",)
 
 
 # --- the messages ------------------------------------------------------------------
@@ -242,3 +243,49 @@ def send(address: Address, payload: bytes, timeout: float = SEND_TIMEOUT) -> str
         finally:
             sock.close()
     return last
+
+
+class Host:
+    """The VMM's notify socket for one run. A bad address, a module that does not
+    load or a send that fails is one warning; after a failed send nothing more is
+    sent (no retry: the boot never waits for the host)."""
+
+    def __init__(self, address: Address, origin: str, warn: Callable[[str, str], None]) -> None:
+        self.address = address
+        self.origin = origin
+        self._warn = warn
+        self._gave_up = False
+
+    @classmethod
+    def find(
+        cls,
+        cmdline_text: str,
+        table: bytes,
+        warn: Callable[[str, str], None],
+        load_module: Callable[[str], str | None],
+    ) -> Host | None:
+        from guest_agent.config import split_cmdline
+
+        text = read_credential(list(split_cmdline(cmdline_text)), table)
+        if text is None:
+            return None
+        origin = f"{CREDENTIAL}={field(text)}"
+        try:
+            address = parse_address(text)
+        except BadAddress as e:
+            warn(origin, f"the host is not told: {e}")
+            return None
+        for module in modules_for(address):
+            why = load_module(module)
+            if why is not None:
+                warn(origin, f"the host is not told: {why}")
+                return None
+        return cls(address, origin, warn)
+
+    def tell(self, fields: list[tuple[str, str]]) -> None:
+        if self._gave_up:
+            return
+        why = send(self.address, message(fields))
+        if why is not None:
+            self._gave_up = True
+            self._warn(self.origin, f"the host did not hear the agent: {why}")

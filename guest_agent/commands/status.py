@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from guest_agent import reset as overlay_reset
@@ -26,6 +27,7 @@ EXIT_CODES = {
     1: "a required mount is not-mounted, different or hidden, or an input has an error",
 }
 JSON_LIST = "mounts"
+EXTRA_KEYS = ("boot",)  # status's own top-level key: the last boot's record (bootrecord)
 STATUS_FIELDS = (
     "where", "spec", "required", "fstype", "source", "state", "detail",
     "reset_pending", "nix_db", "layers",
@@ -140,14 +142,34 @@ def status(
         reporter.problem(problem)
     unhealthy = not all(row.healthy for row in rows)
     code = 1 if exit_code(reporter) or unhealthy else 0
+    boot = read_record()
     if as_json:
-        print_json(
-            json_output(code == 0, JSON_LIST, [row.as_json() for row in rows], reporter.problems)
+        payload = json_output(
+            code == 0, JSON_LIST, [row.as_json() for row in rows], reporter.problems
         )
+        print_json({**payload, "boot": boot})
     else:
         for row in rows:
             write("".join(line + "\n" for line in row.lines()))
+        reporter.info(boot_line(boot))  # on stderr: stdout keeps one line per mount
     return code
+
+
+def read_record() -> dict[str, Any] | None:
+    from guest_agent.bootrecord import RECORD_DIR, read
+
+    return read(os.environ.get("GUEST_AGENT_RECORD_DIR", RECORD_DIR))
+
+
+def boot_line(record: dict[str, Any] | None) -> str:
+    """What the last boot's mount-all said, beside the live view above it."""
+    if record is None:
+        return "at boot: no record (mount-all has not run since the guest started)"
+    from guest_agent.bootrecord import summary
+
+    line, _ = summary(record.get("mounts") or [], record.get("problems") or [])
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(record.get("started") or 0))
+    return f"at boot ({when}, exit status {record.get('exit_status')}): {line.removeprefix('guest-agent: ')}"
 
 
 def mount_status(root: str, config: Config) -> tuple[list[StatusRow], list[Problem]]:

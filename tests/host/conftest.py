@@ -199,6 +199,15 @@ def _needs_root() -> None:
         pytest.skip("losetup (util-linux) is not installed")
 
 
+@pytest.fixture(autouse=True)
+def _record_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test's agents keep their boot record in the test's own directory, not in
+    this machine's /run/guest-agent."""
+    record = tmp_path / "run-guest-agent"
+    monkeypatch.setenv("GUEST_AGENT_RECORD_DIR", str(record))
+    return record
+
+
 @pytest.fixture
 def host(tmp_path: Path) -> Iterator[HostEnv]:
     _needs_root()

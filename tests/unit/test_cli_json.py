@@ -34,8 +34,10 @@ DEVICE_TYPES = {"kind": STR, "name": STR, "source": OPT_STR, "fstype": OPT_STR,
 PROBLEM_TYPES = {"spec": STR, "reason": STR, "hint": OPT_STR, "fatal": BOOL}
 
 
-def check_shape(out: dict[str, Any], key: str, types: dict[str, tuple[type, ...]]) -> None:
-    assert list(out) == [key if k == "LIST" else k for k in JSON_KEYS]
+def check_shape(
+    out: dict[str, Any], key: str, types: dict[str, tuple[type, ...]], extra: tuple[str, ...] = ()
+) -> None:
+    assert list(out) == [key if k == "LIST" else k for k in JSON_KEYS] + list(extra)
     assert out["version"] == JSON_VERSION == 1
     assert isinstance(out["ok"], bool)
     assert out[key], "the shape of an item is pinned only when there is one"
@@ -79,7 +81,8 @@ def test_status_shape(args: list[str]) -> None:
     code, out = run("status", *args, "--json")
     assert (code, out["ok"]) == (1, False)
     assert list(STATUS_TYPES) == list(STATUS_FIELDS)
-    check_shape(out, "mounts", STATUS_TYPES)
+    check_shape(out, "mounts", STATUS_TYPES, extra=("boot",))
+    assert out["boot"] is None or isinstance(out["boot"], dict)
     (overlay,) = [m for m in out["mounts"] if m["layers"] is not None]
     assert list(overlay["layers"]) == list(LAYER_NAMES)
     for layer in overlay["layers"].values():

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from guest_agent import cli
+from guest_agent.bootrecord import RECORD_FIELDS
 from guest_agent.commands import (
     JSON_KEYS,
     PROBLEM_FIELDS,
@@ -97,7 +98,7 @@ def test_example_of_each_command_is_the_one_help_shows(command: str) -> None:
 
 def test_top_level_fields() -> None:
     lists = {m.JSON_LIST for m in (mount_all, status, discover)}
-    expected = [k for k in JSON_KEYS if k != "LIST"] + sorted(lists)
+    expected = [k for k in JSON_KEYS if k != "LIST"] + sorted(lists) + list(status.EXTRA_KEYS)
     (rows,) = tables(JSON["Top level"])
     assert sorted(names(rows)) == sorted(expected)
 
@@ -106,6 +107,7 @@ def test_top_level_fields() -> None:
     ("heading", "fields"),
     [
         ("Problems", PROBLEM_FIELDS),
+        ("The boot record", RECORD_FIELDS),
         ("`mount-all`: `mounts`", MOUNT_FIELDS),
         ("`status`: `mounts`", status.STATUS_FIELDS),
         ("`discover`: `devices`", discover.DEVICE_FIELDS),

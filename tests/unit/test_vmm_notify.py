@@ -111,13 +111,20 @@ def test_a_truncated_or_malformed_table_ends_the_walk_without_an_exception(table
     assert isinstance(vn.oem_strings(table), list)
 
 
-def test_read_credential_prefers_the_command_line_and_reads_the_table_otherwise(tmp_path) -> None:
-    table = tmp_path / "DMI"
-    table.write_bytes(smbios(11, [b"io.systemd.credential:vmm.notify_socket=vsock:2:5"]))
-    assert vn.read_credential([], str(table)) == "vsock:2:5"
+def test_read_credential_prefers_the_command_line_and_reads_the_table_otherwise() -> None:
+    table = smbios(11, [b"io.systemd.credential:vmm.notify_socket=vsock:2:5"])
+    assert vn.read_credential([], table) == "vsock:2:5"
     tokens = ["systemd.set_credential=vmm.notify_socket:/run/n"]
-    assert vn.read_credential(tokens, str(table)) == "/run/n"
-    assert vn.read_credential([], str(tmp_path / "missing")) is None
+    assert vn.read_credential(tokens, table) == "/run/n"
+    assert vn.read_credential([], b"") is None
+
+
+def test_the_modules_a_send_needs() -> None:
+    assert vn.modules_for(vn.parse_address("vsock-stream:2:8888")) == (
+        "vmw_vsock_virtio_transport",
+    )
+    assert vn.modules_for(vn.parse_address("vsock:local:8888")) == ("vsock_loopback",)
+    assert vn.modules_for(vn.parse_address("/run/notify")) == ()
 
 
 def test_a_quoted_value_cannot_forge_a_field_or_a_line() -> None:
