@@ -20,8 +20,9 @@ depends() {
 
 installkernel() {
     # The agent loads these itself (no udev needed) when they are not built in.
+    # vmw_vsock_virtio_transport: sd_notify to the host, only with vmm.notify_socket.
     hostonly='' instmods virtio_pci virtio_mmio virtio_blk 9p 9pnet_virtio virtiofs fuse \
-        overlay ext4 erofs squashfs ${guest_agent_drivers-}
+        overlay ext4 erofs squashfs vmw_vsock_virtio_transport ${guest_agent_drivers-}
 }
 
 install() {

@@ -646,6 +646,7 @@ in
         "ext4"
         "erofs"
         "squashfs"
+        "vmw_vsock_virtio_transport" # sd_notify to the host, only with vmm.notify_socket
       ];
       description = "Modules put into the initrd for the agent to load (it loads them itself, without udev).";
     };

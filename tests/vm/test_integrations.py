@@ -94,6 +94,7 @@ def read(p):
     except OSError as e:
         return "error: " + e.strerror
 facts["lower_file"] = read("/nix/store/abc-hello/hi")
+facts["boot_record"] = read("/run/guest-agent/boot.json")
 facts["extra_file"] = read("/srv/extra/from-host")
 for name in ("persist-1", "persist-2", "persist-3"):
     facts[name] = read("/nix/store/" + name)
@@ -228,6 +229,12 @@ def test_boot_mounts_persist_and_reset(guest: Callable[..., images.ImageVM], fla
     agent_ran_in_initrd(r, flavor)
     assert facts["upper"] == ["persist-1"], facts["upper"]
     assert facts["store"] == ["abc-hello", "persist-1"], facts["store"]
+    # the initrd's boot record, carried with /run across the switch to the real root
+    record = json.loads(facts["boot_record"])
+    assert (record["ok"], record["exit_status"], record["problems"]) == (True, 0, []), record
+    mounted = {m["where"]: m["status"] for m in record["mounts"]}
+    assert mounted["/nix/store"] == mounted["/nix/.rw-store"] == "mounted", record
+    assert json.loads(facts["status"]["out"])["boot"] == record
 
     # 2: a reboot keeps the upper layer; ask for a reset (applies next boot).
     facts = facts_of(vm.run(script("write=persist-2", "request-reset", "status-unit")))
@@ -270,6 +277,11 @@ def test_required_mount_failure_is_visible_and_boot_goes_on(
     assert facts["status"]["rc"] == 1, facts["status"]
     rows = {row["where"]: row for row in json.loads(facts["status"]["out"])["mounts"]}
     assert rows["/srv/missing"]["state"] != "mounted", rows
+    # ...and what the initrd's run said about it, from its boot record
+    record = json.loads(facts["boot_record"])
+    assert (record["ok"], record["exit_status"]) == (False, 1), record
+    (problem,) = [p for p in record["problems"] if p["fatal"]]
+    assert problem["spec"] == MISSING_SHARE, record
 
 
 def test_onfail_shell_stops_the_boot_without_hanging(
