@@ -24,9 +24,7 @@ RECORD_FIELDS = ("version", "ok", "mounts", "problems", "started", "finished", "
 
 def write(payload: dict[str, Any], directory: str = RECORD_DIR) -> str | None:
     """Write PAYLOAD as DIRECTORY/boot.json; None when written, else why not."""
-    import json
-
-    data = (json.dumps(payload, indent=2, sort_keys=False) + "\n").encode()
+    data = (dumps(payload) + "\n").encode()
     try:
         os.makedirs(directory, mode=0o755, exist_ok=True)
         dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -56,6 +54,45 @@ def write(payload: dict[str, Any], directory: str = RECORD_DIR) -> str | None:
         return f"cannot write {directory}/{RECORD_NAME}: {os.strerror(e.errno or 0)}"
     finally:
         os.close(dir_fd)
+
+
+def dumps(value: object) -> str:
+    """VALUE as JSON text, ASCII only (as `json.dumps`'s default). Not `json`: on the boot
+    path its import (with `re` and `enum`, and the patterns it compiles) costs about
+    200 ms of an emulated guest's instructions, more than everything else here."""
+    if isinstance(value, str):
+        return _string(value)
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, int | float):
+        return repr(value) if value == value and value not in (_INF, -_INF) else "null"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_string(str(k))}: {dumps(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(dumps(v) for v in value) + "]"
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+_INF = float("inf")
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _string(text: str) -> str:
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return f'"{text}"'  # the usual case, at C speed
+    out = []
+    for c in text:
+        code = ord(c)
+        if c in _ESCAPES:
+            out.append(_ESCAPES[c])
+        elif 0x20 <= code < 0x7F:
+            out.append(c)
+        elif code < 0x10000:
+            out.append(f"\\u{code:04x}")
+        else:  # a UTF-16 surrogate pair, as JSON spells what is beyond the BMP
+            code -= 0x10000
+            out.append(f"\\u{0xD800 | code >> 10:04x}\\u{0xDC00 | code & 0x3FF:04x}")
+    return '"' + "".join(out) + '"'
 
 
 def read(directory: str = RECORD_DIR) -> dict[str, Any] | None:

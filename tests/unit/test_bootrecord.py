@@ -6,6 +6,9 @@ import json
 import os
 from pathlib import Path
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from guest_agent import bootrecord, vmm_notify
 
 
@@ -72,3 +75,24 @@ def test_the_summary_counts_and_names_the_first_failure() -> None:
     assert len(keys) == len(set(keys))
     payload = vmm_notify.message([("STATUS", line), *fields]).decode()
     assert payload.count("\n") == len(fields) + 1
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)  # fmt: skip
+
+
+@settings(database=None, max_examples=500, deadline=None)
+@given(json_values)
+def test_dumps_is_json_that_reads_back_the_same(value: object) -> None:
+    text = bootrecord.dumps(value)
+    assert text.isascii() and "\n" not in text
+    assert json.loads(text) == value == json.loads(json.dumps(value))
+
+
+def test_dumps_spells_what_json_spells() -> None:
+    for text in ['"', "\\", "\n", "\x00", "\x7f", "é", "\udcff", "😀", "a\tb"]:
+        assert bootrecord.dumps(text) == json.dumps(text), text
