@@ -5,7 +5,15 @@ from __future__ import annotations
 import os
 import time
 
-from guest_agent.commands import exit_code, json_output, print_json, write
+from guest_agent.commands import (
+    RECORD_DIR,
+    exit_code,
+    json_output,
+    print_json,
+    summary,
+    write,
+    write_record,
+)
 from guest_agent.config import DEFAULT_CMDLINE
 from guest_agent.inputs import load, sources
 from guest_agent.lock import LockFailed, lock
@@ -81,8 +89,6 @@ def mount_all(
             if not dry_run:
                 record(payload, started, reporter)
             if host is not None:
-                from guest_agent.bootrecord import summary
-
                 line, fields = summary(payload["mounts"], payload["problems"])
                 host.tell([("STATUS", line), *fields])
     finally:
@@ -129,9 +135,7 @@ def _read_table() -> bytes:
 
 def record(payload: dict[str, Any], started: float, reporter: Reporter) -> None:
     """/run/guest-agent/boot.json: this run's mounts and problems, its times and exit status."""
-    from guest_agent.bootrecord import RECORD_DIR, write
-
-    why = write(
+    why = write_record(
         {
             **payload,
             "started": round(started, 3),

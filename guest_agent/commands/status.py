@@ -7,7 +7,15 @@ import time
 from typing import Any
 
 from guest_agent import reset as overlay_reset
-from guest_agent.commands import exit_code, json_output, print_json, write
+from guest_agent.commands import (
+    RECORD_DIR,
+    exit_code,
+    json_output,
+    print_json,
+    read_record,
+    summary,
+    write,
+)
 from guest_agent.config import DEFAULT_CMDLINE
 from guest_agent.devices import Devices
 from guest_agent.handlers import handler_for
@@ -27,7 +35,7 @@ EXIT_CODES = {
     1: "a required mount is not-mounted, different or hidden, or an input has an error",
 }
 JSON_LIST = "mounts"
-EXTRA_KEYS = ("boot",)  # status's own top-level key: the last boot's record (bootrecord)
+EXTRA_KEYS = ("boot",)  # status's own top-level key: the last boot's record (commands.read_record)
 STATUS_FIELDS = (
     "where", "spec", "required", "fstype", "source", "state", "detail",
     "reset_pending", "nix_db", "layers",
@@ -142,7 +150,7 @@ def status(
         reporter.problem(problem)
     unhealthy = not all(row.healthy for row in rows)
     code = 1 if exit_code(reporter) or unhealthy else 0
-    boot = read_record()
+    boot = last_record()
     if as_json:
         payload = json_output(
             code == 0, JSON_LIST, [row.as_json() for row in rows], reporter.problems
@@ -155,18 +163,14 @@ def status(
     return code
 
 
-def read_record() -> dict[str, Any] | None:
-    from guest_agent.bootrecord import RECORD_DIR, read
-
-    return read(os.environ.get("GUEST_AGENT_RECORD_DIR", RECORD_DIR))
+def last_record() -> dict[str, Any] | None:
+    return read_record(os.environ.get("GUEST_AGENT_RECORD_DIR", RECORD_DIR))
 
 
 def boot_line(record: dict[str, Any] | None) -> str:
     """What the last boot's mount-all said, beside the live view above it."""
     if record is None:
         return "at boot: no record (mount-all has not run since the guest started)"
-    from guest_agent.bootrecord import summary
-
     line, _ = summary(record.get("mounts") or [], record.get("problems") or [])
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(record.get("started") or 0))
     return f"at boot ({when}, exit status {record.get('exit_status')}): {line.removeprefix('guest-agent: ')}"

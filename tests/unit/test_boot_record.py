@@ -9,7 +9,7 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from guest_agent import bootrecord, vmm_notify
+from guest_agent import commands, vmm_notify
 
 
 def record(**extra: object) -> dict[str, object]:
@@ -17,35 +17,36 @@ def record(**extra: object) -> dict[str, object]:
 
 
 def test_written_atomically_and_read_back(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()  # /run is there; guest-agent/ in it is made
     directory = tmp_path / "run" / "guest-agent"
-    assert bootrecord.write(record(started=1.0), str(directory)) is None
-    assert bootrecord.write(record(started=2.0), str(directory)) is None
+    assert commands.write_record(record(started=1.0), str(directory)) is None
+    assert commands.write_record(record(started=2.0), str(directory)) is None
     assert sorted(os.listdir(directory)) == ["boot.json"]  # no temporary file left
-    assert bootrecord.read(str(directory)) == record(started=2.0)
+    assert commands.read_record(str(directory)) == record(started=2.0)
 
 
 def test_a_symlink_in_place_of_the_directory_is_not_followed(tmp_path: Path) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (tmp_path / "guest-agent").symlink_to(elsewhere)
-    reason = bootrecord.write(record(), str(tmp_path / "guest-agent"))
+    reason = commands.write_record(record(), str(tmp_path / "guest-agent"))
     assert reason is not None and reason.startswith("cannot open")
     assert list(elsewhere.iterdir()) == []
 
 
 def test_no_record_or_a_foreign_one_reads_as_none(tmp_path: Path) -> None:
-    assert bootrecord.read(str(tmp_path)) is None
+    assert commands.read_record(str(tmp_path)) is None
     (tmp_path / "boot.json").write_text(json.dumps({"version": 99}))
-    assert bootrecord.read(str(tmp_path)) is None
+    assert commands.read_record(str(tmp_path)) is None
     (tmp_path / "boot.json").write_text("{not json")
-    assert bootrecord.read(str(tmp_path)) is None
+    assert commands.read_record(str(tmp_path)) is None
 
 
 def test_a_clean_boot_and_an_empty_one() -> None:
-    line, fields = bootrecord.summary([{"where": "/a", "status": "mounted"}], [])
+    line, fields = commands.summary([{"where": "/a", "status": "mounted"}], [])
     assert line == "guest-agent: 1 mounted"
     assert ("X_GUEST_AGENT_RESULT", "ok") in fields
-    assert bootrecord.summary([], [])[0] == "guest-agent: nothing to mount"
+    assert commands.summary([], [])[0] == "guest-agent: nothing to mount"
 
 
 def test_the_summary_counts_and_names_the_first_failure() -> None:
@@ -58,7 +59,7 @@ def test_the_summary_counts_and_names_the_first_failure() -> None:
         {"spec": "microvm.share=home:/home", "reason": "no share tagged 'home'", "fatal": True},
         {"spec": "microvm.volume=LABEL=x:/x", "reason": "not found (nofail)", "fatal": False},
     ]
-    line, fields = bootrecord.summary(mounts, problems)
+    line, fields = commands.summary(mounts, problems)
     assert (
         line
         == "guest-agent: 1 failed, 2 mounted; 1 failed: microvm.share=home:/home: no share tagged 'home'"
@@ -88,11 +89,11 @@ json_values = st.recursive(
 @settings(database=None, max_examples=500, deadline=None)
 @given(json_values)
 def test_dumps_is_json_that_reads_back_the_same(value: object) -> None:
-    text = bootrecord.dumps(value)
+    text = commands.dumps(value)
     assert text.isascii() and "\n" not in text
     assert json.loads(text) == value == json.loads(json.dumps(value))
 
 
 def test_dumps_spells_what_json_spells() -> None:
     for text in ['"', "\\", "\n", "\x00", "\x7f", "é", "\udcff", "😀", "a\tb"]:
-        assert bootrecord.dumps(text) == json.dumps(text), text
+        assert commands.dumps(text) == json.dumps(text), text
