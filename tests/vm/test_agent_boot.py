@@ -237,7 +237,8 @@ def test_json_config_with_cmdline_override(make_vm: MakeVM, tmp_path: Path) -> N
         vm,
         files={"etc/guest-agent/mounts.json": json.dumps(config)},
         after="cat /srv/data/who; ls /nix/store; echo @@status@@; guest-agent status --json"
-        " 2>/dev/null; echo @@text@@; guest-agent status 2>&1; echo @@setfd@@; python3 -c"
+        " 2>/dev/null; echo @@text@@; guest-agent status 2>/tmp/status.err; echo @@statuserr@@;"
+        " cat /tmp/status.err; echo @@setfd@@; python3 -c"
         f" '{SET_FD_PROBE}'",
     )
     assert run.rc == 0, run
@@ -277,6 +278,10 @@ def test_json_config_with_cmdline_override(make_vm: MakeVM, tmp_path: Path) -> N
     assert all(layer["kernel_shows"].startswith("/proc/self/fd/") for layer in layers.values())
     checks = [(layers[n]["matches"], layers[n]["checked_by"]) for n in ("lower", "upper", "work")]
     assert checks == [(None, None), (True, "filesystem"), (None, None)], layers
+    # the boot record of the run above, beside the live view (stderr; JSON: "boot")
+    assert parts["statuserr"].splitlines()[-1].startswith("at boot ("), parts["statuserr"]
+    assert "exit status 0): " in parts["statuserr"], parts["statuserr"]
+    assert status["boot"]["exit_status"] == 0 and status["boot"]["mounts"], status["boot"]
     text = [line.strip() for line in parts["text"].splitlines()]
     assert text[-3].startswith("lower /nix/.ro-store (the kernel shows /proc/self/fd/"), text
     assert text[-2].startswith("upper /nix/.rw-store/store (the kernel shows /proc/self/fd/")
@@ -328,4 +333,5 @@ def test_status_reports_what_is_not_mounted(make_vm: MakeVM, tmp_path: Path) -> 
             }
         ],
         "problems": [],
+        "boot": None,  # no mount-all ran in this boot: no record
     }, out
