@@ -80,10 +80,14 @@ def exit_code(reporter: Reporter) -> int:
 
 # --- the boot record ---------------------------------------------------------------
 
-RECORD_DIR = "/run/guest-agent"
+RECORD_DIR = "/run/guest-agent"  # GUEST_AGENT_RECORD_DIR names another (the tests)
 RECORD_NAME = "boot.json"
 RECORD_VERSION = JSON_VERSION  # the record is mount-all's --json output plus its run:
 RECORD_FIELDS = ("version", "ok", "mounts", "problems", "started", "finished", "exit_status")
+
+
+def record_dir() -> str:
+    return os.environ.get("GUEST_AGENT_RECORD_DIR", RECORD_DIR)
 
 
 def write_record(payload: dict[str, Any], directory: str = RECORD_DIR) -> str | None:

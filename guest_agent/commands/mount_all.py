@@ -6,10 +6,10 @@ import os
 import time
 
 from guest_agent.commands import (
-    RECORD_DIR,
     exit_code,
     json_output,
     print_json,
+    record_dir,
     summary,
     write,
     write_record,
@@ -142,7 +142,7 @@ def record(payload: dict[str, Any], started: float, reporter: Reporter) -> None:
             "finished": round(time.time(), 3),
             "exit_status": 1 if reporter.failed else 0,
         },
-        os.environ.get("GUEST_AGENT_RECORD_DIR", RECORD_DIR),
+        record_dir(),
     )
     if why is not None:
         from guest_agent.spec import Problem

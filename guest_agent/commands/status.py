@@ -8,11 +8,11 @@ from typing import Any
 
 from guest_agent import reset as overlay_reset
 from guest_agent.commands import (
-    RECORD_DIR,
     exit_code,
     json_output,
     print_json,
     read_record,
+    record_dir,
     summary,
     write,
 )
@@ -164,7 +164,7 @@ def status(
 
 
 def last_record() -> dict[str, Any] | None:
-    return read_record(os.environ.get("GUEST_AGENT_RECORD_DIR", RECORD_DIR))
+    return read_record(record_dir())
 
 
 def boot_line(record: dict[str, Any] | None) -> str:
