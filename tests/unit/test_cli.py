@@ -11,26 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_env import Env
 from click.testing import CliRunner, Result
 
 from guest_agent import cli, inputs
 from guest_agent.cli import main
-
-
-class Env:
-    def __init__(self, tmp_path: Path) -> None:
-        self.root = tmp_path / "root"
-        self.root.mkdir()
-        self.config = tmp_path / "mounts.json"
-        self.config.write_text("{}")
-        self.cmdline = tmp_path / "cmdline"
-        self.cmdline.write_text("")
-
-    def args(self, *extra: str) -> list[str]:
-        return [
-            "--root", str(self.root), "--config", str(self.config),
-            "--cmdline", str(self.cmdline), *extra,
-        ]  # fmt: skip
 
 
 @pytest.fixture

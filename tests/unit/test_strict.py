@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_env import Env
 from click.testing import CliRunner, Result
 from handler_fakes import FakeDevices, Run
 
@@ -338,22 +339,6 @@ def invoke(*args: str) -> Result:
     assert isinstance(result.exception, SystemExit) or result.exception is None, result.output
     assert "Traceback" not in result.output
     return result
-
-
-class Env:
-    def __init__(self, tmp_path: Path) -> None:
-        self.root = tmp_path / "root"
-        self.root.mkdir()
-        self.config = tmp_path / "mounts.json"
-        self.config.write_text("{}")
-        self.cmdline = tmp_path / "cmdline"
-        self.cmdline.write_text("")
-
-    def args(self, *extra: str) -> list[str]:
-        return [
-            "--root", str(self.root), "--config", str(self.config),
-            "--cmdline", str(self.cmdline), *extra,
-        ]  # fmt: skip
 
 
 @pytest.fixture
