@@ -351,7 +351,11 @@ let
     if [ -n "''${logErrFd-}" ] && [ -w /dev/kmsg ]; then agentErr=$logErrFd; fi
     if ! ${agent} mount-all --root "$targetRoot" --config /etc/guest-agent/mounts.json ${args} 2>&$agentErr; then
       if [ "$GUEST_AGENT_ONFAIL" = shell ]; then
-        echo "guest-agent: a required mount failed (see above); guest-agent.onfail=shell"
+        # Under boot.panic_on_fail, fail exits at once: a line on stdout could still
+        # be in stage 1's tee when the kernel panics. The kernel log is printed
+        # before the panic, so the line goes there when stage 1 copies to it.
+        failLine="guest-agent: a required mount failed (see above); guest-agent.onfail=shell"
+        if [ "$agentErr" = 2 ]; then echo "$failLine"; else echo "<3>$failLine" > /dev/kmsg; fi
         fail
       else
         echo "guest-agent: a required mount failed (see above); continuing the boot (guest-agent.onfail=continue)"

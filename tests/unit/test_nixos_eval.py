@@ -393,7 +393,13 @@ def test_scripted_stage_1(name: str, reports: dict[str, Any]) -> None:
     assert script.startswith(SWITCHES_SHELL)
     onfail = report["options"]["onFailure"]
     assert f"GUEST_AGENT_ONFAIL={onfail}\n{READ_CMDLINE}" in script
-    assert 'guest-agent.onfail=shell"\n    fail\n' in script
+    # the failure line, then fail; into /dev/kmsg when stage 1 copies there (under
+    # boot.panic_on_fail, fail exits before stage 1's tee prints stdout)
+    assert (
+        'failLine="guest-agent: a required mount failed (see above); guest-agent.onfail=shell"\n'
+        '    if [ "$agentErr" = 2 ]; then echo "$failLine"; '
+        'else echo "<3>$failLine" > /dev/kmsg; fi\n    fail\n'
+    ) in script
     assert ("ignored: this system's /nix/store" in script) == store_taken_over(report)
     assert report["initrdContents"] == {}
 
