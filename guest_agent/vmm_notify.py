@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 CREDENTIAL = "vmm.notify_socket"
-SEND_TIMEOUT = 0.05  # seconds, per blocking socket call: the boot never waits longer
+# seconds, for all of a run's socket calls together (Host): the boot never waits longer
+SEND_TIMEOUT = 0.05
 
 _SMBIOS_PREFIXES = ("io.systemd.credential:", "io.systemd.credential.binary:")
 _CMDLINE_KEYS = ("systemd.set_credential", "systemd.set_credential_binary")
@@ -248,13 +249,15 @@ def send(address: Address, payload: bytes, timeout: float = SEND_TIMEOUT) -> str
 class Host:
     """The VMM's notify socket for one run. A bad address, a module that does not
     load or a send that fails is one warning; after a failed send nothing more is
-    sent (no retry: the boot never waits for the host)."""
+    sent (no retry: the boot never waits for the host). The run's sends share one
+    budget of SEND_TIMEOUT: each waits at most what the ones before it left."""
 
     def __init__(self, address: Address, origin: str, warn: Callable[[str, str], None]) -> None:
         self.address = address
         self.origin = origin
         self._warn = warn
         self._gave_up = False
+        self._left = SEND_TIMEOUT
 
     @classmethod
     def find(
@@ -285,7 +288,14 @@ class Host:
     def tell(self, fields: list[tuple[str, str]]) -> None:
         if self._gave_up:
             return
-        why = send(self.address, message(fields))
+        import time
+
+        started = time.monotonic()
+        if self._left > 0:
+            why = send(self.address, message(fields), self._left)
+        else:
+            why = f"no answer within {SEND_TIMEOUT * 1000:.0f} ms"
+        self._left -= time.monotonic() - started
         if why is not None:
             self._gave_up = True
             self._warn(self.origin, f"the host did not hear the agent: {why}")

@@ -6,11 +6,12 @@ import os
 import time
 
 from guest_agent.commands import (
+    JSON_VERSION,
     exit_code,
     json_output,
     print_json,
+    problem_json,
     record_dir,
-    summary,
     write,
     write_record,
 )
@@ -27,10 +28,10 @@ JSON_LIST = "mounts"
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
-    from typing import Any
-
     from guest_agent.devices import Devices
     from guest_agent.report import Reporter
+    from guest_agent.results import Result
+    from guest_agent.spec import Problem
     from guest_agent.vmm_notify import Host
 
 
@@ -83,19 +84,21 @@ def mount_all(
             if host is not None:
                 host.tell([("STATUS", "guest-agent: mounting")])
             results = Runner(ctx).run(steps)
-            payload = json_output(
-                not reporter.failed, JSON_LIST, [r.as_json() for r in results], reporter.problems
-            )
             if not dry_run:
-                record(payload, started, reporter)
+                record(results, reporter, started)
             if host is not None:
-                line, fields = summary(payload["mounts"], payload["problems"])
+                from guest_agent.bootrecord import summary
+
+                line, fields = summary(
+                    [r.as_json() for r in results], [problem_json(p) for p in reporter.problems]
+                )
                 host.tell([("STATUS", line), *fields])
     finally:
         if held is not None:
             os.close(held)
     if as_json:
-        print_json(payload)
+        ok = not reporter.failed
+        print_json(json_output(ok, JSON_LIST, [r.as_json() for r in results], reporter.problems))
     elif dry_run:
         for r in results:
             write(f"{r.status} {r.fstype} {r.source} at {r.where} ({','.join(r.options)})\n")
@@ -126,25 +129,68 @@ def _read_table() -> bytes:
     except OSError:
         return b""
     try:
-        return os.read(fd, 1 << 20)
+        return os.read(fd, min(os.fstat(fd).st_size or 1 << 16, 1 << 20))  # sysfs knows its size
     except OSError:
         return b""
     finally:
         os.close(fd)
 
 
-def record(payload: dict[str, Any], started: float, reporter: Reporter) -> None:
+def record(results: list[Result], reporter: Reporter, started: float) -> None:
     """/run/guest-agent/boot.json: this run's mounts and problems, its times and exit status."""
-    why = write_record(
-        {
-            **payload,
-            "started": round(started, 3),
-            "finished": round(time.time(), 3),
-            "exit_status": 1 if reporter.failed else 0,
-        },
-        record_dir(),
+    text = record_text(
+        results, reporter.problems, started, time.time(), 1 if reporter.failed else 0
     )
+    why = write_record(text, record_dir())
     if why is not None:
         from guest_agent.spec import Problem
 
         reporter.problem(Problem("guest-agent mount-all", f"no boot record: {why}", fatal=False))
+
+
+def record_text(
+    results: list[Result], problems: list[Problem], started: float, finished: float, status: int
+) -> str:
+    """The record as JSON text (bootrecord.RECORD_FIELDS): mount-all's --json object plus
+    its run."""
+    # Every boot writes it, so the values go in as they are, and the whole text is checked
+    # once: printable ASCII without a backslash, and exactly the quotes the shape has (2
+    # per key and per string), so no value held a quote. Else bootrecord's writer escapes.
+    mounts = ", ".join(
+        [
+            f'{{"where": "{r.where}", "spec": "{r.spec}", "status": "{r.status}", '
+            f'"fstype": {"null" if r.fstype is None else _Q + r.fstype + _Q}, '
+            f'"source": {"null" if r.source is None else _Q + r.source + _Q}, '
+            f'"options": [{_Q + _SEP.join(r.options) + _Q if r.options else ""}], '
+            f'"message": {"null" if r.message is None else _Q + r.message + _Q}}}'
+            for r in results
+        ]
+    )
+    listed = ", ".join(
+        [
+            f'{{"spec": "{p.spec}", "reason": "{p.reason}", '
+            f'"hint": {"null" if p.hint is None else _Q + p.hint + _Q}, '
+            f'"fatal": {"true" if p.fatal else "false"}}}'
+            for p in problems
+        ]
+    )
+    text = (
+        f'{{"version": {JSON_VERSION}, "ok": {"false" if status else "true"}, '
+        f'"mounts": [{mounts}], "problems": [{listed}], '
+        f'"started": {started:.3f}, "finished": {finished:.3f}, "exit_status": {status}}}'
+    )
+    nones = sum([r.count(None) for r in results]) + sum([p.count(None) for p in problems])
+    options = sum([len(r.options) for r in results])
+    quotes = 14 + 26 * len(results) + 14 * len(problems) + 2 * (options - nones)
+    if text.isascii() and text.encode().translate(None, _PLAIN) == b'"' * quotes:
+        return text + "\n"
+    from guest_agent.bootrecord import record_json  # a value to escape: rare
+
+    return record_json(results, problems, started, finished, status)
+
+
+_Q, _SEP = '"', '", "'
+# printable ASCII but the quote and the backslash
+_PLAIN = (
+    b" !#$%&'()*+,-./0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[]^_`abcdefghijklmnopqrstuvwxyz{|}~"
+)

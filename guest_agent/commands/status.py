@@ -7,13 +7,12 @@ import time
 from typing import Any
 
 from guest_agent import reset as overlay_reset
+from guest_agent.bootrecord import read_record, summary
 from guest_agent.commands import (
     exit_code,
     json_output,
     print_json,
-    read_record,
     record_dir,
-    summary,
     write,
 )
 from guest_agent.config import DEFAULT_CMDLINE
@@ -35,7 +34,9 @@ EXIT_CODES = {
     1: "a required mount is not-mounted, different or hidden, or an input has an error",
 }
 JSON_LIST = "mounts"
-EXTRA_KEYS = ("boot",)  # status's own top-level key: the last boot's record (commands.read_record)
+EXTRA_KEYS = (
+    "boot",
+)  # status's own top-level key: the last boot's record (bootrecord.read_record)
 STATUS_FIELDS = (
     "where", "spec", "required", "fstype", "source", "state", "detail",
     "reset_pending", "nix_db", "layers",

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from guest_agent import cli
+from guest_agent.bootrecord import RECORD_FIELDS
 from guest_agent.commands import (
     JSON_KEYS,
     PROBLEM_FIELDS,
-    RECORD_FIELDS,
     USAGE,
     USAGE_EXIT,
     discover,

@@ -142,3 +142,51 @@ def test_a_quoted_value_cannot_forge_a_field_or_a_line() -> None:
 def test_ready_is_never_sent() -> None:
     with pytest.raises(ValueError):
         vn.message([("READY", "1")])
+
+
+def test_the_sends_of_a_run_share_one_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each send waits at most what the ones before it left of SEND_TIMEOUT; once it is
+    spent, nothing more is tried and the warning says so."""
+    clock = [100.0]
+    given: list[float] = []
+
+    def send(address: vn.Address, payload: bytes, timeout: float) -> str | None:
+        given.append(timeout)
+        clock[0] += 0.03  # each send takes 30 ms of the budget
+        return None if len(given) == 1 else f"no answer within {timeout * 1000:.0f} ms"
+
+    monkeypatch.setattr(vn, "send", send)
+    monkeypatch.setattr("time.monotonic", lambda: clock[0])
+    warnings: list[tuple[str, str]] = []
+    host = vn.Host(
+        vn.parse_address("/run/notify"),
+        "vmm.notify_socket=/run/notify",
+        lambda *w: warnings.append(w),
+    )
+    host.tell([("STATUS", "guest-agent: mounting")])
+    host.tell([("STATUS", "guest-agent: 1 mounted")])
+    host.tell([("STATUS", "never sent")])
+    assert given == [pytest.approx(0.05), pytest.approx(0.02)]
+    assert warnings == [
+        ("vmm.notify_socket=/run/notify", "the host did not hear the agent: no answer within 20 ms")
+    ]
+
+
+def test_a_spent_budget_is_a_warning_without_a_send(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [0.0]
+
+    def send(address: vn.Address, payload: bytes, timeout: float) -> str | None:
+        clock[0] += 0.06  # a send that returned late (the budget spent, yet it went)
+        return None
+
+    monkeypatch.setattr(vn, "send", send)
+    monkeypatch.setattr("time.monotonic", lambda: clock[0])
+    warnings: list[tuple[str, str]] = []
+    host = vn.Host(
+        vn.parse_address("@notify"), "vmm.notify_socket=@notify", lambda *w: warnings.append(w)
+    )
+    host.tell([("STATUS", "guest-agent: mounting")])
+    host.tell([("STATUS", "guest-agent: 1 mounted")])
+    assert warnings == [
+        ("vmm.notify_socket=@notify", "the host did not hear the agent: no answer within 50 ms")
+    ]
