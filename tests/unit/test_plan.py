@@ -5,9 +5,11 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from guest_agent.config import merge, parse_cmdline
-from guest_agent.plan import Step, is_within, owner_of, plan
+from guest_agent.plan import Step, in_rounds, is_within, owner_of, plan
 from guest_agent.spec import Config, Problem
 
 
@@ -256,3 +258,36 @@ def test_empty_plan() -> None:
 def test_plan_is_deterministic() -> None:
     cmd = " ".join(f"microvm.volume=tmpfs:/m{i}:tmpfs" for i in (3, 1, 2))
     assert wheres(plan(config_of(cmd))[0]) == ["/m1", "/m2", "/m3"]
+
+
+def _graphlib_rounds(deps: dict[str, set[str]]) -> list[str]:
+    """What plan ordered with before: graphlib's rounds, each shallowest path first."""
+    from graphlib import TopologicalSorter
+
+    sorter = TopologicalSorter(deps)
+    order: list[str] = []
+    sorter.prepare()
+    while sorter.is_active():
+        ready = sorted(sorter.get_ready(), key=lambda w: (w.count("/"), w))
+        order.extend(ready)
+        sorter.done(*ready)
+    return order
+
+
+@settings(database=None, max_examples=300, deadline=None)
+@given(
+    st.lists(st.sampled_from(["/a", "/a/b", "/c", "/c/d/e", "/f", "/g/h", "/i"]), unique=True),
+    st.data(),
+)
+def test_in_rounds_orders_as_graphlib_did(wheres: list[str], data: st.DataObject) -> None:
+    deps: dict[str, set[str]] = {}
+    for i, where in enumerate(wheres):  # edges only to earlier keys: no cycle
+        deps[where] = (
+            set(data.draw(st.lists(st.sampled_from(wheres[:i]), unique=True))) if i else set()
+        )
+    assert in_rounds(deps) == _graphlib_rounds(deps)
+
+
+def test_keys_on_a_cycle_come_last_in_path_order() -> None:
+    deps = {"/x": set(), "/x/y": {"/x", "/z"}, "/z": {"/x/y"}, "/w": {"/x"}}
+    assert in_rounds(deps) == ["/x", "/w", "/z", "/x/y"]
