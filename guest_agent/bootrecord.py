@@ -3,8 +3,8 @@
 `mount-all` writes /run/guest-agent/boot.json on the boot path itself
 (`commands.mount_all.record_text`, `commands.write_record`): one f-string per mount
 when every string it quotes is plain ASCII, else `dumps` here. What is not on a
-boot's path is here: `read_record` for `status`, `summary` for `status` and for the
-host's sd_notify fields (guest_agent.vmm_notify escapes them), and `dumps`.
+boot's path is here: `read_record` for `status`, and `dumps`. (`summary`, the line
+and the fields the host hears and `status` shows, is guest_agent.vmm_notify's.)
 """
 
 from __future__ import annotations
@@ -88,34 +88,3 @@ def read_record(directory: str = RECORD_DIR) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) and record.get("version") == RECORD_VERSION else None
-
-
-def summary(
-    mounts: list[dict[str, Any]], problems: list[dict[str, Any]]
-) -> tuple[str, list[tuple[str, str]]]:
-    """The one line a person reads in `systemctl status` (STATUS=) and the
-    machine-readable X_GUEST_AGENT_* fields, from the record's mounts and problems."""
-    counts: dict[str, int] = {}
-    for m in mounts:
-        counts[m.get("status", "?")] = counts.get(m.get("status", "?"), 0) + 1
-    fatal = [p for p in problems if p.get("fatal")]
-    parts = [f"{n} {status}" for status, n in sorted(counts.items())] or ["nothing to mount"]
-    line = "guest-agent: " + ", ".join(parts)
-    if fatal:
-        first = fatal[0]
-        line += f"; {len(fatal)} failed: {first.get('spec')}: {first.get('reason')}"
-    warnings = len(problems) - len(fatal)
-    fields = [
-        ("X_GUEST_AGENT_RESULT", "failed" if fatal else "ok"),
-        *(
-            (f"X_GUEST_AGENT_{status.upper().replace('-', '_')}", str(n))
-            for status, n in sorted(counts.items())
-        ),
-        ("X_GUEST_AGENT_ERRORS", str(len(fatal))),
-        ("X_GUEST_AGENT_WARNINGS", str(warnings)),
-        *(
-            (f"X_GUEST_AGENT_ERROR_{i}", f"{p.get('spec')}: {p.get('reason')}")
-            for i, p in enumerate(fatal, 1)
-        ),
-    ]
-    return line, fields

@@ -29,10 +29,13 @@ from guest_agent.records import NamedTuple
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from typing import Any
 
 CREDENTIAL = "vmm.notify_socket"
-# seconds, for all of a run's socket calls together (Host): the boot never waits longer
-SEND_TIMEOUT = 0.05
+# Seconds, for all of a run's socket calls together (Host): with what the rest of the
+# notify path costs (bench/notify_cost.py: about 12 ms of an emulated guest), a host
+# that never answers adds at most 50 ms to a boot.
+SEND_TIMEOUT = 0.035
 
 _SMBIOS_PREFIXES = ("io.systemd.credential:", "io.systemd.credential.binary:")
 _CMDLINE_KEYS = ("systemd.set_credential", "systemd.set_credential_binary")
@@ -57,7 +60,7 @@ class BadAddress(ValueError):
 
 def parse_address(text: str) -> Address:
     """ADDRESS as systemd's sd_notify reads NOTIFY_SOCKET; BadAddress says why not."""
-    import socket
+    import _socket as socket  # the C module: `socket` imports enum, selectors... (200 ms)
 
     if text.startswith("/"):
         if len(text.encode()) > 107:
@@ -169,12 +172,35 @@ def read_credential(tokens: list[str], table: bytes) -> str | None:
 
 # The modules a send may need, by where it goes (loaded only when the credential is there).
 def modules_for(address: Address) -> tuple[str, ...]:
-    import socket
+    import _socket as socket  # the C module: `socket` imports enum, selectors... (200 ms)
 
     if address.family != socket.AF_VSOCK:
         return ()
     cid = address.target[0] if isinstance(address.target, tuple) else None
     return ("vsock_loopback",) if cid == _CIDS["local"] else ("vmw_vsock_virtio_transport",)
+
+
+SYS_MODULE = "/sys/module"
+VIRTIO_DEVICES = "/sys/bus/virtio/devices"
+_VIRTIO_VSOCK = "0x0013"  # the virtio device ID of a vsock device
+
+
+def no_vsock_device(bus: str = VIRTIO_DEVICES) -> bool:
+    """Whether the virtio bus shows devices, none of them vsock: then the host cannot
+    listen over vsock, and its transport module (seconds to load in an emulated guest)
+    is not loaded. An empty or absent bus (its transport not loaded yet) says nothing."""
+    try:
+        names = os.listdir(bus)
+    except OSError:
+        return False
+    for name in names:
+        try:
+            with open(f"{bus}/{name}/device", "rb") as f:
+                if f.read(16).strip() == _VIRTIO_VSOCK.encode():
+                    return False
+        except OSError:
+            return False  # a device that cannot be read might be the one
+    return bool(names)
 
 
 # --- the messages ------------------------------------------------------------------
@@ -184,6 +210,8 @@ def field(value: str) -> str:
     """VALUE made safe for one `KEY=VALUE` line: what a path or tag quotes cannot end
     the line or start a field (newlines, other control characters and backslashes
     are escaped)."""
+    if value.isprintable() and "\\" not in value:
+        return value  # the usual case, at C speed: nothing to escape
     out = []
     for c in value:
         if c == "\\":
@@ -207,8 +235,8 @@ def message(fields: list[tuple[str, str]]) -> bytes:
 
 def send(address: Address, payload: bytes, timeout: float = SEND_TIMEOUT) -> str | None:
     """Send PAYLOAD once; None when it went, else why not (one line's worth)."""
+    import _socket as socket  # the C module: `socket` imports enum, selectors... (200 ms)
     import errno
-    import socket
 
     last = "no socket type to try"
     for kind in address.types:
@@ -278,7 +306,13 @@ class Host:
         except BadAddress as e:
             warn(origin, f"the host is not told: {e}")
             return None
-        for module in modules_for(address):
+        modules = modules_for(address)
+        if "vmw_vsock_virtio_transport" in modules and no_vsock_device():
+            warn(origin, "the host is not told: this guest has no virtio-vsock device")
+            return None
+        for module in modules:
+            if os.path.isdir(f"{SYS_MODULE}/{module}"):
+                continue  # loaded (by udev) or built in: no loader to import
             why = load_module(module)
             if why is not None:
                 warn(origin, f"the host is not told: {why}")
@@ -299,3 +333,34 @@ class Host:
         if why is not None:
             self._gave_up = True
             self._warn(self.origin, f"the host did not hear the agent: {why}")
+
+
+def summary(
+    mounts: list[dict[str, Any]], problems: list[dict[str, Any]]
+) -> tuple[str, list[tuple[str, str]]]:
+    """The one line a person reads in `systemctl status` (STATUS=) and the
+    machine-readable X_GUEST_AGENT_* fields, from the record's mounts and problems."""
+    counts: dict[str, int] = {}
+    for m in mounts:
+        counts[m.get("status", "?")] = counts.get(m.get("status", "?"), 0) + 1
+    fatal = [p for p in problems if p.get("fatal")]
+    parts = [f"{n} {status}" for status, n in sorted(counts.items())] or ["nothing to mount"]
+    line = "guest-agent: " + ", ".join(parts)
+    if fatal:
+        first = fatal[0]
+        line += f"; {len(fatal)} failed: {first.get('spec')}: {first.get('reason')}"
+    warnings = len(problems) - len(fatal)
+    fields = [
+        ("X_GUEST_AGENT_RESULT", "failed" if fatal else "ok"),
+        *(
+            (f"X_GUEST_AGENT_{status.upper().replace('-', '_')}", str(n))
+            for status, n in sorted(counts.items())
+        ),
+        ("X_GUEST_AGENT_ERRORS", str(len(fatal))),
+        ("X_GUEST_AGENT_WARNINGS", str(warnings)),
+        *(
+            (f"X_GUEST_AGENT_ERROR_{i}", f"{p.get('spec')}: {p.get('reason')}")
+            for i, p in enumerate(fatal, 1)
+        ),
+    ]
+    return line, fields

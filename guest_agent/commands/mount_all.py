@@ -87,7 +87,7 @@ def mount_all(
             if not dry_run:
                 record(results, reporter, started)
             if host is not None:
-                from guest_agent.bootrecord import summary
+                from guest_agent.vmm_notify import summary
 
                 line, fields = summary(
                     [r.as_json() for r in results], [problem_json(p) for p in reporter.problems]
@@ -117,7 +117,7 @@ def find_host(cmdline_text: str, reporter: Reporter, devices: Devices) -> Host |
     def warn(origin: str, reason: str) -> None:
         reporter.problem(Problem(origin, reason, fatal=False))
 
-    return Host.find(cmdline_text, table, warn, devices.modules().load)
+    return Host.find(cmdline_text, table, warn, lambda name: devices.modules().load(name))
 
 
 DMI_TABLE = "/sys/firmware/dmi/tables/DMI"  # the raw SMBIOS table: its OEM strings (type 11)

@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from guest_agent import reset as overlay_reset
-from guest_agent.bootrecord import read_record, summary
+from guest_agent.bootrecord import read_record
 from guest_agent.commands import (
     exit_code,
     json_output,
@@ -172,6 +172,8 @@ def boot_line(record: dict[str, Any] | None) -> str:
     """What the last boot's mount-all said, beside the live view above it."""
     if record is None:
         return "at boot: no record (mount-all has not run since the guest started)"
+    from guest_agent.vmm_notify import summary
+
     line, _ = summary(record.get("mounts") or [], record.get("problems") or [])
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(record.get("started") or 0))
     return f"at boot ({when}, exit status {record.get('exit_status')}): {line.removeprefix('guest-agent: ')}"

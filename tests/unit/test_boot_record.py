@@ -51,10 +51,10 @@ def test_no_record_or_a_foreign_one_reads_as_none(tmp_path: Path) -> None:
 
 
 def test_a_clean_boot_and_an_empty_one() -> None:
-    line, fields = bootrecord.summary([{"where": "/a", "status": "mounted"}], [])
+    line, fields = vmm_notify.summary([{"where": "/a", "status": "mounted"}], [])
     assert line == "guest-agent: 1 mounted"
     assert ("X_GUEST_AGENT_RESULT", "ok") in fields
-    assert bootrecord.summary([], [])[0] == "guest-agent: nothing to mount"
+    assert vmm_notify.summary([], [])[0] == "guest-agent: nothing to mount"
 
 
 def test_the_summary_counts_and_names_the_first_failure() -> None:
@@ -67,7 +67,7 @@ def test_the_summary_counts_and_names_the_first_failure() -> None:
         {"spec": "microvm.share=home:/home", "reason": "no share tagged 'home'", "fatal": True},
         {"spec": "microvm.volume=LABEL=x:/x", "reason": "not found (nofail)", "fatal": False},
     ]
-    line, fields = bootrecord.summary(mounts, problems)
+    line, fields = vmm_notify.summary(mounts, problems)
     assert (
         line
         == "guest-agent: 1 failed, 2 mounted; 1 failed: microvm.share=home:/home: no share tagged 'home'"

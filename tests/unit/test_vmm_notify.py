@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import socket
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -149,26 +150,25 @@ def test_the_sends_of_a_run_share_one_budget(monkeypatch: pytest.MonkeyPatch) ->
     spent, nothing more is tried and the warning says so."""
     clock = [100.0]
     given: list[float] = []
+    spent = 0.6 * vn.SEND_TIMEOUT  # what the first send takes of the budget
 
     def send(address: vn.Address, payload: bytes, timeout: float) -> str | None:
         given.append(timeout)
-        clock[0] += 0.03  # each send takes 30 ms of the budget
+        clock[0] += spent
         return None if len(given) == 1 else f"no answer within {timeout * 1000:.0f} ms"
 
     monkeypatch.setattr(vn, "send", send)
     monkeypatch.setattr("time.monotonic", lambda: clock[0])
     warnings: list[tuple[str, str]] = []
-    host = vn.Host(
-        vn.parse_address("/run/notify"),
-        "vmm.notify_socket=/run/notify",
-        lambda *w: warnings.append(w),
-    )
+    origin = "vmm.notify_socket=/run/notify"
+    host = vn.Host(vn.parse_address("/run/notify"), origin, lambda *w: warnings.append(w))
     host.tell([("STATUS", "guest-agent: mounting")])
     host.tell([("STATUS", "guest-agent: 1 mounted")])
     host.tell([("STATUS", "never sent")])
-    assert given == [pytest.approx(0.05), pytest.approx(0.02)]
+    left = vn.SEND_TIMEOUT - spent
+    assert given == [pytest.approx(vn.SEND_TIMEOUT), pytest.approx(left)]
     assert warnings == [
-        ("vmm.notify_socket=/run/notify", "the host did not hear the agent: no answer within 20 ms")
+        (origin, f"the host did not hear the agent: no answer within {left * 1000:.0f} ms")
     ]
 
 
@@ -176,17 +176,69 @@ def test_a_spent_budget_is_a_warning_without_a_send(monkeypatch: pytest.MonkeyPa
     clock = [0.0]
 
     def send(address: vn.Address, payload: bytes, timeout: float) -> str | None:
-        clock[0] += 0.06  # a send that returned late (the budget spent, yet it went)
+        clock[0] += (
+            vn.SEND_TIMEOUT + 0.01
+        )  # a send that returned late (the budget spent, yet it went)
         return None
 
     monkeypatch.setattr(vn, "send", send)
     monkeypatch.setattr("time.monotonic", lambda: clock[0])
     warnings: list[tuple[str, str]] = []
-    host = vn.Host(
-        vn.parse_address("@notify"), "vmm.notify_socket=@notify", lambda *w: warnings.append(w)
-    )
+    origin = "vmm.notify_socket=@notify"
+    host = vn.Host(vn.parse_address("@notify"), origin, lambda *w: warnings.append(w))
     host.tell([("STATUS", "guest-agent: mounting")])
     host.tell([("STATUS", "guest-agent: 1 mounted")])
-    assert warnings == [
-        ("vmm.notify_socket=@notify", "the host did not hear the agent: no answer within 50 ms")
-    ]
+    budget = f"{vn.SEND_TIMEOUT * 1000:.0f} ms"
+    assert warnings == [(origin, f"the host did not hear the agent: no answer within {budget}")]
+
+
+def _virtio_bus(root: Path, *device_ids: str) -> str:
+    bus = root / "devices"
+    bus.mkdir(parents=True)
+    for i, device in enumerate(device_ids):
+        (bus / f"virtio{i}").mkdir()
+        (bus / f"virtio{i}" / "device").write_text(device + "\n")
+    return str(bus)
+
+
+def test_no_vsock_device_only_when_the_bus_shows_devices_and_none_is_vsock(tmp_path: Path) -> None:
+    assert vn.no_vsock_device(_virtio_bus(tmp_path / "a", "0x0009", "0x001a")) is True
+    assert vn.no_vsock_device(_virtio_bus(tmp_path / "b", "0x0009", "0x0013")) is False
+    assert vn.no_vsock_device(_virtio_bus(tmp_path / "c")) is False  # transport not loaded yet
+    assert vn.no_vsock_device(str(tmp_path / "absent")) is False
+
+
+@pytest.mark.parametrize(
+    ("devices", "loaded", "loads", "warned"),
+    [
+        (("0x0009",), (), [], "the host is not told: this guest has no virtio-vsock device"),
+        (("0x0009", "0x0013"), (), ["vmw_vsock_virtio_transport"], None),
+        (("0x0013",), ("vmw_vsock_virtio_transport",), [], None),  # udev loaded it: no loader
+        ((), (), ["vmw_vsock_virtio_transport"], None),  # nothing seen yet: load to find out
+    ],
+)
+def test_the_transport_is_loaded_only_when_a_host_can_listen(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    devices: tuple[str, ...],
+    loaded: tuple[str, ...],
+    loads: list[str],
+    warned: str | None,
+) -> None:
+    bus = _virtio_bus(tmp_path, *devices)
+    monkeypatch.setattr(vn, "VIRTIO_DEVICES", bus)
+    monkeypatch.setattr(vn.no_vsock_device, "__defaults__", (bus,))
+    for name in loaded:
+        (tmp_path / "module" / name).mkdir(parents=True)
+    monkeypatch.setattr(vn, "SYS_MODULE", str(tmp_path / "module"))
+    asked: list[str] = []
+    warnings: list[str] = []
+    host = vn.Host.find(
+        "systemd.set_credential=vmm.notify_socket:vsock-stream:2:8888",
+        b"",
+        lambda origin, reason: warnings.append(reason),
+        lambda name: asked.append(name),
+    )
+    assert asked == loads
+    assert warnings == ([warned] if warned else [])
+    assert (host is None) == (warned is not None)
