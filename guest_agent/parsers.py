@@ -1,4 +1,6 @@
-"""The parsers of the three keys: pure and total, each returns a spec or a `Problem`.
+"""The parsers of the three keys: pure and total, each returns a spec or a `Problem`;
+`collect` sorts their results for the two sources of specs, the kernel command line
+(config.py) and the JSON file (config_json.py), which both import this module.
 
 Nothing here touches the system. The grammar follows systemd's
 `systemd.mount-extra=`: a value is split on its first colons only, so the last
@@ -15,6 +17,7 @@ from guest_agent.spec import (
     NIX_DB_OPTION,
     PSEUDO_FILESYSTEMS,
     STORE_MOUNT_POINT,
+    MountSpec,
     Options,
     OverlaySpec,
     Problem,
@@ -374,3 +377,24 @@ def parse_reg_info(value: str) -> str:
     if not path.startswith(STORE_MOUNT_POINT + "/") or path.count("/") < 4:
         raise Invalid(f"regInfo {value!r} must name a file inside a path of {STORE_MOUNT_POINT}")
     return path
+
+
+# --- what both sources of specs use (config.py, config_json.py) ---------------
+
+
+def reg_info_of(value: object, origin: str) -> tuple[str | None, Problem | None]:
+    if not isinstance(value, str):
+        return None, Problem(origin, "expected a string")
+    try:
+        return parse_reg_info(value), None
+    except Invalid as e:
+        return None, Problem(origin, str(e), e.hint)
+
+
+def collect(result: MountSpec | Problem, specs: list[MountSpec], problems: list[Problem]) -> None:
+    """A parser's RESULT into SPECS or PROBLEMS; the words it ignored as warnings of it."""
+    if isinstance(result, Problem):
+        problems.append(result)
+        return
+    specs.append(result)
+    problems.extend(Problem(result.source, w, fatal=False) for w in result.options.warnings)

@@ -177,6 +177,15 @@ class OverlaySpec(NamedTuple):
 MountSpec = ShareSpec | VolumeSpec | PseudoSpec | OverlaySpec
 
 
+class Parsed(NamedTuple):
+    """Specs in the order given, the reset flag, and every problem found on the way."""
+
+    specs: tuple[MountSpec, ...] = ()
+    reset_overlay: bool | None = None  # None: not said here (a later layer may still say it)
+    problems: tuple[Problem, ...] = ()
+    reg_info: str | None = None
+
+
 class Config(NamedTuple):
     """Everything to mount, keyed by mount point (later entries replaced earlier ones)."""
 
