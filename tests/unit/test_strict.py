@@ -25,11 +25,12 @@ from guest_agent import switches
 from guest_agent.cli import main
 from guest_agent.config import merge, parse_cmdline, parse_config_json
 from guest_agent.config_json import DEPRECATED_FIELDS
-from guest_agent.parsers import REFUSED_WORDS, Invalid, parse_options, parse_timespan
+from guest_agent.parsers import Invalid, parse_options
 from guest_agent.plan import plan
 from guest_agent.results import NOAUTO, Status
 from guest_agent.runner import Runner
-from guest_agent.spec import Problem
+from guest_agent.spec import REFUSED_WORDS, Problem
+from guest_agent.timespan import parse_timespan
 
 # --- the kernel command line: unknown agent words -------------------------------------------
 
