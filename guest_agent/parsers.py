@@ -131,7 +131,9 @@ def parse_options(text: str) -> Options:
 
 
 def _timeout(name: str, value: str) -> float:
-    from guest_agent.timespan import parse_timespan  # only when a timeout is given
+    if value.isascii() and value.isdigit() and len(value) <= 12:
+        return float(value)  # whole seconds, as parse_timespan reads them, without its import
+    from guest_agent.timespan import parse_timespan
 
     seconds = parse_timespan(value)
     if seconds is None:

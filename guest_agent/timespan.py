@@ -1,7 +1,8 @@
 """systemd's time spans (`90`, `1min 30s`, `500ms`, `infinity`), parsed as its parse_sec().
 
 Pure: nothing here touches the system. Imported by the OPTIONS parser (guest_agent.parsers)
-only when an entry sets a device timeout, so a boot without one never imports it.
+only when an entry sets a device timeout in other words than whole seconds, so a boot
+without one never imports it.
 """
 
 from __future__ import annotations

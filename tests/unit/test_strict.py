@@ -217,6 +217,16 @@ def test_device_timeouts_are_systemd_time_spans(text: str, seconds: float) -> No
     assert parse_options(text).device_timeout == seconds
 
 
+@pytest.mark.parametrize("span", ["1", "5", "007", "90", "3600", "999999999999", "1000000000000"])
+def test_whole_seconds_read_without_the_time_span_parser_are_read_as_it_reads_them(
+    span: str,
+) -> None:
+    seconds = parse_timespan(span)
+    assert (
+        seconds is not None and parse_options(f"x-device-timeout={span}").device_timeout == seconds
+    )
+
+
 # Spans systemd takes and refuses; each is checked against systemd's own parser below.
 SPANS = [
     "90", "1min 30s", "2m", "500ms", "infinity", "  infinity ", "0", "1.5h", "1h30m",
