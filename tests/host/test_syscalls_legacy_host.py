@@ -24,9 +24,6 @@ import errno, json, os, sys
 from guest_agent import syscalls
 from guest_agent.syscalls import BIND, MountError, MountRequest
 
-base = sys.argv[1]
-out = {"legacy_at_start": "guest_agent.syscalls_legacy" in sys.modules}
-
 
 def no_new_api(fstype):
     raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
@@ -42,6 +39,11 @@ def line(target):
     return {"options": f[5].split(","), "fstype": f[dash + 1], "source": f[dash + 2],
             "super": f[dash + 3].split(",")}
 
+
+base = sys.argv[1]
+new = os.path.join(base, "new")
+syscalls.mount(MountRequest("tmpfs", "ga-new", new, ("nosuid",)))
+out = {"legacy_after_new_api": "guest_agent.syscalls_legacy" in sys.modules, "new": line(new)}
 
 old = os.path.join(base, "old")
 syscalls.fsopen = no_new_api
@@ -79,7 +81,7 @@ def test_old_mount_interface_mounts_binds_and_unmounts(tmp_path: Path) -> None:
     assert shutil.which("unshare"), (
         "unshare (util-linux) is not installed: apt-get install util-linux"
     )
-    for name in ("old", "bad", "src", "dst"):
+    for name in ("new", "old", "bad", "src", "dst"):
         (tmp_path / name).mkdir()
     (tmp_path / "src/file").write_text("from src\n")
     done = subprocess.run(
@@ -89,8 +91,9 @@ def test_old_mount_interface_mounts_binds_and_unmounts(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
-    # imported by the first call that needs it, not with syscalls
-    assert (out["legacy_at_start"], out["legacy_after_mount"]) == (False, True), out
+    # imported by the first call that needs it: not with syscalls, not for the new API
+    assert out["new"]["fstype"] == "tmpfs" and "nosuid" in out["new"]["options"], out
+    assert (out["legacy_after_new_api"], out["legacy_after_mount"]) == (False, True), out
     old = out["old"]
     assert (old["fstype"], old["source"]) == ("tmpfs", "ga-legacy"), old
     # the per-mount flags and the superblock's: ro, sync among the latter
