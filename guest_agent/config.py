@@ -1,5 +1,6 @@
 """Where specs come from: the kernel command line and the build-time JSON file
-(guest_agent.config_json).
+(guest_agent.config_json, imported only when there is a file; it imports nothing of
+this module: what the two share is in `parsers` and `spec`).
 
 Both are parsed into the same values (see `spec`), then merged keyed by mount
 point: a command-line entry replaces the file's entry for the same WHERE.
@@ -8,9 +9,8 @@ Nothing here raises for bad input; problems are returned beside the specs.
 
 from __future__ import annotations
 
-from guest_agent.parsers import Invalid, parse_overlay, parse_reg_info, parse_share, parse_volume
-from guest_agent.records import NamedTuple
-from guest_agent.spec import Config, MountSpec, OverlaySpec, Problem
+from guest_agent.parsers import collect, parse_overlay, parse_share, parse_volume, reg_info_of
+from guest_agent.spec import Config, MountSpec, OverlaySpec, Parsed, Problem
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
@@ -32,15 +32,6 @@ AGENT_PREFIXES = ("microvm.", "guest-agent", "guest_agent", "rd.guest-agent", "r
 
 _TRUE = ("", "1", "yes", "true", "on")
 _FALSE = ("0", "no", "false", "off")
-
-
-class Parsed(NamedTuple):
-    """Specs in the order given, the reset flag, and every problem found on the way."""
-
-    specs: tuple[MountSpec, ...] = ()
-    reset_overlay: bool | None = None  # None: not said here (a later layer may still say it)
-    problems: tuple[Problem, ...] = ()
-    reg_info: str | None = None
 
 
 def split_cmdline(text: str) -> Iterator[str]:
@@ -124,15 +115,6 @@ def parse_cmdline(text: str) -> Parsed:
     return Parsed(tuple(specs), reset, tuple(problems), reg_info)
 
 
-def collect(result: MountSpec | Problem, specs: list[MountSpec], problems: list[Problem]) -> None:
-    """A parser's RESULT into SPECS or PROBLEMS; the words it ignored as warnings of it."""
-    if isinstance(result, Problem):
-        problems.append(result)
-        return
-    specs.append(result)
-    problems.extend(Problem(result.source, w, fatal=False) for w in result.options.warnings)
-
-
 def check_agent_word(key: str, sep: str, value: str, token: str) -> list[Problem]:
     """Warnings about a command-line word with one of the agent's prefixes that is not a
     mount key: a switch's old spelling or unknown value, or an unknown word (with the known
@@ -180,15 +162,6 @@ def _shown(text: str) -> str:
     """TEXT for a message: as it is when printable, else quoted with escapes (a quoted
     command-line word may hold a newline, which must not split the line)."""
     return text if text.isprintable() else repr(text)
-
-
-def reg_info_of(value: object, origin: str) -> tuple[str | None, Problem | None]:
-    if not isinstance(value, str):
-        return None, Problem(origin, "expected a string")
-    try:
-        return parse_reg_info(value), None
-    except Invalid as e:
-        return None, Problem(origin, str(e), e.hint)
 
 
 def parse_config_json(text: str, origin: str) -> Parsed:

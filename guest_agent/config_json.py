@@ -7,9 +7,8 @@ problems are returned beside the specs.
 
 from __future__ import annotations
 
-from guest_agent.config import Parsed, collect, reg_info_of
-from guest_agent.parsers import parse_overlay, parse_share, parse_volume
-from guest_agent.spec import NIX_DB_OPTION, MountSpec, Problem
+from guest_agent.parsers import collect, parse_overlay, parse_share, parse_volume, reg_info_of
+from guest_agent.spec import NIX_DB_OPTION, MountSpec, Parsed, Problem
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:

@@ -45,8 +45,8 @@ def load(src: Sources, reporter: Reporter, say_if_empty: bool = True) -> Config:
 
     When no mount is configured and nothing was wrong (SAY_IF_EMPTY), say so: in a
     boot log, silence looks like an agent that never ran."""
-    from guest_agent.config import Parsed, merge, parse_cmdline, parse_config_json
-    from guest_agent.spec import Problem
+    from guest_agent.config import merge, parse_cmdline, parse_config_json
+    from guest_agent.spec import Parsed, Problem
 
     layers: list[Parsed] = []
     data, why = _read(src.config, CONFIG_LIMIT)

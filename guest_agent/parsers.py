@@ -1,4 +1,6 @@
-"""The parsers of the three keys: pure and total, each returns a spec or a `Problem`.
+"""The parsers of the three keys: pure and total, each returns a spec or a `Problem`;
+`collect` sorts their results for the two sources of specs, the kernel command line
+(config.py) and the JSON file (config_json.py), which both import this module.
 
 Nothing here touches the system. The grammar follows systemd's
 `systemd.mount-extra=`: a value is split on its first colons only, so the last
@@ -13,8 +15,11 @@ from guest_agent.spec import (
     DEFAULT_DEVICE_TIMEOUT,
     MAX_VIRTIOFS_TAG,
     NIX_DB_OPTION,
+    OPTION_WORDS,
     PSEUDO_FILESYSTEMS,
+    REFUSED_WORDS,
     STORE_MOUNT_POINT,
+    MountSpec,
     Options,
     OverlaySpec,
     Problem,
@@ -73,59 +78,8 @@ def parse_abs_path(value: str, what: str) -> str:
     return "/" + "/".join(parts)
 
 
-# --- options ---------------------------------------------------------------
+# --- options (the words the agent knows: spec.OPTION_WORDS) -------------------
 
-# The OPTIONS words that are not the kernel's, with what the agent does with each
-# (docs/reference.md, "Option words"; tests/unit/test_reference.py holds the two
-# together). A word ending in "=" takes a value; every other word goes to the kernel.
-AGENT_WORDS = {
-    "nofail": "a failure of this entry is a warning; the exit status stays 0",
-    "noauto": "not mounted: listed as not mounted because of noauto (systemd's meaning)",
-    "x-systemd.device-timeout=": "how long to wait for the tag or disk, a systemd time span;"
-    " 0 or infinity: no limit",
-    "x-device-timeout=": "the agent's own spelling: as x-systemd.device-timeout=, but 0 means"
-    " do not wait",
-    "x-makefs": "format a blank volume with FSTYPE (docs/faults.md)",
-    "x-systemd.makefs": "the same as x-makefs",
-    "x-nix-db": "store overlay: keep Nix's database on RW and reconcile it (docs/nix-db.md)",
-}
-# Accepted and without effect: what they ask for is already so.
-IGNORED_WORDS = {
-    "defaults": "the kernel's defaults are the defaults",
-    "auto": "mounted at boot is the default",
-    "nouser": "only root mounts: the agent runs as root",
-    "_netdev": "virtio shares and disks need no network",
-    "x-initrd.mount": "the agent mounts where it runs (at boot, in the initrd)",
-    "x-systemd.rw-only": "the agent never retries a failed mount read-only",
-    "x-mount.mkdir": "the agent creates missing mount points itself",
-    "comment=": "a note for fstab tools",
-}
-_NO_UNITS = "the agent runs no units: it orders mounts by their mount points"
-_NOT_ROOT = "lets users other than root mount it with mount(8); the agent mounts as root at boot"
-# Refused by name: the entry is not mounted, and the reason says why.
-REFUSED_WORDS = {
-    "user": _NOT_ROOT,
-    "users": _NOT_ROOT,
-    "owner": _NOT_ROOT,
-    "group": _NOT_ROOT,
-    "x-systemd.automount": "the agent mounts at boot; it has no automount",
-    "x-systemd.idle-timeout=": "the agent mounts at boot; it has no automount to expire",
-    "x-systemd.mount-timeout=": "the agent cannot bound the mount call itself"
-    " (x-systemd.device-timeout= bounds the wait for the device)",
-    "x-systemd.requires=": _NO_UNITS,
-    "x-systemd.before=": _NO_UNITS,
-    "x-systemd.after=": _NO_UNITS,
-    "x-systemd.wanted-by=": _NO_UNITS,
-    "x-systemd.required-by=": _NO_UNITS,
-    "x-systemd.requires-mounts-for=": _NO_UNITS,
-    "x-systemd.wants-mounts-for=": _NO_UNITS,
-    "x-systemd.device-bound=": _NO_UNITS,
-    "x-systemd.growfs": "the agent does not grow filesystems",
-    "x-systemd.pcrfs": "the agent does not measure filesystems into a TPM",
-    "x-systemd.validatefs": "the agent does not check a filesystem's mount point records",
-    "x-systemd.graceful-option=": "the agent hands every option to the kernel as given",
-}
-OPTION_WORDS = (*AGENT_WORDS, *IGNORED_WORDS, *REFUSED_WORDS)
 _BY_NAME = {w.rstrip("="): w for w in OPTION_WORDS}
 _SYSTEMD_PREFIX = "x-systemd."
 
@@ -177,6 +131,10 @@ def parse_options(text: str) -> Options:
 
 
 def _timeout(name: str, value: str) -> float:
+    if value.isascii() and value.isdigit() and len(value) <= 12:
+        return float(value)  # whole seconds, as parse_timespan reads them, without its import
+    from guest_agent.timespan import parse_timespan
+
     seconds = parse_timespan(value)
     if seconds is None:
         raise Invalid(
@@ -191,79 +149,6 @@ def _did_you_mean(word: str, known: Iterable[str]) -> str | None:
 
     close = get_close_matches(word, list(known), n=1, cutoff=0.8)
     return f"did you mean {close[0]}?" if close else None
-
-
-# systemd's time span units (systemd.time(7); time-util.c's table, in its order: the first
-# unit that starts the rest wins, so "min" comes before "m" and "ms" before "m").
-_USEC_PER_UNIT = (
-    ("seconds", 10**6), ("second", 10**6), ("sec", 10**6), ("s", 10**6),
-    ("minutes", 60 * 10**6), ("minute", 60 * 10**6), ("min", 60 * 10**6),
-    ("months", 2629800 * 10**6), ("month", 2629800 * 10**6), ("M", 2629800 * 10**6),
-    ("msec", 10**3), ("ms", 10**3), ("m", 60 * 10**6),
-    ("hours", 3600 * 10**6), ("hour", 3600 * 10**6), ("hr", 3600 * 10**6), ("h", 3600 * 10**6),
-    ("days", 86400 * 10**6), ("day", 86400 * 10**6), ("d", 86400 * 10**6),
-    ("weeks", 604800 * 10**6), ("week", 604800 * 10**6), ("w", 604800 * 10**6),
-    ("years", 31557600 * 10**6), ("year", 31557600 * 10**6), ("y", 31557600 * 10**6),
-    ("usec", 1), ("us", 1), ("\u03bcs", 1), ("\u00b5s", 1),
-)  # fmt: skip
-_WHITESPACE = " \t\n\r"
-_DIGITS = "0123456789"
-_USEC_INFINITY = 2**64 - 1
-
-
-def parse_timespan(text: str) -> float | None:
-    """Seconds in a systemd time span (`90`, `1min 30s`, `1.5h`, `500ms`), math.inf for
-    `infinity`; None when it is not one. As systemd's parse_sec(): a number without a
-    unit is seconds, components add up, and a negative number is refused."""
-    n, i = len(text), 0
-    while i < n and text[i] in _WHITESPACE:
-        i += 1
-    if text.startswith("infinity", i):
-        return math.inf if not text[i + 8 :].strip(_WHITESPACE) else None
-    usec, something = 0, False
-    while True:
-        while i < n and text[i] in _WHITESPACE:
-            i += 1
-        if i == n:
-            return usec / 10**6 if something else None
-        start = i + (text[i] == "+")  # strtoll takes a sign: "-" is refused, "+" is read
-        j = start
-        while j < n and text[j] in _DIGITS:
-            j += 1
-        if j == start:  # no digits: strtoll leaves the end where it began
-            j = i
-            if not text.startswith(".", j):
-                return None
-        whole = int(text[start:j] or 0)
-        if text.startswith(".", j):
-            p = j + 1
-            while p < n and text[p] in _DIGITS:
-                p += 1
-        else:
-            p = j
-        q = p
-        while q < n and text[q] in _WHITESPACE:
-            q += 1
-        multiplier, s = 10**6, q
-        for unit, per in _USEC_PER_UNIT:
-            if text.startswith(unit, q):
-                multiplier, s = per, q + len(unit)
-                break
-        if s == p and s < n:  # "12.34.56", "5x"
-            return None
-        usec += whole * multiplier
-        if text.startswith(".", j):
-            digits = text[j + 1 : p]
-            if not digits:  # "3.", "3.s"
-                return None
-            m = multiplier // 10
-            for d in digits:
-                usec += int(d) * m
-                m //= 10
-        if usec >= _USEC_INFINITY:
-            return None
-        something = True
-        i = s
 
 
 # --- specs -----------------------------------------------------------------
@@ -374,3 +259,24 @@ def parse_reg_info(value: str) -> str:
     if not path.startswith(STORE_MOUNT_POINT + "/") or path.count("/") < 4:
         raise Invalid(f"regInfo {value!r} must name a file inside a path of {STORE_MOUNT_POINT}")
     return path
+
+
+# --- what both sources of specs use (config.py, config_json.py) ---------------
+
+
+def reg_info_of(value: object, origin: str) -> tuple[str | None, Problem | None]:
+    if not isinstance(value, str):
+        return None, Problem(origin, "expected a string")
+    try:
+        return parse_reg_info(value), None
+    except Invalid as e:
+        return None, Problem(origin, str(e), e.hint)
+
+
+def collect(result: MountSpec | Problem, specs: list[MountSpec], problems: list[Problem]) -> None:
+    """A parser's RESULT into SPECS or PROBLEMS; the words it ignored as warnings of it."""
+    if isinstance(result, Problem):
+        problems.append(result)
+        return
+    specs.append(result)
+    problems.extend(Problem(result.source, w, fatal=False) for w in result.options.warnings)

@@ -1,4 +1,5 @@
-"""Parsed mount specs: immutable values, and the facts about them shared by every layer.
+"""Parsed mount specs: immutable values, and the facts about them shared by every layer
+(among them the option words the agent knows, which the parser and docs/reference.md share).
 
 The parsers that make them are in `parsers.py`; nothing here touches the system.
 """
@@ -73,6 +74,59 @@ class Options(NamedTuple):
             if opt in ("ro", "rw"):
                 return opt == "ro"
         return None
+
+
+# The OPTIONS words that are not the kernel's, with what the agent does with each
+# (docs/reference.md, "Option words"; tests/unit/test_reference.py holds the two
+# together). A word ending in "=" takes a value; every other word goes to the kernel.
+AGENT_WORDS = {
+    "nofail": "a failure of this entry is a warning; the exit status stays 0",
+    "noauto": "not mounted: listed as not mounted because of noauto (systemd's meaning)",
+    "x-systemd.device-timeout=": "how long to wait for the tag or disk, a systemd time span;"
+    " 0 or infinity: no limit",
+    "x-device-timeout=": "the agent's own spelling: as x-systemd.device-timeout=, but 0 means"
+    " do not wait",
+    "x-makefs": "format a blank volume with FSTYPE (docs/faults.md)",
+    "x-systemd.makefs": "the same as x-makefs",
+    "x-nix-db": "store overlay: keep Nix's database on RW and reconcile it (docs/nix-db.md)",
+}
+# Accepted and without effect: what they ask for is already so.
+IGNORED_WORDS = {
+    "defaults": "the kernel's defaults are the defaults",
+    "auto": "mounted at boot is the default",
+    "nouser": "only root mounts: the agent runs as root",
+    "_netdev": "virtio shares and disks need no network",
+    "x-initrd.mount": "the agent mounts where it runs (at boot, in the initrd)",
+    "x-systemd.rw-only": "the agent never retries a failed mount read-only",
+    "x-mount.mkdir": "the agent creates missing mount points itself",
+    "comment=": "a note for fstab tools",
+}
+_NO_UNITS = "the agent runs no units: it orders mounts by their mount points"
+_NOT_ROOT = "lets users other than root mount it with mount(8); the agent mounts as root at boot"
+# Refused by name: the entry is not mounted, and the reason says why.
+REFUSED_WORDS = {
+    "user": _NOT_ROOT,
+    "users": _NOT_ROOT,
+    "owner": _NOT_ROOT,
+    "group": _NOT_ROOT,
+    "x-systemd.automount": "the agent mounts at boot; it has no automount",
+    "x-systemd.idle-timeout=": "the agent mounts at boot; it has no automount to expire",
+    "x-systemd.mount-timeout=": "the agent cannot bound the mount call itself"
+    " (x-systemd.device-timeout= bounds the wait for the device)",
+    "x-systemd.requires=": _NO_UNITS,
+    "x-systemd.before=": _NO_UNITS,
+    "x-systemd.after=": _NO_UNITS,
+    "x-systemd.wanted-by=": _NO_UNITS,
+    "x-systemd.required-by=": _NO_UNITS,
+    "x-systemd.requires-mounts-for=": _NO_UNITS,
+    "x-systemd.wants-mounts-for=": _NO_UNITS,
+    "x-systemd.device-bound=": _NO_UNITS,
+    "x-systemd.growfs": "the agent does not grow filesystems",
+    "x-systemd.pcrfs": "the agent does not measure filesystems into a TPM",
+    "x-systemd.validatefs": "the agent does not check a filesystem's mount point records",
+    "x-systemd.graceful-option=": "the agent hands every option to the kernel as given",
+}
+OPTION_WORDS = (*AGENT_WORDS, *IGNORED_WORDS, *REFUSED_WORDS)
 
 
 class ShareSpec(NamedTuple):
@@ -175,6 +229,15 @@ class OverlaySpec(NamedTuple):
 
 
 MountSpec = ShareSpec | VolumeSpec | PseudoSpec | OverlaySpec
+
+
+class Parsed(NamedTuple):
+    """Specs in the order given, the reset flag, and every problem found on the way."""
+
+    specs: tuple[MountSpec, ...] = ()
+    reset_overlay: bool | None = None  # None: not said here (a later layer may still say it)
+    problems: tuple[Problem, ...] = ()
+    reg_info: str | None = None
 
 
 class Config(NamedTuple):

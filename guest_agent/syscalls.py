@@ -5,8 +5,8 @@ when it fails; the thin wrappers below (the mount API, openat2,
 finit_module/init_module) are built on it; `closing` closes an fd when a block
 ends. `mount()` and `umount()` turn the kernel's refusal into MountError. The
 old mount interface, mount(2) and umount2(2) through libc, is
-guest_agent.syscalls_legacy, imported only when used: a boot that mounts with
-the new API and unmounts nothing never imports it.
+guest_agent.syscalls_legacy (a leaf, below this module), imported only when used:
+a boot that mounts with the new API and unmounts nothing never imports it.
 
 The new mount API (fsopen/fsconfig/fsmount/move_mount, Linux >= 5.2) is used
 first because the kernel then tells *why* it refused (read from the fs context
@@ -76,7 +76,9 @@ SB_FLAGS = {"sync": 0x10, "dirsync": 0x80, "lazytime": 0x2000000, "mand": 0x40}
 NO_OPS = frozenset(
     {"async", "nolazytime", "nomand", "loud", "silent", "norelatime", "nostrictatime"}
 )
-BIND = "bind"  # MountRequest.fstype of a bind mount (syscalls_legacy.bind)
+BIND = "bind"  # MountRequest.fstype of a bind mount (made with mount(2))
+_MS_RDONLY = 0x1  # mount(2)'s flags (the old interface, guest_agent.syscalls_legacy)
+_MS_BIND = 0x1000
 _MNT_DETACH = 0x2
 
 
@@ -255,17 +257,31 @@ def _drain_messages(fd: int) -> str:
 
 
 def mount(request: MountRequest) -> None:
+    """REQUEST with the new mount API, or with mount(2) on a kernel without it; a bind
+    mount always with mount(2). MountError if the kernel refuses."""
     if request.fstype == BIND:
-        from guest_agent.syscalls_legacy import bind
-
-        bind(request)
+        # REQUEST.source: a /proc/self/fd/N of a directory the agent holds
+        fd = request.target_fd
+        target = request.target if fd is None else f"/proc/self/fd/{fd}"
+        _mount_legacy(request.source, target, "", _MS_BIND, "")
         return
     try:
         _mount_new_api(request)
     except _NoNewApi:
-        from guest_agent.syscalls_legacy import mount_legacy
+        _, flags, sb_flags, data = split_options(request.options)
+        for flag in sb_flags:
+            flags |= _MS_RDONLY if flag == "ro" else SB_FLAGS[flag]
+        _mount_legacy(request.source, request.target, request.fstype, flags, ",".join(data))
 
-        mount_legacy(request)
+
+def _mount_legacy(source: str, target: str, fstype: str, flags: int, data: str) -> None:
+    """mount(2) (guest_agent.syscalls_legacy, imported now); MountError if refused."""
+    from guest_agent.syscalls_legacy import mount2
+
+    try:
+        mount2(source, target, fstype, flags, data)
+    except OSError as e:
+        raise MountError(e.errno or 0, "mount") from None
 
 
 class _NoNewApi(Exception):

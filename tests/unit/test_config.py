@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 
 from guest_agent.config import (
-    Parsed,
     merge,
     parse_cmdline,
     parse_config_json,
@@ -17,6 +16,7 @@ from guest_agent.config import (
 from guest_agent.spec import (
     Options,
     OverlaySpec,
+    Parsed,
     Problem,
     Proto,
     PseudoSpec,

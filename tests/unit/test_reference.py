@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from guest_agent import config, config_json, parsers
+from guest_agent import config, config_json, spec
 
 PAGE = Path(__file__).resolve().parents[2] / "docs" / "reference.md"
 
@@ -96,9 +96,9 @@ def test_json_old_spellings() -> None:
 
 
 _KINDS = {
-    "implemented": parsers.AGENT_WORDS,
-    "no effect": parsers.IGNORED_WORDS,
-    "refused": parsers.REFUSED_WORDS,
+    "implemented": spec.AGENT_WORDS,
+    "no effect": spec.IGNORED_WORDS,
+    "refused": spec.REFUSED_WORDS,
 }
 
 
@@ -107,7 +107,7 @@ def _option_rows() -> list[list[str]]:
 
 
 def test_option_words() -> None:
-    same(words(_option_rows()), parsers.OPTION_WORDS)
+    same(words(_option_rows()), spec.OPTION_WORDS)
 
 
 @pytest.mark.parametrize("kind", sorted(_KINDS))

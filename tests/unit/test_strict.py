@@ -25,11 +25,12 @@ from guest_agent import switches
 from guest_agent.cli import main
 from guest_agent.config import merge, parse_cmdline, parse_config_json
 from guest_agent.config_json import DEPRECATED_FIELDS
-from guest_agent.parsers import REFUSED_WORDS, Invalid, parse_options, parse_timespan
+from guest_agent.parsers import Invalid, parse_options
 from guest_agent.plan import plan
 from guest_agent.results import NOAUTO, Status
 from guest_agent.runner import Runner
-from guest_agent.spec import Problem
+from guest_agent.spec import REFUSED_WORDS, Problem
+from guest_agent.timespan import parse_timespan
 
 # --- the kernel command line: unknown agent words -------------------------------------------
 
@@ -214,6 +215,16 @@ def test_systemd_makefs_is_x_makefs() -> None:
 )
 def test_device_timeouts_are_systemd_time_spans(text: str, seconds: float) -> None:
     assert parse_options(text).device_timeout == seconds
+
+
+@pytest.mark.parametrize("span", ["1", "5", "007", "90", "3600", "999999999999", "1000000000000"])
+def test_whole_seconds_read_without_the_time_span_parser_are_read_as_it_reads_them(
+    span: str,
+) -> None:
+    seconds = parse_timespan(span)
+    assert (
+        seconds is not None and parse_options(f"x-device-timeout={span}").device_timeout == seconds
+    )
 
 
 # Spans systemd takes and refuses; each is checked against systemd's own parser below.
