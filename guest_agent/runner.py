@@ -109,7 +109,7 @@ class Runner:
         if self.ctx.dry_run:
             return True
         try:
-            return handler_for(step.spec).present(step.spec, self.ctx)
+            return handler_for(step.spec).present(self.ctx)
         except Failure:
             return True  # run it now: its own step reports the problem
 
@@ -124,8 +124,9 @@ class Runner:
             ctx.reporter.problem(Problem(spec.source, reason, fatal=not nofail))
             return
         handler = handler_for(spec)
+        lower = step.store_lower
         try:
-            result = handler.dry_run(step, ctx) if ctx.dry_run else handler.mount(step, ctx)
+            result = handler.dry_run(ctx, lower) if ctx.dry_run else handler.mount(ctx, lower)
         except (Failure, PathError, OSError) as e:
             hint = e.hint if isinstance(e, Failure) else None
             if isinstance(e, Failure):
