@@ -23,8 +23,9 @@ from guest_agent.spec import Problem
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
-    from guest_agent.handlers.base import Context
+    from guest_agent.handlers.base import Context, Handler
     from guest_agent.plan import Step
+    from guest_agent.spec import MountSpec
 
 
 class Runner:
@@ -43,11 +44,14 @@ class Runner:
         for step in steps:
             if step.spec.options.noauto:
                 self._not_auto(step)
-            elif any(d in put_off for d in step.after) or not self._present(step):
-                later.append(step)
-                put_off.add(step.where)
-            else:
-                self.run_step(step)
+                continue
+            if not any(d in put_off for d in step.after):
+                handler = handler_for(step.spec)  # made once, for both questions
+                if self._present(handler):
+                    self.run_step(step, handler)
+                    continue
+            later.append(step)
+            put_off.add(step.where)
         for step in later:
             self.run_step(step)
         self._check_hidden()
@@ -104,16 +108,17 @@ class Runner:
                 return True
         return False
 
-    def _present(self, step: Step) -> bool:
-        """Whether STEP's tag or disk can be used right now (no waiting)."""
+    def _present(self, handler: Handler[MountSpec]) -> bool:
+        """Whether HANDLER's tag or disk can be used right now (no waiting)."""
         if self.ctx.dry_run:
             return True
         try:
-            return handler_for(step.spec).present(step.spec, self.ctx)
+            return handler.present(self.ctx)
         except Failure:
             return True  # run it now: its own step reports the problem
 
-    def run_step(self, step: Step) -> None:
+    def run_step(self, step: Step, handler: Handler[MountSpec] | None = None) -> None:
+        """Run STEP by HANDLER (made for STEP's spec when not given)."""
         ctx, spec = self.ctx, step.spec
         nofail = spec.options.nofail
         missing = [d for d in step.after if not ctx.log.in_place(d)]
@@ -123,9 +128,11 @@ class Runner:
             self.results.append(Result(spec.where, spec.source, Status.SKIPPED, message=reason))
             ctx.reporter.problem(Problem(spec.source, reason, fatal=not nofail))
             return
-        handler = handler_for(spec)
+        if handler is None:
+            handler = handler_for(spec)
+        lower = step.store_lower
         try:
-            result = handler.dry_run(step, ctx) if ctx.dry_run else handler.mount(step, ctx)
+            result = handler.dry_run(ctx, lower) if ctx.dry_run else handler.mount(ctx, lower)
         except (Failure, PathError, OSError) as e:
             hint = e.hint if isinstance(e, Failure) else None
             if isinstance(e, Failure):

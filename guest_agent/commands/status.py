@@ -206,7 +206,7 @@ def mount_status(root: str, config: Config) -> tuple[list[StatusRow], list[Probl
                 detail = NOAUTO if spec.options.noauto else "nothing mounted there"
             else:
                 fstype, source = current.fstype, current.source
-                ok = handler_for(spec).matches(spec, current, devices)
+                ok = handler_for(spec).matches(current, devices)
                 if spec is overlay and overlay is not None:
                     layers = overlay_layers(root, overlay, host, current)
                     ok = ok and all(layer.matches is not False for layer in layers.values())

@@ -26,28 +26,38 @@ from guest_agent.syscalls import mount as kernel_mount
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from typing import Protocol
+    from typing import Protocol, TypeVar
 
     from guest_agent.devices import Devices
     from guest_agent.mountinfo import Mount
     from guest_agent.mountlog import MountLog
     from guest_agent.paths import Opened
-    from guest_agent.plan import Step
     from guest_agent.report import Reporter
     from guest_agent.spec import MountSpec, Options, PseudoSpec, VolumeSpec
 
-    class Handler(Protocol):
-        def present(self, spec: MountSpec, ctx: Context) -> bool:
-            """Whether SPEC's tag or disk can be used right now (no waiting)."""
+    # A handler is one spec's mount, made by `handler_for`: the spec is bound in,
+    # so no method takes a spec and none narrows one (see handlers/__init__.py).
+    # Covariant: S is only read, so a ShareHandler (a Handler[ShareSpec]) is a
+    # Handler[MountSpec].
+    S_co = TypeVar("S_co", bound=MountSpec, covariant=True)
 
-        def dry_run(self, step: Step, ctx: Context) -> Result:
-            """What mounting STEP would do (nothing is made or mounted)."""
+    class Handler(Protocol[S_co]):
+        @property
+        def spec(self) -> S_co:
+            """The spec this handler mounts."""
 
-        def mount(self, step: Step, ctx: Context) -> Result:
-            """Mount STEP's spec (waiting for its device); raises Failure."""
+        def present(self, ctx: Context) -> bool:
+            """Whether the spec's tag or disk can be used right now (no waiting)."""
 
-        def matches(self, spec: MountSpec, current: Mount, devices: Devices) -> bool:
-            """Whether CURRENT, mounted at SPEC's WHERE, is what SPEC asks for."""
+        def dry_run(self, ctx: Context, store_lower: bool = False) -> Result:
+            """What mounting the spec would do (nothing is made or mounted); STORE_LOWER:
+            it is the store overlay's lower layer (read-only by default)."""
+
+        def mount(self, ctx: Context, store_lower: bool = False) -> Result:
+            """Mount the spec (waiting for its device); raises Failure."""
+
+        def matches(self, current: Mount, devices: Devices) -> bool:
+            """Whether CURRENT, mounted at the spec's WHERE, is what the spec asks for."""
 
 
 class Context:

@@ -17,7 +17,7 @@ from guest_agent.mountinfo import in_root
 from guest_agent.paths import host_path, reopen
 from guest_agent.plan import upper_on_9p
 from guest_agent.results import Failure, Result, Status, occupied, refused
-from guest_agent.spec import UPPER_DIR, WORK_DIR, OverlaySpec, Proto, join
+from guest_agent.spec import UPPER_DIR, WORK_DIR, Proto, join
 from guest_agent.syscalls import MountError, MountRequest, closing, umount
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
@@ -28,8 +28,7 @@ if TYPE_CHECKING:
     from guest_agent.handlers.base import Context
     from guest_agent.mountinfo import Mount
     from guest_agent.paths import Opened
-    from guest_agent.plan import Step
-    from guest_agent.spec import MountSpec, Options
+    from guest_agent.spec import Options, OverlaySpec
 
 OVERLAY_SAFE_DEFAULTS = ("index", "metacopy", "redirect_dir", "xino")
 
@@ -60,12 +59,18 @@ def overlay_options(
 
 
 class OverlayHandler:
-    def present(self, spec: MountSpec, ctx: Context) -> bool:
+    """The store overlay's mount: a Handler[OverlaySpec]."""
+
+    __slots__ = ("spec",)
+
+    def __init__(self, spec: OverlaySpec) -> None:
+        self.spec = spec
+
+    def present(self, ctx: Context) -> bool:
         return True  # its layers are mounts of their own, which run first
 
-    def dry_run(self, step: Step, ctx: Context) -> Result:
-        spec = step.spec
-        assert isinstance(spec, OverlaySpec)
+    def dry_run(self, ctx: Context, store_lower: bool = False) -> Result:
+        spec = self.spec
         host = ctx.target(spec.where)
         current = ctx.existing(host)
         if current is not None:
@@ -77,9 +82,8 @@ class OverlayHandler:
         options = overlay_options(spec.lower, spec.upper, spec.work, spec.options, userxattr)
         return Result(spec.where, spec.source, Status.WOULD_MOUNT, "overlay", "overlay", options)
 
-    def mount(self, step: Step, ctx: Context) -> Result:
-        spec = step.spec
-        assert isinstance(spec, OverlaySpec)
+    def mount(self, ctx: Context, store_lower: bool = False) -> Result:
+        spec = self.spec
         host = ctx.target(spec.where)
         with ctx.open_dir(spec.rw, create=True) as rw_path, ctx.open_dir(spec.lower) as lower:
             rw = reopen(rw_path.fd)
@@ -88,11 +92,8 @@ class OverlayHandler:
             finally:
                 os.close(rw)
 
-    def matches(self, spec: MountSpec, current: Mount, devices: Devices) -> bool:
+    def matches(self, current: Mount, devices: Devices) -> bool:
         return bool(current.fstype == "overlay")
-
-
-HANDLER = OverlayHandler()
 
 
 def _mount_on(

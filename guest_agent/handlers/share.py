@@ -13,7 +13,7 @@ import os
 
 from guest_agent.mountinfo import in_root
 from guest_agent.results import Failure, Result, Status, occupied, refused
-from guest_agent.spec import SHARE_FSTYPES, Proto, ShareSpec
+from guest_agent.spec import SHARE_FSTYPES, Proto
 from guest_agent.syscalls import MountError, MountRequest, umount
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
@@ -21,8 +21,7 @@ if TYPE_CHECKING:
     from guest_agent.devices import Devices
     from guest_agent.handlers.base import Context
     from guest_agent.mountinfo import Mount
-    from guest_agent.plan import Step
-    from guest_agent.spec import MountSpec, Options
+    from guest_agent.spec import Options, ShareSpec
 
 # 9p: the virtio transport carries at most PAGE_SIZE * (VIRTQUEUE_NUM - 3) = 512000 bytes a
 # message on 4 KiB pages; a larger msize is clamped by the kernel (see docs/defaults.md).
@@ -48,23 +47,29 @@ def share_options(proto: str, options: Options, read_only: bool) -> tuple[str, .
 
 
 class ShareHandler:
-    def present(self, spec: MountSpec, ctx: Context) -> bool:
-        assert isinstance(spec, ShareSpec)
+    """A 9p or virtiofs share's mount: a Handler[ShareSpec]."""
+
+    __slots__ = ("spec",)
+
+    def __init__(self, spec: ShareSpec) -> None:
+        self.spec = spec
+
+    def present(self, ctx: Context) -> bool:
+        spec = self.spec
         return ctx.devices.look(lambda: ctx.devices.locate_share(spec)[0]) is not None
 
-    def _prepare(self, step: Step, ctx: Context) -> tuple[ShareSpec, str, bool, Result | None]:
+    def _prepare(self, ctx: Context, store_lower: bool) -> tuple[str, bool, Result | None]:
         """The checks before mounting (or not): the target, what is there, the 9p channel."""
-        spec = step.spec
-        assert isinstance(spec, ShareSpec)
+        spec = self.spec
         host = ctx.target(spec.where)
         read_only = spec.options.read_only
-        read_only = step.store_lower if read_only is None else read_only
+        read_only = store_lower if read_only is None else read_only
         table = ctx.table()
         current = table.visible_at(host)
         if current is not None:
             if current.fstype in SHARE_FSTYPES and current.source == spec.tag:
                 if spec.proto in (Proto.AUTO, current.fstype):
-                    return spec, host, read_only, ctx.already(spec.where, spec.source, current)
+                    return host, read_only, ctx.already(spec.where, spec.source, current)
             raise occupied(spec.where, current)
         in_use = table.tag_in_use(spec.tag, (Proto.NINEP,))
         if in_use is not None and spec.proto != Proto.VIRTIOFS:
@@ -73,12 +78,13 @@ class ShareHandler:
                 " a 9p channel mounts once",
                 "bind-mount that directory instead",
             )
-        return spec, host, read_only, None
+        return host, read_only, None
 
-    def dry_run(self, step: Step, ctx: Context) -> Result:
-        spec, _, read_only, done = self._prepare(step, ctx)
+    def dry_run(self, ctx: Context, store_lower: bool = False) -> Result:
+        _, read_only, done = self._prepare(ctx, store_lower)
         if done is not None:
             return done
+        spec = self.spec
         proto = str(spec.proto)
         return Result(
             spec.where,
@@ -89,10 +95,11 @@ class ShareHandler:
             share_options(proto, spec.options, read_only),
         )
 
-    def mount(self, step: Step, ctx: Context) -> Result:
-        spec, host, read_only, done = self._prepare(step, ctx)
+    def mount(self, ctx: Context, store_lower: bool = False) -> Result:
+        host, read_only, done = self._prepare(ctx, store_lower)
         if done is not None:
             return done
+        spec = self.spec
         devices = ctx.devices
 
         def attempt() -> Result | None:
@@ -117,12 +124,8 @@ class ShareHandler:
             raise _timeout(spec, devices)
         return result
 
-    def matches(self, spec: MountSpec, current: Mount, devices: Devices) -> bool:
-        assert isinstance(spec, ShareSpec)
-        return bool(current.fstype in SHARE_FSTYPES and current.source == spec.tag)
-
-
-HANDLER = ShareHandler()
+    def matches(self, current: Mount, devices: Devices) -> bool:
+        return bool(current.fstype in SHARE_FSTYPES and current.source == self.spec.tag)
 
 
 def _check_share_root(ctx: Context, spec: ShareSpec, proto: str, host: str) -> None:

@@ -11,15 +11,14 @@ from __future__ import annotations
 from guest_agent.handlers.base import mount_device, read_only_default
 from guest_agent.mountinfo import devnum
 from guest_agent.results import Failure, Result, Status, occupied
-from guest_agent.spec import EXT_FAMILY, VolumeSpec
+from guest_agent.spec import EXT_FAMILY
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
     from guest_agent.devices import Devices
     from guest_agent.handlers.base import Context
     from guest_agent.mountinfo import Mount
-    from guest_agent.plan import Step
-    from guest_agent.spec import MountSpec, Options
+    from guest_agent.spec import Options, VolumeSpec
 
 READ_ONLY_FILESYSTEMS = frozenset({"erofs", "squashfs", "iso9660"})
 
@@ -33,16 +32,22 @@ def same_fstype(wanted: str, found: str) -> bool:
 
 
 class VolumeHandler:
-    def present(self, spec: MountSpec, ctx: Context) -> bool:
-        assert isinstance(spec, VolumeSpec)
+    """A block volume's mount: a Handler[VolumeSpec]."""
+
+    __slots__ = ("spec",)
+
+    def __init__(self, spec: VolumeSpec) -> None:
+        self.spec = spec
+
+    def present(self, ctx: Context) -> bool:
+        spec = self.spec
         try:
             return ctx.devices.look(lambda: ctx.devices.find_disk(spec)) is not None
         except Failure:
             return True  # run it now: its own step reports the problem
 
-    def dry_run(self, step: Step, ctx: Context) -> Result:
-        spec = step.spec
-        assert isinstance(spec, VolumeSpec)
+    def dry_run(self, ctx: Context, store_lower: bool = False) -> Result:
+        spec = self.spec
         ctx.target(spec.where)
         return Result(
             spec.where,
@@ -50,12 +55,11 @@ class VolumeHandler:
             Status.WOULD_MOUNT,
             spec.fstype,
             spec.what,
-            volume_options(spec.fstype, spec.options, step.store_lower),
+            volume_options(spec.fstype, spec.options, store_lower),
         )
 
-    def mount(self, step: Step, ctx: Context) -> Result:
-        spec = step.spec
-        assert isinstance(spec, VolumeSpec)
+    def mount(self, ctx: Context, store_lower: bool = False) -> Result:
+        spec = self.spec
         host = ctx.target(spec.where)
         devices = ctx.devices
         device = devices.wait(lambda: devices.find_disk(spec), devices.deadline(spec.options))
@@ -68,13 +72,12 @@ class VolumeHandler:
             raise occupied(spec.where, current)
         fstype = _fstype(ctx, spec, device)
         devices.need_filesystem(fstype)
-        options = volume_options(fstype, spec.options, step.store_lower)
+        options = volume_options(fstype, spec.options, store_lower)
         return mount_device(ctx, spec, fstype, device, host, options)
 
-    def matches(self, spec: MountSpec, current: Mount, devices: Devices) -> bool:
-        assert isinstance(spec, VolumeSpec)
+    def matches(self, current: Mount, devices: Devices) -> bool:
         try:
-            device = devices.find_disk(spec)
+            device = devices.find_disk(self.spec)
         except Failure:
             return False
         if device is None:
@@ -83,9 +86,6 @@ class VolumeHandler:
         if number is None:
             return False
         return bool(current.devnum == number or current.source == device)
-
-
-HANDLER = VolumeHandler()
 
 
 def _fstype(ctx: Context, spec: VolumeSpec, device: str) -> str:

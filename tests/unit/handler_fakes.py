@@ -10,10 +10,9 @@ from typing import Any
 
 from guest_agent.handlers.base import Context
 from guest_agent.mountlog import MountLog
-from guest_agent.plan import Step
 from guest_agent.report import Reporter
 from guest_agent.results import Failure
-from guest_agent.spec import MountSpec, ShareSpec, VolumeSpec
+from guest_agent.spec import ShareSpec, VolumeSpec
 from guest_agent.syscalls import MountError, MountRequest
 
 
@@ -144,7 +143,3 @@ class Run:
 
     def lines(self) -> list[str]:
         return self.out.getvalue().splitlines()
-
-
-def step(spec: MountSpec | Any, store_lower: bool = False) -> Step:
-    return Step(spec, (), store_lower=store_lower)

@@ -8,11 +8,11 @@ import os
 from pathlib import Path
 
 import pytest
-from handler_fakes import FakeDevices, RecordingMount, Run, step
+from handler_fakes import FakeDevices, RecordingMount, Run
 
 from guest_agent import reset as overlay_reset
 from guest_agent.handlers import handler_for
-from guest_agent.handlers.overlay import HANDLER
+from guest_agent.handlers.overlay import OverlayHandler
 from guest_agent.parsers import parse_overlay
 from guest_agent.results import Failure, Status
 from guest_agent.spec import OverlaySpec
@@ -33,15 +33,16 @@ def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Run:
 
 
 def test_handler_for_the_overlay() -> None:
-    assert handler_for(SPEC) is HANDLER
+    handler = handler_for(SPEC)
+    assert isinstance(handler, OverlayHandler) and handler.spec is SPEC
 
 
 def test_always_present(run: Run) -> None:
-    assert HANDLER.present(SPEC, run.ctx) and run.devices.coldplugged == 0
+    assert OverlayHandler(SPEC).present(run.ctx) and run.devices.coldplugged == 0
 
 
 def test_mount_hands_the_layers_as_fds(run: Run) -> None:
-    result = HANDLER.mount(step(SPEC), run.ctx)
+    result = OverlayHandler(SPEC).mount(run.ctx)
     (request,) = run.mount.requests
     assert (request.fstype, request.source, request.target) == (
         "overlay",
@@ -64,7 +65,7 @@ def test_mount_hands_the_layers_as_fds(run: Run) -> None:
 
 def test_dry_run_makes_nothing(run: Run) -> None:
     run.ctx.dry_run = True
-    result = HANDLER.dry_run(step(SPEC), run.ctx)
+    result = OverlayHandler(SPEC).dry_run(run.ctx)
     assert result.status == Status.WOULD_MOUNT
     assert result.options[0] == "lowerdir=/lower"
     assert run.mount.requests == [] and not (run.root / "rw/store").exists()
@@ -77,7 +78,7 @@ def test_already_mounted_and_a_scheduled_reset(run: Run) -> None:
         overlay_reset.schedule(fd)
     finally:
         os.close(fd)
-    result = HANDLER.mount(step(SPEC), run.ctx)
+    result = OverlayHandler(SPEC).mount(run.ctx)
     assert result.status == Status.ALREADY_MOUNTED
     assert run.lines() == [
         "/nix/store is already mounted: the scheduled reset applies at the next boot",
@@ -88,13 +89,13 @@ def test_already_mounted_and_a_scheduled_reset(run: Run) -> None:
 def test_occupied(run: Run) -> None:
     run.mounted("/nix/store", "tmpfs", "tmpfs")
     with pytest.raises(Failure, match=r"^/nix/store already has tmpfs from tmpfs mounted on it"):
-        HANDLER.mount(step(SPEC), run.ctx)
+        OverlayHandler(SPEC).mount(run.ctx)
 
 
 def test_a_name_the_agent_owns_of_the_wrong_type(run: Run) -> None:
     (run.root / "rw/store").symlink_to("/etc")
     with pytest.raises(Failure) as caught:
-        HANDLER.mount(step(SPEC), run.ctx)
+        OverlayHandler(SPEC).mount(run.ctx)
     assert caught.value.reason.startswith("/rw/store")
     assert "(a name the agent owns): refusing to follow or delete it" in caught.value.reason
     assert caught.value.hint == "remove /rw/store by hand if it is not yours"
@@ -106,7 +107,7 @@ def test_layers_overlapping_through_a_link(run: Run) -> None:
     (run.root / "rw/store").mkdir()
     (run.root / "lower").symlink_to("rw/store")
     with pytest.raises(Failure) as caught:
-        HANDLER.mount(step(SPEC), run.ctx)
+        OverlayHandler(SPEC).mount(run.ctx)
     assert caught.value.reason.startswith("the lower layer /lower and /rw overlap")
     assert caught.value.hint == "LOWER and RW must be separate directories"
 
@@ -115,7 +116,7 @@ def test_upper_in_use_by_another_overlay(run: Run) -> None:
     (run.root / "rw/store").mkdir()
     run.mounted("/elsewhere", "overlay", "overlay", f"rw,upperdir={run.host('/rw/store')}")
     with pytest.raises(Failure) as caught:
-        HANDLER.mount(step(SPEC), run.ctx)
+        OverlayHandler(SPEC).mount(run.ctx)
     assert caught.value.reason == (
         "the upper layer /rw/store is in use by the overlay mounted at /elsewhere:"
         " not mounting it a second time"
@@ -125,10 +126,10 @@ def test_upper_in_use_by_another_overlay(run: Run) -> None:
 def test_upper_on_9p_is_refused_and_on_virtiofs_gets_userxattr(run: Run, tmp_path: Path) -> None:
     run.mounted("/rw", "9p", "rwtag")
     with pytest.raises(Failure, match=r"^the upper layer /rw is on 9p \(rwtag at "):
-        HANDLER.mount(step(SPEC), run.ctx)
+        OverlayHandler(SPEC).mount(run.ctx)
     run.mountinfo.write_text("")
     run.mounted("/rw", "virtiofs", "rwtag")
-    result = HANDLER.mount(step(SPEC), run.ctx)
+    result = OverlayHandler(SPEC).mount(run.ctx)
     assert "userxattr" in result.options
     assert (
         run.lines()[-1]
@@ -139,7 +140,7 @@ def test_upper_on_9p_is_refused_and_on_virtiofs_gets_userxattr(run: Run, tmp_pat
 def test_reset_requested_moves_the_upper_layer_aside(run: Run) -> None:
     (run.root / "rw/store/pkg").mkdir(parents=True)
     run.ctx.reset_requested = True
-    HANDLER.mount(step(SPEC), run.ctx)
+    OverlayHandler(SPEC).mount(run.ctx)
     assert run.lines()[0] == (
         "reset the /nix/store upper layer: moved 1 dir(s) of /rw aside, deleting them in the background"
     )
@@ -151,21 +152,21 @@ def test_unsupported_and_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     run = Run(tmp_path, FakeDevices(unsupported={"overlay": "no module"}))
     (run.root / "lower").mkdir()
     with pytest.raises(Failure, match=r"^the kernel does not support overlay: no module$"):
-        HANDLER.mount(step(SPEC), run.ctx)
+        OverlayHandler(SPEC).mount(run.ctx)
     run = Run(tmp_path, mount=RecordingMount(MountError(errno.EINVAL, "fsconfig", "overlay: bad")))
     with pytest.raises(Failure, match=r"^the kernel refused to mount overlay \(fsconfig\): "):
-        HANDLER.mount(step(SPEC), run.ctx)
+        OverlayHandler(SPEC).mount(run.ctx)
 
 
 def test_missing_lower_is_an_error(run: Run) -> None:
     (run.root / "lower").rmdir()
     with pytest.raises(Exception, match="lower"):
-        HANDLER.mount(step(SPEC), run.ctx)
+        OverlayHandler(SPEC).mount(run.ctx)
 
 
 def test_matches_any_overlay(run: Run) -> None:
     run.mounted("/a", "overlay", "overlay")
     run.mounted("/b", "tmpfs", "overlay")
     table = run.ctx.table()
-    assert HANDLER.matches(SPEC, table.at(run.host("/a")), run.devices)  # type: ignore[arg-type]
-    assert not HANDLER.matches(SPEC, table.at(run.host("/b")), run.devices)  # type: ignore[arg-type]
+    assert OverlayHandler(SPEC).matches(table.at(run.host("/a")), run.devices)  # type: ignore[arg-type]
+    assert not OverlayHandler(SPEC).matches(table.at(run.host("/b")), run.devices)  # type: ignore[arg-type]

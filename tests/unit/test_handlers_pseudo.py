@@ -6,10 +6,10 @@ import errno
 from pathlib import Path
 
 import pytest
-from handler_fakes import FakeDevices, RecordingMount, Run, step
+from handler_fakes import FakeDevices, RecordingMount, Run
 
 from guest_agent.handlers import handler_for
-from guest_agent.handlers.pseudo import HANDLER
+from guest_agent.handlers.pseudo import PseudoHandler
 from guest_agent.parsers import parse_volume
 from guest_agent.results import Failure, Status
 from guest_agent.spec import PseudoSpec
@@ -23,19 +23,20 @@ def pseudo(text: str) -> PseudoSpec:
 
 
 def test_handler_for_tmpfs_and_ramfs() -> None:
-    assert handler_for(pseudo("tmpfs:/t:tmpfs")) is HANDLER
-    assert handler_for(pseudo("scratch:/r:ramfs")) is HANDLER
+    for spec in (pseudo("tmpfs:/t:tmpfs"), pseudo("scratch:/r:ramfs")):
+        handler = handler_for(spec)
+        assert isinstance(handler, PseudoHandler) and handler.spec is spec
 
 
 def test_always_present_without_coldplug(tmp_path: Path) -> None:
     run = Run(tmp_path)
-    assert HANDLER.present(pseudo("tmpfs:/t:tmpfs"), run.ctx)
+    assert PseudoHandler(pseudo("tmpfs:/t:tmpfs")).present(run.ctx)
     assert run.devices.coldplugged == 0
 
 
 def test_mount(tmp_path: Path) -> None:
     run = Run(tmp_path)
-    result = HANDLER.mount(step(pseudo("tmpfs:/run/x:tmpfs:size=8m,mode=0755")), run.ctx)
+    result = PseudoHandler(pseudo("tmpfs:/run/x:tmpfs:size=8m,mode=0755")).mount(run.ctx)
     (request,) = run.mount.requests
     assert (request.fstype, request.source, request.target) == (
         "tmpfs",
@@ -50,14 +51,14 @@ def test_mount(tmp_path: Path) -> None:
 
 def test_store_lower_is_read_only(tmp_path: Path) -> None:
     run = Run(tmp_path)
-    result = HANDLER.mount(step(pseudo("scratch:/s:ramfs"), store_lower=True), run.ctx)
+    result = PseudoHandler(pseudo("scratch:/s:ramfs")).mount(run.ctx, store_lower=True)
     assert result.options == ("ro",)
     assert run.lines() == ["mounted ramfs scratch at /s (ro)"]
 
 
 def test_dry_run(tmp_path: Path) -> None:
     run = Run(tmp_path, dry_run=True)
-    result = HANDLER.dry_run(step(pseudo("tmpfs:/x:tmpfs:size=8m")), run.ctx)
+    result = PseudoHandler(pseudo("tmpfs:/x:tmpfs:size=8m")).dry_run(run.ctx)
     assert result == (
         "/x", "microvm.volume=tmpfs:/x:tmpfs:size=8m", Status.WOULD_MOUNT, "tmpfs", "tmpfs",
         ("size=8m",), None,
@@ -69,21 +70,21 @@ def test_already_mounted_and_occupied(tmp_path: Path) -> None:
     run = Run(tmp_path)
     run.mounted("/x", "tmpfs", "tmpfs")
     run.mounted("/y", "ext4", "/dev/vda")
-    assert HANDLER.mount(step(pseudo("tmpfs:/x:tmpfs")), run.ctx).status == Status.ALREADY_MOUNTED
-    assert HANDLER.dry_run(step(pseudo("tmpfs:/x:tmpfs")), run.ctx).status == Status.ALREADY_MOUNTED
+    assert PseudoHandler(pseudo("tmpfs:/x:tmpfs")).mount(run.ctx).status == Status.ALREADY_MOUNTED
+    assert PseudoHandler(pseudo("tmpfs:/x:tmpfs")).dry_run(run.ctx).status == Status.ALREADY_MOUNTED
     with pytest.raises(Failure, match=r"^/y already has ext4 from /dev/vda mounted on it"):
-        HANDLER.mount(step(pseudo("tmpfs:/y:tmpfs")), run.ctx)
+        PseudoHandler(pseudo("tmpfs:/y:tmpfs")).mount(run.ctx)
     assert run.mount.requests == []
 
 
 def test_unsupported_and_refused(tmp_path: Path) -> None:
     run = Run(tmp_path, FakeDevices(unsupported={"ramfs": "not built"}))
     with pytest.raises(Failure, match=r"^the kernel does not support ramfs: not built$"):
-        HANDLER.mount(step(pseudo("r:/r:ramfs")), run.ctx)
+        PseudoHandler(pseudo("r:/r:ramfs")).mount(run.ctx)
     mount = RecordingMount(MountError(errno.EINVAL, "fsconfig", "tmpfs: Unknown parameter 'bogus'"))
     run = Run(tmp_path, mount=mount)
     with pytest.raises(Failure) as caught:
-        HANDLER.mount(step(pseudo("tmpfs:/t:tmpfs:bogus")), run.ctx)
+        PseudoHandler(pseudo("tmpfs:/t:tmpfs:bogus")).mount(run.ctx)
     assert caught.value.reason == (
         "the kernel refused to mount tmpfs (fsconfig): Invalid argument: tmpfs: Unknown parameter 'bogus'"
     )
@@ -96,5 +97,5 @@ def test_matches_by_fstype(tmp_path: Path) -> None:
     run.mounted("/b", "ramfs", "tmpfs")
     table = run.ctx.table()
     spec = pseudo("tmpfs:/x:tmpfs")
-    assert HANDLER.matches(spec, table.at(run.host("/a")), run.devices)  # type: ignore[arg-type]
-    assert not HANDLER.matches(spec, table.at(run.host("/b")), run.devices)  # type: ignore[arg-type]
+    assert PseudoHandler(spec).matches(table.at(run.host("/a")), run.devices)  # type: ignore[arg-type]
+    assert not PseudoHandler(spec).matches(table.at(run.host("/b")), run.devices)  # type: ignore[arg-type]

@@ -7,10 +7,10 @@ import os
 from pathlib import Path
 
 import pytest
-from handler_fakes import FakeDevices, RecordingMount, Run, step
+from handler_fakes import FakeDevices, RecordingMount, Run
 
 from guest_agent.handlers import handler_for
-from guest_agent.handlers.share import HANDLER
+from guest_agent.handlers.share import ShareHandler
 from guest_agent.parsers import parse_share
 from guest_agent.results import Failure, Status
 from guest_agent.spec import ShareSpec
@@ -24,21 +24,23 @@ def share(text: str) -> ShareSpec:
 
 
 def test_handler_for_a_share() -> None:
-    assert handler_for(share("home:/home")) is HANDLER
+    spec = share("home:/home")
+    handler = handler_for(spec)
+    assert isinstance(handler, ShareHandler) and handler.spec is spec
 
 
 def test_present_looks_first_and_coldplugs_only_for_a_missing_tag(tmp_path: Path) -> None:
     run = Run(tmp_path, FakeDevices({"home": ("virtiofs", False)}))
-    assert HANDLER.present(share("home:/home"), run.ctx)
+    assert ShareHandler(share("home:/home")).present(run.ctx)
     assert run.devices.coldplugged == 0  # there: no uevent socket, no driver scan
-    assert not HANDLER.present(share("other:/o"), run.ctx)
-    assert not HANDLER.present(share("third:/t"), run.ctx)
+    assert not ShareHandler(share("other:/o")).present(run.ctx)
+    assert not ShareHandler(share("third:/t")).present(run.ctx)
     assert run.devices.coldplugged == 1  # missing: coldplug once, then look again
 
 
 def test_mount_9p_with_defaults(tmp_path: Path) -> None:
     run = Run(tmp_path, FakeDevices({"ro-store": ("9p", False)}))
-    result = HANDLER.mount(step(share("ro-store:/nix/.ro-store"), store_lower=True), run.ctx)
+    result = ShareHandler(share("ro-store:/nix/.ro-store")).mount(run.ctx, store_lower=True)
     (request,) = run.mount.requests
     options = ("trans=virtio", "version=9p2000.L", "msize=512000", "cache=loose", "ro")
     assert (request.fstype, request.source, request.target) == (
@@ -56,7 +58,7 @@ def test_mount_9p_with_defaults(tmp_path: Path) -> None:
 
 def test_mount_virtiofs_rw(tmp_path: Path) -> None:
     run = Run(tmp_path, FakeDevices({"home": ("virtiofs", False)}))
-    result = HANDLER.mount(step(share("home:/home")), run.ctx)
+    result = ShareHandler(share("home:/home")).mount(run.ctx)
     assert [r.options for r in run.mount.requests] == [()]
     assert result.fstype == "virtiofs"
     assert run.lines() == ["mounted virtiofs home at /home (rw)"]
@@ -64,7 +66,7 @@ def test_mount_virtiofs_rw(tmp_path: Path) -> None:
 
 def test_dry_run_mounts_nothing(tmp_path: Path) -> None:
     run = Run(tmp_path, FakeDevices(), dry_run=True)
-    result = HANDLER.dry_run(step(share("home:/home:9p")), run.ctx)
+    result = ShareHandler(share("home:/home:9p")).dry_run(run.ctx)
     assert result.status == Status.WOULD_MOUNT
     assert (result.fstype, result.source) == ("9p", "home")
     assert result.options == ("trans=virtio", "version=9p2000.L", "msize=512000", "cache=mmap")
@@ -75,7 +77,7 @@ def test_dry_run_mounts_nothing(tmp_path: Path) -> None:
 def test_already_mounted(tmp_path: Path) -> None:
     run = Run(tmp_path, FakeDevices({"home": ("virtiofs", False)}))
     run.mounted("/home", "virtiofs", "home")
-    result = HANDLER.mount(step(share("home:/home")), run.ctx)
+    result = ShareHandler(share("home:/home")).mount(run.ctx)
     assert result.status == Status.ALREADY_MOUNTED and run.mount.requests == []
     assert run.lines() == ["/home: already mounted (virtiofs home)"]
 
@@ -84,20 +86,20 @@ def test_something_else_mounted_there(tmp_path: Path) -> None:
     run = Run(tmp_path, FakeDevices({"home": ("virtiofs", False)}))
     run.mounted("/home", "tmpfs", "tmpfs")
     with pytest.raises(Failure, match="/home already has tmpfs from tmpfs mounted on it"):
-        HANDLER.mount(step(share("home:/home")), run.ctx)
+        ShareHandler(share("home:/home")).mount(run.ctx)
     # the same tag over the other transport is something else too
     (tmp_path / "2").mkdir()
     run2 = Run(tmp_path / "2")
     run2.mounted("/home", "virtiofs", "home")
     with pytest.raises(Failure, match="already has virtiofs from home"):
-        HANDLER.mount(step(share("home:/home:9p")), run2.ctx)
+        ShareHandler(share("home:/home:9p")).mount(run2.ctx)
 
 
 def test_a_9p_channel_mounts_once(tmp_path: Path) -> None:
     run = Run(tmp_path, FakeDevices({"data": ("9p", False)}))
     run.mounted("/elsewhere", "9p", "data")
     with pytest.raises(Failure) as caught:
-        HANDLER.mount(step(share("data:/data")), run.ctx)
+        ShareHandler(share("data:/data")).mount(run.ctx)
     assert (
         caught.value.reason
         == "9p tag 'data' is already mounted at /elsewhere: a 9p channel mounts once"
@@ -108,7 +110,7 @@ def test_a_9p_channel_mounts_once(tmp_path: Path) -> None:
 def test_timeout_names_what_was_seen(tmp_path: Path) -> None:
     run = Run(tmp_path, FakeDevices({"other": ("9p", False)}, events=2))
     with pytest.raises(Failure) as caught:
-        HANDLER.mount(step(share("home:/home:virtiofs:x-device-timeout=3")), run.ctx)
+        ShareHandler(share("home:/home:virtiofs:x-device-timeout=3")).mount(run.ctx)
     assert (
         caught.value.reason
         == "no virtiofs share tagged 'home' appeared within 3 s (seen: 9p 'other')"
@@ -121,7 +123,7 @@ def test_blind_virtiofs_retries_until_the_mount_works(tmp_path: Path) -> None:
         MountError(errno.EINVAL, "fsconfig"), MountError(errno.ENOENT, "fsconfig")
     )
     run = Run(tmp_path, FakeDevices({"home": ("virtiofs", True)}, events=2), mount)
-    result = HANDLER.mount(step(share("home:/home")), run.ctx)
+    result = ShareHandler(share("home:/home")).mount(run.ctx)
     assert result.status == Status.MOUNTED and len(mount.requests) == 3
 
 
@@ -130,7 +132,7 @@ def test_blind_virtiofs_gives_up_at_the_deadline(tmp_path: Path) -> None:
     mount = RecordingMount(*[MountError(errno.EINVAL, "fsconfig")] * 3)
     run = Run(tmp_path, FakeDevices({"home": ("virtiofs", True)}, events=1), mount)
     with pytest.raises(Failure, match=r"^no virtio share tagged 'home' appeared within 10 s"):
-        HANDLER.mount(step(share("home:/home")), run.ctx)
+        ShareHandler(share("home:/home")).mount(run.ctx)
     assert len(mount.requests) == 3
 
 
@@ -138,7 +140,7 @@ def test_refusal_of_a_listed_tag_is_not_retried(tmp_path: Path) -> None:
     mount = RecordingMount(MountError(errno.EINVAL, "fsconfig", "bad option"))
     run = Run(tmp_path, FakeDevices({"home": ("virtiofs", False)}, events=3), mount)
     with pytest.raises(Failure) as caught:
-        HANDLER.mount(step(share("home:/home")), run.ctx)
+        ShareHandler(share("home:/home")).mount(run.ctx)
     assert (
         caught.value.reason
         == "the kernel refused to mount virtiofs (fsconfig): Invalid argument: bad option"
@@ -151,7 +153,7 @@ def test_unsupported_filesystem(tmp_path: Path) -> None:
         tmp_path, FakeDevices({"home": ("virtiofs", False)}, unsupported={"virtiofs": "no module"})
     )
     with pytest.raises(Failure, match=r"^the kernel does not support virtiofs: no module$"):
-        HANDLER.mount(step(share("home:/home")), run.ctx)
+        ShareHandler(share("home:/home")).mount(run.ctx)
 
 
 def test_share_whose_host_dir_is_gone_is_unmounted_again(
@@ -175,7 +177,7 @@ def test_share_whose_host_dir_is_gone_is_unmounted_again(
 
     monkeypatch.setattr(share_module.os, "stat", stat)
     with pytest.raises(Failure) as caught:
-        HANDLER.mount(step(share("home:/home")), run.ctx)
+        ShareHandler(share("home:/home")).mount(run.ctx)
     assert caught.value.reason == (
         "virtiofs share 'home' mounted but is unusable, so it was unmounted again: "
         "its root directory has been deleted on the host (it has no links)"
@@ -189,5 +191,5 @@ def test_matches(tmp_path: Path) -> None:
     run.mounted("/b", "virtiofs", "other")
     table = run.ctx.table()
     spec = share("home:/home")
-    assert HANDLER.matches(spec, table.at(run.host("/a")), run.devices)  # type: ignore[arg-type]
-    assert not HANDLER.matches(spec, table.at(run.host("/b")), run.devices)  # type: ignore[arg-type]
+    assert ShareHandler(spec).matches(table.at(run.host("/a")), run.devices)  # type: ignore[arg-type]
+    assert not ShareHandler(spec).matches(table.at(run.host("/b")), run.devices)  # type: ignore[arg-type]

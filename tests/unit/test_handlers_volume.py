@@ -7,13 +7,13 @@ import errno
 from pathlib import Path
 
 import pytest
-from handler_fakes import FakeDevices, RecordingMount, Run, step
+from handler_fakes import FakeDevices, RecordingMount, Run
 
 from guest_agent import probe
 from guest_agent.handlers import handler_for
 from guest_agent.handlers import makefs as makefs_module
 from guest_agent.handlers.makefs import mkfs_argv
-from guest_agent.handlers.volume import HANDLER
+from guest_agent.handlers.volume import VolumeHandler
 from guest_agent.parsers import parse_volume
 from guest_agent.probe import Signature
 from guest_agent.results import Failure, Status
@@ -51,22 +51,24 @@ def with_signature(
 
 
 def test_handler_for_a_volume() -> None:
-    assert handler_for(volume("LABEL=data:/data")) is HANDLER
+    spec = volume("LABEL=data:/data")
+    handler = handler_for(spec)
+    assert isinstance(handler, VolumeHandler) and handler.spec is spec
 
 
 def test_present(tmp_path: Path, disk: str) -> None:
     run = Run(tmp_path, FakeDevices(disks={"LABEL=data": disk, "LABEL=two": Failure("several")}))
-    assert HANDLER.present(volume("LABEL=data:/data"), run.ctx)
+    assert VolumeHandler(volume("LABEL=data:/data")).present(run.ctx)
     assert run.devices.coldplugged == 0  # there: no uevent socket, no driver scan
-    assert not HANDLER.present(volume("LABEL=none:/data"), run.ctx)
-    assert HANDLER.present(volume("LABEL=two:/data"), run.ctx)  # its step reports it
+    assert not VolumeHandler(volume("LABEL=none:/data")).present(run.ctx)
+    assert VolumeHandler(volume("LABEL=two:/data")).present(run.ctx)  # its step reports it
     assert run.devices.coldplugged == 1  # missing: coldplug once, then look again
 
 
 def test_mount_found_by_label(tmp_path: Path, disk: str, monkeypatch: pytest.MonkeyPatch) -> None:
     with_signature(monkeypatch, EXT4)
     run = Run(tmp_path, FakeDevices(disks={"LABEL=data": disk}))
-    result = HANDLER.mount(step(volume("LABEL=data:/data:auto:noatime")), run.ctx)
+    result = VolumeHandler(volume("LABEL=data:/data:auto:noatime")).mount(run.ctx)
     (request,) = run.mount.requests
     assert (request.fstype, request.source, request.options) == ("ext4", disk, ("noatime",))
     assert result.status == Status.MOUNTED
@@ -79,17 +81,17 @@ def test_read_only_filesystems_and_store_lower(
 ) -> None:
     with_signature(monkeypatch, Signature("erofs", None, None, "filesystem"))
     run = Run(tmp_path, FakeDevices(disks={"/dev/vdb": disk}))
-    assert HANDLER.mount(step(volume("/dev/vdb:/store")), run.ctx).options == ("ro",)
+    assert VolumeHandler(volume("/dev/vdb:/store")).mount(run.ctx).options == ("ro",)
     with_signature(monkeypatch, EXT4)
-    lower = step(volume("/dev/vdb:/lower:ext4"), store_lower=True)
-    assert HANDLER.mount(lower, run.ctx).options == ("ro",)
-    lower = step(volume("/dev/vdb:/lower-rw:ext4:rw"), store_lower=True)
-    assert HANDLER.mount(lower, run.ctx).options == ("rw",)
+    lower = VolumeHandler(volume("/dev/vdb:/lower:ext4"))
+    assert lower.mount(run.ctx, store_lower=True).options == ("ro",)
+    lower = VolumeHandler(volume("/dev/vdb:/lower-rw:ext4:rw"))
+    assert lower.mount(run.ctx, store_lower=True).options == ("rw",)
 
 
 def test_dry_run(tmp_path: Path) -> None:
     run = Run(tmp_path, dry_run=True)
-    result = HANDLER.dry_run(step(volume("SERIAL=s1:/srv:xfs"), store_lower=True), run.ctx)
+    result = VolumeHandler(volume("SERIAL=s1:/srv:xfs")).dry_run(run.ctx, store_lower=True)
     assert (result.status, result.fstype, result.source, result.options) == (
         Status.WOULD_MOUNT, "xfs", "SERIAL=s1", ("ro",),
     )  # fmt: skip
@@ -99,7 +101,7 @@ def test_dry_run(tmp_path: Path) -> None:
 def test_timeout_names_the_disks_seen(tmp_path: Path) -> None:
     run = Run(tmp_path, FakeDevices(events=1))
     with pytest.raises(Failure) as caught:
-        HANDLER.mount(step(volume("SERIAL=data:/data:ext4:x-device-timeout=2.5")), run.ctx)
+        VolumeHandler(volume("SERIAL=data:/data:ext4:x-device-timeout=2.5")).mount(run.ctx)
     assert caught.value.reason == (
         "no disk SERIAL=data appeared within 2.5 s (virtio disks seen: vdz serial other)"
     )
@@ -111,7 +113,7 @@ def test_timeout_names_the_disks_seen(tmp_path: Path) -> None:
 def test_several_disks_match(tmp_path: Path) -> None:
     run = Run(tmp_path, FakeDevices(disks={"LABEL=d": Failure("LABEL=d matches several disks")}))
     with pytest.raises(Failure, match="several"):
-        HANDLER.mount(step(volume("LABEL=d:/d")), run.ctx)
+        VolumeHandler(volume("LABEL=d:/d")).mount(run.ctx)
 
 
 def test_already_mounted_and_occupied(
@@ -121,9 +123,9 @@ def test_already_mounted_and_occupied(
     run = Run(tmp_path, FakeDevices(disks={"LABEL=data": disk}))
     run.mounted("/data", "ext4", disk)
     run.mounted("/other", "tmpfs", "tmpfs")
-    assert HANDLER.mount(step(volume("LABEL=data:/data")), run.ctx).status == Status.ALREADY_MOUNTED
+    assert VolumeHandler(volume("LABEL=data:/data")).mount(run.ctx).status == Status.ALREADY_MOUNTED
     with pytest.raises(Failure, match=r"^/other already has tmpfs from tmpfs mounted on it"):
-        HANDLER.mount(step(volume("LABEL=data:/other")), run.ctx)
+        VolumeHandler(volume("LABEL=data:/other")).mount(run.ctx)
     assert run.mount.requests == []
 
 
@@ -150,7 +152,7 @@ def test_what_the_disk_holds(
     what = text.split(":")[0]
     run = Run(tmp_path, FakeDevices(disks={what: disk}))
     with pytest.raises(Failure) as caught:
-        HANDLER.mount(step(volume(text)), run.ctx)
+        VolumeHandler(volume(text)).mount(run.ctx)
     assert (caught.value.reason, caught.value.hint) == (reason.format(disk=disk), hint)
     assert run.mount.requests == []
 
@@ -158,7 +160,7 @@ def test_what_the_disk_holds(
 def test_ext_family_is_one_type(tmp_path: Path, disk: str, monkeypatch: pytest.MonkeyPatch) -> None:
     with_signature(monkeypatch, EXT4)
     run = Run(tmp_path, FakeDevices(disks={"LABEL=data": disk}))
-    assert HANDLER.mount(step(volume("LABEL=data:/d:ext3")), run.ctx).fstype == "ext3"
+    assert VolumeHandler(volume("LABEL=data:/d:ext3")).mount(run.ctx).fstype == "ext3"
 
 
 @pytest.mark.parametrize(
@@ -186,7 +188,7 @@ def test_refusals_with_hints(
         RecordingMount(MountError(err, "fsmount")),
     )
     with pytest.raises(Failure) as caught:
-        HANDLER.mount(step(volume(f"LABEL=data:/d:ext4:{options}")), run.ctx)
+        VolumeHandler(volume(f"LABEL=data:/d:ext4:{options}")).mount(run.ctx)
     assert caught.value.reason.startswith("the kernel refused to mount ext4 (fsmount): ")
     assert caught.value.hint == (hint.format(disk=disk) if hint else None)
 
@@ -196,9 +198,9 @@ def test_matches_by_device(tmp_path: Path, disk: str) -> None:
     run.mounted("/a", "ext4", disk)
     table = run.ctx.table()
     mount = table.at(run.host("/a"))
-    assert HANDLER.matches(volume("LABEL=data:/a"), mount, run.devices)  # type: ignore[arg-type]
-    assert not HANDLER.matches(volume("LABEL=none:/a"), mount, run.devices)  # type: ignore[arg-type]
-    assert not HANDLER.matches(volume("LABEL=two:/a"), mount, run.devices)  # type: ignore[arg-type]
+    assert VolumeHandler(volume("LABEL=data:/a")).matches(mount, run.devices)  # type: ignore[arg-type]
+    assert not VolumeHandler(volume("LABEL=none:/a")).matches(mount, run.devices)  # type: ignore[arg-type]
+    assert not VolumeHandler(volume("LABEL=two:/a")).matches(mount, run.devices)  # type: ignore[arg-type]
 
 
 # --- x-makefs ----------------------------------------------------------------------------
@@ -231,7 +233,7 @@ def test_makefs_formats_a_blank_disk(
         makefs_module, "format_disk", lambda ctx, spec, device: made.append((spec.fstype, device))
     )
     run = Run(tmp_path, FakeDevices(disks={"SERIAL=s": disk}))
-    result = HANDLER.mount(step(volume("SERIAL=s:/d:ext4:x-makefs")), run.ctx)
+    result = VolumeHandler(volume("SERIAL=s:/d:ext4:x-makefs")).mount(run.ctx)
     assert made == [("ext4", disk)] and run.devices.forgotten == 1
     assert result.status == Status.MOUNTED
 
@@ -245,7 +247,7 @@ def test_makefs_refuses_a_disk_that_is_not_blank(
     monkeypatch.setattr(guest_agent.blank, "why_not_blank", lambda path: "has data at byte 4096")
     run = Run(tmp_path, FakeDevices(disks={"SERIAL=s": disk}))
     with pytest.raises(Failure) as caught:
-        HANDLER.mount(step(volume("SERIAL=s:/d:ext4:x-makefs")), run.ctx)
+        VolumeHandler(volume("SERIAL=s:/d:ext4:x-makefs")).mount(run.ctx)
     assert caught.value.reason == (
         f"{disk} carries no filesystem signature but is not blank: it has data at byte 4096; "
         "x-makefs formats only a disk that is all zeros wherever it looks"
