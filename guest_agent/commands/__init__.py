@@ -9,11 +9,10 @@ Problems are values (`Problem`) until here, where they become lines and exit cod
 `--json` has one shape for every command: `{"version": 1, "ok": …, LIST: […],
 "problems": [{"spec", "reason", "hint", "fatal"}]}`, LIST being "mounts" or "devices".
 
-The boot record's place and its writing are here too (every boot writes it): the
-record's text is `mount_all.record_text`; reading it back and summing it up
-(`status`, the host's sd_notify fields) is guest_agent.bootrecord. initramfs-tools,
-dracut and NixOS's stage 1 carry the initrd's /run into the real root, where
-`status` reads it.
+The boot record's place and its writing are here too (every boot writes it): its
+text is `mount_all.record_text`; `record` reads it back (for `status`) and escapes
+what the plain path cannot. initramfs-tools, dracut and NixOS's stage 1 carry the
+initrd's /run into the real root, where `status` reads it.
 """
 
 from __future__ import annotations
@@ -77,7 +76,7 @@ def exit_code(reporter: Reporter) -> int:
     return 1 if reporter.failed else 0
 
 
-# --- the boot record (written here on the boot path; read and summed up by bootrecord) ---
+# --- the boot record (written here on the boot path; read back by commands.record) ---
 
 RECORD_DIR = "/run/guest-agent"  # GUEST_AGENT_RECORD_DIR names another (the tests)
 RECORD_NAME = "boot.json"

@@ -151,11 +151,11 @@ def record(results: list[Result], reporter: Reporter, started: float) -> None:
 def record_text(
     results: list[Result], problems: list[Problem], started: float, finished: float, status: int
 ) -> str:
-    """The record as JSON text (bootrecord.RECORD_FIELDS): mount-all's --json object plus
+    """The record as JSON text (record.RECORD_FIELDS): mount-all's --json object plus
     its run."""
     # Every boot writes it, so the values go in as they are, and the whole text is checked
     # once: printable ASCII without a backslash, and exactly the quotes the shape has (2
-    # per key and per string), so no value held a quote. Else bootrecord's writer escapes.
+    # per key and per string), so no value held a quote. Else record.record_json escapes.
     mounts = ", ".join(
         [
             f'{{"where": "{r.where}", "spec": "{r.spec}", "status": "{r.status}", '
@@ -184,7 +184,7 @@ def record_text(
     quotes = 14 + 26 * len(results) + 14 * len(problems) + 2 * (options - nones)
     if text.isascii() and text.encode().translate(None, _PLAIN) == b'"' * quotes:
         return text + "\n"
-    from guest_agent.bootrecord import record_json  # a value to escape: rare
+    from guest_agent.commands.record import record_json  # a value to escape: rare
 
     return record_json(results, problems, started, finished, status)
 

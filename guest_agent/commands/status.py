@@ -7,7 +7,6 @@ import time
 from typing import Any
 
 from guest_agent import reset as overlay_reset
-from guest_agent.bootrecord import read_record
 from guest_agent.commands import (
     exit_code,
     json_output,
@@ -15,6 +14,7 @@ from guest_agent.commands import (
     record_dir,
     write,
 )
+from guest_agent.commands.record import read_record
 from guest_agent.config import DEFAULT_CMDLINE
 from guest_agent.devices import Devices
 from guest_agent.handlers import handler_for
@@ -34,9 +34,7 @@ EXIT_CODES = {
     1: "a required mount is not-mounted, different or hidden, or an input has an error",
 }
 JSON_LIST = "mounts"
-EXTRA_KEYS = (
-    "boot",
-)  # status's own top-level key: the last boot's record (bootrecord.read_record)
+EXTRA_KEYS = ("boot",)  # status's own top-level key: the last boot's record (record.read_record)
 STATUS_FIELDS = (
     "where", "spec", "required", "fstype", "source", "state", "detail",
     "reset_pending", "nix_db", "layers",

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from guest_agent import cli
-from guest_agent.bootrecord import RECORD_FIELDS
 from guest_agent.commands import (
     JSON_KEYS,
     PROBLEM_FIELDS,
@@ -21,6 +20,7 @@ from guest_agent.commands import (
     reset_overlay,
     status,
 )
+from guest_agent.commands.record import RECORD_FIELDS
 from guest_agent.results import MOUNT_FIELDS, Status
 
 PAGE = Path(__file__).resolve().parents[2] / "docs" / "reference.md"

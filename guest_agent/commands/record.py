@@ -1,4 +1,4 @@
-"""The boot record read back and summed up; its general JSON writer.
+"""The boot record read back; its general JSON writer.
 
 `mount-all` writes /run/guest-agent/boot.json on the boot path itself
 (`commands.mount_all.record_text`, `commands.write_record`): one f-string per mount
