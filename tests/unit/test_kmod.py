@@ -528,7 +528,7 @@ ALIAS_ALPHABET = "ab-_:*?[]!0"
 def test_glob_match_agrees_with_fnmatch(name: str, pattern: str) -> None:
     from fnmatch import fnmatchcase
 
-    from guest_agent.modindex import glob_match
+    from guest_agent.modbin import glob_match
 
     assert glob_match(name, pattern) == fnmatchcase(name, pattern), (name, pattern)
 
@@ -543,7 +543,7 @@ def test_glob_match_agrees_with_fnmatch(name: str, pattern: str) -> None:
     ],
 )
 def test_glob_match_real_aliases(name: str, pattern: str) -> None:
-    from guest_agent.modindex import glob_match
+    from guest_agent.modbin import glob_match
 
     assert glob_match(name, pattern)
     assert not glob_match(name + "x", pattern.rstrip("*") + "y")
