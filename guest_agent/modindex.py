@@ -4,8 +4,7 @@ modules.dep (a module's file and the full closure of its dependencies, deepest
 last), modules.alias (alias patterns, matched as modprobe does with fnmatch but
 without `re`: guest_agent.modbin's glob_match), modules.builtin and the kernel's modules.builtin.modinfo (what
 needs no loading), and modules.softdep (modules the kernel asks for at run
-time). Also the two /proc tables a loader consults, the module parameters
-the kernel command line gives (`parse_cmdline_options`), and the errors of a
+time). Also the two /proc tables a loader consults, and the errors of a
 module that cannot be found or loaded (`ModuleError`, `ModuleNotFound`). Pure
 parsing, plus `ModuleIndex`, which reads them; guest_agent.kmod does the loading.
 """
@@ -141,32 +140,6 @@ def parse_proc_modules(text: str) -> frozenset[str]:
 def parse_proc_filesystems(text: str) -> frozenset[str]:
     """/proc/filesystems ("nodev\\tsysfs", "\\text4") → filesystem types."""
     return frozenset(line.split()[-1] for line in text.splitlines() if line.split())
-
-
-def parse_cmdline_options(text: str) -> dict[str, list[str]]:
-    """Module → its parameters ("PARAM=VALUE" or a bare "PARAM", in command-line order) from
-    the MODULE.PARAM[=VALUE] words of a kernel command line, as modprobe passes them.
-
-    Words are split as the kernel splits them (guest_agent.config.split_cmdline:
-    double quotes group and are dropped, nothing after a lone `--`, which is
-    init's). Module names treat '-' and '_' alike; a word with '=' before its
-    first '.', a second '.' in the parameter name, or an empty module or
-    parameter name is no module parameter (kmod 30 skips these too). A value
-    holding whitespace is passed quoted, `PARAM="a b"`, as the kernel's own
-    parser reads it back.
-    """
-    from guest_agent.config import split_cmdline
-
-    out: dict[str, list[str]] = {}
-    for word in split_cmdline(text):
-        key, eq, value = word.partition("=")
-        mod, dot, param = key.partition(".")
-        if not (dot and mod and param) or "." in param:
-            continue
-        if eq and any(c.isspace() for c in value):
-            value = f'"{value}"'
-        out.setdefault(normalize(mod), []).append(param + eq + value)
-    return out
 
 
 def parse_modules_softdep(text: str) -> dict[str, tuple[list[str], list[str]]]:

@@ -629,7 +629,7 @@ def as_kernel_reads(params: str | bytes) -> list[str]:
 
 
 def test_parse_cmdline_options_as_modprobe() -> None:
-    from guest_agent.modindex import parse_cmdline_options
+    from guest_agent.modconf import parse_cmdline_options
 
     opts = parse_cmdline_options(PARAM_CMDLINE)
     assert {mod: as_kernel_reads(" ".join(o)) for mod, o in opts.items()} == {
