@@ -2,11 +2,11 @@
 
 modules.dep (a module's file and the full closure of its dependencies, deepest
 last), modules.alias (alias patterns, matched as modprobe does with fnmatch but
-without `re`: guest_agent.modbin's glob_match), modules.builtin and the kernel's modules.builtin.modinfo (what
-needs no loading), and modules.softdep (modules the kernel asks for at run
-time). Also the two /proc tables a loader consults, and the errors of a
-module that cannot be found or loaded (`ModuleError`, `ModuleNotFound`). Pure
-parsing, plus `ModuleIndex`, which reads them; guest_agent.kmod does the loading.
+without `re`: guest_agent.modbin's glob_match), modules.builtin and the kernel's
+modules.builtin.modinfo (what needs no loading), and modules.softdep (modules the
+kernel asks for at run time). Also the errors of a module that cannot be found or
+loaded (`ModuleError`, `ModuleNotFound`). Pure parsing, plus `ModuleIndex`, which
+reads them; guest_agent.modresolve asks it, guest_agent.kmod loads.
 """
 
 from __future__ import annotations
@@ -130,16 +130,6 @@ def parse_builtin_modinfo(data: bytes) -> dict[str, list[str]]:
         if eq and dot and field == "alias" and value:
             out.setdefault(normalize_alias(value), []).append(normalize(mod))
     return out
-
-
-def parse_proc_modules(text: str) -> frozenset[str]:
-    """/proc/modules → loaded module names (first column)."""
-    return frozenset(normalize(line.split()[0]) for line in text.splitlines() if line.split())
-
-
-def parse_proc_filesystems(text: str) -> frozenset[str]:
-    """/proc/filesystems ("nodev\\tsysfs", "\\text4") → filesystem types."""
-    return frozenset(line.split()[-1] for line in text.splitlines() if line.split())
 
 
 def parse_modules_softdep(text: str) -> dict[str, tuple[list[str], list[str]]]:

@@ -26,9 +26,8 @@ from guest_agent.modindex import (
     parse_modules_alias,
     parse_modules_builtin,
     parse_modules_dep,
-    parse_proc_filesystems,
-    parse_proc_modules,
 )
+from guest_agent.modresolve import parse_proc_filesystems, parse_proc_modules
 
 MODDIR = "/lib/modules/6.1.0-test"
 
