@@ -174,7 +174,7 @@ _kmod = None
 def require(self, name_or_alias):
     """modprobe NAME_OR_ALIAS through libkmod; ModuleError as ModuleLoader.require."""
     global _kmod
-    if not self.has_modules:
+    if not self.resolver.has_modules:
         raise ModuleError(name_or_alias, f"no modules directory {self.modules_dir}")
     if _kmod is None:
         from kmodctl import Kmod
@@ -189,7 +189,7 @@ def require(self, name_or_alias):
     errors = [ModuleError(name, errtext(-rc)) for name, rc in results if rc < 0]
     for name, rc in results:
         if rc == 0:
-            self._loaded.add(name)
+            self.resolver.loaded.add(name)
     if len(errors) == 1:
         raise errors[0]
     if errors:

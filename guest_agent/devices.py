@@ -233,12 +233,9 @@ class Devices:
 
     def shares_seen(self) -> list[str]:
         """The virtio shares there now, for a timeout message."""
-        from guest_agent.sysfs import scan_shares
+        from guest_agent.sysfs import describe_shares
 
-        return [
-            f"{s.proto} {s.tag!r}" if s.tag else f"{s.proto} (tag not readable on this kernel)"
-            for s in scan_shares(self.sysfs)
-        ]
+        return describe_shares(self.sysfs)
 
     # -- disks ------------------------------------------------------------------------
 
@@ -293,24 +290,6 @@ class Devices:
 
     def disks_seen(self) -> list[str]:
         """The virtio disks there now and what they hold, for a timeout message."""
-        from guest_agent.probe import probe_device
-        from guest_agent.sysfs import scan_block_devices
+        from guest_agent.sysfs import describe_disks
 
-        seen = []
-        for dev in scan_block_devices(self.sysfs):
-            if not dev.virtio:
-                continue
-            try:
-                sig = probe_device(dev.devnode) if dev.size_bytes else None
-            except OSError as e:
-                seen.append(f"{dev.name} (cannot be read: {e.strerror})")
-                continue
-            parts = [dev.name]
-            if dev.serial:
-                parts.append(f"serial {dev.serial}")
-            if sig is not None:
-                parts.append(sig.fstype + (f" label {sig.label}" if sig.label else ""))
-            elif dev.size_bytes:
-                parts.append("with no filesystem signature")
-            seen.append(" ".join(parts))
-        return seen
+        return describe_disks(self.sysfs)

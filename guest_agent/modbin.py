@@ -18,11 +18,13 @@ named by the next byte of the key. `BinIndex.open` returns None for a file that
 is missing or not in this format; a damaged node met by a search raises
 `IndexError`/`ValueError` (a loop of nodes, `RecursionError`), which the caller
 (guest_agent.modindex) turns into reading the text index instead.
+
+Patterns match as modprobe's fnmatch, without `re` (`glob_match`: modindex
+matches the text modules.alias with it too). This module imports none of the
+agent's: modindex imports it, never the other way.
 """
 
 from __future__ import annotations
-
-from guest_agent.modindex import glob_match
 
 MAGIC = 0xB007F457
 VERSION_MAJOR = 2
@@ -154,3 +156,56 @@ def _by_priority(found: list[tuple[int, str]]) -> list[str]:
         if value not in out:
             out.append(value)
     return out
+
+
+def glob_match(name: str, pattern: str) -> bool:
+    """fnmatch.fnmatchcase() for alias patterns (`*`, `?`, `[...]`, `[!...]`), without `re`.
+
+    fnmatch compiles each pattern to a regular expression; importing `re` and
+    compiling costs more on an emulated guest's boot path than this loop.
+    """
+    p = n = 0
+    star_p, star_n = -1, 0
+    while n < len(name):
+        if p < len(pattern) and pattern[p] == "*":
+            star_p, star_n = p, n
+            p += 1
+            continue
+        if p < len(pattern):
+            matched, width = _match_one(pattern, p, name[n])
+            if matched:
+                p += width
+                n += 1
+                continue
+        if star_p < 0:
+            return False
+        star_n += 1  # let the last star swallow one more character
+        p, n = star_p + 1, star_n
+    return all(c == "*" for c in pattern[p:])
+
+
+def _match_one(pattern: str, p: int, char: str) -> tuple[bool, int]:
+    """Does the pattern element at P match CHAR? Returns (matched, element width)."""
+    c = pattern[p]
+    if c == "?":
+        return True, 1
+    if c == "[":
+        end = pattern.find("]", p + 2 if pattern[p + 1 : p + 2] in ("!", "]") else p + 1)
+        if pattern[p + 1 : p + 3] == "!]":
+            end = pattern.find("]", p + 3)
+        if end < 0:  # no closing bracket: a literal '[' (as fnmatch)
+            return char == "[", 1
+        body = pattern[p + 1 : end]
+        negate = body.startswith("!")
+        if negate:
+            body = body[1:]
+        hit, i = False, 0
+        while i < len(body):
+            if i + 2 < len(body) and body[i + 1] == "-":
+                hit = hit or body[i] <= char <= body[i + 2]
+                i += 3
+            else:
+                hit = hit or body[i] == char
+                i += 1
+        return hit != negate, end - p + 1
+    return c == char, 1

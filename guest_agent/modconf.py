@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 
-from guest_agent.modindex import normalize, parse_cmdline_options
+from guest_agent.modindex import normalize
 
 CONF_DIRS = (
     "/etc/modprobe.d",
@@ -32,6 +32,32 @@ CONF_DIRS = (
     "/usr/lib/modprobe.d",
     "/lib/modprobe.d",
 )
+
+
+def parse_cmdline_options(text: str) -> dict[str, list[str]]:
+    """Module → its parameters ("PARAM=VALUE" or a bare "PARAM", in command-line order) from
+    the MODULE.PARAM[=VALUE] words of a kernel command line, as modprobe passes them.
+
+    Words are split as the kernel splits them (guest_agent.config.split_cmdline:
+    double quotes group and are dropped, nothing after a lone `--`, which is
+    init's). Module names treat '-' and '_' alike; a word with '=' before its
+    first '.', a second '.' in the parameter name, or an empty module or
+    parameter name is no module parameter (kmod 30 skips these too). A value
+    holding whitespace is passed quoted, `PARAM="a b"`, as the kernel's own
+    parser reads it back.
+    """
+    from guest_agent.config import split_cmdline
+
+    out: dict[str, list[str]] = {}
+    for word in split_cmdline(text):
+        key, eq, value = word.partition("=")
+        mod, dot, param = key.partition(".")
+        if not (dot and mod and param) or "." in param:
+            continue
+        if eq and any(c.isspace() for c in value):
+            value = f'"{value}"'
+        out.setdefault(normalize(mod), []).append(param + eq + value)
+    return out
 
 
 class ModprobeConfig:

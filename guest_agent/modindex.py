@@ -2,12 +2,11 @@
 
 modules.dep (a module's file and the full closure of its dependencies, deepest
 last), modules.alias (alias patterns, matched as modprobe does with fnmatch but
-without `re`), modules.builtin and the kernel's modules.builtin.modinfo (what
-needs no loading), and modules.softdep (modules the kernel asks for at run
-time). Also the two /proc tables a loader consults, the module parameters
-the kernel command line gives (`parse_cmdline_options`), and the errors of a
-module that cannot be found or loaded (`ModuleError`, `ModuleNotFound`). Pure
-parsing, plus `ModuleIndex`, which reads them; guest_agent.kmod does the loading.
+without `re`: guest_agent.modbin's glob_match), modules.builtin and the kernel's
+modules.builtin.modinfo (what needs no loading), and modules.softdep (modules the
+kernel asks for at run time). Also the errors of a module that cannot be found or
+loaded (`ModuleError`, `ModuleNotFound`). Pure parsing, plus `ModuleIndex`, which
+reads them; guest_agent.modresolve asks it, guest_agent.kmod loads.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from guest_agent.records import NamedTuple
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
-    from guest_agent.modbin import BinIndex
+    from guest_agent.modbin import BinIndex  # modindex -> modbin, never back
 
 _MODULE_SUFFIXES = (".ko.xz", ".ko.gz", ".ko.zst", ".ko")
 _GLOB_CHARS = frozenset("*?[")
@@ -82,65 +81,14 @@ class AliasTable(NamedTuple):
 
     def lookup(self, alias: str) -> list[str]:
         """Modules whose alias pattern matches (fnmatch, as modprobe), in file order."""
+        from guest_agent.modbin import glob_match
+
         key = normalize_alias(alias)
         found = list(self.exact.get(key, ()))
         for prefix, pattern, module in self.patterns:
             if key.startswith(prefix) and glob_match(key, pattern) and module not in found:
                 found.append(module)
         return found
-
-
-def glob_match(name: str, pattern: str) -> bool:
-    """fnmatch.fnmatchcase() for alias patterns (`*`, `?`, `[...]`, `[!...]`), without `re`.
-
-    fnmatch compiles each pattern to a regular expression; importing `re` and
-    compiling costs more on an emulated guest's boot path than this loop.
-    """
-    p = n = 0
-    star_p, star_n = -1, 0
-    while n < len(name):
-        if p < len(pattern) and pattern[p] == "*":
-            star_p, star_n = p, n
-            p += 1
-            continue
-        if p < len(pattern):
-            matched, width = _match_one(pattern, p, name[n])
-            if matched:
-                p += width
-                n += 1
-                continue
-        if star_p < 0:
-            return False
-        star_n += 1  # let the last star swallow one more character
-        p, n = star_p + 1, star_n
-    return all(c == "*" for c in pattern[p:])
-
-
-def _match_one(pattern: str, p: int, char: str) -> tuple[bool, int]:
-    """Does the pattern element at P match CHAR? Returns (matched, element width)."""
-    c = pattern[p]
-    if c == "?":
-        return True, 1
-    if c == "[":
-        end = pattern.find("]", p + 2 if pattern[p + 1 : p + 2] in ("!", "]") else p + 1)
-        if pattern[p + 1 : p + 3] == "!]":
-            end = pattern.find("]", p + 3)
-        if end < 0:  # no closing bracket: a literal '[' (as fnmatch)
-            return char == "[", 1
-        body = pattern[p + 1 : end]
-        negate = body.startswith("!")
-        if negate:
-            body = body[1:]
-        hit, i = False, 0
-        while i < len(body):
-            if i + 2 < len(body) and body[i + 1] == "-":
-                hit = hit or body[i] <= char <= body[i + 2]
-                i += 3
-            else:
-                hit = hit or body[i] == char
-                i += 1
-        return hit != negate, end - p + 1
-    return c == char, 1
 
 
 def _literal_prefix(pattern: str) -> str:
@@ -181,42 +129,6 @@ def parse_builtin_modinfo(data: bytes) -> dict[str, list[str]]:
         mod, dot, field = key.partition(".")
         if eq and dot and field == "alias" and value:
             out.setdefault(normalize_alias(value), []).append(normalize(mod))
-    return out
-
-
-def parse_proc_modules(text: str) -> frozenset[str]:
-    """/proc/modules → loaded module names (first column)."""
-    return frozenset(normalize(line.split()[0]) for line in text.splitlines() if line.split())
-
-
-def parse_proc_filesystems(text: str) -> frozenset[str]:
-    """/proc/filesystems ("nodev\\tsysfs", "\\text4") → filesystem types."""
-    return frozenset(line.split()[-1] for line in text.splitlines() if line.split())
-
-
-def parse_cmdline_options(text: str) -> dict[str, list[str]]:
-    """Module → its parameters ("PARAM=VALUE" or a bare "PARAM", in command-line order) from
-    the MODULE.PARAM[=VALUE] words of a kernel command line, as modprobe passes them.
-
-    Words are split as the kernel splits them (guest_agent.config.split_cmdline:
-    double quotes group and are dropped, nothing after a lone `--`, which is
-    init's). Module names treat '-' and '_' alike; a word with '=' before its
-    first '.', a second '.' in the parameter name, or an empty module or
-    parameter name is no module parameter (kmod 30 skips these too). A value
-    holding whitespace is passed quoted, `PARAM="a b"`, as the kernel's own
-    parser reads it back.
-    """
-    from guest_agent.config import split_cmdline
-
-    out: dict[str, list[str]] = {}
-    for word in split_cmdline(text):
-        key, eq, value = word.partition("=")
-        mod, dot, param = key.partition(".")
-        if not (dot and mod and param) or "." in param:
-            continue
-        if eq and any(c.isspace() for c in value):
-            value = f'"{value}"'
-        out.setdefault(normalize(mod), []).append(param + eq + value)
     return out
 
 

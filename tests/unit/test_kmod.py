@@ -26,9 +26,8 @@ from guest_agent.modindex import (
     parse_modules_alias,
     parse_modules_builtin,
     parse_modules_dep,
-    parse_proc_filesystems,
-    parse_proc_modules,
 )
+from guest_agent.modresolve import parse_proc_filesystems, parse_proc_modules
 
 MODDIR = "/lib/modules/6.1.0-test"
 
@@ -528,7 +527,7 @@ ALIAS_ALPHABET = "ab-_:*?[]!0"
 def test_glob_match_agrees_with_fnmatch(name: str, pattern: str) -> None:
     from fnmatch import fnmatchcase
 
-    from guest_agent.modindex import glob_match
+    from guest_agent.modbin import glob_match
 
     assert glob_match(name, pattern) == fnmatchcase(name, pattern), (name, pattern)
 
@@ -543,7 +542,7 @@ def test_glob_match_agrees_with_fnmatch(name: str, pattern: str) -> None:
     ],
 )
 def test_glob_match_real_aliases(name: str, pattern: str) -> None:
-    from guest_agent.modindex import glob_match
+    from guest_agent.modbin import glob_match
 
     assert glob_match(name, pattern)
     assert not glob_match(name + "x", pattern.rstrip("*") + "y")
@@ -629,7 +628,7 @@ def as_kernel_reads(params: str | bytes) -> list[str]:
 
 
 def test_parse_cmdline_options_as_modprobe() -> None:
-    from guest_agent.modindex import parse_cmdline_options
+    from guest_agent.modconf import parse_cmdline_options
 
     opts = parse_cmdline_options(PARAM_CMDLINE)
     assert {mod: as_kernel_reads(" ".join(o)) for mod, o in opts.items()} == {
