@@ -290,6 +290,6 @@ class Devices:
 
     def disks_seen(self) -> list[str]:
         """The virtio disks there now and what they hold, for a timeout message."""
-        from guest_agent.sysfs import describe_disks
+        from guest_agent.probe import describe_disks
 
         return describe_disks(self.sysfs)

@@ -105,3 +105,28 @@ def probe_device(path: str) -> Signature | None:
     """Read the head of path and probe it.  Raises OSError on I/O problems."""
     with closing(os.open(path, os.O_RDONLY | os.O_CLOEXEC)) as fd:
         return probe_bytes(_pread_full(fd, PROBE_SIZE, 0))
+
+
+def describe_disks(sysfs: str = "/sys") -> list[str]:
+    """The virtio disks there now and what they hold (their superblocks), for a
+    timeout message."""
+    from guest_agent.sysfs import scan_block_devices
+
+    seen = []
+    for dev in scan_block_devices(sysfs):
+        if not dev.virtio:
+            continue
+        try:
+            sig = probe_device(dev.devnode) if dev.size_bytes else None
+        except OSError as e:
+            seen.append(f"{dev.name} (cannot be read: {e.strerror})")
+            continue
+        parts = [dev.name]
+        if dev.serial:
+            parts.append(f"serial {dev.serial}")
+        if sig is not None:
+            parts.append(sig.fstype + (f" label {sig.label}" if sig.label else ""))
+        elif dev.size_bytes:
+            parts.append("with no filesystem signature")
+        seen.append(" ".join(parts))
+    return seen

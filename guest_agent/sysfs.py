@@ -235,28 +235,3 @@ def describe_shares(sysfs: str = "/sys") -> list[str]:
         f"{s.proto} {s.tag!r}" if s.tag else f"{s.proto} (tag not readable on this kernel)"
         for s in scan_shares(sysfs)
     ]
-
-
-def describe_disks(sysfs: str = "/sys") -> list[str]:
-    """The virtio disks there now and what they hold (their superblocks, read by
-    guest_agent.probe), for a timeout message."""
-    from guest_agent.probe import probe_device
-
-    seen = []
-    for dev in scan_block_devices(sysfs):
-        if not dev.virtio:
-            continue
-        try:
-            sig = probe_device(dev.devnode) if dev.size_bytes else None
-        except OSError as e:
-            seen.append(f"{dev.name} (cannot be read: {e.strerror})")
-            continue
-        parts = [dev.name]
-        if dev.serial:
-            parts.append(f"serial {dev.serial}")
-        if sig is not None:
-            parts.append(sig.fstype + (f" label {sig.label}" if sig.label else ""))
-        elif dev.size_bytes:
-            parts.append("with no filesystem signature")
-        seen.append(" ".join(parts))
-    return seen

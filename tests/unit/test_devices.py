@@ -3,6 +3,7 @@ replaced by fakes; nothing is loaded or waited for)."""
 
 from __future__ import annotations
 
+import importlib
 import io
 from pathlib import Path
 
@@ -230,8 +231,12 @@ def test_coldplug_loads_virtio_mmio_first_for_devices_on_the_command_line(
 ) -> None:
     """firecracker's devices exist only once virtio_mmio is loaded with its words: the
     boot path's coldplug asks the loader for it before scanning for driverless devices."""
-    from guest_agent import coldplug, uevent
     from guest_agent import devices as devices_module
+
+    # from sys.modules, as the code imports them: pyfakefs (test_kmod's `fs`) drops the
+    # modules first imported under it from sys.modules, not from the package's attributes
+    coldplug = importlib.import_module("guest_agent.coldplug")
+    uevent = importlib.import_module("guest_agent.uevent")
 
     (tmp_path / "cmdline").write_text(cmdline)
     real = devices_module.cmdline_has_mmio_devices

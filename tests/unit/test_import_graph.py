@@ -23,8 +23,7 @@ PACKAGE = ROOT / "guest_agent"
 
 # Circles being removed on other branches; each entry is the set of modules in one circle.
 KNOWN_CIRCLES = {
-    # fixed on branch i23-kmod / i23-nix; removed at merge
-    frozenset({"modbin", "modindex"}),
+    # fixed on branch i23-nix; removed at merge
     frozenset({"nixrecord", "nixstate", "nixupper"}),
 }
 
