@@ -394,7 +394,7 @@ def render_growth(growth: list[dict[str, Any]]) -> str:
         "",
         "A second boot per kernel attaches every size's lowers at once and, per round, runs "
         "(a) and (c) of each size in rotating order, then the pieces of each size's "
-        "reconcile (median of the rounds, ms; `bench/where.py`): the ratios between sizes "
+        "reconcile (median of the rounds, ms; `where.py`, bench/nix_db.py's profiler in the guest): the ratios between sizes "
         "come from the same minutes of the same guest, so the host's load weighs on every "
         "size alike.",
         "",
