@@ -23,9 +23,8 @@ PACKAGE = ROOT / "guest_agent"
 
 # Circles being removed on other branches; each entry is the set of modules in one circle.
 KNOWN_CIRCLES = {
-    # fixed on branch i23-kmod / i23-nix; removed at merge
+    # fixed on branch i23-kmod; removed at merge
     frozenset({"modbin", "modindex"}),
-    frozenset({"nixrecord", "nixstate", "nixupper"}),
 }
 
 
