@@ -22,8 +22,6 @@ its WAL are then untouched, together.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 from guest_agent import nixfiles
 from guest_agent.nixfiles import DB_FILE, JOURNAL_FILE, SHM_FILE, WAL_FILE, Unusable
@@ -37,6 +35,8 @@ _PLACES = ("/run", None)
 
 def private_dir() -> str:
     """A new directory only the agent knows (mode 0700), on a tmpfs where there is one."""
+    import tempfile  # here, as shutil below: an unchanged boot runs only `recover`
+
     for place in _PLACES:
         try:
             return tempfile.mkdtemp(prefix="guest-agent-nixdb-", dir=place)
@@ -63,7 +63,7 @@ def take(db_dir: int) -> str | None:
             finally:
                 os.close(src)
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        discard(work)
         raise
     return work
 
@@ -99,6 +99,8 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
 
 def discard(work: str | None) -> None:
     if work is not None:
+        import shutil
+
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -1,6 +1,7 @@
 """The names of Nix's state files, the one writer of small files there, and the errors of
 x-nix-db: what the record, the boot's fast path and the database code share, without
-SQLite (a boot with nothing to reconcile imports only this, nixrecord and nixupper).
+SQLite (a boot with nothing to reconcile imports only this, nixlayers, nixrecord and
+nixcopy besides nixstate). The lowest of the family: it imports none of it.
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ rest again; each step is idempotent. A database the agent does not understand is
 moved aside whole, never repaired or deleted; so is one whose reconcile failed
 MAX_FAILURES boots in a row. No exception leaves `reconcile` but NixStateError
 (and ImportError: no sqlite3 here; WrongType: RW/nix-state is not a directory).
-Step 1 is nixupper.py, steps 2-3 nixdb.py, the record nixrecord.py; this module
-runs them in order on the layers' fds. See docs/nix-db.md.
+Step 1 is nixupper.py, steps 2-3 nixdb.py, run on the copy by nixsteps.py; the record
+is nixrecord.py; this module runs them in order on the layers' fds. See docs/nix-db.md.
 """
 
 from __future__ import annotations
@@ -31,8 +31,10 @@ from __future__ import annotations
 import os
 import time
 
-from guest_agent import nixfiles, nixrecord, nixupper
-from guest_agent.nixfiles import STORE_DIR, RegistrationError, store_name
+from guest_agent import nixfiles, nixrecord
+from guest_agent.nixfiles import RegistrationError
+from guest_agent.nixlayers import Layers as Layers  # re-exported: reconcile's argument
+from guest_agent.nixlayers import open_registration, read_registration
 from guest_agent.records import NamedTuple
 from guest_agent.reset import open_dir
 from guest_agent.spec import NIX_STATE_DIR
@@ -40,19 +42,14 @@ from guest_agent.syscalls import closing
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
-    import sqlite3
     from collections.abc import Callable
 
     from guest_agent.mountinfo import Mount, MountTable
     from guest_agent.nixdb import Outcome
-    from guest_agent.nixreg import Registration
 
 DB_DIR = nixrecord.DB_DIR
 ASIDE_PREFIX = "nix-state.aside-"
-MAX_REGISTRATION = 256 << 20
-MAX_DERIVATION = 16 << 20
 MAX_FAILURES = 3  # boots in a row whose reconcile failed before the state is moved aside
-_DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 NixStateError = nixfiles.NixDbError  # the reconcile could not run: why
@@ -66,52 +63,6 @@ class Report(NamedTuple):
     copies: list[str]
     outcome: Outcome | None
     aside: str | None  # where an unusable state directory was moved
-
-
-class Layers:
-    """The overlay's layers as the agent holds them: fds of LOWER, RW and RW/store."""
-
-    def __init__(self, lower: int, rw: int, upper: int) -> None:
-        self.lower = lower
-        self.rw = rw
-        self.upper = upper
-
-
-def open_registration(lower: int, reg_info: str) -> tuple[int, str]:
-    """An fd of the registration file REG_INFO (/nix/store/NAME/…), read from the lower
-    layer itself, and NAME (its store path, not part of its own registration). Every
-    component is opened with O_NOFOLLOW relative to the last: no link is followed."""
-    name, _, rest = reg_info.removeprefix(STORE_DIR + "/").partition("/")
-    store_name(f"{STORE_DIR}/{name}")
-    parts = rest.split("/")
-    if not reg_info.startswith(STORE_DIR + "/") or not rest or {"", ".", ".."} & set(parts):
-        raise RegistrationError(f"{reg_info} names no file inside a store path")
-    walk = os.open(name, _DIR_FLAGS, dir_fd=lower)
-    try:
-        for part in parts[:-1]:
-            step = os.open(part, _DIR_FLAGS, dir_fd=walk)
-            os.close(walk)
-            walk = step
-        fd = nixfiles.open_owned(walk, parts[-1], MAX_REGISTRATION, links_ok=True)
-    except nixfiles.Unusable as e:
-        raise RegistrationError(str(e)) from None
-    finally:
-        os.close(walk)
-    if fd is None:
-        raise RegistrationError(f"{reg_info} does not exist")
-    return fd, name
-
-
-def read_registration(fd: int) -> Registration:
-    """The registration, every entry checked in full (before anything acts on any of them)."""
-    data = nixfiles.read_fd(fd, MAX_REGISTRATION + 1)
-    if len(data) > MAX_REGISTRATION:
-        raise RegistrationError(f"larger than {MAX_REGISTRATION >> 20} MiB")
-    from guest_agent.nixreg import Registration
-
-    registration = Registration(data)
-    registration.check()
-    return registration
 
 
 def move_aside(rw: int) -> str:
@@ -140,21 +91,6 @@ def _open_state(rw: int) -> tuple[int, int]:
     except (OSError, WrongType) as e:
         os.close(state)
         raise nixfiles.Unusable(f"{DB_DIR}: {e}") from None
-
-
-def _read_derivation(layers: Layers, upper: nixupper.Upper) -> Callable[[str], bytes | None]:
-    def read(name: str) -> bytes | None:
-        layer = layers.upper if name in upper.visible else layers.lower
-        try:  # looked at before it is opened: a device node or FIFO in the upper is not
-            fd = nixfiles.open_owned(layer, name, MAX_DERIVATION, links_ok=True)
-        except (OSError, nixfiles.Unusable):
-            return None
-        if fd is None:
-            return None
-        with closing(fd):
-            return nixfiles.read_fd(fd, MAX_DERIVATION)
-
-    return read
 
 
 def reconcile(layers: Layers, reg_info: str | None, say: Callable[[str], None]) -> Report:
@@ -276,10 +212,12 @@ def _attempt(
             except (OSError, RegistrationError) as e:
                 _no_registration(reg_info, e, say)
                 closure_info = None
-        outcome, whiteouts, copies = _reconcile_copy(
+        from guest_agent import nixsteps  # only now: an unchanged boot does not pay for it
+
+        outcome, whiteouts, copies = nixsteps.reconcile_copy(
             layers, state, db, record, before, registration, closure_info, say
         )
-        _tell(outcome, say)
+        nixsteps.tell(outcome, say)
         after = nixrecord.fingerprint(layers, reg_info, reg_stat, db)
         nixrecord.write_record(
             state,
@@ -301,90 +239,6 @@ def _attempt(
         os.close(state)
 
 
-def _reconcile_copy(
-    layers: Layers,
-    state: int,
-    db: int,
-    record: dict[str, str],
-    before: str,
-    registration: Registration | None,
-    closure_info: str | None,
-    say: Callable[[str], None],
-) -> tuple[Outcome, list[str], list[str]]:
-    """Steps 1-3 on a private copy of the database, written back when it changed."""
-    import sqlite3  # only now: a boot with nothing to reconcile does not pay for it
-
-    from guest_agent import nixcopy, nixdb, nixschema
-
-    deadline = nixschema.deadline()
-    exists = nixfiles.check_files(db)
-    nixdb.check_version(db, exists)
-    work = nixcopy.take(db) if exists else nixcopy.private_dir()
-    try:
-        try:
-            if exists and work is not None:
-                check = not nixrecord.db_unchanged(record, before)
-                conn = nixdb.open_database(work, deadline, check_integrity=check)
-            else:
-                work = work or nixcopy.private_dir()
-                conn = nixdb.create_database(work, deadline)
-            try:
-                nixrecord.write_record(state, {**record, "state": "reconciling"})
-                outcome, whiteouts, copies = _steps(layers, conn, registration, closure_info, say)
-                changed = conn.total_changes > 0 or not exists
-                conn.execute("pragma wal_checkpoint(truncate)")
-            finally:
-                conn.close()
-        except sqlite3.Error as e:  # on the agent's own copy: the database's content is at fault
-            raise nixfiles.Unusable(f"SQLite says {e}") from None
-        if changed:
-            size = os.stat(os.path.join(work, nixfiles.DB_FILE)).st_size
-            say(f"writing the Nix database back to RW ({size >> 10} KiB, replacing it whole)")
-            inode = nixcopy.write_new(db, work)
-            nixrecord.write_record(state, {**record, "state": "writing-back", "new-db": f"{inode}"})
-            if not exists:
-                nixdb.write_schema_file(db)
-            say("putting the new Nix database in place of the old one")
-            nixcopy.put_in_place(db)
-    finally:
-        nixcopy.discard(work)
-    return outcome, whiteouts, copies
-
-
-def _steps(
-    layers: Layers,
-    conn: sqlite3.Connection,
-    registration: Registration | None,
-    closure_info: str | None,
-    say: Callable[[str], None],
-) -> tuple[Outcome, list[str], list[str]]:
-    from guest_agent import nixdb
-
-    registered = set(registration.names) if registration is not None else set()
-    if closure_info:
-        registered.add(closure_info)
-    lower_names = set(os.listdir(layers.lower))
-    upper = nixupper.scan_upper(layers.upper)
-    whiteouts, copies = nixupper.clean_upper(layers, upper, lower_names, registered)
-    if whiteouts:
-        say(
-            f"removed {len(whiteouts)} whiteouts hiding registered lower store paths: {_some(whiteouts)}"
-        )
-    if copies:
-        say(
-            f"moved {len(copies)} upper copies of registered lower store paths to the trash: {_some(copies)}"
-        )
-
-    def present(name: str) -> bool:
-        return name in upper.visible or (name in lower_names and name not in upper.whiteouts)
-
-    read = _read_derivation(layers, upper)
-    names = len(registered) - (1 if closure_info else 0)
-    say(f"checking the valid paths against the store and {names} registered paths")
-    outcome = nixdb.reconcile(conn, present, registration, read, set(copies))
-    return outcome, whiteouts, copies
-
-
 def _aside(rw: int, why: Exception, say: Callable[[str], None]) -> str:
     moved = move_aside(rw)
     say(
@@ -392,27 +246,6 @@ def _aside(rw: int, why: Exception, say: Callable[[str], None]) -> str:
         " and started a fresh one"
     )
     return moved
-
-
-def _some(names: list[str], limit: int = 5) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def _tell(outcome: Outcome, say: Callable[[str], None]) -> None:
-    if outcome.gone:
-        say(
-            f"invalidated {len(outcome.gone)} store paths no longer in the store: {_some(outcome.gone)}"
-        )
-    if outcome.dependents:
-        say(
-            f"invalidated {len(outcome.dependents)} store paths whose dependencies left the lower"
-            f" store: {_some(outcome.dependents)}"
-        )
-    if outcome.not_added:
-        names = [f"{n} ({why})" for n, why in outcome.not_added]
-        say(f"warning: left {len(names)} registered paths invalid: {_some(names)}")
-    say(f"Nix database: {outcome.valid} valid paths, {len(outcome.added)} registered now")
 
 
 def open_state(rw: int) -> int:

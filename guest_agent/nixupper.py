@@ -17,7 +17,7 @@ from guest_agent.reset import TRASH, open_dir
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
-    from guest_agent.nixstate import Layers
+    from guest_agent.nixlayers import Layers
 
 _OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
 

@@ -307,7 +307,7 @@ def _stat(path: str | None) -> os.stat_result | None:
 
 
 def _nix_db(root: str, overlay: OverlaySpec) -> dict[str, Any]:
-    from guest_agent.nixrecord import describe
+    from guest_agent.nixstatus import describe
 
     try:
         root_fd = open_root(root)
@@ -321,7 +321,7 @@ def _nix_db(root: str, overlay: OverlaySpec) -> dict[str, Any]:
 
 
 def _nix_line(info: dict[str, Any]) -> str:
-    from guest_agent.nixrecord import describe_line
+    from guest_agent.nixstatus import describe_line
 
     return describe_line(info)
 
