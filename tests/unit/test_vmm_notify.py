@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import socket
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -145,51 +146,65 @@ def test_ready_is_never_sent() -> None:
         vn.message([("READY", "1")])
 
 
-def test_the_sends_of_a_run_share_one_budget(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each send waits at most what the ones before it left of SEND_TIMEOUT; once it is
-    spent, nothing more is tried and the warning says so."""
+def _timed_host(
+    monkeypatch: pytest.MonkeyPatch,
+    address: str,
+    takes: float,
+    answer: Callable[[int, float], str | None],
+) -> tuple[vn.Host, list[float], list[tuple[str, str]]]:
+    """A Host for ADDRESS whose sends each take TAKES seconds of a fake clock and return
+    ANSWER(the send's number, its timeout); with the timeouts given and the warnings."""
     clock = [100.0]
     given: list[float] = []
-    spent = 0.6 * vn.SEND_TIMEOUT  # what the first send takes of the budget
 
-    def send(address: vn.Address, payload: bytes, timeout: float) -> str | None:
+    def send(_: vn.Address, payload: bytes, timeout: float) -> str | None:
         given.append(timeout)
-        clock[0] += spent
-        return None if len(given) == 1 else f"no answer within {timeout * 1000:.0f} ms"
+        clock[0] += takes
+        return answer(len(given), timeout)
 
     monkeypatch.setattr(vn, "send", send)
     monkeypatch.setattr("time.monotonic", lambda: clock[0])
     warnings: list[tuple[str, str]] = []
-    origin = "vmm.notify_socket=/run/notify"
-    host = vn.Host(vn.parse_address("/run/notify"), origin, lambda *w: warnings.append(w))
+    origin = f"vmm.notify_socket={address}"
+    host = vn.Host(vn.parse_address(address), origin, lambda *w: warnings.append(w))
+    return host, given, warnings
+
+
+def test_the_sends_of_a_run_share_one_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each send waits at most what the ones before it left of SEND_TIMEOUT; once it is
+    spent, nothing more is tried and the warning says so."""
+    spent = 0.6 * vn.SEND_TIMEOUT  # what the first send takes of the budget
+    host, given, warnings = _timed_host(
+        monkeypatch,
+        "/run/notify",
+        spent,
+        lambda n, timeout: None if n == 1 else f"no answer within {timeout * 1000:.0f} ms",
+    )
     host.tell([("STATUS", "guest-agent: mounting")])
     host.tell([("STATUS", "guest-agent: 1 mounted")])
     host.tell([("STATUS", "never sent")])
     left = vn.SEND_TIMEOUT - spent
     assert given == [pytest.approx(vn.SEND_TIMEOUT), pytest.approx(left)]
     assert warnings == [
-        (origin, f"the host did not hear the agent: no answer within {left * 1000:.0f} ms")
+        (
+            "vmm.notify_socket=/run/notify",
+            f"the host did not hear the agent: no answer within {left * 1000:.0f} ms",
+        )
     ]
 
 
 def test_a_spent_budget_is_a_warning_without_a_send(monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = [0.0]
-
-    def send(address: vn.Address, payload: bytes, timeout: float) -> str | None:
-        clock[0] += (
-            vn.SEND_TIMEOUT + 0.01
-        )  # a send that returned late (the budget spent, yet it went)
-        return None
-
-    monkeypatch.setattr(vn, "send", send)
-    monkeypatch.setattr("time.monotonic", lambda: clock[0])
-    warnings: list[tuple[str, str]] = []
-    origin = "vmm.notify_socket=@notify"
-    host = vn.Host(vn.parse_address("@notify"), origin, lambda *w: warnings.append(w))
+    # a send that returned late: the budget spent, yet it went
+    host, given, warnings = _timed_host(
+        monkeypatch, "@notify", vn.SEND_TIMEOUT + 0.01, lambda n, timeout: None
+    )
     host.tell([("STATUS", "guest-agent: mounting")])
     host.tell([("STATUS", "guest-agent: 1 mounted")])
+    assert len(given) == 1
     budget = f"{vn.SEND_TIMEOUT * 1000:.0f} ms"
-    assert warnings == [(origin, f"the host did not hear the agent: no answer within {budget}")]
+    assert warnings == [
+        ("vmm.notify_socket=@notify", f"the host did not hear the agent: no answer within {budget}")
+    ]
 
 
 def _virtio_bus(root: Path, *device_ids: str) -> str:
