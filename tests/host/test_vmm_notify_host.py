@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -61,3 +63,26 @@ def test_a_listener_that_never_reads_cannot_hold_the_boot(tmp_path: Path) -> Non
         sender.join(30)  # a guard against a hang, not a measurement
         assert not sender.is_alive(), "a send blocked on a listener that does not read"
     assert reasons[-1] == "no answer within 50 ms", reasons[-3:]
+
+
+def test_telling_the_host_imports_not_the_socket_module(tmp_path: Path) -> None:
+    """The notify path uses the C module `_socket`: `socket` (with enum, selectors…) cost a
+    run with the credential 200 ms of an emulated guest (bench/notify_cost.py)."""
+    path = str(tmp_path / "notify")
+    code = (
+        "import sys; from guest_agent import vmm_notify as vn\n"
+        f"host = vn.Host.find('systemd.set_credential=vmm.notify_socket:{path}', b'',"
+        " lambda *w: None, lambda m: None)\n"
+        "host.tell([('STATUS', 'guest-agent: 1 mounted')])\n"
+        "print(sorted(m for m in ('socket', 'selectors', 'enum') if m in sys.modules))\n"
+    )
+    with _listener(path) as listener:
+        done = subprocess.run(
+            [sys.executable, "-S", "-c", code],
+            env={"PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert listener.recv(4096) == b"STATUS=guest-agent: 1 mounted\n"
+    assert done.stdout == "[]\n", done
