@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""Issue 11: the agent's own superblock prober (guest_agent.probe) against libblkid (ctypes).
+"""Issue 11: the agent's own superblock prober (guest_agent.devices.probe) against libblkid (ctypes).
 
 The agent finds a volume by LABEL= / UUID= (and resolves `fstype auto`) with
-guest_agent.probe.probe_device, a hand-written prober of the first 68 KiB of a device.
+guest_agent.devices.probe.probe_device, a hand-written prober of the first 68 KiB of a device.
 libblkid.so.1 is in the guest anyway (mke2fs links it; the x-makefs blank check in
-guest_agent/blank.py loads it by soname). This script measures and compares both:
+guest_agent/devices/blank.py loads it by soname). This script measures and compares both:
 
 * on the host, no VM: image files of every filesystem the host can make (ext2/3/4,
   vfat, xfs, btrfs, f2fs, ntfs, iso9660, squashfs, erofs from the test bed's cache,
@@ -16,7 +16,7 @@ guest_agent/blank.py loads it by soname). This script measures and compares both
   clock counts instructions), with virtio-blk disks attached (ext4, erofs, squashfs,
   vfat, xfs, the vfat/ext4 ambiguous one, a blank one): fresh processes, rotating
   order, ROUNDS rounds of
-    own          python3 -c 'import probe_own' DEVS    (guest_agent.probe.probe_device)
+    own          python3 -c 'import probe_own' DEVS    (guest_agent.devices.probe.probe_device)
     lib          python3 -c 'import probe_lib' DEVS    (ctypes: blkid_new_probe_from_filename,
                  enable_superblocks, flags LABEL|UUID|TYPE, do_safeprobe, lookup_value)
     lib-only     the same with blkid_probe_filter_superblocks_type(ONLYIN, the types
@@ -24,9 +24,9 @@ guest_agent/blank.py loads it by soname). This script measures and compares both
     lib-nozfs    the same with (NOTIN, zfs_member): every other prober (zfs_member
                  reads four 256 KiB labels, 2 at each end, and is most of the time)
     *-cold       the same after `echo 3 >/proc/sys/vm/drop_caches` (untimed)
-    (own and lib import ctypes and guest_agent.syscalls first, as the agent has by then)
-    floor        python3 -c 'import ctypes, guest_agent.syscalls'
-    own-import   python3 -c 'import guest_agent.probe'
+    (own and lib import ctypes and guest_agent.kernel.syscalls first, as the agent has by then)
+    floor        python3 -c 'import ctypes, guest_agent.kernel.syscalls'
+    own-import   python3 -c 'import guest_agent.devices.probe'
     lib-dlopen   python3 -c 'import ctypes; ctypes.CDLL("libblkid.so.1")' (+ prototypes)
     ctypes       python3 -c 'import ctypes'      pass   python3 -c pass
   and once, in-process, the time of one probe of every disk (warm cache, 200 reps each
@@ -88,7 +88,7 @@ for _name, _res, _args in (
 _value = _s()
 _ref = ctypes.byref(_value)
 FLTR_ONLYIN = 2
-#: The types guest_agent.probe knows (its superblock readers), for the filtered variant.
+#: The types guest_agent.devices.probe knows (its superblock readers), for the filtered variant.
 ONLY = (b"linux_raid_member crypto_LUKS LVM2_member iso9660 xfs btrfs erofs squashfs squashfs3"
         b" f2fs ext2 ext3 ext4 ext4dev jbd ntfs vfat swap").split()
 FLTR_NOTIN = 1
@@ -127,7 +127,7 @@ PROBE_LIB = r"""
 import ctypes  # noqa: F401  (the agent has imported these by the time it probes)
 import sys
 
-import guest_agent.syscalls  # noqa: F401
+import guest_agent.kernel.syscalls  # noqa: F401
 from blkidctl import probe
 
 args = sys.argv[1:]
@@ -140,13 +140,13 @@ for dev in args:
             print(dev, rc, t, label, uuid, sep="\t")
 """
 
-#: /bench/probe_own.py: the same through guest_agent.probe.
+#: /bench/probe_own.py: the same through guest_agent.devices.probe.
 PROBE_OWN = r"""
 import ctypes  # noqa: F401  (the agent has imported these by the time it probes)
 import sys
 
-import guest_agent.syscalls  # noqa: F401
-from guest_agent.probe import probe_device
+import guest_agent.kernel.syscalls  # noqa: F401
+from guest_agent.devices.probe import probe_device
 
 args = sys.argv[1:]
 show = "-p" in args
@@ -167,7 +167,7 @@ import sys
 import time
 
 from blkidctl import probe
-from guest_agent.probe import probe_device
+from guest_agent.devices.probe import probe_device
 
 reps = int(sys.argv[1])
 devs = sys.argv[2:]
@@ -355,7 +355,7 @@ def lib_version(lib: Any) -> str:
 
 
 def host_run(work: Path, bed: tb.Testbed, reps: int, proc_reps: int) -> dict[str, Any]:
-    from guest_agent.probe import probe_device
+    from guest_agent.devices.probe import probe_device
 
     blkid_probe, lib = host_probe_lib()
     images = make_images(work / "host-images", bed)
@@ -408,9 +408,9 @@ def host_run(work: Path, bed: tb.Testbed, reps: int, proc_reps: int) -> dict[str
         "lib": [py, "-c", "import probe_lib", *paths],
         "lib-only": [py, "-c", "import probe_lib", "-o", *paths],
         "lib-nozfs": [py, "-c", "import probe_lib", "-z", *paths],
-        "own-import": [py, "-c", "import guest_agent.probe"],
+        "own-import": [py, "-c", "import guest_agent.devices.probe"],
         "lib-dlopen": [py, "-c", "import blkidctl"],
-        "floor": [py, "-c", "import ctypes, guest_agent.syscalls"],
+        "floor": [py, "-c", "import ctypes, guest_agent.kernel.syscalls"],
         "ctypes": [py, "-c", "import ctypes"],
         "pass": [py, "-c", "pass"],
     }
@@ -472,9 +472,9 @@ GUEST_STEPS = {
     "lib-cold": "python3 -c 'import probe_lib' $DEVS",
     "lib-only-cold": "python3 -c 'import probe_lib' -o $DEVS",
     "lib-nozfs-cold": "python3 -c 'import probe_lib' -z $DEVS",
-    "own-import": "python3 -c 'import guest_agent.probe'",
+    "own-import": "python3 -c 'import guest_agent.devices.probe'",
     "lib-dlopen": "python3 -c 'import blkidctl'",
-    "floor": "python3 -c 'import ctypes, guest_agent.syscalls'",
+    "floor": "python3 -c 'import ctypes, guest_agent.kernel.syscalls'",
     "ctypes": "python3 -c 'import ctypes'",
     "pass": "python3 -c pass",
 }

@@ -7,7 +7,7 @@ no module loaded) on a guest with `-smp 2` (qemu's multi-threaded TCG: each vCPU
 its own host thread). Three sides take turns as the one measured in a boot:
 
 * agent:      `guest-agent mount-all`: on more than one CPU it hands the modules that
-              do not depend on each other to the kernel at once (guest_agent.fanout)
+              do not depend on each other to the kernel at once (guest_agent.kmod.fanout)
 * agent-1cpu: the same run pinned to one CPU (`taskset 1`): it then loads them one by
               one, as it did before and does on a one-vCPU guest (the before, same boot kind)
 * shell:      boot_path's cold busybox script (`modprobe -a`, then the mounts)

@@ -2,8 +2,8 @@
 """Issue 11: the agent's own module loading against libkmod through ctypes, on a cold boot.
 
 Every initrd the agent targets ships kmod's modprobe, so libkmod.so.2 is there; it reads
-depmod's binary indexes (modules.dep.bin, modules.alias.bin, ...) where guest_agent.kmod and
-guest_agent.modindex parse the text ones. This script measures both on boot_path's guest
+depmod's binary indexes (modules.dep.bin, modules.alias.bin, ...) where guest_agent.kmod.loader and
+guest_agent.kmod.index parse the text ones. This script measures both on boot_path's guest
 (bench/boot_path.py: 8 shares, the 9p ro-store, an ext4 volume by LABEL, the overlay):
 
 * cold boots, alternating, one timed cold `mount-all` per boot: `today` is
@@ -19,7 +19,7 @@ guest_agent.modindex parse the text ones. This script measures both on boot_path
   aliases this boot's cold run resolves (the driverless virtio PCI and virtio-bus
   modaliases, fs-9p, fs-virtiofs, fs-ext4, fs-overlay) and their closure (dependencies,
   soft dependencies): modindex's text indexes, libkmod without and with
-  kmod_load_resources; and the floors to subtract: `import guest_agent.modindex`
+  kmod_load_resources; and the floors to subtract: `import guest_agent.kmod.index`
   (a cold run imports it either way), a bare dlopen of libkmod, `import ctypes` (a
   cold run imports it either way, for its system calls) and `pass`. Both closures
   are printed once and compared.
@@ -164,9 +164,9 @@ LIBKMOD_AGENT = r'''
 """guest-agent with ModuleLoader.require through libkmod (kmodctl), otherwise unchanged."""
 import sys
 
-from guest_agent import kmod as _gk
-from guest_agent.modimage import errtext
-from guest_agent.modindex import ModuleError, ModuleNotFound
+from guest_agent.kmod import loader as _gk
+from guest_agent.kmod.image import errtext
+from guest_agent.kmod.index import ModuleError, ModuleNotFound
 
 _kmod = None
 
@@ -210,11 +210,11 @@ def main():
 #: /bench/agent_libkmod.py: the entry (a main script is compiled each run: keep it tiny).
 AGENT_LIBKMOD = "import libkmod_agent\n\nlibkmod_agent.main()\n"
 
-#: /bench/resolve_py.py: the aliases of /tmp/aliases and their closure, by guest_agent.modindex.
+#: /bench/resolve_py.py: the aliases of /tmp/aliases and their closure, by guest_agent.kmod.index.
 RESOLVE_PY = r"""
 import sys
 
-from guest_agent.modindex import ModuleIndex, default_modules_dir, module_name
+from guest_agent.kmod.index import ModuleIndex, default_modules_dir, module_name
 
 index = ModuleIndex(default_modules_dir())
 seen = set()
@@ -291,7 +291,7 @@ def cold_boot_script(mode: str) -> str:
 
 RESOLVE_STEPS = {
     "modindex": "python3 /bench/resolve_py.py",
-    "modindex-import": "python3 -c 'import guest_agent.modindex'",
+    "modindex-import": "python3 -c 'import guest_agent.kmod.index'",
     "libkmod-mmap": "python3 /bench/resolve_kmod.py",
     "libkmod-fread": "python3 /bench/resolve_kmod.py --no-resources",
     "dlopen": f"python3 -c 'import ctypes; ctypes.CDLL(\"{GUEST_LIBDIR}/libkmod.so.2\")'",

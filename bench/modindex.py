@@ -9,8 +9,8 @@ in one boot, in fresh processes, alternating, what a cold `mount-all` asks of th
 modules for the aliases a boot resolves (the virtio devices' modaliases, fs-9p,
 fs-virtiofs, fs-ext4, fs-overlay) and each one's dependency entry:
 
-* text:   guest_agent.modindex reading only the text files (the agent before 6f3cc8b)
-* binary: guest_agent.modindex as it is: depmod's binary indexes (guest_agent.modbin)
+* text:   guest_agent.kmod.index reading only the text files (the agent before 6f3cc8b)
+* binary: guest_agent.kmod.index as it is: depmod's binary indexes (guest_agent.kmod.binindex)
 * bare:   `python3 -c pass`, the interpreter alone
 
 Both sides run the same script and import the same modules; the medians minus bare
@@ -53,7 +53,7 @@ INDEXES = (
 )
 RESOLVE = f"""
 import sys
-from guest_agent.modindex import ModuleIndex, normalize
+from guest_agent.kmod.index import ModuleIndex, normalize
 
 class TextOnly(ModuleIndex):
     def _binary(self, name):

@@ -209,7 +209,7 @@ import os, sys, time
 t = time.perf_counter
 T0 = t()
 import sqlite3
-from guest_agent import nixreg
+from guest_agent.nixdb import registration as nixreg
 T1 = t()
 data = open(sys.argv[1], "rb").read()
 T2 = t()

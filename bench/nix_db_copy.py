@@ -37,8 +37,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from guest_agent import nixcopy, nixdb, nixrecord, nixschema, nixstate  # noqa: E402
-from guest_agent.nixreg import Entry  # noqa: E402
+from guest_agent.nixdb import copy as nixcopy
+from guest_agent.nixdb import database as nixdb
+from guest_agent.nixdb import record as nixrecord
+from guest_agent.nixdb import schema as nixschema
+from guest_agent.nixdb import state as nixstate  # noqa: E402
+from guest_agent.nixdb.registration import Entry  # noqa: E402
 
 B32 = "0123456789abcdfghijklmnpqrsvwxyz"
 H = "sha256:" + "0" * 64

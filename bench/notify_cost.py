@@ -96,7 +96,7 @@ def cold_script(name: str) -> str:
 def warm_script(rounds: int) -> str:
     lines = [
         _files(),
-        "python3 -c 'from guest_agent.kmod import ModuleLoader as L; L().load(\"vsock_loopback\")'\n",
+        "python3 -c 'from guest_agent.kmod.loader import ModuleLoader as L; L().load(\"vsock_loopback\")'\n",
         "cat > /tmp/listen.py <<'EOF'\n" + LISTENER + "EOF\n",
         "python3 /tmp/listen.py 2>/tmp/listener.err &\n",
         "for i in $(seq 100); do [ -e /tmp/listening ] && break; sleep 0.1; done\n",

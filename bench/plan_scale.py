@@ -27,7 +27,7 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from guest_agent.config import merge, parse_cmdline  # noqa: E402
+from guest_agent.config.merge import merge, parse_cmdline  # noqa: E402
 from guest_agent.plan import plan  # noqa: E402
 from guest_agent.spec import Config  # noqa: E402
 

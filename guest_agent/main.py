@@ -53,10 +53,10 @@ def run() -> None:
             import gc
 
             gc.disable()
-            from guest_agent.commands.mount_all import mount_all
+            from guest_agent.cli.mount_all import mount_all
 
             sys.exit(mount_all(**fast))  # type: ignore[arg-type]
-        from guest_agent.cli import main
+        from guest_agent.cli.app import main
 
         main(prog_name="guest-agent")
     except Exception as e:

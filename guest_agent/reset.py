@@ -20,9 +20,9 @@ import os
 import stat
 import time
 
-from guest_agent.paths import OWNED_DIR_FLAGS, kind_of
+from guest_agent.kernel.paths import OWNED_DIR_FLAGS, kind_of
+from guest_agent.kernel.syscalls import closing
 from guest_agent.spec import LAYERS, NIX_STATE_DIR, WORK_DIR
-from guest_agent.syscalls import closing
 
 TRASH = ".guest-agent-trash"
 REQUEST = ".guest-agent-reset-requested"

@@ -14,8 +14,8 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
     from typing import Any
 
-    from guest_agent.mountinfo import Mount
-    from guest_agent.syscalls import MountError
+    from guest_agent.kernel.mountinfo import Mount
+    from guest_agent.kernel.syscalls import MountError
 
 
 class Status:

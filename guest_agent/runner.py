@@ -15,8 +15,8 @@ import posixpath
 import stat
 
 from guest_agent.handlers import handler_for, named_filesystems
-from guest_agent.mountinfo import in_root
-from guest_agent.paths import PathError, host_path, resolve_as_far_as_exists
+from guest_agent.kernel.mountinfo import in_root
+from guest_agent.kernel.paths import PathError, host_path, resolve_as_far_as_exists
 from guest_agent.plan import order_by_resolved
 from guest_agent.results import NOAUTO, Failure, Result, Status
 from guest_agent.spec import Problem

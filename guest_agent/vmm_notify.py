@@ -295,7 +295,7 @@ class Host:
         warn: Callable[[str, str], None],
         load_module: Callable[[str], str | None],
     ) -> Host | None:
-        from guest_agent.config import split_cmdline
+        from guest_agent.config.merge import split_cmdline
 
         text = read_credential(list(split_cmdline(cmdline_text)), table)
         if text is None:

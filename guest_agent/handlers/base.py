@@ -10,10 +10,9 @@ from __future__ import annotations
 import errno
 import os
 
-from guest_agent.mountinfo import MOUNTINFO, MountTable
-from guest_agent.paths import PathError, host_path, open_root, resolve_in_root, walk
-from guest_agent.results import Failure, Result, Status, refused
-from guest_agent.syscalls import (
+from guest_agent.kernel.mountinfo import MOUNTINFO, MountTable
+from guest_agent.kernel.paths import PathError, host_path, open_root, resolve_in_root, walk
+from guest_agent.kernel.syscalls import (
     RESOLVE_IN_ROOT,
     RESOLVE_NO_MAGICLINKS,
     MountError,
@@ -21,17 +20,18 @@ from guest_agent.syscalls import (
     closing,
     openat2,
 )
-from guest_agent.syscalls import mount as kernel_mount
+from guest_agent.kernel.syscalls import mount as kernel_mount
+from guest_agent.results import Failure, Result, Status, refused
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Protocol, TypeVar
 
-    from guest_agent.devices import Devices
-    from guest_agent.mountinfo import Mount
-    from guest_agent.mountlog import MountLog
-    from guest_agent.paths import Opened
+    from guest_agent.devices.discovery import Devices
+    from guest_agent.kernel.mountinfo import Mount
+    from guest_agent.kernel.mountlog import MountLog
+    from guest_agent.kernel.paths import Opened
     from guest_agent.report import Reporter
     from guest_agent.spec import MountSpec, Options, PseudoSpec, VolumeSpec
 

@@ -10,15 +10,15 @@ from __future__ import annotations
 import os
 
 from guest_agent import reset as overlay_reset
-from guest_agent.mountinfo import major_minor
-from guest_agent.paths import identity, overlapping
+from guest_agent.kernel.mountinfo import major_minor
+from guest_agent.kernel.paths import identity, overlapping
+from guest_agent.kernel.syscalls import closing
 from guest_agent.results import Failure
 from guest_agent.spec import LAYERS
-from guest_agent.syscalls import closing
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
-    from guest_agent.mountinfo import Mount, MountTable
+    from guest_agent.kernel.mountinfo import Mount, MountTable
     from guest_agent.spec import OverlaySpec
 
 

@@ -22,8 +22,8 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from guest_agent.devices.probe import Signature
     from guest_agent.handlers.base import Context
-    from guest_agent.probe import Signature
     from guest_agent.spec import VolumeSpec
 
 # The mkfs arguments before the device, per fstype: quiet, except for tools with no quiet
@@ -54,7 +54,7 @@ def prepare(
     return the disk's signature after that."""
     if signature is not None:
         return signature
-    from guest_agent.blank import why_not_blank
+    from guest_agent.devices.blank import why_not_blank
 
     reason = why_not_blank(device)
     if reason is not None:
@@ -65,7 +65,7 @@ def prepare(
         )
     format_disk(ctx, spec, device)
     ctx.devices.forget()
-    from guest_agent.probe import probe_device
+    from guest_agent.devices.probe import probe_device
 
     return probe_device(device)
 

@@ -1,4 +1,4 @@
-"""The x-nix-db part of the store overlay: reconcile Nix's database on RW (guest_agent.nixstate)
+"""The x-nix-db part of the store overlay: reconcile Nix's database on RW (guest_agent.nixdb.state)
 and bind-mount RW/nix-state at /nix/var/nix, before the overlay is mounted.
 
 Imported by the overlay handler only for an overlay with x-nix-db.
@@ -7,16 +7,16 @@ Imported by the overlay handler only for an overlay with x-nix-db.
 from __future__ import annotations
 
 from guest_agent import reset as overlay_reset
-from guest_agent.paths import PathError, reopen
+from guest_agent.kernel.paths import PathError, reopen
+from guest_agent.kernel.syscalls import BIND, MountError, MountRequest, closing
 from guest_agent.results import Failure
 from guest_agent.spec import NIX_STATE_DIR, NIX_STATE_MOUNT_POINT, OverlaySpec, Problem
-from guest_agent.syscalls import BIND, MountError, MountRequest, closing
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
     from guest_agent.handlers.base import Context
-    from guest_agent.mountinfo import MountTable
-    from guest_agent.paths import Opened
+    from guest_agent.kernel.mountinfo import MountTable
+    from guest_agent.kernel.paths import Opened
 
 
 def mount_nix_state(
@@ -42,7 +42,7 @@ def mount_nix_state(
         current = table.visible_at(target)
         if current is not None:
             raise Failure(f"it is already a mount point ({current.fstype} {current.source})")
-        from guest_agent.nixstate import open_state
+        from guest_agent.nixdb.state import open_state
 
         with closing(open_state(rw)) as state:
             ctx.do_mount(MountRequest(BIND, f"/proc/self/fd/{state}", target))
@@ -74,7 +74,7 @@ def _reconcile_database(
     ctx: Context, spec: OverlaySpec, lower: Opened, rw: int, store: int
 ) -> tuple[str, str | None] | None:
     """Run the reconcile (nixstate); None when it went through, else (why, hint)."""
-    from guest_agent import nixstate
+    from guest_agent.nixdb import state as nixstate
 
     try:
         with closing(reopen(lower.fd)) as lower_fd:

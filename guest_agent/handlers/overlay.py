@@ -13,21 +13,21 @@ import os
 
 from guest_agent import reset as overlay_reset
 from guest_agent.handlers.layers import check_overlap, in_use, overlay_users, wrong_type
-from guest_agent.mountinfo import in_root
-from guest_agent.paths import host_path, reopen
+from guest_agent.kernel.mountinfo import in_root
+from guest_agent.kernel.paths import host_path, reopen
+from guest_agent.kernel.syscalls import MountError, MountRequest, closing, umount
 from guest_agent.plan import upper_on_9p
 from guest_agent.results import Failure, Result, Status, occupied, refused
 from guest_agent.spec import UPPER_DIR, WORK_DIR, Proto, join
-from guest_agent.syscalls import MountError, MountRequest, closing, umount
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from guest_agent.devices import Devices
+    from guest_agent.devices.discovery import Devices
     from guest_agent.handlers.base import Context
-    from guest_agent.mountinfo import Mount
-    from guest_agent.paths import Opened
+    from guest_agent.kernel.mountinfo import Mount
+    from guest_agent.kernel.paths import Opened
     from guest_agent.spec import Options, OverlaySpec
 
 OVERLAY_SAFE_DEFAULTS = ("index", "metacopy", "redirect_dir", "xino")

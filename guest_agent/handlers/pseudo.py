@@ -7,9 +7,9 @@ from guest_agent.results import Result, Status, occupied
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
-    from guest_agent.devices import Devices
+    from guest_agent.devices.discovery import Devices
     from guest_agent.handlers.base import Context
-    from guest_agent.mountinfo import Mount
+    from guest_agent.kernel.mountinfo import Mount
     from guest_agent.spec import PseudoSpec
 
 

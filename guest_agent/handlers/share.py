@@ -11,16 +11,16 @@ from __future__ import annotations
 import errno
 import os
 
-from guest_agent.mountinfo import in_root
+from guest_agent.kernel.mountinfo import in_root
+from guest_agent.kernel.syscalls import MountError, MountRequest, umount
 from guest_agent.results import Failure, Result, Status, occupied, refused
 from guest_agent.spec import SHARE_FSTYPES, Proto
-from guest_agent.syscalls import MountError, MountRequest, umount
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
-    from guest_agent.devices import Devices
+    from guest_agent.devices.discovery import Devices
     from guest_agent.handlers.base import Context
-    from guest_agent.mountinfo import Mount
+    from guest_agent.kernel.mountinfo import Mount
     from guest_agent.spec import Options, ShareSpec
 
 # 9p: the virtio transport carries at most PAGE_SIZE * (VIRTQUEUE_NUM - 3) = 512000 bytes a

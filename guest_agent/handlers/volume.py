@@ -9,15 +9,15 @@ a hint (add ro; run fsck: a disk is never formatted over).
 from __future__ import annotations
 
 from guest_agent.handlers.base import mount_device, read_only_default
-from guest_agent.mountinfo import devnum
+from guest_agent.kernel.mountinfo import devnum
 from guest_agent.results import Failure, Result, Status, occupied
 from guest_agent.spec import EXT_FAMILY
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
-    from guest_agent.devices import Devices
+    from guest_agent.devices.discovery import Devices
     from guest_agent.handlers.base import Context
-    from guest_agent.mountinfo import Mount
+    from guest_agent.kernel.mountinfo import Mount
     from guest_agent.spec import Options, VolumeSpec
 
 READ_ONLY_FILESYSTEMS = frozenset({"erofs", "squashfs", "iso9660"})
@@ -90,7 +90,7 @@ class VolumeHandler:
 
 def _fstype(ctx: Context, spec: VolumeSpec, device: str) -> str:
     """The filesystem to mount DEVICE as (formatting a blank disk first with x-makefs)."""
-    from guest_agent.probe import probe_device
+    from guest_agent.devices.probe import probe_device
 
     try:
         signature = probe_device(device)

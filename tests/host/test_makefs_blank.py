@@ -1,4 +1,4 @@
-"""x-makefs's blank check (guest_agent.blank.why_not_blank) on real loop devices, as root.
+"""x-makefs's blank check (guest_agent.devices.blank.why_not_blank) on real loop devices, as root.
 
 Every disk is all zeros but for what a case puts on it: the disks of issue 8 that the old
 check let x-makefs format (a tar archive at 1 MiB, an ext4 at 1 MiB with its partition table
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from guest_agent.blank import SAMPLE, sample_offsets, why_not_blank
+from guest_agent.devices.blank import SAMPLE, sample_offsets, why_not_blank
 
 if TYPE_CHECKING:
     from tests.host.conftest import HostEnv

@@ -1,4 +1,4 @@
-"""depmod's binary indexes read by guest_agent.modbin, against kmod itself and the text.
+"""depmod's binary indexes read by guest_agent.kmod.binindex, against kmod itself and the text.
 
 Each test bed kernel's full module tree (4 000-odd modules: a distribution initrd with
 every module, as initramfs-tools' MODULES=most makes) is depmod'ed on the host; then:
@@ -21,7 +21,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "vm"))
 import testbed as tb
 
-from guest_agent.modindex import ModuleIndex, normalize, parse_modules_alias
+from guest_agent.kmod.index import ModuleIndex, normalize, parse_modules_alias
 
 BOOT_ALIASES = [
     "virtio:d00000009v00001AF4",  # 9p channel
@@ -86,7 +86,7 @@ def test_every_dependency_entry_as_the_text(full_tree: Path) -> None:
     binary, text = ModuleIndex(str(full_tree)), TextOnly(str(full_tree))
     names = [line.split(":", 1)[0] for line in (full_tree / "modules.dep").read_text().splitlines()]
     assert len(names) > 3000
-    from guest_agent.modindex import module_name
+    from guest_agent.kmod.index import module_name
 
     for path in names:
         mod = module_name(path)
@@ -98,7 +98,7 @@ def test_every_dependency_entry_as_the_text(full_tree: Path) -> None:
 def test_every_builtin_as_the_text(full_tree: Path) -> None:
     binary, text = ModuleIndex(str(full_tree)), TextOnly(str(full_tree))
     builtin = (full_tree / "modules.builtin").read_text().splitlines()
-    from guest_agent.modindex import module_name
+    from guest_agent.kmod.index import module_name
 
     for path in builtin:
         mod = module_name(path)

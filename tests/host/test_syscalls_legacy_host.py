@@ -21,8 +21,8 @@ pytestmark = pytest.mark.root
 
 SCRIPT = r"""
 import errno, json, os, sys
-from guest_agent import syscalls
-from guest_agent.syscalls import BIND, MountError, MountRequest
+from guest_agent.kernel import syscalls
+from guest_agent.kernel.syscalls import BIND, MountError, MountRequest
 
 
 def no_new_api(fstype):
@@ -43,13 +43,13 @@ def line(target):
 base = sys.argv[1]
 new = os.path.join(base, "new")
 syscalls.mount(MountRequest("tmpfs", "ga-new", new, ("nosuid",)))
-out = {"legacy_after_new_api": "guest_agent.syscalls_legacy" in sys.modules, "new": line(new)}
+out = {"legacy_after_new_api": "guest_agent.kernel.syscalls_legacy" in sys.modules, "new": line(new)}
 
 old = os.path.join(base, "old")
 syscalls.fsopen = no_new_api
 syscalls.mount(MountRequest("tmpfs", "ga-legacy", old,
                             ("ro", "nosuid", "nodev", "noatime", "sync", "size=1m", "mode=0700")))
-out["legacy_after_mount"] = "guest_agent.syscalls_legacy" in sys.modules
+out["legacy_after_mount"] = "guest_agent.kernel.syscalls_legacy" in sys.modules
 out["old"] = line(old)
 out["old_mode"] = oct(os.stat(old).st_mode & 0o777)
 try:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from guest_agent.sysfs import BlockDevice, scan_block_devices
+from guest_agent.devices.sysfs import BlockDevice, scan_block_devices
 
 
 def _pyudev() -> Any:

@@ -1,4 +1,4 @@
-"""Tests for guest_agent.blank without root: where it looks (sample offsets, ranges), the zero
+"""Tests for guest_agent.devices.blank without root: where it looks (sample offsets, ranges), the zero
 checks on regular files, the refusal of everything that is not a block device, and the whole
 check on regular files made to pass for block devices (the host tests use real ones)."""
 
@@ -17,8 +17,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from guest_agent import blank
-from guest_agent.blank import (
+from guest_agent.devices import blank
+from guest_agent.devices.blank import (
     HEAD,
     SAMPLE,
     SAMPLES,
@@ -342,7 +342,7 @@ def test_missing_libblkid_is_remembered(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_importing_blank_imports_no_ctypes() -> None:
     code = (
-        "import sys; import guest_agent.blank; "
+        "import sys; import guest_agent.devices.blank; "
         "bad = {'ctypes', 'struct', 'fcntl', 'typing'} & set(sys.modules); "
         "print(sorted(bad))"
     )

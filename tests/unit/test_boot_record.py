@@ -10,9 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from guest_agent import commands, vmm_notify
-from guest_agent.commands import record as bootrecord
-from guest_agent.commands.mount_all import record_text
+from guest_agent import cli as commands
+from guest_agent import vmm_notify
+from guest_agent.cli import record as bootrecord
+from guest_agent.cli.mount_all import record_text
 from guest_agent.results import Result, Status
 from guest_agent.spec import Problem
 

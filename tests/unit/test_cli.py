@@ -14,8 +14,9 @@ import pytest
 from cli_env import Env
 from click.testing import CliRunner, Result
 
-from guest_agent import cli, inputs
-from guest_agent.cli import main
+from guest_agent.cli import app as cli
+from guest_agent.cli.app import main
+from guest_agent.config import inputs
 
 
 @pytest.fixture

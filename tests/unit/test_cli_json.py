@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from guest_agent.cli import main
-from guest_agent.commands import JSON_KEYS, JSON_VERSION, PROBLEM_FIELDS
-from guest_agent.commands import discover as discover_cmd
-from guest_agent.commands import status as status_cmd
-from guest_agent.commands.status import LAYER_FIELDS, LAYER_NAMES, STATUS_FIELDS, overlay_layers
-from guest_agent.mountinfo import Mount
+from guest_agent.cli import JSON_KEYS, JSON_VERSION, PROBLEM_FIELDS
+from guest_agent.cli import discover as discover_cmd
+from guest_agent.cli import status as status_cmd
+from guest_agent.cli.app import main
+from guest_agent.cli.status import LAYER_FIELDS, LAYER_NAMES, STATUS_FIELDS, overlay_layers
+from guest_agent.kernel.mountinfo import Mount
 from guest_agent.results import MOUNT_FIELDS
 from guest_agent.spec import OverlaySpec, Problem
 
@@ -191,7 +191,7 @@ def test_status_text_names_the_layers(
 
 
 def _config(cmdline: Path) -> Any:
-    from guest_agent.inputs import load, sources
+    from guest_agent.config.inputs import load, sources
     from guest_agent.report import Reporter
 
     return load(sources("/", os.devnull, str(cmdline)), Reporter(kmsg=None))

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from guest_agent.config import (
+from guest_agent.config.merge import (
     merge,
     parse_cmdline,
     parse_config_json,

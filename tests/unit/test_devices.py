@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from guest_agent import probe, sysfs
-from guest_agent.devices import Devices
-from guest_agent.parsers import parse_share, parse_volume
-from guest_agent.probe import Signature
+from guest_agent.config.parsers import parse_share, parse_volume
+from guest_agent.devices import probe, sysfs
+from guest_agent.devices.discovery import Devices
+from guest_agent.devices.probe import Signature
+from guest_agent.devices.sysfs import BlockDevice, VirtioShare
 from guest_agent.report import Reporter
 from guest_agent.results import Failure
 from guest_agent.spec import ShareSpec, VolumeSpec
-from guest_agent.sysfs import BlockDevice, VirtioShare
 
 
 class Scans:
@@ -115,7 +115,7 @@ def test_find_disk_by_label_uuid_serial_and_path(scans: Scans, tmp_path: Path) -
 def test_a_partition_tables_id_is_no_uuid(scans: Scans, tmp_path: Path) -> None:
     """blkid reports a GPT/DOS disk id as PTUUID, never as UUID (udev makes no by-uuid link
     for it): UUID= must not find the whole disk of a partition table."""
-    from guest_agent.probe_fields import PARTITION_TABLE
+    from guest_agent.devices.probe_fields import PARTITION_TABLE
 
     a = tmp_path / "vda"
     a.touch()
@@ -195,7 +195,7 @@ class Loader:
 def test_preload_adds_the_named_filesystems_the_kernel_lacks_once(
     monkeypatch: pytest.MonkeyPatch, cpus: int
 ) -> None:
-    from guest_agent import devices as devices_module
+    from guest_agent.devices import discovery as devices_module
 
     monkeypatch.setattr(devices_module, "usable_cpus", lambda: cpus)
     monkeypatch.setattr(devices_module, "registered_filesystems", lambda: frozenset({"ext4"}))
@@ -231,12 +231,12 @@ def test_coldplug_loads_virtio_mmio_first_for_devices_on_the_command_line(
 ) -> None:
     """firecracker's devices exist only once virtio_mmio is loaded with its words: the
     boot path's coldplug asks the loader for it before scanning for driverless devices."""
-    from guest_agent import devices as devices_module
+    from guest_agent.devices import discovery as devices_module
 
     # from sys.modules, as the code imports them: pyfakefs (test_kmod's `fs`) drops the
     # modules first imported under it from sys.modules, not from the package's attributes
-    coldplug = importlib.import_module("guest_agent.coldplug")
-    uevent = importlib.import_module("guest_agent.uevent")
+    coldplug = importlib.import_module("guest_agent.kmod.coldplug")
+    uevent = importlib.import_module("guest_agent.devices.uevent")
 
     (tmp_path / "cmdline").write_text(cmdline)
     real = devices_module.cmdline_has_mmio_devices

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from guest_agent.commands import discover as discover_cmd
-from guest_agent.commands.discover import discover
-from guest_agent.kmod import ModuleLoader
+from guest_agent.cli import discover as discover_cmd
+from guest_agent.cli.discover import discover
+from guest_agent.kmod.loader import ModuleLoader
 
 DISK = "/sys/devices/pci0000:00/0000:00:03.0/virtio1"
 

@@ -7,7 +7,7 @@ import json
 import os
 from typing import Any
 
-from guest_agent.commands.discover import discover, discover_all, render
+from guest_agent.cli.discover import discover, discover_all, render
 
 PCI = "/sys/devices/pci0000:00/0000:00:02.0"
 MMIO = "/sys/devices/platform/LNRO0005:00"

@@ -1,4 +1,4 @@
-"""Work on a dependency graph on several threads (guest_agent.fanout): order, failures, limits."""
+"""Work on a dependency graph on several threads (guest_agent.kmod.fanout): order, failures, limits."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from graphlib import CycleError
 
 import pytest
 
-from guest_agent.fanout import run_graph
+from guest_agent.kmod.fanout import run_graph
 
 # ext4-like: a needs b and c; b needs d; e stands alone.
 GRAPH = {"a": ["b", "c"], "b": ["d"], "c": [], "d": [], "e": []}

@@ -11,12 +11,12 @@ import pytest
 from handler_fakes import FakeDevices, RecordingMount, Run
 
 from guest_agent import reset as overlay_reset
+from guest_agent.config.parsers import parse_overlay
 from guest_agent.handlers import handler_for
 from guest_agent.handlers.overlay import OverlayHandler
-from guest_agent.parsers import parse_overlay
+from guest_agent.kernel.syscalls import MountError
 from guest_agent.results import Failure, Status
 from guest_agent.spec import OverlaySpec
-from guest_agent.syscalls import MountError
 
 SPEC = parse_overlay("/lower:/rw", "microvm.store-overlay=/lower:/rw")
 assert isinstance(SPEC, OverlaySpec)

@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 from handler_fakes import FakeDevices, RecordingMount, Run
 
-from guest_agent import probe
+from guest_agent.config.parsers import parse_volume
+from guest_agent.devices import probe
+from guest_agent.devices.probe import Signature
 from guest_agent.handlers import handler_for
 from guest_agent.handlers import makefs as makefs_module
 from guest_agent.handlers.makefs import mkfs_argv
 from guest_agent.handlers.volume import VolumeHandler
-from guest_agent.parsers import parse_volume
-from guest_agent.probe import Signature
+from guest_agent.kernel.syscalls import MountError
 from guest_agent.results import Failure, Status
 from guest_agent.spec import VolumeSpec
-from guest_agent.syscalls import MountError
 
 EXT4 = Signature("ext4", "data", "1234", "filesystem")
 
@@ -225,9 +225,9 @@ def test_makefs_formats_a_blank_disk(
     tmp_path: Path, disk: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with_signature(monkeypatch, None, EXT4)
-    import guest_agent.blank
+    import guest_agent.devices.blank
 
-    monkeypatch.setattr(guest_agent.blank, "why_not_blank", lambda path: None)
+    monkeypatch.setattr(guest_agent.devices.blank, "why_not_blank", lambda path: None)
     made: list[tuple[str, str]] = []
     monkeypatch.setattr(
         makefs_module, "format_disk", lambda ctx, spec, device: made.append((spec.fstype, device))
@@ -242,9 +242,9 @@ def test_makefs_refuses_a_disk_that_is_not_blank(
     tmp_path: Path, disk: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with_signature(monkeypatch, None)
-    import guest_agent.blank
+    import guest_agent.devices.blank
 
-    monkeypatch.setattr(guest_agent.blank, "why_not_blank", lambda path: "has data at byte 4096")
+    monkeypatch.setattr(guest_agent.devices.blank, "why_not_blank", lambda path: "has data at byte 4096")
     run = Run(tmp_path, FakeDevices(disks={"SERIAL=s": disk}))
     with pytest.raises(Failure) as caught:
         VolumeHandler(volume("SERIAL=s:/d:ext4:x-makefs")).mount(run.ctx)

@@ -129,9 +129,9 @@ def circle_failures(graph: dict[str, set[str]], known: set[frozenset[str]]) -> l
 
 # --- the directions ------------------------------------------------------------------
 
-KERNEL = ("syscalls", "syscalls_legacy", "mountinfo", "paths", "lock", "sysfs", "uevent")
-CLI = ("__main__", "main", "cli", "commands", "commands.*")
-PARSING = ("parsers", "timespan", "config_json")
+KERNEL = ("kernel", "kernel.*", "devices.sysfs", "devices.uevent")
+CLI = ("__main__", "main", "cli", "cli.*")
+PARSING = ("config.parsers", "config.timespan", "config.from_json")
 
 
 class Rule(NamedTuple):
@@ -160,7 +160,7 @@ RULES = (
     Rule(("plan",), ("spec", "records"), "planning is pure: made and tested without root"),
     Rule(
         ("handlers", "handlers.*"),
-        ("handlers", "handlers.*", "runner", "commands.*"),
+        ("handlers", "handlers.*", "runner", "cli.*"),
         "the handlers are the top of execution: what they use never calls back",
         imported_by=True,
     ),
@@ -203,11 +203,11 @@ def test_the_layers_import_in_one_direction() -> None:
 
 def test_the_graph_counts_every_kind_of_import() -> None:
     graph = import_graph(PACKAGE)  # the synthetic package below tries each kind alone
-    assert "parsers" in graph["config"]  # at the top
-    assert "config_json" in graph["config"]  # inside a function
-    assert "switches" in graph["config"]  # `from guest_agent import switches`, in a function
-    assert "report" in graph["inputs"]  # only under `if TYPE_CHECKING:`
-    assert {"guest_agent", "commands", "commands.status"} <= graph.keys()  # packages are nodes
+    assert "config.parsers" in graph["config.merge"]  # at the top
+    assert "config.from_json" in graph["config.merge"]  # inside a function
+    assert "config.switches" in graph["config.merge"]  # `from guest_agent.config import switches`
+    assert "report" in graph["config.inputs"]  # only under `if TYPE_CHECKING:`
+    assert {"guest_agent", "cli", "cli.status"} <= graph.keys()  # packages are nodes
 
 
 def _write(base: Path, files: dict[str, str]) -> Path:
@@ -247,18 +247,22 @@ def test_a_circle_of_lazy_type_checking_and_relative_imports_is_named(tmp_path: 
 
 
 def test_an_import_against_a_rule_is_named() -> None:
-    graph = {"syscalls": {"records", "plan"}, "plan": {"spec"}, "records": set(), "spec": set()}
+    graph = {
+        "kernel.syscalls": {"records", "plan"}, "plan": {"spec"}, "records": set(), "spec": set()
+    }  # fmt: skip
     rules = RULES[3:5]  # the kernel interface's and the plan's
-    assert rule_failures(graph, rules) == [f"syscalls imports plan, against: {RULES[3].reason}"]
-    graph = {"handlers.base": set(), "devices": {"handlers.base"}, "runner": {"handlers.base"}}
+    assert rule_failures(graph, rules) == [
+        f"kernel.syscalls imports plan, against: {RULES[3].reason}"
+    ]
+    graph = {"handlers.base": set(), "devices.discovery": {"handlers.base"}, "runner": {"handlers.base"}}
     assert rule_failures(graph, RULES[5:6]) == [
-        f"devices imports handlers.base, against: {RULES[5].reason}"
+        f"devices.discovery imports handlers.base, against: {RULES[5].reason}"
     ]
 
 
 # --- what a boot imports ----------------------------------------------------------------
 
-ONLY_WHEN_USED = {"guest_agent.config_json", "guest_agent.syscalls_legacy", "guest_agent.timespan"}
+ONLY_WHEN_USED = {"guest_agent.config.from_json", "guest_agent.kernel.syscalls_legacy", "guest_agent.config.timespan"}
 
 
 def _boot_imports(tmp_path: Path, cmdline: str, *extra: str) -> set[str]:
@@ -277,11 +281,11 @@ def test_a_plain_boot_imports_neither_the_json_reader_nor_the_time_spans(tmp_pat
     assert not os.path.exists(default), f"{default} exists here: run this test without it"
     spec = "microvm.share=data:/data microvm.volume=tmpfs:/x:tmpfs:x-device-timeout=5\n"
     plain = _boot_imports(tmp_path, spec)
-    assert {"guest_agent.config", "guest_agent.parsers", "guest_agent.syscalls"} <= plain
+    assert {"guest_agent.config.merge", "guest_agent.config.parsers", "guest_agent.kernel.syscalls"} <= plain
     assert not plain & ONLY_WHEN_USED, sorted(plain & ONLY_WHEN_USED)
     # and the two are imported when a file is given and a time span has units
     (tmp_path / "c.json").write_text('{"shares": [{"tag": "t", "mountPoint": "/t"}]}')
     used = _boot_imports(
         tmp_path, spec.replace("=5", "=1min"), "--config", str(tmp_path / "c.json")
     )
-    assert used & ONLY_WHEN_USED == {"guest_agent.config_json", "guest_agent.timespan"}
+    assert used & ONLY_WHEN_USED == {"guest_agent.config.from_json", "guest_agent.config.timespan"}

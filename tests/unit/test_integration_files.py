@@ -23,7 +23,7 @@ from types import ModuleType
 
 import pytest
 
-from guest_agent.config import parse_cmdline, parse_config_json
+from guest_agent.config.merge import parse_cmdline, parse_config_json
 
 REPO = Path(__file__).resolve().parents[2]
 HOOKS = REPO / "initrd-hooks"
@@ -202,7 +202,7 @@ def test_lister_lists_sqlite3_only_for_x_nix_db(tmp_path: Path) -> None:
     # The rest of the listing is the same.
     assert set(auto.stdout.splitlines()) - set(off.stdout.splitlines()) == set(found)
     assert set(off.stdout.splitlines()) <= set(auto.stdout.splitlines())
-    assert "/guest_agent/cli.py" in off.stdout
+    assert "/guest_agent/cli/app.py" in off.stdout
 
     config.write_text(json.dumps({"storeOverlay": {"lower": "/l", "rw": "/r"}}))
     plain = run_lister(*common)

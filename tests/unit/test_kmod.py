@@ -17,17 +17,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from guest_agent import syscalls
-from guest_agent.kmod import ModuleLoader
-from guest_agent.modimage import MODULE_INIT_COMPRESSED_FILE
-from guest_agent.modindex import (
+from guest_agent.kernel import syscalls
+from guest_agent.kmod.image import MODULE_INIT_COMPRESSED_FILE
+from guest_agent.kmod.index import (
     default_modules_dir,
     parse_builtin_modinfo,
     parse_modules_alias,
     parse_modules_builtin,
     parse_modules_dep,
 )
-from guest_agent.modresolve import parse_proc_filesystems, parse_proc_modules
+from guest_agent.kmod.loader import ModuleLoader
+from guest_agent.kmod.resolve import parse_proc_filesystems, parse_proc_modules
 
 MODDIR = "/lib/modules/6.1.0-test"
 
@@ -91,7 +91,7 @@ BUILTIN_MODINFO = b"crc32c_generic.alias=crypto-crc32c\0crc32c_generic.file=cryp
 
 class Recorder:
     """Fake finit_module/init_module: records module images in load order; raises OSError
-    for an image given an errno in `errors`, as guest_agent.syscalls does."""
+    for an image given an errno in `errors`, as guest_agent.kernel.syscalls does."""
 
     def __init__(self) -> None:
         self.loaded: list[str] = []
@@ -509,7 +509,7 @@ def test_softdeps_loaded_around_the_module(tree: Any, rec: Recorder) -> None:
 
 
 def test_parse_modules_softdep() -> None:
-    from guest_agent.modindex import parse_modules_softdep
+    from guest_agent.kmod.index import parse_modules_softdep
 
     assert parse_modules_softdep(
         "softdep libcrc32c pre: crc32c\nsoftdep a-b post: c pre: d e\nbogus line\n"
@@ -527,7 +527,7 @@ ALIAS_ALPHABET = "ab-_:*?[]!0"
 def test_glob_match_agrees_with_fnmatch(name: str, pattern: str) -> None:
     from fnmatch import fnmatchcase
 
-    from guest_agent.modbin import glob_match
+    from guest_agent.kmod.binindex import glob_match
 
     assert glob_match(name, pattern) == fnmatchcase(name, pattern), (name, pattern)
 
@@ -542,7 +542,7 @@ def test_glob_match_agrees_with_fnmatch(name: str, pattern: str) -> None:
     ],
 )
 def test_glob_match_real_aliases(name: str, pattern: str) -> None:
-    from guest_agent.modbin import glob_match
+    from guest_agent.kmod.binindex import glob_match
 
     assert glob_match(name, pattern)
     assert not glob_match(name + "x", pattern.rstrip("*") + "y")
@@ -554,7 +554,7 @@ def test_glob_match_real_aliases(name: str, pattern: str) -> None:
 def test_require_raises_module_error_with_module_and_reason(
     loader: ModuleLoader, rec: Recorder
 ) -> None:
-    from guest_agent.kmod import ModuleError, ModuleNotFound
+    from guest_agent.kmod.loader import ModuleError, ModuleNotFound
 
     assert loader.require("9pnet_virtio") is None and "ELF 9pnet_virtio" in rec.loaded
     rec.errors["ELF intel_rng"] = errno.EPERM
@@ -577,7 +577,7 @@ def test_require_raises_module_error_with_module_and_reason(
 
 
 def test_require_filesystem_raises_what_ensure_filesystem_returns(loader: ModuleLoader) -> None:
-    from guest_agent.kmod import ModuleError
+    from guest_agent.kmod.loader import ModuleError
 
     assert loader.require_filesystem("ext4") is None
     with pytest.raises(ModuleError) as unsupported:
@@ -590,8 +590,8 @@ def test_require_filesystem_raises_what_ensure_filesystem_returns(loader: Module
 
 
 def test_corrupt_archive_is_a_module_error(loader: ModuleLoader) -> None:
-    from guest_agent.kmod import ModuleError
-    from guest_agent.modimage import _decompress
+    from guest_agent.kmod.image import _decompress
+    from guest_agent.kmod.loader import ModuleError
 
     path = f"{MODDIR}/kernel/misc/corrupt.ko.xz"
     with syscalls.closing(os.open(path, os.O_RDONLY)) as fd, pytest.raises(ModuleError) as bad:
@@ -622,13 +622,13 @@ MODPROBE_SHOW_DEPENDS = {
 
 
 def as_kernel_reads(params: str | bytes) -> list[str]:
-    from guest_agent.config import split_cmdline
+    from guest_agent.config.merge import split_cmdline
 
     return list(split_cmdline(params.decode() if isinstance(params, bytes) else params))
 
 
 def test_parse_cmdline_options_as_modprobe() -> None:
-    from guest_agent.modconf import parse_cmdline_options
+    from guest_agent.kmod.conf import parse_cmdline_options
 
     opts = parse_cmdline_options(PARAM_CMDLINE)
     assert {mod: as_kernel_reads(" ".join(o)) for mod, o in opts.items()} == {
@@ -687,7 +687,7 @@ def test_cmdline_read_once_and_its_absence_is_no_error(tree: Any, rec: Recorder)
 @needs_root
 def test_real_module_syscalls_with_parameters_reject_bogus_input() -> None:
     """modimage.LINUX (the loader's calls, with a parameter string) reaches the kernel."""
-    from guest_agent.modimage import LINUX
+    from guest_agent.kmod.image import LINUX
 
     with pytest.raises(OSError) as bad_fd:
         LINUX.finit_module(-1, 0, b"device=4K@0xd0000000:5")

@@ -55,7 +55,7 @@ def test_boot_path_does_not_import_click(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "would-mount tmpfs tmpfs at /x" in done.stdout
     imported = _imported(done.stderr)
-    assert "guest_agent.commands.mount_all" in imported
+    assert "guest_agent.cli.mount_all" in imported
     assert not {m for m in imported if m == "click" or m.startswith("click.")}
     # Nor anything heavy that a bare interpreter does not import already (docs/design.md).
     bare = subprocess.run(
@@ -82,4 +82,4 @@ def test_handlers_are_imported_only_for_the_kinds_met(tmp_path: Path) -> None:
     assert "guest_agent.handlers.pseudo" in imported
     others = {"share", "volume", "makefs", "overlay", "layers"}
     assert not {f"guest_agent.handlers.{kind}" for kind in others} & imported
-    assert not {"guest_agent.reset", "guest_agent.probe", "guest_agent.blank"} & imported
+    assert not {"guest_agent.reset", "guest_agent.devices.probe", "guest_agent.devices.blank"} & imported

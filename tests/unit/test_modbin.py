@@ -1,4 +1,4 @@
-"""guest_agent.modbin on indexes written here in kmod's binary format, and ModuleIndex's
+"""guest_agent.kmod.binindex on indexes written here in kmod's binary format, and ModuleIndex's
 fallback to the text files when a binary index is missing, foreign or damaged. (The
 indexes real depmod writes are checked against modprobe in tests/host/test_modbin_host.py.)"""
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from guest_agent.modbin import MAGIC, BinIndex
-from guest_agent.modindex import ModuleIndex
+from guest_agent.kmod.binindex import MAGIC, BinIndex
+from guest_agent.kmod.index import ModuleIndex
 
 _PREFIX, _VALUES, _CHILDS = 0x80000000, 0x40000000, 0x20000000
 

@@ -1,10 +1,10 @@
-"""modprobe.d and the command line as kmod reads them (guest_agent.modconf)."""
+"""modprobe.d and the command line as kmod reads them (guest_agent.kmod.conf)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from guest_agent.modconf import ModprobeConfig, conf_files, read_config
+from guest_agent.kmod.conf import ModprobeConfig, conf_files, read_config
 
 
 def test_the_three_kinds_of_line_applied_the_rest_skipped() -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from guest_agent.mountinfo import Mount, MountTable, parse_mountinfo
+from guest_agent.kernel.mountinfo import Mount, MountTable, parse_mountinfo
 
 SAMPLE = """\
 22 1 252:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw,errors=remount-ro
@@ -250,7 +250,7 @@ def test_a_read_after_new_mounts_parses_only_their_lines(
 ) -> None:
     """Reading again after mounts were added gives what a fresh parse gives; only the added
     lines are parsed, and a table that changed otherwise is parsed whole."""
-    import guest_agent.mountinfo as mi
+    import guest_agent.kernel.mountinfo as mi
 
     base = "22 1 0:21 / / rw - tmpfs rootfs rw\n23 22 0:22 / /proc rw,nosuid - proc proc rw\n"
     added = "40 22 0:41 / /mnt/a rw - 9p a rw,trans=virtio\n"

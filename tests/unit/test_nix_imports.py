@@ -1,5 +1,5 @@
-"""The x-nix-db family (guest_agent/nix*.py) imports one way: no circle, lazy and
-type-only imports included (docs/design.md), and nixfiles at the bottom."""
+"""The x-nix-db family (guest_agent/nixdb/) imports one way: no circle, lazy and
+type-only imports included (docs/design.md), and files at the bottom."""
 
 from __future__ import annotations
 
@@ -14,17 +14,17 @@ PACKAGE = Path(guest_agent.__file__).parent
 def _family_graph() -> dict[str, set[str]]:
     """module → the family modules it imports anywhere in its text (function bodies and
     `if TYPE_CHECKING:` blocks too)."""
-    family = {p.stem: p for p in PACKAGE.glob("nix*.py")}
+    family = {p.stem: p for p in (PACKAGE / "nixdb").glob("*.py") if p.stem != "__init__"}
     graph: dict[str, set[str]] = {}
     for name, path in family.items():
         deps: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.ImportFrom) and node.module == "guest_agent":
+            if isinstance(node, ast.ImportFrom) and node.module == "guest_agent.nixdb":
                 deps.update(alias.name for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.module:
-                deps.add(node.module.removeprefix("guest_agent."))
+                deps.add(node.module.removeprefix("guest_agent.nixdb."))
             elif isinstance(node, ast.Import):
-                deps.update(alias.name.removeprefix("guest_agent.") for alias in node.names)
+                deps.update(alias.name.removeprefix("guest_agent.nixdb.") for alias in node.names)
         graph[name] = {d for d in deps if d in family and d != name}
     return graph
 
@@ -54,14 +54,14 @@ def _circle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_nix_family_has_no_import_circle() -> None:
     graph = _family_graph()
-    assert {"nixstate", "nixfiles", "nixdb", "nixrecord", "nixupper"} <= set(graph)
+    assert {"state", "files", "database", "record", "upper"} <= set(graph)
     assert _circle(graph) is None, " → ".join(_circle(graph) or [])
 
 
 def test_nixfiles_is_the_bottom_and_nixstate_the_top() -> None:
     graph = _family_graph()
-    assert graph["nixfiles"] == set()
-    assert not any("nixstate" in deps for deps in graph.values())
+    assert graph["files"] == set()
+    assert not any("state" in deps for deps in graph.values())
 
 
 def test_a_circle_is_found() -> None:

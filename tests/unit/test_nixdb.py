@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from guest_agent import nixdb, nixschema
-from guest_agent.nixreg import Entry
+from guest_agent.nixdb import database as nixdb
+from guest_agent.nixdb import schema as nixschema
+from guest_agent.nixdb.registration import Entry
 
 H = "sha256:" + "0" * 64
 
@@ -134,8 +135,8 @@ def test_no_database_is_a_fresh_state(db: int) -> None:
 # What only a reconcile imports: SQLite, the registration parser, the database code, the
 # steps on the copy, and the temporary directory's modules (tempfile, shutil: 16 modules).
 _RECONCILE_ONLY = frozenset(
-    {"sqlite3", "guest_agent.nixdb", "guest_agent.nixreg", "guest_agent.nixsteps"}
-    | {"guest_agent.nixupper", "tempfile", "shutil"}
+    {"sqlite3", "guest_agent.nixdb.database", "guest_agent.nixdb.registration", "guest_agent.nixdb.steps"}
+    | {"guest_agent.nixdb.upper", "tempfile", "shutil"}
 )
 
 
@@ -156,7 +157,7 @@ def test_a_boot_with_nothing_changed_imports_no_sqlite(tmp_path: Path) -> None:
     program = textwrap.dedent(
         f"""
         import os, sys
-        from guest_agent import nixstate
+        from guest_agent.nixdb import state as nixstate
         fds = [os.open(p, os.O_RDONLY | os.O_DIRECTORY) for p in
                ("{tmp_path}/lower", "{tmp_path}/rw", "{tmp_path}/rw/store")]
         report = nixstate.reconcile(nixstate.Layers(*fds), "/nix/store/{ci}/registration", print)

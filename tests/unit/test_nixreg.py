@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from guest_agent.nixreg import (
+from guest_agent.nixdb.registration import (
     Registration,
     RegistrationError,
     derivation_outputs,
@@ -116,7 +116,7 @@ def test_a_reference_outside_the_store_names_no_path() -> None:
 
 
 def test_a_registration_parses_in_full_only_what_is_asked_for() -> None:
-    from guest_agent.nixreg import Registration
+    from guest_agent.nixdb.registration import Registration
 
     text = f"{B}\nnot-a-hash\n168\n{B_DRV}\n1\n{A}\n{A}\n{BASE16}\n120\n\n0\n"
     registration = Registration(text.encode())

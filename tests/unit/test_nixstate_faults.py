@@ -10,8 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from guest_agent import nixcopy, nixdb, nixrecord, nixschema, nixstate, nixupper
-from guest_agent.nixreg import Entry
+from guest_agent.nixdb import copy as nixcopy
+from guest_agent.nixdb import database as nixdb
+from guest_agent.nixdb import record as nixrecord
+from guest_agent.nixdb import schema as nixschema
+from guest_agent.nixdb import state as nixstate
+from guest_agent.nixdb import upper as nixupper
+from guest_agent.nixdb.registration import Entry
 
 H = "sha256:" + "0" * 64
 B32 = "0123456789abcdfghijklmnpqrsvwxyz"

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from guest_agent.config.parsers import parse_options
 from guest_agent.handlers.overlay import overlay_options
 from guest_agent.handlers.share import NINEP_MSIZE, share_options
 from guest_agent.handlers.volume import volume_options
-from guest_agent.parsers import parse_options
-from guest_agent.syscalls import split_options
+from guest_agent.kernel.syscalls import split_options
 
 NINEP_BASE = ("trans=virtio", "version=9p2000.L", f"msize={NINEP_MSIZE}")
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from guest_agent.paths import MAX_SYMLINKS, PathError, host_path, resolve_in_root
+from guest_agent.kernel.paths import MAX_SYMLINKS, PathError, host_path, resolve_in_root
 
 
 class RealFs:
@@ -215,7 +215,7 @@ def test_root_slash(tmp_path: Path) -> None:
 
 
 def test_resolve_as_far_as_exists(root: str, fs: Any) -> None:
-    from guest_agent.paths import open_root, resolve_as_far_as_exists
+    from guest_agent.kernel.paths import open_root, resolve_as_far_as_exists
 
     fs.create_dir(f"{root}/var/home")
     fs.create_symlink(f"{root}/home", "var/home")

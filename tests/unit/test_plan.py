@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from guest_agent.config import merge, parse_cmdline
+from guest_agent.config.merge import merge, parse_cmdline
 from guest_agent.plan import Step, in_rounds, is_within, owner_of, plan
 from guest_agent.spec import Config, Problem
 

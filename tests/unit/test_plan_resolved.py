@@ -7,7 +7,7 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from guest_agent.config import merge, parse_cmdline
+from guest_agent.config.merge import merge, parse_cmdline
 from guest_agent.plan import Step, is_within, order_by_resolved, plan
 
 

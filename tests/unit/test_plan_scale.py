@@ -10,7 +10,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from guest_agent.config import merge, parse_cmdline
+from guest_agent.config.merge import merge, parse_cmdline
 from guest_agent.plan import Holders, is_within, plan
 from guest_agent.spec import OverlaySpec
 

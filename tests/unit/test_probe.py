@@ -1,4 +1,4 @@
-"""Tests for guest_agent.probe: real images made with the real mkfs tools, blkid as the oracle.
+"""Tests for guest_agent.devices.probe: real images made with the real mkfs tools, blkid as the oracle.
 
 Every image test needs its tool; a missing tool FAILS (not skips) and names the Debian
 package to install: e2fsprogs util-linux fdisk gdisk dosfstools xfsprogs btrfs-progs
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from guest_agent.probe import PROBE_SIZE, Signature, probe_bytes, probe_device
+from guest_agent.devices.probe import PROBE_SIZE, Signature, probe_bytes, probe_device
 
 MiB = 1 << 20
 

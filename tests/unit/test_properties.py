@@ -11,14 +11,14 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from guest_agent.config import (
+from guest_agent.config.merge import (
     _split_quoted,
     merge,
     parse_cmdline,
     parse_config_json,
     split_cmdline,
 )
-from guest_agent.paths import PathError, resolve_in_root
+from guest_agent.kernel.paths import PathError, resolve_in_root
 from guest_agent.spec import OverlaySpec, Problem, ShareSpec, VolumeSpec
 
 # --- grammar-shaped text ----------------------------------------------------------

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from guest_agent import config, config_json, spec
+from guest_agent import spec
+from guest_agent.config import from_json as config_json
+from guest_agent.config import merge as config
 
 PAGE = Path(__file__).resolve().parents[2] / "docs" / "reference.md"
 

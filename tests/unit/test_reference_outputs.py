@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from guest_agent import cli
-from guest_agent.commands import (
+from guest_agent.cli import (
     JSON_KEYS,
     PROBLEM_FIELDS,
     USAGE,
@@ -20,7 +19,8 @@ from guest_agent.commands import (
     reset_overlay,
     status,
 )
-from guest_agent.commands.record import RECORD_FIELDS
+from guest_agent.cli import app as cli
+from guest_agent.cli.record import RECORD_FIELDS
 from guest_agent.results import MOUNT_FIELDS, Status
 
 PAGE = Path(__file__).resolve().parents[2] / "docs" / "reference.md"

@@ -1,4 +1,4 @@
-"""docs/reference.md's Switches table against guest_agent/switches.py, both ways.
+"""docs/reference.md's Switches table against guest_agent/config/switches.py, both ways.
 
 Every switch word the code reads has a row with exactly its values (the old
 spellings marked deprecated, naming the new one), and every row is a word the
@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from guest_agent.switches import (
+from guest_agent.config.switches import (
     DEPRECATED,
     FALSE_WORDS,
     ONFAIL_KEYS,

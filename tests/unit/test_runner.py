@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from handler_fakes import FakeDevices, Run
 
-from guest_agent.config import merge, parse_cmdline
+from guest_agent.config.merge import merge, parse_cmdline
 from guest_agent.plan import plan
 from guest_agent.results import Status
 from guest_agent.runner import Runner
@@ -54,7 +54,7 @@ def test_dry_run_looks_for_no_device(tmp_path: Path) -> None:
 
 
 def test_mount_log_undo_unmounts_newest_first(monkeypatch: object) -> None:
-    import guest_agent.mountlog as mountlog
+    import guest_agent.kernel.mountlog as mountlog
 
     undone: list[str] = []
     monkeypatch.setattr(mountlog, "umount", lambda target, lazy=False: undone.append(target))  # type: ignore[attr-defined]

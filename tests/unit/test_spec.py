@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from guest_agent.parsers import Invalid as SpecInvalid
-from guest_agent.parsers import (
+from guest_agent.config.parsers import Invalid as SpecInvalid
+from guest_agent.config.parsers import (
     parse_abs_path,
     parse_options,
     parse_overlay,

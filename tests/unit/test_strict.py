@@ -21,16 +21,16 @@ from cli_env import Env
 from click.testing import CliRunner, Result
 from handler_fakes import FakeDevices, Run
 
-from guest_agent import switches
-from guest_agent.cli import main
-from guest_agent.config import merge, parse_cmdline, parse_config_json
-from guest_agent.config_json import DEPRECATED_FIELDS
-from guest_agent.parsers import Invalid, parse_options
+from guest_agent.cli.app import main
+from guest_agent.config import switches
+from guest_agent.config.from_json import DEPRECATED_FIELDS
+from guest_agent.config.merge import merge, parse_cmdline, parse_config_json
+from guest_agent.config.parsers import Invalid, parse_options
+from guest_agent.config.timespan import parse_timespan
 from guest_agent.plan import plan
 from guest_agent.results import NOAUTO, Status
 from guest_agent.runner import Runner
 from guest_agent.spec import REFUSED_WORDS, Problem
-from guest_agent.timespan import parse_timespan
 
 # --- the kernel command line: unknown agent words -------------------------------------------
 
@@ -77,7 +77,7 @@ def test_each_unknown_word_is_named() -> None:
 
 def _imports_difflib(cmdline: str) -> bool:
     code = (
-        "import sys; from guest_agent.config import parse_cmdline; "
+        "import sys; from guest_agent.config.merge import parse_cmdline; "
         f"parse_cmdline({cmdline!r}); print('difflib' in sys.modules)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -439,7 +439,7 @@ def test_nothing_to_mount_follows_a_typo_warning(env: Env) -> None:
 def test_absent_default_config_is_named_in_nothing_to_mount(
     env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from guest_agent import inputs
+    from guest_agent.config import inputs
 
     monkeypatch.setattr(inputs, "DEFAULT_CONFIG", str(tmp_path / "absent.json"))
     result = invoke(

@@ -1,4 +1,4 @@
-"""The boot switches' shell function, generated from guest_agent/switches.py.
+"""The boot switches' shell function, generated from guest_agent/config/switches.py.
 
 Every target reads the switches with the one function tools/switches_shell.py
 writes into it: the checked-in blocks must be what the table generates, and
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from guest_agent.switches import (
+from guest_agent.config.switches import (
     DEPRECATED,
     FALSE_WORDS,
     ONFAIL_KEYS,

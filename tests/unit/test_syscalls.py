@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from guest_agent import syscalls, syscalls_legacy
-from guest_agent.syscalls import MountError, closing, syscall
+from guest_agent.kernel import syscalls, syscalls_legacy
+from guest_agent.kernel.syscalls import MountError, closing, syscall
 
 NO_SUCH_SYSCALL = 100_000  # above every architecture's table: ENOSYS everywhere
 

@@ -7,8 +7,7 @@ from typing import Any
 
 import pytest
 
-from guest_agent.mountinfo import devnum, major_minor
-from guest_agent.sysfs import (
+from guest_agent.devices.sysfs import (
     BlockDevice,
     VirtioShare,
     parse_devnum,
@@ -19,6 +18,7 @@ from guest_agent.sysfs import (
     virtio_transport,
     virtiofs_tags_readable,
 )
+from guest_agent.kernel.mountinfo import devnum, major_minor
 
 PCI = "/sys/devices/pci0000:00"
 

@@ -18,8 +18,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from guest_agent import uevent
-from guest_agent.uevent import OVERFLOW, Uevent, UeventMonitor, parse_uevent
+from guest_agent.devices import uevent
+from guest_agent.devices.uevent import OVERFLOW, Uevent, UeventMonitor, parse_uevent
 
 # Captured from a 6.x guest (virtio-pci 9p device, its driver binding, a virtio-blk disk).
 VIRTIO_ADD = (

@@ -117,14 +117,14 @@ def _blank(image: Path) -> bool:
     """All zero wherever x-makefs looks (blank.ranges: the first 16 MiB, the last MiB and
     samples spread over the disk), read here on the host from the image file, and no
     signature blkid knows."""
-    from guest_agent.blank import ranges
+    from guest_agent.devices.blank import ranges
 
     size = image.stat().st_size
     return all(_zero(image, start, end) for start, end in ranges(size)) and not _blkid_type(image)
 
 
 def _first_data(image: Path) -> int:
-    from guest_agent.blank import ranges
+    from guest_agent.devices.blank import ranges
 
     with image.open("rb") as f:
         for start, end in ranges(image.stat().st_size):

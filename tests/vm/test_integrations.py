@@ -441,7 +441,7 @@ def test_nix_db_initrd_carries_sqlite3(
             "_sqlite3": sorted(b for b in base if b.startswith("_sqlite3") and b.endswith(".so")),
             "libsqlite3": sorted(b for b in base if b.startswith("libsqlite3.so.0")),
             "sqlite3 package": sorted(m for m in members if m.endswith("/sqlite3/__init__.py")),
-            "guest_agent": any(m.endswith("guest_agent/cli.py") for m in members),
+            "guest_agent": any(m.endswith("guest_agent/cli/app.py") for m in members),
         }
         done = subprocess.run(
             [

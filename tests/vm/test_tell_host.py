@@ -48,7 +48,7 @@ RUNS = {
 def script() -> str:
     lines = [
         # the loopback transport for the listener; the agent loads it again (a no-op)
-        "python3 -c 'from guest_agent.kmod import ModuleLoader as L; print(L().load(\"vsock_loopback\"))'",
+        "python3 -c 'from guest_agent.kmod.loader import ModuleLoader as L; print(L().load(\"vsock_loopback\"))'",
         "cat > /tmp/listen.py <<'EOF'\n" + LISTENER + "EOF",
         "python3 /tmp/listen.py 2>/tmp/listener.err &",
         "for i in $(seq 100); do [ -e /tmp/listening ] && break; sleep 0.1; done",
