@@ -41,8 +41,8 @@ from guest_agent.nixdb import copy as nixcopy
 from guest_agent.nixdb import database as nixdb
 from guest_agent.nixdb import record as nixrecord
 from guest_agent.nixdb import schema as nixschema
-from guest_agent.nixdb import state as nixstate  # noqa: E402
-from guest_agent.nixdb.registration import Entry  # noqa: E402
+from guest_agent.nixdb import state as nixstate
+from guest_agent.nixdb.registration import Entry
 
 B32 = "0123456789abcdfghijklmnpqrsvwxyz"
 H = "sha256:" + "0" * 64

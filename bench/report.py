@@ -68,7 +68,7 @@ def render(r: dict[str, Any]) -> str:
     )
     w(
         "Modules are named by their place today: issue 23 moved them into packages "
-        "(`guest_agent.syscalls` became `guest_agent.kernel.syscalls`, and so on; "
+        "(`syscalls` is now `guest_agent.kernel.syscalls`, and so on; "
         "docs/design.md has the map). The raw JSON keeps the names each run saw.\n"
     )
     _glance(w, r)
@@ -607,8 +607,8 @@ MOVED = {
     "syscalls_legacy": "kernel.syscalls_legacy",
     "mountinfo": "kernel.mountinfo",
     "paths": "kernel.paths",
-    "lock": "kernel.lock",
-    "mountlog": "kernel.mountlog",
+    "lock": "cli",
+    "mountlog": "results",
     "nixcopy": "nixdb.copy",
     "nixdb": "nixdb.database",
     "nixfiles": "nixdb.files",

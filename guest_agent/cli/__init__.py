@@ -1,6 +1,7 @@
-"""The commands' bodies, free of click: read the inputs, run the layers, return exit codes.
+"""The edge: the commands, read the inputs, run the layers, return exit codes.
 
-One module per command (`mount_all`, `reset_overlay`, `status`, `discover`), each
+`app` is the click layer (help, usage errors; `main` sends it what it does not parse
+itself). One module per command (`mount_all`, `reset_overlay`, `status`, `discover`), each
 imported only by the command that runs it, so that the boot path (`mount-all`)
 pays for nothing else. Each module declares its exit codes (`EXIT_CODES`, read by
 docs/reference.md's test); 2, bad usage, is the CLI's for every command.
@@ -12,7 +13,11 @@ Problems are values (`Problem`) until here, where they become lines and exit cod
 The boot record's place and its writing are here too (every boot writes it): its
 text is `mount_all.record_text`; `record` reads it back (for `status`) and escapes
 what the plain path cannot. initramfs-tools, dracut and NixOS's stage 1 carry the
-initrd's /run into the real root, where `status` reads it.
+initrd's /run into the real root, where `status` reads it. So is the run lock
+(`lock`): two runs on one target root must not mount the same things at once.
+
+May import: config, plan, runner, handlers, devices, kmod, nixdb, reset, vmm_notify,
+results, report, kernel, spec, records.
 """
 
 from __future__ import annotations
@@ -121,3 +126,57 @@ def write_record(text: str, directory: str = RECORD_DIR) -> str | None:
         return f"cannot write {directory}/{RECORD_NAME}: {os.strerror(e.errno or 0)}"
     finally:
         os.close(dir_fd)
+
+
+# --- the run lock: two runs on one target root must not mount the same things at once ---
+
+LOCK_TIMEOUT = 120
+
+
+def lock_name(root: str) -> str:
+    """The run lock of a target root: an abstract unix socket name keyed by the root's identity."""
+    st = os.stat(root)
+    return f"\0guest-agent/{st.st_dev}:{st.st_ino}"
+
+
+class LockFailed(Exception):
+    """The run lock could not be taken: the message says why (one line)."""
+
+
+def lock(root: str, timeout: float | None = None) -> int:
+    """Serialise runs on one root (two at once must not mount twice); return the lock's fd.
+
+    The lock is an abstract AF_UNIX socket name (`@guest-agent/DEV:INO`, from the
+    root's st_dev and st_ino): binding it needs no writable filesystem, only one
+    process can hold it, and the kernel releases it when that process exits. A
+    run waits for the holder up to TIMEOUT seconds (default LOCK_TIMEOUT), then gives up (LockFailed)
+    instead of hanging the boot. It never runs unlocked: when the socket cannot
+    even be made, that is LockFailed too. The fd is close-on-exec.
+    """
+    import _socket as socket  # the C module: `socket` imports enum, selectors...
+    import errno
+    import time
+
+    timeout = LOCK_TIMEOUT if timeout is None else timeout
+    try:
+        name = lock_name(root)
+    except OSError as e:
+        raise LockFailed(f"cannot name the run lock of {root!r}: {e.strerror or e}") from None
+    shown = "@" + name[1:]
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    except OSError as e:
+        raise LockFailed(f"cannot make the run lock {shown}: {e.strerror or e}") from None
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            sock.bind(name)
+            return int(sock.detach())
+        except OSError as e:
+            if e.errno not in (errno.EADDRINUSE, errno.EINTR):
+                sock.close()
+                raise LockFailed(f"cannot take the run lock {shown}: {e.strerror or e}") from None
+        if time.monotonic() >= deadline:
+            sock.close()
+            raise LockFailed(f"another guest-agent run has held the lock {shown} for {timeout:g} s")
+        time.sleep(0.03)

@@ -7,8 +7,10 @@ import time
 
 from guest_agent.cli import (
     JSON_VERSION,
+    LockFailed,
     exit_code,
     json_output,
+    lock,
     print_json,
     problem_json,
     record_dir,
@@ -17,7 +19,6 @@ from guest_agent.cli import (
 )
 from guest_agent.config.inputs import load, sources
 from guest_agent.config.merge import DEFAULT_CMDLINE
-from guest_agent.kernel.lock import LockFailed, lock
 
 # docs/reference.md "Commands" shows these (tests/unit/test_reference_outputs.py checks).
 EXIT_CODES = {
@@ -45,9 +46,9 @@ def mount_all(
     """Discover, plan and mount everything; build the overlay; apply a pending reset."""
     from guest_agent.devices.discovery import Devices
     from guest_agent.handlers.base import Context
-    from guest_agent.kernel.mountlog import MountLog
     from guest_agent.plan import plan
     from guest_agent.report import KMSG, Reporter
+    from guest_agent.results import MountLog
     from guest_agent.spec import Problem
 
     started = time.time()

@@ -5,18 +5,17 @@ from __future__ import annotations
 import os
 
 from guest_agent import reset as overlay_reset
-from guest_agent.cli import exit_code
+from guest_agent.cli import LockFailed, exit_code, lock
 from guest_agent.config.inputs import load, sources
 from guest_agent.config.merge import DEFAULT_CMDLINE
 from guest_agent.devices.discovery import Devices
 from guest_agent.handlers.base import Context
 from guest_agent.handlers.layers import overlay_users
-from guest_agent.kernel.lock import LockFailed, lock
 from guest_agent.kernel.mountinfo import MountTable, in_root
-from guest_agent.kernel.mountlog import MountLog
 from guest_agent.kernel.paths import PathError, host_path, landing, open_root, reopen, walk
 from guest_agent.plan import is_within, plan
 from guest_agent.report import Reporter
+from guest_agent.results import MountLog
 from guest_agent.runner import Runner
 from guest_agent.spec import UPPER_DIR, Config, OverlaySpec, Problem
 

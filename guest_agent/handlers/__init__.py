@@ -8,6 +8,8 @@ handler's module the first time that kind is met, so a boot pays only for the
 kinds it uses. `named_filesystems` says, without importing any, which
 filesystem types a spec names before anything is looked at (their modules can
 then load together).
+
+May import: devices, nixdb, reset, plan, results, report, kernel, spec, records.
 """
 
 from __future__ import annotations

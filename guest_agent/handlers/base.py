@@ -30,9 +30,9 @@ if TYPE_CHECKING:
 
     from guest_agent.devices.discovery import Devices
     from guest_agent.kernel.mountinfo import Mount
-    from guest_agent.kernel.mountlog import MountLog
     from guest_agent.kernel.paths import Opened
     from guest_agent.report import Reporter
+    from guest_agent.results import MountLog
     from guest_agent.spec import MountSpec, Options, PseudoSpec, VolumeSpec
 
     # A handler is one spec's mount, made by `handler_for`: the spec is bound in,

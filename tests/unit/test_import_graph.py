@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
 from fnmatch import fnmatch
@@ -129,14 +130,68 @@ def circle_failures(graph: dict[str, set[str]], known: set[frozenset[str]]) -> l
 
 # --- the directions ------------------------------------------------------------------
 
-KERNEL = ("kernel", "kernel.*", "devices.sysfs", "devices.uevent")
-CLI = ("__main__", "main", "cli", "cli.*")
-PARSING = ("config.parsers", "config.timespan", "config.from_json")
+DESIGN = ROOT / "docs" / "design.md"
+
+
+def part_of(module: str) -> str:
+    """The part of the map MODULE belongs to: its package, or itself at the top
+    (`__main__` is main's: `python -m guest_agent`)."""
+    if module == "guest_agent":
+        return "__init__"
+    return "main" if module == "__main__" else module.split(".")[0]
+
+
+def read_map(text: str) -> dict[str, set[str]]:
+    """docs/design.md's map: each part (a package or a top-level module, the first name
+    of the table's first column without .py or /) -> the parts it may import."""
+    section = text.split("\n## The map\n", 1)[1].split("\n## ", 1)[0]
+    parts: dict[str, set[str]] = {}
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            names, _job, allowed = (cell.strip() for cell in line.split("|")[1:-1])
+            name = re.findall(r"`([^`]+)`", names)[0]
+            parts[name.removesuffix(".py").removesuffix("/")] = {
+                word.strip() for word in allowed.split(",") if word.strip()
+            }
+    return parts
+
+
+def map_failures(graph: dict[str, set[str]], parts: dict[str, set[str]]) -> list[str]:
+    """Every module in a part of the map, every part there, and each import one the map allows."""
+    failures = [
+        f"{module} is in no part of the map: add its package or module to docs/design.md"
+        for module in sorted(graph)
+        if part_of(module) not in parts
+    ]
+    present = {part_of(module) for module in graph}
+    failures += [f"the map names {part}, which is no module" for part in sorted(parts.keys() - present)]
+    failures += [
+        f"the map lets {part} import {sorted(allowed - parts.keys())}, which are not in it"
+        for part, allowed in sorted(parts.items())
+        if allowed - parts.keys()
+    ]
+    failures += [
+        f"the map goes round: {one_cycle(parts, circle)}" for circle in circles(_closed(parts))
+    ]
+    for source in sorted(graph):
+        for target in sorted(graph[source]):
+            here, there = part_of(source), part_of(target)
+            if here != there and here in parts and there not in parts[here]:
+                allowed = ", ".join(sorted(parts[here])) or "nothing"
+                failures.append(
+                    f"{source} imports {target}: the map lets {here} import only {allowed}"
+                )
+    return failures
+
+
+def _closed(parts: dict[str, set[str]]) -> dict[str, set[str]]:
+    return {part: allowed & parts.keys() for part, allowed in parts.items()}
 
 
 class Rule(NamedTuple):
     """Modules matching SOURCES import only modules matching ALLOWED (fnmatch patterns);
-    with imported_by set, modules matching SOURCES are imported only by those matching ALLOWED."""
+    with imported_by set, modules matching SOURCES are imported only by those matching ALLOWED.
+    The map says which parts may meet; these say more inside a part."""
 
     sources: tuple[str, ...]
     allowed: tuple[str, ...]
@@ -144,27 +199,26 @@ class Rule(NamedTuple):
     imported_by: bool = False
 
 
+PARSING = ("config.parsers", "config.timespan", "config.from_json")
+
 RULES = (
-    Rule(("records",), (), "the record type every layer builds on: it needs nothing"),
-    Rule(("spec",), ("records",), "specs are plain values, shared by every layer"),
     Rule(
         PARSING,
         (*PARSING, "spec", "records"),
-        "parsing is pure and total; config, which merges the sources, sits above it",
+        "parsing is pure and total; config.merge, which merges the sources, sits above it",
     ),
     Rule(
-        KERNEL,
-        (*KERNEL, "spec", "records"),
-        "the kernel interface knows no policy: no config, plan, handlers, runner or CLI",
+        ("kernel.syscalls_legacy",),
+        (),
+        "mount(2) and umount2(2) are a leaf: syscalls falls back to it, never the other way",
     ),
-    Rule(("plan",), ("spec", "records"), "planning is pure: made and tested without root"),
+    Rule(("nixdb.files",), (), "the x-nix-db files' names and errors: the bottom of nixdb"),
     Rule(
-        ("handlers", "handlers.*"),
-        ("handlers", "handlers.*", "runner", "cli.*"),
-        "the handlers are the top of execution: what they use never calls back",
+        ("nixdb.state",),
+        ("handlers.*", "cli.*"),
+        "a boot's reconcile is the top of nixdb: what it runs never calls back",
         imported_by=True,
     ),
-    Rule(CLI, CLI, "problems become lines and exit codes only at the CLI edge", imported_by=True),
 )
 
 
@@ -196,9 +250,47 @@ def test_no_import_circle() -> None:
     assert not failures, "\n".join(failures)
 
 
-def test_the_layers_import_in_one_direction() -> None:
+def test_every_import_is_one_the_map_in_docs_design_md_allows() -> None:
+    failures = map_failures(import_graph(PACKAGE), read_map(DESIGN.read_text()))
+    assert not failures, "\n".join(failures)
+
+
+def test_inside_the_packages_the_finer_rules_hold() -> None:
     failures = rule_failures(import_graph(PACKAGE), RULES)
     assert not failures, "\n".join(failures)
+
+
+def test_each_package_says_what_it_may_import_as_the_map_does() -> None:
+    parts = read_map(DESIGN.read_text())
+    packages = sorted(p.parent.name for p in PACKAGE.glob("*/__init__.py"))
+    assert {"cli", "config", "devices", "handlers", "kernel", "kmod", "nixdb"} <= set(packages)
+    for package in packages:
+        doc = ast.get_docstring(ast.parse((PACKAGE / package / "__init__.py").read_text())) or ""
+        said = re.search(r"^May import: (.*?)\.$", doc, re.M | re.S)
+        assert said, f"guest_agent/{package}/__init__.py does not say what it may import"
+        assert {w.strip() for w in said[1].split(",")} == parts[package], package
+
+
+def test_the_map_is_read_from_its_table() -> None:
+    text = (
+        "\n## The map\n\n| part | job | may import |\n|---|---|---|\n"
+        "| `main.py`, `__main__.py` | entry | cli |\n| `cli/` | edge | kernel, spec |\n"
+        "| `kernel/` | kernel | spec |\n| `spec.py` | specs | |\n\n## Next\n| `x` | y | z |\n"
+    )
+    parts = read_map(text)
+    assert parts == {
+        "main": {"cli"}, "cli": {"kernel", "spec"}, "kernel": {"spec"}, "spec": set()
+    }  # fmt: skip
+    graph = {
+        "main": {"cli"}, "__main__": {"main"}, "cli": {"kernel.syscalls", "plan"},
+        "kernel.syscalls": {"spec"}, "spec": set(), "plan": set(),
+    }  # fmt: skip
+    assert map_failures(graph, parts) == [
+        "plan is in no part of the map: add its package or module to docs/design.md",
+        "cli imports plan: the map lets cli import only kernel, spec",
+    ]
+    parts["spec"] = {"main"}
+    assert "the map goes round: cli → spec → main → cli" in map_failures(graph, parts)
 
 
 def test_the_graph_counts_every_kind_of_import() -> None:
@@ -247,16 +339,13 @@ def test_a_circle_of_lazy_type_checking_and_relative_imports_is_named(tmp_path: 
 
 
 def test_an_import_against_a_rule_is_named() -> None:
-    graph = {
-        "kernel.syscalls": {"records", "plan"}, "plan": {"spec"}, "records": set(), "spec": set()
-    }  # fmt: skip
-    rules = RULES[3:5]  # the kernel interface's and the plan's
-    assert rule_failures(graph, rules) == [
-        f"kernel.syscalls imports plan, against: {RULES[3].reason}"
+    graph = {"config.parsers": {"spec", "kernel.paths"}, "spec": set(), "kernel.paths": set()}
+    assert rule_failures(graph, RULES[:1]) == [
+        f"config.parsers imports kernel.paths, against: {RULES[0].reason}"
     ]
-    graph = {"handlers.base": set(), "devices.discovery": {"handlers.base"}, "runner": {"handlers.base"}}
-    assert rule_failures(graph, RULES[5:6]) == [
-        f"devices.discovery imports handlers.base, against: {RULES[5].reason}"
+    graph = {"nixdb.state": set(), "nixdb.upper": {"nixdb.state"}, "cli.status": {"nixdb.state"}}
+    assert rule_failures(graph, RULES[3:4]) == [
+        f"nixdb.upper imports nixdb.state, against: {RULES[3].reason}"
     ]
 
 

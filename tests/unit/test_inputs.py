@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
+from guest_agent import cli as lock  # the run lock is the commands'
 from guest_agent.cli.app import main
 from guest_agent.cli.mount_all import mount_all
 from guest_agent.cli.reset_overlay import reset_overlay
 from guest_agent.config import inputs
 from guest_agent.config.merge import parse_config_json
 from guest_agent.config.parsers import parse_share, parse_volume
-from guest_agent.kernel import lock
 from guest_agent.report import printable
 from guest_agent.spec import Problem, PseudoSpec, VolumeSpec, udev_unescape
 

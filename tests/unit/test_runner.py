@@ -54,11 +54,12 @@ def test_dry_run_looks_for_no_device(tmp_path: Path) -> None:
 
 
 def test_mount_log_undo_unmounts_newest_first(monkeypatch: object) -> None:
-    import guest_agent.kernel.mountlog as mountlog
+    import guest_agent.kernel.syscalls as syscalls
+    from guest_agent.results import MountLog
 
     undone: list[str] = []
-    monkeypatch.setattr(mountlog, "umount", lambda target, lazy=False: undone.append(target))  # type: ignore[attr-defined]
-    with mountlog.MountLog() as log:
+    monkeypatch.setattr(syscalls, "umount", lambda target, lazy=False: undone.append(target))  # type: ignore[attr-defined]
+    with MountLog() as log:
         log.mounted("/r/a")
         log.mounted("/r/b")
     assert undone == ["/r/b", "/r/a"]
