@@ -346,7 +346,7 @@ def test_importing_blank_imports_no_ctypes() -> None:
         "bad = {'ctypes', 'struct', 'fcntl', 'typing'} & set(sys.modules); "
         "print(sorted(bad))"
     )
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
     )
