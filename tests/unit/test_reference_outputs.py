@@ -18,6 +18,7 @@ from guest_agent.cli import (
     mount_all,
     reset_overlay,
     status,
+    status_overlay,
 )
 from guest_agent.cli import app as cli
 from guest_agent.cli.record import RECORD_FIELDS
@@ -122,10 +123,10 @@ def test_values_and_layers() -> None:
     assert names(mount_statuses) == list(Status.ALL)
     _, states, layer, checks = tables(JSON["`status`: `mounts`"])
     assert names(states) == list(status.State.ALL)
-    assert names(layer) == list(status.LAYER_FIELDS)
-    assert names(checks) == list(status.Check.ALL)
+    assert names(layer) == list(status_overlay.LAYER_FIELDS)
+    assert names(checks) == list(status_overlay.Check.ALL)
     layers_row = next(r for r in tables(JSON["`status`: `mounts`"])[0] if r[0] == "`layers`")
-    assert re.findall(r"`(\w+)`", layers_row[2]) == list(status.LAYER_NAMES)
+    assert re.findall(r"`(\w+)`", layers_row[2]) == list(status_overlay.LAYER_NAMES)
 
 
 def test_the_parsers_of_this_test_see_a_difference() -> None:

@@ -13,11 +13,12 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from guest_agent.cli import JSON_KEYS, JSON_VERSION, PROBLEM_FIELDS
+from guest_agent.cli import JSON_KEYS, JSON_VERSION, PROBLEM_FIELDS, status_overlay
 from guest_agent.cli import discover as discover_cmd
 from guest_agent.cli import status as status_cmd
 from guest_agent.cli.app import main
-from guest_agent.cli.status import LAYER_FIELDS, LAYER_NAMES, STATUS_FIELDS, overlay_layers
+from guest_agent.cli.status import STATUS_FIELDS
+from guest_agent.cli.status_overlay import LAYER_FIELDS, LAYER_NAMES, overlay_layers
 from guest_agent.kernel.mountinfo import Mount
 from guest_agent.results import MOUNT_FIELDS
 from guest_agent.spec import OverlaySpec, Problem
@@ -151,9 +152,9 @@ def test_upper_on_another_filesystem_than_lower_is_checked_by_filesystem(tmp_pat
     upper = tmp_path / "store"
     upper.mkdir()
     lower = os.stat("/proc")  # another filesystem than the upper's, whatever tmp_path is on
-    got = status_cmd._upper_matches(str(upper), str(upper), upper.stat(), lower)
+    got = status_overlay._upper_matches(str(upper), str(upper), upper.stat(), lower)
     assert got == (True, "filesystem")
-    got = status_cmd._upper_matches("/proc", str(upper), upper.stat(), lower)
+    got = status_overlay._upper_matches("/proc", str(upper), upper.stat(), lower)
     assert got == (False, "filesystem")
 
 
