@@ -1,8 +1,8 @@
 """The agent's one door to the kernel's system calls: ctypes, errors raised as OSError.
 
 `syscall()` calls one by number and raises OSError(errno, strerror, filename)
-when it fails; the thin wrappers below (the mount API, openat2,
-finit_module/init_module) are built on it; `closing` closes an fd when a block
+when it fails; the thin wrappers below (the mount API, openat2) are built on it
+(finit_module and init_module are guest_agent.kmod.image's); `closing` closes an fd when a block
 ends. `mount()` and `umount()` turn the kernel's refusal into MountError. The
 old mount interface, mount(2) and umount2(2) through libc, is
 guest_agent.kernel.syscalls_legacy (a leaf, below this module), imported only when used:
@@ -41,13 +41,6 @@ _AT_FDCWD = -100
 _SYS_OPENAT2 = 437
 RESOLVE_NO_MAGICLINKS = 0x02  # openat2's resolve flags
 RESOLVE_IN_ROOT = 0x10
-# (init_module, finit_module): older than the unified table, so numbered per architecture.
-_MODULE_SYSCALLS = {
-    "x86_64": (175, 313),
-    "aarch64": (105, 273),
-    "arm64": (105, 273),
-    "riscv64": (105, 273),  # asm-generic numbering
-}
 
 # Per-mount attributes (fsmount) and their mount(2) flag equivalents.
 MOUNT_ATTRS = {
@@ -192,22 +185,6 @@ def openat2(dir_fd: int, path: str, flags: int, resolve: int) -> int:
     how = (ctypes.c_uint64 * 3)(flags, 0, resolve)  # struct open_how {flags, mode, resolve}
     address, size = ctypes.addressof(how), ctypes.sizeof(how)
     return syscall(_SYS_OPENAT2, dir_fd, os.fsencode(path), address, size, filename=path)
-
-
-def _module_syscall(which: int) -> int:
-    numbers = _MODULE_SYSCALLS.get(os.uname().machine)
-    if numbers is None:
-        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
-    return numbers[which]
-
-
-def finit_module(fd: int, flags: int, params: bytes = b"") -> None:
-    """finit_module(2) with a parameter string ("p=v q=\"a b\"")."""
-    syscall(_module_syscall(1), fd, params, flags)
-
-
-def init_module(image: bytes, params: bytes = b"") -> None:
-    syscall(_module_syscall(0), image, len(image), params)
 
 
 def split_options(options: tuple[str, ...]) -> tuple[int, int, list[str], list[str]]:

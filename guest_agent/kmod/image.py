@@ -30,18 +30,36 @@ if TYPE_CHECKING:
 MODULE_INIT_COMPRESSED_FILE = 4  # finit_module flag: the kernel decompresses (5.17+)
 
 
+# (init_module, finit_module): older than the unified table, so numbered per architecture.
+_MODULE_SYSCALLS = {
+    "x86_64": (175, 313),
+    "aarch64": (105, 273),
+    "arm64": (105, 273),
+    "riscv64": (105, 273),  # asm-generic numbering
+}
+
+
+def _module_syscall(which: int) -> int:
+    numbers = _MODULE_SYSCALLS.get(os.uname().machine)
+    if numbers is None:
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+    return numbers[which]
+
+
 class _Linux:
-    """The real entry points (guest_agent.kernel.syscalls), for `ModuleSyscalls`."""
+    """The real entry points, through guest_agent.kernel.syscalls' one door, for
+    `ModuleSyscalls`."""
 
     def finit_module(self, fd: int, flags: int, params: bytes = b"") -> None:
-        from guest_agent.kernel.syscalls import finit_module
+        """finit_module(2) with a parameter string ("p=v q=\"a b\"")."""
+        from guest_agent.kernel.syscalls import syscall
 
-        finit_module(fd, flags, params)
+        syscall(_module_syscall(1), fd, params, flags)
 
     def init_module(self, image: bytes, params: bytes = b"") -> None:
-        from guest_agent.kernel.syscalls import init_module
+        from guest_agent.kernel.syscalls import syscall
 
-        init_module(image, params)
+        syscall(_module_syscall(0), image, len(image), params)
 
 
 LINUX = _Linux()

@@ -93,14 +93,6 @@ def test_wrapper_names_the_path(tmp_path: Path) -> None:
     assert not_mounted.value.filename == str(tmp_path)
 
 
-def test_module_syscalls_on_an_unknown_architecture(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(syscalls, "_MODULE_SYSCALLS", {})
-    for call in (lambda: syscalls.finit_module(0, 0), lambda: syscalls.init_module(b"")):
-        with pytest.raises(OSError) as raised:
-            call()
-        assert raised.value.errno == errno.ENOSYS
-
-
 def _is_open(fd: int) -> bool:
     try:
         os.fstat(fd)

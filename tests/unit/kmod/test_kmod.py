@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from guest_agent.kernel import syscalls
+from guest_agent.kmod import image
 from guest_agent.kmod.image import MODULE_INIT_COMPRESSED_FILE
 from guest_agent.kmod.index import (
     default_modules_dir,
@@ -484,15 +485,16 @@ def test_real_already_available_module_is_a_no_op() -> None:
 def test_real_syscalls_reject_bogus_input(monkeypatch: pytest.MonkeyPatch) -> None:
     """The ctypes plumbing reaches the kernel; invalid input loads nothing."""
     with pytest.raises(OSError) as bad_fd:
-        syscalls.finit_module(-1, 0)
+        image.LINUX.finit_module(-1, 0)
     assert bad_fd.value.errno in (errno.EBADF, errno.ENOSYS, errno.EPERM)
     with pytest.raises(OSError) as bad_image:
-        syscalls.init_module(b"not an ELF image")
+        image.LINUX.init_module(b"not an ELF image")
     assert bad_image.value.errno != 0
-    monkeypatch.setattr(syscalls, "_MODULE_SYSCALLS", {})  # an architecture we do not know
-    with pytest.raises(OSError) as unknown:
-        syscalls.finit_module(0, 0)
-    assert unknown.value.errno == errno.ENOSYS
+    monkeypatch.setattr(image, "_MODULE_SYSCALLS", {})  # an architecture we do not know
+    for call in (lambda: image.LINUX.finit_module(0, 0), lambda: image.LINUX.init_module(b"")):
+        with pytest.raises(OSError) as unknown:
+            call()
+        assert unknown.value.errno == errno.ENOSYS
 
 
 def test_softdeps_loaded_around_the_module(tree: Any, rec: Recorder) -> None:
