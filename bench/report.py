@@ -592,7 +592,7 @@ MOVED = {
     "uevent": "devices.uevent",
     "probe": "devices.probe",
     "probe_containers": "devices.probe_containers",
-    "probe_fields": "devices.probe_fields",
+    "probe_fields": "devices.probe_filesystems",
     "probe_filesystems": "devices.probe_filesystems",
     "blank": "devices.blank",
     "kmod": "kmod.loader",

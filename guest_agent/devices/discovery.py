@@ -272,7 +272,9 @@ class Devices:
             if dev.size_bytes == 0:
                 continue
             signature = self.probe(dev.devnode)
-            from guest_agent.devices.probe_fields import PARTITION_TABLE  # imported by the prober
+            from guest_agent.devices.probe_filesystems import (
+                PARTITION_TABLE,  # imported by the prober
+            )
 
             if signature is None or signature.usage == PARTITION_TABLE:
                 continue  # a partition table's id is blkid's PTUUID, no LABEL=/UUID=: as udev

@@ -31,8 +31,9 @@ import os
 import struct
 
 from guest_agent.devices.probe_containers import _dos, _gpt, _luks, _lvm2, _md
-from guest_agent.devices.probe_fields import PROBE_SIZE, Signature
 from guest_agent.devices.probe_filesystems import (
+    PROBE_SIZE,
+    Signature,
     _btrfs,
     _erofs,
     _ext,

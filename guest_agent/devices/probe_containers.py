@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import zlib
 
-from guest_agent.devices.probe_fields import (
+from guest_agent.devices.probe_filesystems import (
     OTHER,
     PARTITION_TABLE,
     Signature,

@@ -115,7 +115,7 @@ def test_find_disk_by_label_uuid_serial_and_path(scans: Scans, tmp_path: Path) -
 def test_a_partition_tables_id_is_no_uuid(scans: Scans, tmp_path: Path) -> None:
     """blkid reports a GPT/DOS disk id as PTUUID, never as UUID (udev makes no by-uuid link
     for it): UUID= must not find the whole disk of a partition table."""
-    from guest_agent.devices.probe_fields import PARTITION_TABLE
+    from guest_agent.devices.probe_filesystems import PARTITION_TABLE
 
     a = tmp_path / "vda"
     a.touch()
