@@ -11,6 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
+from guest_agent import vmm_address as va
 from guest_agent import vmm_notify as vn
 
 PAYLOAD = vn.message([("STATUS", "guest-agent: 3 mounted"), ("X_GUEST_AGENT_RESULT", "ok")])
@@ -26,23 +27,23 @@ def _listener(address: str | bytes) -> socket.socket:
 def test_a_path_socket_receives_the_message_whole(tmp_path: Path) -> None:
     path = str(tmp_path / "notify")
     with _listener(path) as listener:
-        assert vn.send(vn.parse_address(path), PAYLOAD) is None
+        assert vn.send(va.parse_address(path), PAYLOAD) is None
         assert listener.recv(4096) == PAYLOAD
 
 
 def test_an_abstract_socket_receives_the_message_whole() -> None:
     name = f"guest-agent-test-{os.getpid()}"
     with _listener(b"\0" + name.encode()) as listener:
-        assert vn.send(vn.parse_address("@" + name), PAYLOAD) is None
+        assert vn.send(va.parse_address("@" + name), PAYLOAD) is None
         assert listener.recv(4096) == PAYLOAD
 
 
 def test_no_listener_is_one_reason_not_an_exception(tmp_path: Path) -> None:
-    reason = vn.send(vn.parse_address(str(tmp_path / "nobody")), PAYLOAD)
+    reason = vn.send(va.parse_address(str(tmp_path / "nobody")), PAYLOAD)
     assert reason == os.strerror(2)  # ENOENT
     bound = tmp_path / "gone"
     _listener(str(bound)).close()  # the path stays, nobody listens
-    assert vn.send(vn.parse_address(str(bound)), PAYLOAD) == os.strerror(111)  # ECONNREFUSED
+    assert vn.send(va.parse_address(str(bound)), PAYLOAD) == os.strerror(111)  # ECONNREFUSED
 
 
 def test_a_listener_that_never_reads_cannot_hold_the_boot(tmp_path: Path) -> None:
@@ -57,7 +58,7 @@ def test_a_listener_that_never_reads_cannot_hold_the_boot(tmp_path: Path) -> Non
 
     with _listener(path) as listener:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
-        address = vn.parse_address(path)
+        address = va.parse_address(path)
         sender = threading.Thread(target=fill, daemon=True)
         sender.start()
         sender.join(30)  # a guard against a hang, not a measurement

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from guest_agent import vmm_address as va
 from guest_agent import vmm_notify as vn
 
 
@@ -37,7 +38,7 @@ def smbios(kind: int, strings: list[bytes], formatted: bytes = b"") -> bytes:
     ],
 )
 def test_every_address_form_sd_notify_takes(text, family, types, target) -> None:
-    address = vn.parse_address(text)
+    address = va.parse_address(text)
     assert (address.family, address.types, address.target) == (family, types, target)
 
 
@@ -58,24 +59,24 @@ def test_every_address_form_sd_notify_takes(text, family, types, target) -> None
     ],
 )
 def test_a_bad_address_says_why(text: str) -> None:
-    with pytest.raises(vn.BadAddress):
-        vn.parse_address(text)
+    with pytest.raises(va.BadAddress):
+        va.parse_address(text)
 
 
 def test_the_command_line_credential_last_word_wins_and_binary_is_base64() -> None:
     encoded = base64.b64encode(b"vsock-stream:2:9999").decode()
-    assert vn.credential_from_cmdline(["quiet", "systemd.set_credential=other:x"]) is None
+    assert va.credential_from_cmdline(["quiet", "systemd.set_credential=other:x"]) is None
     assert (
-        vn.credential_from_cmdline(["systemd.set_credential=vmm.notify_socket:vsock:2:1"])
+        va.credential_from_cmdline(["systemd.set_credential=vmm.notify_socket:vsock:2:1"])
         == "vsock:2:1"
     )
     tokens = [
         "systemd.set_credential=vmm.notify_socket:vsock:2:1",
         f"systemd.set_credential_binary=vmm.notify_socket:{encoded}",
     ]
-    assert vn.credential_from_cmdline(tokens) == "vsock-stream:2:9999"
+    assert va.credential_from_cmdline(tokens) == "vsock-stream:2:9999"
     assert (
-        vn.credential_from_cmdline(["systemd.set_credential_binary=vmm.notify_socket:!!"]) is None
+        va.credential_from_cmdline(["systemd.set_credential_binary=vmm.notify_socket:!!"]) is None
     )
 
 
@@ -88,15 +89,15 @@ def test_oem_strings_are_read_from_the_raw_table_and_nothing_else() -> None:
         + smbios(1, [b"io.systemd.credential:vmm.notify_socket=not-from-type-1"])
         + smbios(127, [])
     )
-    strings = vn.oem_strings(table)
+    strings = va.oem_strings(table)
     assert strings == [b"io.systemd.credential:vmm.notify_socket=vsock-stream:2:8888", b"x"]
-    assert vn.credential_from_smbios(strings) == "vsock-stream:2:8888"
+    assert va.credential_from_smbios(strings) == "vsock-stream:2:8888"
 
 
 def test_a_binary_smbios_credential_and_junk_around_it() -> None:
     encoded = base64.b64encode(b"@vmm-notify").decode()
     strings = [b"\xff\xfe", b"io.systemd.credential.binary:vmm.notify_socket=" + encoded.encode()]
-    assert vn.credential_from_smbios(strings) == "@vmm-notify"
+    assert va.credential_from_smbios(strings) == "@vmm-notify"
 
 
 @pytest.mark.parametrize(
@@ -110,23 +111,23 @@ def test_a_binary_smbios_credential_and_junk_around_it() -> None:
     ],
 )
 def test_a_truncated_or_malformed_table_ends_the_walk_without_an_exception(table: bytes) -> None:
-    assert isinstance(vn.oem_strings(table), list)
+    assert isinstance(va.oem_strings(table), list)
 
 
 def test_read_credential_prefers_the_command_line_and_reads_the_table_otherwise() -> None:
     table = smbios(11, [b"io.systemd.credential:vmm.notify_socket=vsock:2:5"])
-    assert vn.read_credential([], table) == "vsock:2:5"
+    assert va.read_credential([], table) == "vsock:2:5"
     tokens = ["systemd.set_credential=vmm.notify_socket:/run/n"]
-    assert vn.read_credential(tokens, table) == "/run/n"
-    assert vn.read_credential([], b"") is None
+    assert va.read_credential(tokens, table) == "/run/n"
+    assert va.read_credential([], b"") is None
 
 
 def test_the_modules_a_send_needs() -> None:
-    assert vn.modules_for(vn.parse_address("vsock-stream:2:8888")) == (
+    assert va.modules_for(va.parse_address("vsock-stream:2:8888")) == (
         "vmw_vsock_virtio_transport",
     )
-    assert vn.modules_for(vn.parse_address("vsock:local:8888")) == ("vsock_loopback",)
-    assert vn.modules_for(vn.parse_address("/run/notify")) == ()
+    assert va.modules_for(va.parse_address("vsock:local:8888")) == ("vsock_loopback",)
+    assert va.modules_for(va.parse_address("/run/notify")) == ()
 
 
 def test_a_quoted_value_cannot_forge_a_field_or_a_line() -> None:
@@ -157,7 +158,7 @@ def _timed_host(
     clock = [100.0]
     given: list[float] = []
 
-    def send(_: vn.Address, payload: bytes, timeout: float) -> str | None:
+    def send(_: va.Address, payload: bytes, timeout: float) -> str | None:
         given.append(timeout)
         clock[0] += takes
         return answer(len(given), timeout)
@@ -166,7 +167,7 @@ def _timed_host(
     monkeypatch.setattr("time.monotonic", lambda: clock[0])
     warnings: list[tuple[str, str]] = []
     origin = f"vmm.notify_socket={address}"
-    host = vn.Host(vn.parse_address(address), origin, lambda *w: warnings.append(w))
+    host = vn.Host(va.parse_address(address), origin, lambda *w: warnings.append(w))
     return host, given, warnings
 
 
@@ -217,10 +218,10 @@ def _virtio_bus(root: Path, *device_ids: str) -> str:
 
 
 def test_no_vsock_device_only_when_the_bus_shows_devices_and_none_is_vsock(tmp_path: Path) -> None:
-    assert vn.no_vsock_device(_virtio_bus(tmp_path / "a", "0x0009", "0x001a")) is True
-    assert vn.no_vsock_device(_virtio_bus(tmp_path / "b", "0x0009", "0x0013")) is False
-    assert vn.no_vsock_device(_virtio_bus(tmp_path / "c")) is False  # transport not loaded yet
-    assert vn.no_vsock_device(str(tmp_path / "absent")) is False
+    assert va.no_vsock_device(_virtio_bus(tmp_path / "a", "0x0009", "0x001a")) is True
+    assert va.no_vsock_device(_virtio_bus(tmp_path / "b", "0x0009", "0x0013")) is False
+    assert va.no_vsock_device(_virtio_bus(tmp_path / "c")) is False  # transport not loaded yet
+    assert va.no_vsock_device(str(tmp_path / "absent")) is False
 
 
 @pytest.mark.parametrize(
@@ -241,11 +242,11 @@ def test_the_transport_is_loaded_only_when_a_host_can_listen(
     warned: str | None,
 ) -> None:
     bus = _virtio_bus(tmp_path, *devices)
-    monkeypatch.setattr(vn, "VIRTIO_DEVICES", bus)
-    monkeypatch.setattr(vn.no_vsock_device, "__defaults__", (bus,))
+    monkeypatch.setattr(va, "VIRTIO_DEVICES", bus)
+    monkeypatch.setattr(va.no_vsock_device, "__defaults__", (bus,))
     for name in loaded:
         (tmp_path / "module" / name).mkdir(parents=True)
-    monkeypatch.setattr(vn, "SYS_MODULE", str(tmp_path / "module"))
+    monkeypatch.setattr(va, "SYS_MODULE", str(tmp_path / "module"))
     asked: list[str] = []
     warnings: list[str] = []
     host = vn.Host.find(
