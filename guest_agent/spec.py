@@ -1,7 +1,7 @@
 """Parsed mount specs: immutable values, and the facts about them shared by every layer
 (among them the option words the agent knows, which the parser and docs/reference.md share).
 
-The parsers that make them are in `parsers.py`; nothing here touches the system.
+The parsers that make them are in `config/parsers.py`; nothing here touches the system.
 """
 
 from __future__ import annotations
@@ -216,7 +216,7 @@ class OverlaySpec(NamedTuple):
     rw: str
     options: Options = Options()
     where: str = STORE_MOUNT_POINT
-    nix_db: bool = False  # x-nix-db: Nix's state kept on RW and reconciled (nixstate.py)
+    nix_db: bool = False  # x-nix-db: Nix's state kept on RW and reconciled (nixdb/state.py)
     reg_info: str | None = None  # the lower closure's registration (regInfo=), for nix_db
 
     @property

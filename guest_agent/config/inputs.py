@@ -2,7 +2,7 @@
 
 The config file and the command line are read as hostile input: only a regular
 file (or /dev/null) of bounded size is read, never trusting st_size; then parsed
-and merged (config.py), each problem reported.
+and merged (merge.py), each problem reported.
 """
 
 from __future__ import annotations

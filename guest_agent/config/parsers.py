@@ -1,6 +1,6 @@
 """The parsers of the three keys: pure and total, each returns a spec or a `Problem`;
 `collect` sorts their results for the two sources of specs, the kernel command line
-(config.py) and the JSON file (config_json.py), which both import this module.
+(merge.py) and the JSON file (from_json.py), which both import this module.
 
 Nothing here touches the system. The grammar follows systemd's
 `systemd.mount-extra=`: a value is split on its first colons only, so the last
@@ -261,7 +261,7 @@ def parse_reg_info(value: str) -> str:
     return path
 
 
-# --- what both sources of specs use (config.py, config_json.py) ---------------
+# --- what both sources of specs use (merge.py, from_json.py) ---------------
 
 
 def reg_info_of(value: object, origin: str) -> tuple[str | None, Problem | None]:

@@ -1,9 +1,9 @@
 """Nix's database (schema 10), written the way Nix writes it, with the stdlib's sqlite3.
 
-The database SQLite sees is the agent's private copy (nixcopy.py), never a file
+The database SQLite sees is the agent's private copy (copy.py), never a file
 on RW. `open_database` refuses (raises `Unusable`) anything the agent does not
 understand before it reads a row: a schema file other than 10, a schema other
-than Nix's to the statement, values of types Nix never writes (nixschema.py),
+than Nix's to the statement, values of types Nix never writes (schema.py),
 a failed integrity or foreign-key check; the caller moves the state aside
 untouched. `reconcile` makes the valid paths agree with what the store holds, in
 one transaction. Nix opens the database with foreign keys on: `Refs.reference`
@@ -67,7 +67,7 @@ def _text(data: bytes) -> str:
 
 
 def connect(work: str, deadline: float, *, create: bool = False) -> sqlite3.Connection:
-    """SQLite on the private copy in WORK (nixcopy.py), hardened (nixschema.harden)."""
+    """SQLite on the private copy in WORK (copy.py), hardened (nixschema.harden)."""
     import sqlite3
 
     path = os.path.join(work, DB_FILE)

@@ -1,5 +1,5 @@
 """x-nix-db's record of the last reconcile (RW/nix-state/guest-agent-reconcile) and the
-fingerprint that lets an unchanged boot skip the reconcile (`status` reads it: nixstatus.py).
+fingerprint that lets an unchanged boot skip the reconcile (`status` reads it: status.py).
 
 The record is plain `key value` lines, replaced atomically. It lives on RW, so it
 is a stranger's data too: read with O_NOFOLLOW, at most 1 MiB; a wrong record can

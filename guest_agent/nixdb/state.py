@@ -13,8 +13,8 @@ overlay is mounted, the agent
 4. records what it reconciled (`guest-agent-reconcile`), so that a boot whose
    lower, registration, upper layer and database are unchanged does nothing.
 
-The database is data from a stranger: SQLite works on a private copy (nixcopy.py)
-checked against Nix's exact schema under time and memory bounds (nixschema.py), and
+The database is data from a stranger: SQLite works on a private copy (copy.py)
+checked against Nix's exact schema under time and memory bounds (schema.py), and
 the result is written back whole. The record says `state reconciling` before
 step 1, `writing-back` while the new file replaces the old, and `done` after
 step 4: a power cut makes the next boot finish or undo the write-back and do the
@@ -22,8 +22,8 @@ rest again; each step is idempotent. A database the agent does not understand is
 moved aside whole, never repaired or deleted; so is one whose reconcile failed
 MAX_FAILURES boots in a row. No exception leaves `reconcile` but NixStateError
 (and ImportError: no sqlite3 here; WrongType: RW/nix-state is not a directory).
-Step 1 is nixupper.py, steps 2-3 nixdb.py, run on the copy by nixsteps.py; the record
-is nixrecord.py; this module runs them in order on the layers' fds. See docs/nix-db.md.
+Step 1 is upper.py, steps 2-3 database.py, run on the copy by steps.py; the record
+is record.py; this module runs them in order on the layers' fds. See docs/nix-db.md.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """`status`'s view of x-nix-db: the valid paths now (counted on a private copy of the
-database) and what the last reconcile did, from its record (nixrecord.py).
+database) and what the last reconcile did, from its record (record.py).
 """
 
 from __future__ import annotations

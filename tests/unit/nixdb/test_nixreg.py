@@ -1,4 +1,4 @@
-"""Nix's registration format, hash spellings and .drv outputs (nixreg.py): pure parsing.
+"""Nix's registration format, hash spellings and .drv outputs (nixdb/registration.py): pure parsing.
 
 The hash spellings were produced by Nix 2.8 (`nix-hash --type sha256 --to-base32`)."""
 
