@@ -9,8 +9,6 @@ field (OPTIONS) may itself hold colons.
 
 from __future__ import annotations
 
-import math
-
 from guest_agent.spec import (
     DEFAULT_DEVICE_TIMEOUT,
     MAX_VIRTIOFS_TAG,
@@ -42,6 +40,9 @@ class Invalid(ValueError):
     def __init__(self, reason: str, hint: str | None = None) -> None:
         super().__init__(reason)
         self.hint = hint
+
+
+_NO_LIMIT = float("inf")  # math.inf, without importing math on every boot
 
 
 def unencodable(text: str) -> str | None:
@@ -111,7 +112,7 @@ def parse_options(text: str) -> Options:
         if word.endswith("=") != bool(sep):
             raise Invalid(f"{name} takes no value" if sep else f"{name} needs a value after '='")
         if name == "x-systemd.device-timeout":  # systemd: 0 is no limit (parse_sec_fix_0)
-            timeout = _timeout(name, value) or math.inf
+            timeout = _timeout(name, value) or _NO_LIMIT
         elif name == "x-device-timeout":
             timeout = _timeout(name, value)
         elif name == "nofail":

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import zlib
-
 from guest_agent.devices.probe_filesystems import (
     OTHER,
     PARTITION_TABLE,
@@ -73,6 +71,8 @@ def _gpt(h: bytes) -> Signature | None:
         size = u32le(hdr, 12)
         if not 92 <= size <= len(hdr):
             continue
+        import zlib  # only for a GPT header: not on every boot that probes
+
         body = hdr[:16] + b"\0\0\0\0" + hdr[20:size]
         if zlib.crc32(body) != u32le(hdr, 16):
             continue
