@@ -14,8 +14,8 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
     from typing import Any
 
+    from guest_agent.kernel.mount import MountError
     from guest_agent.kernel.mountinfo import Mount
-    from guest_agent.kernel.syscalls import MountError
     from guest_agent.spec import MountSpec
 
 
@@ -130,7 +130,7 @@ class MountLog:
 
     def undo(self) -> None:
         """Unmount what this run mounted, newest first."""
-        from guest_agent.kernel.syscalls import MountError, umount
+        from guest_agent.kernel.mount import MountError, umount
 
         for target in reversed(self._hosts):
             try:

@@ -10,17 +10,11 @@ from __future__ import annotations
 import errno
 import os
 
+from guest_agent.kernel.mount import MountError, MountRequest
+from guest_agent.kernel.mount import mount as kernel_mount
 from guest_agent.kernel.mountinfo import MOUNTINFO, MountTable
 from guest_agent.kernel.paths import PathError, host_path, open_root, resolve_in_root, walk
-from guest_agent.kernel.syscalls import (
-    RESOLVE_IN_ROOT,
-    RESOLVE_NO_MAGICLINKS,
-    MountError,
-    MountRequest,
-    closing,
-    openat2,
-)
-from guest_agent.kernel.syscalls import mount as kernel_mount
+from guest_agent.kernel.syscalls import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, closing, openat2
 from guest_agent.results import Failure, Result, Status, refused
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing

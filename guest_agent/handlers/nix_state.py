@@ -7,8 +7,9 @@ Imported by the overlay handler only for an overlay with x-nix-db.
 from __future__ import annotations
 
 from guest_agent import reset as overlay_reset
+from guest_agent.kernel.mount import BIND, MountError, MountRequest
 from guest_agent.kernel.paths import PathError, reopen
-from guest_agent.kernel.syscalls import BIND, MountError, MountRequest, closing
+from guest_agent.kernel.syscalls import closing
 from guest_agent.results import Failure
 from guest_agent.spec import NIX_STATE_DIR, NIX_STATE_MOUNT_POINT, OverlaySpec, Problem
 

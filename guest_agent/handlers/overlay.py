@@ -13,9 +13,10 @@ import os
 
 from guest_agent import reset as overlay_reset
 from guest_agent.handlers.layers import check_overlap, in_use, overlay_users, wrong_type
+from guest_agent.kernel.mount import MountError, MountRequest, umount
 from guest_agent.kernel.mountinfo import in_root
 from guest_agent.kernel.paths import host_path, reopen
-from guest_agent.kernel.syscalls import MountError, MountRequest, closing, umount
+from guest_agent.kernel.syscalls import closing
 from guest_agent.plan import upper_on_9p
 from guest_agent.results import Failure, Result, Status, occupied, refused
 from guest_agent.spec import UPPER_DIR, WORK_DIR, Proto, join

@@ -11,8 +11,8 @@ from __future__ import annotations
 import errno
 import os
 
+from guest_agent.kernel.mount import MountError, MountRequest, umount
 from guest_agent.kernel.mountinfo import in_root
-from guest_agent.kernel.syscalls import MountError, MountRequest, umount
 from guest_agent.results import Failure, Result, Status, occupied, refused
 from guest_agent.spec import SHARE_FSTYPES, Proto
 

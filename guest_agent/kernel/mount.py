@@ -1,16 +1,14 @@
-"""The agent's one door to the kernel's system calls: ctypes, errors raised as OSError.
+"""Mounting: a `MountRequest` made with the new mount API, or with mount(2) where the
+kernel has none, and unmounting; the kernel's refusal becomes `MountError`.
 
-`syscall()` calls one by number and raises OSError(errno, strerror, filename)
-when it fails; the thin wrappers below (the mount API, openat2) are built on it
-(finit_module and init_module are guest_agent.kmod.image's); `closing` closes an fd when a block
-ends. `mount()` and `umount()` turn the kernel's refusal into MountError. The
-old mount interface, mount(2) and umount2(2) through libc, is
-guest_agent.kernel.syscalls_legacy (a leaf, below this module), imported only when used:
-a boot that mounts with the new API and unmounts nothing never imports it.
-
-The new mount API (fsopen/fsconfig/fsmount/move_mount, Linux >= 5.2) is used
-first because the kernel then tells *why* it refused (read from the fs context
-fd), not just an errno. Kernels without it fall back to mount(2).
+The new mount API (fsopen/fsconfig/fsmount/move_mount, Linux >= 5.2, through
+guest_agent.kernel.syscalls) is used first because the kernel then tells *why* it
+refused (read from the fs context fd), not just an errno. Kernels without it fall
+back to mount(2). The old interface, mount(2) and umount2(2) through libc, is
+guest_agent.kernel.syscalls_legacy (a leaf), imported only when used: a boot that
+mounts with the new API and unmounts nothing never imports it. The options split
+here (`split_options`) into per-mount attributes, superblock flags and the
+filesystem's own data.
 """
 
 from __future__ import annotations
@@ -18,29 +16,15 @@ from __future__ import annotations
 import errno
 import os
 
+from guest_agent.kernel.syscalls import closing, fsconfig, fsmount, fsopen, move_mount
 from guest_agent.records import NamedTuple
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
-if TYPE_CHECKING:
-    import ctypes  # imported when the first system call is made: not for a dry run
-
-# Identical on x86_64, aarch64, riscv64 and every other architecture using the unified table.
-_SYS_MOVE_MOUNT = 429
-_SYS_FSOPEN = 430
-_SYS_FSCONFIG = 431
-_SYS_FSMOUNT = 432
-
-_FSOPEN_CLOEXEC = 0x1
 _FSCONFIG_SET_FLAG = 0
 _FSCONFIG_SET_STRING = 1
 _FSCONFIG_CMD_CREATE = 6
-_FSMOUNT_CLOEXEC = 0x1
 _MOVE_MOUNT_F_EMPTY_PATH = 0x4
 _MOVE_MOUNT_T_EMPTY_PATH = 0x40
 _AT_FDCWD = -100
-_SYS_OPENAT2 = 437
-RESOLVE_NO_MAGICLINKS = 0x02  # openat2's resolve flags
-RESOLVE_IN_ROOT = 0x10
 
 # Per-mount attributes (fsmount) and their mount(2) flag equivalents.
 MOUNT_ATTRS = {
@@ -93,98 +77,6 @@ class MountRequest(NamedTuple):
     target: str  # host path, already resolved and checked
     options: tuple[str, ...] = ()  # kernel options as given (flags are picked out here)
     target_fd: int | None = None  # an O_PATH fd of the target: mount onto it, not onto a path
-
-
-_libc: ctypes.CDLL | None = None
-_syscall: ctypes._NamedFuncPointer | None = None
-_NO_ARGS = (0, 0, 0, 0, 0, 0)  # syscall(2) reads six arguments; the kernel ignores unused ones
-
-
-def libc() -> ctypes.CDLL:
-    """The C library, loaded once, errno kept after each call (ctypes.get_errno)."""
-    global _libc
-    if _libc is None:
-        import ctypes
-
-        _libc = ctypes.CDLL(None, use_errno=True)
-    return _libc
-
-
-def _raw_syscall() -> ctypes._NamedFuncPointer:
-    """libc's syscall(2) with its prototype set once: NR as a long, six arguments as
-    pointer-sized values (an int is passed as a 64-bit value, negative ones too; bytes as
-    a pointer to their buffer; None as NULL), the result as a long. Converting in C, once
-    per call, costs less than building argument objects in Python (bench/analysis.md)."""
-    global _syscall
-    if _syscall is None:
-        import ctypes
-
-        fn = libc()["syscall"]  # a function object of its own: libc().syscall stays untyped
-        fn.restype = ctypes.c_long
-        fn.argtypes = (ctypes.c_long, *(ctypes.c_void_p,) * len(_NO_ARGS))
-        _syscall = fn
-    return _syscall
-
-
-def checked(result: int, filename: str | None) -> int:
-    """RESULT of a C call that sets errno; OSError(errno, strerror, FILENAME) when negative."""
-    if result < 0:
-        import ctypes
-
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), filename)
-    return result
-
-
-def syscall(nr: int, *args: int | bytes | None, filename: str | None = None) -> int:
-    """syscall(2) NR with up to six ARGS (ints, bytes passed as pointers to their buffer,
-    None as NULL); its result, or OSError(errno, strerror, FILENAME)."""
-    result: int = _raw_syscall()(nr, *args, *_NO_ARGS[len(args) :])
-    return checked(result, filename)
-
-
-class closing:
-    """`with closing(fd):` closes the fd FD when the block ends, however it ends."""
-
-    __slots__ = ("fd",)
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def __enter__(self) -> int:
-        return self.fd
-
-    def __exit__(self, *_: object) -> None:
-        os.close(self.fd)
-
-
-# --- thin wrappers: one system call each, OSError on failure ---------------------------
-
-
-def fsopen(fstype: str) -> int:
-    return syscall(_SYS_FSOPEN, os.fsencode(fstype), _FSOPEN_CLOEXEC)
-
-
-def fsconfig(fs_fd: int, cmd: int, key: str | None = None, value: str | None = None) -> None:
-    key_b = None if key is None else os.fsencode(key)
-    value_b = None if value is None else os.fsencode(value)
-    syscall(_SYS_FSCONFIG, fs_fd, cmd, key_b, value_b, 0)
-
-
-def fsmount(fs_fd: int, attrs: int) -> int:
-    return syscall(_SYS_FSMOUNT, fs_fd, _FSMOUNT_CLOEXEC, attrs)
-
-
-def move_mount(from_fd: int, to_fd: int, to_path: str, flags: int) -> None:
-    syscall(_SYS_MOVE_MOUNT, from_fd, b"", to_fd, os.fsencode(to_path), flags)
-
-
-def openat2(dir_fd: int, path: str, flags: int, resolve: int) -> int:
-    import ctypes
-
-    how = (ctypes.c_uint64 * 3)(flags, 0, resolve)  # struct open_how {flags, mode, resolve}
-    address, size = ctypes.addressof(how), ctypes.sizeof(how)
-    return syscall(_SYS_OPENAT2, dir_fd, os.fsencode(path), address, size, filename=path)
 
 
 def split_options(options: tuple[str, ...]) -> tuple[int, int, list[str], list[str]]:

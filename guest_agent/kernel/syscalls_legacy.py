@@ -2,9 +2,9 @@
 
 Their numbers differ between architectures, so libc makes them (guest_agent.kernel.syscalls
 makes the numbered calls). A leaf: it imports nothing of the agent, and
-guest_agent.kernel.syscalls imports it only to unmount, to bind-mount, or to mount on a kernel
+guest_agent.kernel.mount imports it only to unmount, to bind-mount, or to mount on a kernel
 without the new mount API (Linux < 5.2), so a boot that mounts everything with that API
-never imports it. Both raise OSError; syscalls turns that into MountError.
+never imports it. Both raise OSError; kernel.mount turns that into MountError.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The old mount interface for real (as root, in a mount namespace of its own): what
-`syscalls.mount` does through mount(2) on a kernel without the new mount API (Linux < 5.2,
+`mount.mount` does through mount(2) on a kernel without the new mount API (Linux < 5.2,
 faked here by fsopen failing with ENOSYS; everything else is the host's kernel), the bind
-mount it always makes with mount(2), and `syscalls.umount`. The old interface is imported
+mount it always makes with mount(2), and `mount.umount`. The old interface is imported
 only when one of them is used."""
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ pytestmark = pytest.mark.root
 
 SCRIPT = r"""
 import errno, json, os, sys
-from guest_agent.kernel import syscalls
-from guest_agent.kernel.syscalls import BIND, MountError, MountRequest
+from guest_agent.kernel import mount
+from guest_agent.kernel.mount import BIND, MountError, MountRequest
 
 
 def no_new_api(fstype):
@@ -42,35 +42,35 @@ def line(target):
 
 base = sys.argv[1]
 new = os.path.join(base, "new")
-syscalls.mount(MountRequest("tmpfs", "ga-new", new, ("nosuid",)))
+mount.mount(MountRequest("tmpfs", "ga-new", new, ("nosuid",)))
 out = {"legacy_after_new_api": "guest_agent.kernel.syscalls_legacy" in sys.modules, "new": line(new)}
 
 old = os.path.join(base, "old")
-syscalls.fsopen = no_new_api
-syscalls.mount(MountRequest("tmpfs", "ga-legacy", old,
+mount.fsopen = no_new_api
+mount.mount(MountRequest("tmpfs", "ga-legacy", old,
                             ("ro", "nosuid", "nodev", "noatime", "sync", "size=1m", "mode=0700")))
 out["legacy_after_mount"] = "guest_agent.kernel.syscalls_legacy" in sys.modules
 out["old"] = line(old)
 out["old_mode"] = oct(os.stat(old).st_mode & 0o777)
 try:
-    syscalls.mount(MountRequest("tmpfs", "ga-bad", os.path.join(base, "bad"), ("bogus=1",)))
+    mount.mount(MountRequest("tmpfs", "ga-bad", os.path.join(base, "bad"), ("bogus=1",)))
 except MountError as e:
     out["refused"] = [e.errno, e.step]
 
 src, dst = os.path.join(base, "src"), os.path.join(base, "dst")
 src_fd = os.open(src, os.O_PATH | os.O_DIRECTORY)
 dst_fd = os.open(dst, os.O_PATH | os.O_DIRECTORY)
-syscalls.mount(MountRequest(BIND, f"/proc/self/fd/{src_fd}", dst, ("ro",), target_fd=dst_fd))
+mount.mount(MountRequest(BIND, f"/proc/self/fd/{src_fd}", dst, ("ro",), target_fd=dst_fd))
 out["bound"] = open(os.path.join(dst, "file")).read()
 out["bound_options"] = line(dst)["options"]
 
-syscalls.umount(old)
+mount.umount(old)
 out["old_after_umount"] = line(old)
 try:
-    syscalls.umount(old)
+    mount.umount(old)
 except MountError as e:
     out["umount_refused"] = [e.errno, e.step]
-syscalls.umount(dst, lazy=True)
+mount.umount(dst, lazy=True)
 out["dst_after_umount"] = line(dst)
 print(json.dumps(out))
 """
@@ -91,7 +91,7 @@ def test_old_mount_interface_mounts_binds_and_unmounts(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
-    # imported by the first call that needs it: not with syscalls, not for the new API
+    # imported by the first call that needs it: not with kernel.mount, not for the new API
     assert out["new"]["fstype"] == "tmpfs" and "nosuid" in out["new"]["options"], out
     assert (out["legacy_after_new_api"], out["legacy_after_mount"]) == (False, True), out
     old = out["old"]

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from guest_agent.handlers.base import Context
-from guest_agent.kernel.syscalls import MountError, MountRequest
+from guest_agent.kernel.mount import MountError, MountRequest
 from guest_agent.report import Reporter
 from guest_agent.results import Failure, MountLog
 from guest_agent.spec import ShareSpec, VolumeSpec

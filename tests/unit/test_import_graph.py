@@ -210,7 +210,7 @@ RULES = (
     Rule(
         ("kernel.syscalls_legacy",),
         (),
-        "mount(2) and umount2(2) are a leaf: syscalls falls back to it, never the other way",
+        "mount(2) and umount2(2) are a leaf: kernel.mount falls back to it, never the other way",
     ),
     Rule(("nixdb.files",), (), "the x-nix-db files' names and errors: the bottom of nixdb"),
     Rule(

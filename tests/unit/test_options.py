@@ -8,7 +8,7 @@ from guest_agent.config.parsers import parse_options
 from guest_agent.handlers.overlay import overlay_options
 from guest_agent.handlers.share import NINEP_MSIZE, share_options
 from guest_agent.handlers.volume import volume_options
-from guest_agent.kernel.syscalls import split_options
+from guest_agent.kernel.mount import split_options
 
 NINEP_BASE = ("trans=virtio", "version=9p2000.L", f"msize={NINEP_MSIZE}")
 

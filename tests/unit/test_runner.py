@@ -54,11 +54,11 @@ def test_dry_run_looks_for_no_device(tmp_path: Path) -> None:
 
 
 def test_mount_log_undo_unmounts_newest_first(monkeypatch: object) -> None:
-    import guest_agent.kernel.syscalls as syscalls
+    import guest_agent.kernel.mount as kernel_mount
     from guest_agent.results import MountLog
 
     undone: list[str] = []
-    monkeypatch.setattr(syscalls, "umount", lambda target, lazy=False: undone.append(target))  # type: ignore[attr-defined]
+    monkeypatch.setattr(kernel_mount, "umount", lambda target, lazy=False: undone.append(target))  # type: ignore[attr-defined]
     with MountLog() as log:
         log.mounted("/r/a")
         log.mounted("/r/b")

@@ -14,7 +14,7 @@ from guest_agent import reset as overlay_reset
 from guest_agent.config.parsers import parse_overlay
 from guest_agent.handlers import handler_for
 from guest_agent.handlers.overlay import OverlayHandler
-from guest_agent.kernel.syscalls import MountError
+from guest_agent.kernel.mount import MountError
 from guest_agent.results import Failure, Status
 from guest_agent.spec import OverlaySpec
 

@@ -12,7 +12,7 @@ from handler_fakes import FakeDevices, RecordingMount, Run
 from guest_agent.config.parsers import parse_share
 from guest_agent.handlers import handler_for
 from guest_agent.handlers.share import ShareHandler
-from guest_agent.kernel.syscalls import MountError
+from guest_agent.kernel.mount import MountError
 from guest_agent.results import Failure, Status
 from guest_agent.spec import ShareSpec
 

@@ -16,7 +16,7 @@ from guest_agent.handlers import handler_for
 from guest_agent.handlers import makefs as makefs_module
 from guest_agent.handlers.makefs import mkfs_argv
 from guest_agent.handlers.volume import VolumeHandler
-from guest_agent.kernel.syscalls import MountError
+from guest_agent.kernel.mount import MountError
 from guest_agent.results import Failure, Status
 from guest_agent.spec import VolumeSpec
 

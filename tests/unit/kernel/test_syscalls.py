@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from guest_agent.kernel import syscalls, syscalls_legacy
-from guest_agent.kernel.syscalls import MountError, closing, syscall
+from guest_agent.kernel import mount, syscalls, syscalls_legacy
+from guest_agent.kernel.mount import MountError
+from guest_agent.kernel.syscalls import closing, syscall
 
 NO_SUCH_SYSCALL = 100_000  # above every architecture's table: ENOSYS everywhere
 
@@ -133,6 +134,6 @@ def test_mount_error_carries_the_kernels_words() -> None:
 
 def test_umount_of_a_non_mount_point_is_a_mount_error(tmp_path: Path) -> None:
     with pytest.raises(MountError) as raised:
-        syscalls.umount(str(tmp_path))
+        mount.umount(str(tmp_path))
     assert raised.value.errno in (errno.EINVAL, errno.EPERM)
     assert raised.value.step == "umount"
