@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from guest_agent.vmm_address import Address
 
 # Seconds, for all of a run's socket calls together (Host): with what the rest of the
-# notify path costs (bench/notify_cost.py: about 12 ms of an emulated guest), a host
+# notify path costs (bench/notify_cost.py: 12 to 14 ms of an emulated guest), a host
 # that never answers adds at most 50 ms to a boot.
 SEND_TIMEOUT = 0.035
 
