@@ -296,10 +296,10 @@ def test_json_config_with_cmdline_override(make_vm: MakeVM, tmp_path: Path) -> N
 # Offers the lower layer to overlayfs by fd, as `lowerdir+` (FSCONFIG_SET_FD = 5): prints
 # "accepted", or "refused ERRNO" and the kernel's own message.
 SET_FD_PROBE = (
-    'import os; from guest_agent import syscalls as s; fs = s.fsopen("overlay");'
-    ' d = os.open("/nix/.ro-store", os.O_RDONLY | os.O_DIRECTORY)\n'
+    "import os; from guest_agent.kernel import mount as m, syscalls as s;"
+    ' fs = s.fsopen("overlay"); d = os.open("/nix/.ro-store", os.O_RDONLY | os.O_DIRECTORY)\n'
     'try: s.syscall(431, fs, 5, b"lowerdir+", None, d); print("accepted")\n'
-    'except OSError as e: print("refused", e.errno, s._drain_messages(fs))'
+    'except OSError as e: print("refused", e.errno, m._drain_messages(fs))'
 )
 
 
