@@ -164,7 +164,9 @@ def map_failures(graph: dict[str, set[str]], parts: dict[str, set[str]]) -> list
         if part_of(module) not in parts
     ]
     present = {part_of(module) for module in graph}
-    failures += [f"the map names {part}, which is no module" for part in sorted(parts.keys() - present)]
+    failures += [
+        f"the map names {part}, which is no module" for part in sorted(parts.keys() - present)
+    ]
     failures += [
         f"the map lets {part} import {sorted(allowed - parts.keys())}, which are not in it"
         for part, allowed in sorted(parts.items())
@@ -351,7 +353,11 @@ def test_an_import_against_a_rule_is_named() -> None:
 
 # --- what a boot imports ----------------------------------------------------------------
 
-ONLY_WHEN_USED = {"guest_agent.config.from_json", "guest_agent.kernel.syscalls_legacy", "guest_agent.config.timespan"}
+ONLY_WHEN_USED = {
+    "guest_agent.config.from_json",
+    "guest_agent.kernel.syscalls_legacy",
+    "guest_agent.config.timespan",
+}
 
 
 def _boot_imports(tmp_path: Path, cmdline: str, *extra: str) -> set[str]:
@@ -370,7 +376,11 @@ def test_a_plain_boot_imports_neither_the_json_reader_nor_the_time_spans(tmp_pat
     assert not os.path.exists(default), f"{default} exists here: run this test without it"
     spec = "microvm.share=data:/data microvm.volume=tmpfs:/x:tmpfs:x-device-timeout=5\n"
     plain = _boot_imports(tmp_path, spec)
-    assert {"guest_agent.config.merge", "guest_agent.config.parsers", "guest_agent.kernel.syscalls"} <= plain
+    assert {
+        "guest_agent.config.merge",
+        "guest_agent.config.parsers",
+        "guest_agent.kernel.syscalls",
+    } <= plain
     assert not plain & ONLY_WHEN_USED, sorted(plain & ONLY_WHEN_USED)
     # and the two are imported when a file is given and a time span has units
     (tmp_path / "c.json").write_text('{"shares": [{"tag": "t", "mountPoint": "/t"}]}')
