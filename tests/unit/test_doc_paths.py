@@ -26,12 +26,16 @@ def _exists(path: str) -> bool:
     return (ROOT / path).exists()
 
 
+def _is_module(base: Path) -> bool:
+    """BASE (a path without .py) is a module or a package."""
+    return base.with_suffix(".py").exists() or (base / "__init__.py").exists()
+
+
 def _module_exists(dotted: str) -> bool:
     """guest_agent.a.b names a module or package, or an attribute of one."""
     parts = dotted.split(".")
     while len(parts) > 1:
-        base = ROOT.joinpath(*parts)
-        if base.with_suffix(".py").exists() or (base / "__init__.py").exists():
+        if _is_module(ROOT.joinpath(*parts)):
             return True
         parts.pop()
     return False
@@ -116,14 +120,12 @@ def stale(path: Path) -> list[str]:
     for m in FROM.finditer(text):
         module = m.group(1)
         base = ROOT.joinpath(*module.split("."))
-        if not (base.with_suffix(".py").exists() or (base / "__init__.py").exists()):
+        if not _is_module(base):
             found.append(f"{path.name}: {m.group(0)}")
             continue
         for name in (n.split(" as ")[0].strip() for n in m.group(2).split(",")):
-            sub = base / name
-            if name and not (sub.with_suffix(".py").exists() or (sub / "__init__.py").exists()):
-                if name not in _top_names(module):
-                    found.append(f"{path.name}: {module} has no {name}")
+            if name and not _is_module(base / name) and name not in _top_names(module):
+                found.append(f"{path.name}: {module} has no {name}")
     return found
 
 
