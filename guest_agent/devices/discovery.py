@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import time
 
+from guest_agent.kernel.mountinfo import registered_filesystems
 from guest_agent.results import Failure
 from guest_agent.spec import Proto
 
@@ -35,16 +36,6 @@ if TYPE_CHECKING:
     from guest_agent.spec import Options, ShareSpec, VolumeSpec
 
     T = TypeVar("T")
-
-
-def registered_filesystems(proc: str = "/proc") -> frozenset[str]:
-    """The filesystem types the kernel knows now (/proc/filesystems: "nodev\tsysfs",
-    "\text4"), as ModuleLoader.filesystems reads them; empty when it cannot be read."""
-    try:
-        with open(os.path.join(proc, "filesystems")) as f:
-            return frozenset(line.split()[-1] for line in f.read().splitlines() if line.split())
-    except OSError:
-        return frozenset()
 
 
 def cmdline_has_mmio_devices(proc: str = "/proc") -> bool:

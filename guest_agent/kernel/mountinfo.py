@@ -1,4 +1,5 @@
-"""The kernel's mount table, from /proc/self/mountinfo, keyed by mount point."""
+"""The kernel's mount table, from /proc/self/mountinfo, keyed by mount point; and the
+filesystem types it can mount now, from /proc/filesystems."""
 
 from __future__ import annotations
 
@@ -8,6 +9,21 @@ from guest_agent.records import NamedTuple
 from guest_agent.spec import SHARE_FSTYPES
 
 MOUNTINFO = "/proc/self/mountinfo"
+
+
+def parse_proc_filesystems(text: str) -> frozenset[str]:
+    """/proc/filesystems ("nodev\\tsysfs", "\\text4") → filesystem types."""
+    return frozenset(line.split()[-1] for line in text.splitlines() if line.split())
+
+
+def registered_filesystems(proc: str = "/proc") -> frozenset[str]:
+    """The filesystem types the kernel knows now (PROC/filesystems); empty when it cannot
+    be read."""
+    try:
+        with open(os.path.join(proc, "filesystems")) as f:
+            return parse_proc_filesystems(f.read())
+    except OSError:
+        return frozenset()
 
 
 def _unescape(field: str) -> str:

@@ -17,10 +17,11 @@ from __future__ import annotations
 import errno
 import os
 
+from guest_agent.kernel.mountinfo import registered_filesystems
 from guest_agent.kernel.syscalls import closing
 from guest_agent.kmod.image import LINUX, errtext, hand_over
 from guest_agent.kmod.index import ModuleError, ModuleNotFound, module_name
-from guest_agent.kmod.resolve import ModuleResolver, filesystem_candidates, parse_proc_filesystems
+from guest_agent.kmod.resolve import ModuleResolver, filesystem_candidates
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
@@ -71,11 +72,7 @@ class ModuleLoader:
         return self.resolver.filesystem_modules(fstype)
 
     def filesystems(self) -> frozenset[str]:
-        try:
-            with open(os.path.join(self.proc, "filesystems")) as f:
-                return parse_proc_filesystems(f.read())
-        except OSError:
-            return frozenset()
+        return registered_filesystems(self.proc)
 
     # -- loading --------------------------------------------------------------
 

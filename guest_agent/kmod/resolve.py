@@ -38,11 +38,6 @@ def parse_proc_modules(text: str) -> frozenset[str]:
     return frozenset(normalize(line.split()[0]) for line in text.splitlines() if line.split())
 
 
-def parse_proc_filesystems(text: str) -> frozenset[str]:
-    """/proc/filesystems ("nodev\\tsysfs", "\\text4") → filesystem types."""
-    return frozenset(line.split()[-1] for line in text.splitlines() if line.split())
-
-
 class ModuleResolver:
     """Names and aliases to modules, as modprobe resolves them, for one modules directory."""
 

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from guest_agent.kernel import syscalls
+from guest_agent.kernel.mountinfo import parse_proc_filesystems
 from guest_agent.kmod import image
 from guest_agent.kmod.image import MODULE_INIT_COMPRESSED_FILE
 from guest_agent.kmod.index import (
@@ -28,7 +29,7 @@ from guest_agent.kmod.index import (
     parse_modules_dep,
 )
 from guest_agent.kmod.loader import ModuleLoader
-from guest_agent.kmod.resolve import parse_proc_filesystems, parse_proc_modules
+from guest_agent.kmod.resolve import parse_proc_modules
 
 MODDIR = "/lib/modules/6.1.0-test"
 
